@@ -1,0 +1,11 @@
+"""User-facing errors.
+
+Every problem a user can fix (a bad option, a missing file, a malformed data
+row) is raised as :class:`FedSPError` with a one-line message that names the
+offending thing and what is allowed. The CLI prints that line and exits with
+status 2; it never shows a traceback for these.
+"""
+
+
+class FedSPError(ValueError):
+    """A problem with the user's input, reported as one line."""
