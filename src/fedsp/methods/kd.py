@@ -1,0 +1,154 @@
+"""Knowledge-distillation initialisation of the auxiliary model (server side, once).
+
+Student: the auxiliary model, no prefix, all parameters trainable. Teacher:
+the frozen global model, no prefix. Loss: MSE between the last hidden states
+(after the final norm), masked to real tokens (the reference code also
+averaged over padding). The paper's learnable W_S (``projection=True``) maps
+the student's states before the loss; the reference code has none (default).
+
+The teacher's states are computed once per example and kept (they never
+change), so each KD step costs only the student's forward and backward.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from fedsp.data.batching import BatchStream, Encoded, collate
+from fedsp.methods.optim import OptimConfig, Phase
+from fedsp.models.forward import hidden_states
+
+
+@dataclass(frozen=True)
+class KDConfig:
+    steps: int
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    batch_size: int = 16
+    projection: bool = False  # the paper's learnable W_S
+
+    def fingerprint(self) -> dict:
+        return asdict(self)
+
+
+class _TeacherStates:
+    """Teacher hidden states per row, computed on first use."""
+
+    def __init__(self, teacher: PreTrainedModel, rows: Sequence[Encoded]) -> None:
+        self.teacher = teacher
+        self.index = {r.ids: i for i, r in enumerate(rows)}
+        self.states: dict[int, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def batch(self, batch: dict[str, torch.Tensor], rows: Sequence[tuple[int, ...]]) -> torch.Tensor:
+        missing = [i for i, ids in enumerate(rows) if self.index[ids] not in self.states]
+        if missing:
+            hidden = hidden_states(
+                self.teacher, batch["input_ids"][missing], batch["attention_mask"][missing]
+            )
+            for j, i in enumerate(missing):
+                n = len(rows[i])
+                self.states[self.index[rows[i]]] = hidden[j, :n].float().clone()
+        out = torch.zeros(*batch["input_ids"].shape, self.teacher.config.hidden_size)
+        for i, ids in enumerate(rows):
+            out[i, : len(ids)] = self.states[self.index[ids]]
+        return out  # (B, T, H), zeros on padding
+
+
+def masked_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over real tokens and hidden units: (B,T,H) x (B,T,H) x (B,T) -> scalar."""
+    weights = mask.unsqueeze(-1).to(student.dtype)
+    return ((student.float() - teacher) ** 2 * weights).sum() / (weights.sum() * student.shape[-1])
+
+
+def distill(
+    teacher: PreTrainedModel,
+    student: PreTrainedModel,
+    rows: Sequence[Encoded],
+    config: KDConfig,
+    pad_id: int,
+    seed: int,
+    progress: bool = True,
+) -> list[float]:
+    """Train ``student`` to match ``teacher``'s last hidden states; returns the loss per step."""
+    stream = BatchStream(rows, config.batch_size, pad_id, seed)
+    teacher_states = _TeacherStates(teacher, rows)
+    w_s = (
+        nn.Linear(teacher.config.hidden_size, teacher.config.hidden_size, bias=False)
+        if config.projection
+        else None
+    )
+    if w_s is not None:
+        nn.init.eye_(w_s.weight)
+    params = list(student.parameters()) + (list(w_s.parameters()) if w_s is not None else [])
+    phase = Phase(params, OptimConfig(config.lr, config.weight_decay, config.warmup_ratio), config.steps)
+    student.train()
+    losses = []
+    bar = tqdm(range(config.steps), desc="KD", unit="step", disable=not progress, leave=False)
+    for _ in bar:
+        picked = stream.next_rows()
+        batch = collate(picked, pad_id)
+        target = teacher_states.batch(batch, [r.ids for r in picked])
+        hidden = hidden_states(student, batch["input_ids"], batch["attention_mask"])
+        if w_s is not None:
+            hidden = w_s(hidden.float())
+        losses.append(phase.step(masked_mse(hidden, target, batch["attention_mask"])))
+        bar.set_postfix(mse=f"{losses[-1]:.4f}")
+    student.eval()
+    return losses
+
+
+@torch.no_grad()
+def mean_kd_loss(
+    teacher: PreTrainedModel, student: PreTrainedModel, batches: Sequence[dict[str, torch.Tensor]]
+) -> float:
+    """Masked hidden-state MSE of ``student`` against ``teacher`` over fixed batches."""
+    total, count = 0.0, 0
+    for batch in batches:
+        t = hidden_states(teacher, batch["input_ids"], batch["attention_mask"]).float()
+        s = hidden_states(student, batch["input_ids"], batch["attention_mask"])
+        n = int(batch["attention_mask"].sum())
+        total += float(masked_mse(s, t, batch["attention_mask"])) * n
+        count += n
+    return total / count
+
+
+def cache_key(model_name: str, model_config: dict, layers: Sequence[int], share: bool, config: KDConfig,
+              rows: Sequence[Encoded], seed: int) -> str:  # fmt: skip
+    """A digest of everything the distilled weights depend on."""
+    digest = hashlib.sha256()
+    meta = {"model": model_name, "config": model_config, "layers": list(layers), "share": share,
+            "kd": config.fingerprint(), "seed": seed}  # fmt: skip
+    digest.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    for row in rows:
+        digest.update(str(row.ids).encode())
+    return digest.hexdigest()[:24]
+
+
+def save_student(student: PreTrainedModel, path: Path) -> None:
+    """Save the unique parameters (shared ones once), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({name: p.detach().contiguous() for name, p in student.named_parameters()}, str(tmp))
+    tmp.replace(path)
+
+
+def load_student(student: PreTrainedModel, path: Path) -> None:
+    saved = load_file(str(path))
+    own = dict(student.named_parameters())
+    if set(saved) != set(own):
+        raise ValueError(f"cached auxiliary model {path} does not match this auxiliary model's parameters")
+    with torch.no_grad():
+        for name, param in own.items():
+            param.copy_(saved[name])

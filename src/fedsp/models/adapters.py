@@ -1,0 +1,88 @@
+"""The one place where model families differ.
+
+FedSP needs three facts about a causal LM: where its decoder layers live (to
+build the auxiliary model), how many key/value heads and what head size its
+attention has (to shape the prefix), and that its base model accepts
+``past_key_values`` + ``position_ids`` (all families below do in transformers 5).
+Everything else (embeddings, final norm, tied LM head, positional tables) is
+handled generically through ``model.base_model`` and
+``model.get_output_embeddings()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+from fedsp.errors import FedSPError
+
+
+@dataclass(frozen=True)
+class FamilyAdapter:
+    """How to reach the decoder stack of one model family."""
+
+    layers_path: str  # attribute path from the *ForCausalLM object to its ModuleList of layers
+    rotary: bool  # relative (rotary) positions: a prefix can be computed at negative positions
+
+
+# model_type (config.model_type) -> adapter. Llama-like families share the layout.
+ADAPTERS: dict[str, FamilyAdapter] = {
+    "llama": FamilyAdapter("model.layers", rotary=True),
+    "mistral": FamilyAdapter("model.layers", rotary=True),
+    "qwen2": FamilyAdapter("model.layers", rotary=True),
+    "gpt2": FamilyAdapter("transformer.h", rotary=False),
+    "opt": FamilyAdapter("model.decoder.layers", rotary=False),
+}
+
+
+@dataclass(frozen=True)
+class KVGeometry:
+    """Shape of one layer's attention cache: what a prefix must provide."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+def adapter_for(config: PretrainedConfig) -> FamilyAdapter:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ADAPTERS:
+        raise FedSPError(
+            f"model family {model_type!r} is not supported; supported families: {', '.join(sorted(ADAPTERS))}"
+        )
+    return ADAPTERS[model_type]
+
+
+def kv_geometry(config: PretrainedConfig) -> KVGeometry:
+    adapter_for(config)  # unknown families fail here, with the list of known ones
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return KVGeometry(config.num_hidden_layers, kv_heads, head_dim, config.hidden_size)
+
+
+def _resolve(root: nn.Module, path: str) -> nn.Module:
+    obj: nn.Module = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
+    """The ModuleList of decoder layers of ``model``."""
+    layers = _resolve(model, adapter_for(model.config).layers_path)
+    assert isinstance(layers, nn.ModuleList)
+    return layers
+
+
+def set_decoder_layers(model: PreTrainedModel, layers: nn.ModuleList) -> None:
+    path = adapter_for(model.config).layers_path
+    parent_path, _, name = path.rpartition(".")
+    setattr(_resolve(model, parent_path), name, layers)

@@ -1,0 +1,148 @@
+"""Forward passes with a prefix: answer-token loss, hidden states, continuation log-probabilities.
+
+One code path serves the global model and the auxiliary model. The prefix is
+handed to the model as ``past_key_values``; the attention mask gets P leading
+ones; real tokens keep positions 0..T-1 (``position_ids`` counts only real,
+non-padding tokens), so the prefix does not shift positions. Logits are
+computed only where they are used: at the positions that predict a labelled
+token, not over the whole vocabulary at every position.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, PreTrainedModel
+
+from fedsp.models.prefix import Prefix
+
+IGNORE = -100
+
+
+def hidden_states(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prefix: Prefix | None = None,
+) -> torch.Tensor:
+    """Last hidden states (after the final norm), (B, T, H)."""
+    batch = input_ids.shape[0]
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T): 0..T-1 over real tokens
+    if prefix is None:
+        out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        return out.last_hidden_state
+    dtype = model.get_input_embeddings().weight.dtype
+    cache = prefix.cache(batch, dtype=dtype)
+    prefix_mask = attention_mask.new_ones(batch, prefix.config.num_tokens)
+    out = model.base_model(
+        input_ids=input_ids,
+        attention_mask=torch.cat([prefix_mask, attention_mask], dim=1),  # (B, P+T)
+        position_ids=position_ids,
+        past_key_values=cache,
+        use_cache=True,
+    )
+    return out.last_hidden_state
+
+
+def answer_loss(
+    model: PreTrainedModel, batch: dict[str, torch.Tensor], prefix: Prefix | None = None
+) -> torch.Tensor:
+    """Mean cross-entropy over the labelled (answer) tokens of ``batch``.
+
+    ``batch`` holds ``input_ids``, ``attention_mask`` and ``labels`` (B, T);
+    labels are ``-100`` on context and padding.
+    """
+    hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"], prefix)  # (B, T, H)
+    targets = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
+    keep = targets != IGNORE
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # (n_answer_tokens, V)
+    return F.cross_entropy(logits.float(), targets[keep])
+
+
+def continuation_logprobs(
+    model: PreTrainedModel, batch: dict[str, torch.Tensor], prefix: Prefix | None = None
+) -> torch.Tensor:
+    """Sum of log-probabilities of each row's labelled tokens, (B,)."""
+    hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"], prefix)
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()  # (n, V)
+    token_lp = logits.log_softmax(-1).gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)  # (n,)
+    row = torch.arange(targets.shape[0], device=targets.device).unsqueeze(1).expand_as(targets)[keep]
+    return torch.zeros(targets.shape[0], device=targets.device).index_add_(0, row, token_lp)
+
+
+def _pad_right(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def score_choices(
+    model: PreTrainedModel,
+    contexts: list[list[int]],
+    choices: list[list[list[int]]],
+    pad_id: int,
+    prefix: Prefix | None = None,
+) -> list[list[float]]:
+    """Sum of log-probabilities of each choice given its context, running every context once.
+
+    ``contexts[q]`` are question q's context tokens (non-empty); ``choices[q][c]``
+    the tokens of its choice c. The contexts run as one right-padded batch
+    whose cache (prefix + context) is then repeated once per choice; the choices
+    continue from it at positions len(context)... Same numbers as scoring each
+    context + choice sequence in full, for about a third of the tokens.
+    """
+    ctx_ids, ctx_mask = _pad_right(contexts, pad_id)  # (Q, Tc)
+    num_q = len(contexts)
+    P = prefix.config.num_tokens if prefix is not None else 0
+    cache = (
+        prefix.cache(num_q, dtype=model.get_input_embeddings().weight.dtype)
+        if prefix is not None
+        else DynamicCache()
+    )
+    out = model.base_model(
+        input_ids=ctx_ids,
+        attention_mask=torch.cat([ctx_mask.new_ones(num_q, P), ctx_mask], dim=1),
+        position_ids=(ctx_mask.cumsum(-1) - 1).clamp(min=0),
+        past_key_values=cache,
+        use_cache=True,
+    )
+    ctx_len = ctx_mask.sum(-1)  # (Q,)
+    ctx_last = out.last_hidden_state[
+        torch.arange(num_q), ctx_len - 1
+    ]  # (Q, H): predicts each choice's first token
+    owner = torch.tensor(
+        [q for q, options in enumerate(choices) for _ in options]
+    )  # (N,) question of each choice
+    flat = [c for options in choices for c in options]
+    ch_ids, ch_mask = _pad_right(flat, pad_id)  # (N, Tk)
+    expanded = DynamicCache()
+    for layer in range(len(out.past_key_values.layers)):
+        kv = out.past_key_values.layers[layer]
+        expanded.update(kv.keys.index_select(0, owner), kv.values.index_select(0, owner), layer)
+    prior_mask = torch.cat([ctx_mask.new_ones(num_q, P), ctx_mask], dim=1).index_select(0, owner)  # (N, P+Tc)
+    hidden = model.base_model(
+        input_ids=ch_ids,
+        attention_mask=torch.cat([prior_mask, ch_mask], dim=1),
+        position_ids=ctx_len.index_select(0, owner).unsqueeze(1) + torch.arange(ch_ids.shape[1]),
+        past_key_values=expanded,
+        use_cache=True,
+    ).last_hidden_state  # (N, Tk, H)
+    predictors = torch.cat(
+        [ctx_last.index_select(0, owner).unsqueeze(1), hidden[:, :-1]], dim=1
+    )  # (N, Tk, H)
+    keep = ch_mask.bool()
+    logits = model.get_output_embeddings()(predictors[keep]).float()  # (n_choice_tokens, V)
+    token_lp = logits.log_softmax(-1).gather(-1, ch_ids[keep].unsqueeze(-1)).squeeze(-1)
+    row = torch.arange(len(flat)).unsqueeze(1).expand_as(ch_ids)[keep]
+    sums = torch.zeros(len(flat)).index_add_(0, row, token_lp).tolist()
+    scores, k = [], 0
+    for options in choices:
+        scores.append(sums[k : k + len(options)])
+        k += len(options)
+    return scores

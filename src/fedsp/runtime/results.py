@@ -1,0 +1,106 @@
+"""The results folder of a run: config.json, metrics.jsonl, results.json, curves.png.
+
+A run always writes into a new folder. Without ``--out`` the folder is
+``runs/<method>-<task>-<timestamp>`` (a numeric suffix is added if that name
+exists); an ``--out`` that already exists is refused, so nothing is overwritten.
+Files are written atomically (temp file + rename); metrics are appended and
+flushed per round, so an interrupted run keeps every completed round.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from fedsp.errors import FedSPError
+
+
+def create_run_dir(out: str | None, method: str, task: str, root: str | Path = "runs") -> Path:
+    if out is not None:
+        path = Path(out)
+        if path.exists():
+            raise FedSPError(
+                f"--out folder {str(path)!r} already exists; choose a new folder (nothing was changed)"
+            )
+        path.mkdir(parents=True)
+        return path
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(root) / f"{method}-{task}-{stamp}"
+    path, n = base, 1
+    while True:
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/Inf: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_clean(data), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def append_metrics(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps(_clean(record)) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(metrics: list[dict[str, Any]], zero_shot_acc: float | None, path: Path, title: str) -> None:
+    """Validation loss and accuracy per round, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [m["round"] for m in metrics]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(rounds, [m.get("val_loss") for m in metrics], marker="o", label="server validation loss")
+    ax_loss.plot(
+        rounds, [m.get("server_loss") for m in metrics], marker=".", alpha=0.6, label="server training loss"
+    )
+    ax_loss.set_xlabel("round")
+    ax_loss.set_ylabel("answer-token loss")
+    ax_loss.legend()
+    with_acc = [m for m in metrics if m.get("acc") is not None]
+    if with_acc:
+        ax_acc.plot(
+            [m["round"] for m in with_acc], [100 * m["acc"] for m in with_acc], marker="o", label="acc"
+        )
+        ax_acc.plot([m["round"] for m in with_acc], [100 * m["acc_norm"] for m in with_acc], marker="s",
+                    label="acc_norm")  # fmt: skip
+    if zero_shot_acc is not None:
+        ax_acc.axhline(100 * zero_shot_acc, color="grey", linestyle="--", label="zero-shot acc")
+    ax_acc.set_xlabel("round")
+    ax_acc.set_ylabel("accuracy (%)")
+    ax_acc.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,186 @@
+"""Algorithm side: aggregation, KD, client/server updates, evaluation, on tiny models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fedsp.data.batching import collate, encode_gold, encode_pair, fixed_batches
+from fedsp.data.tasks import MCExample
+from fedsp.errors import FedSPError
+from fedsp.evaluation.multiple_choice import evaluate_multiple_choice
+from fedsp.methods import kd
+from fedsp.methods.aggregation import weighted_average
+from fedsp.methods.fedsp import FedSPClient, FedSPServer, LocalConfig
+from fedsp.methods.optim import OptimConfig
+from fedsp.models.auxiliary import build_auxiliary_model
+from fedsp.models.loading import load_global_model
+from fedsp.models.prefix import init_prefix_from_tokens, prefix_for
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_global_model("tiny-llama", seed=0)
+
+
+def _examples(n: int, seed: int = 0) -> list[MCExample]:
+    """A learnable toy task: the answer is always the colour named in the question."""
+    colours = ["red", "green", "blue", "black"]
+    rng = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        gold = int(torch.randint(0, 4, (1,), generator=rng))
+        out.append(MCExample(f"toy/{i}", f"Question: say {colours[gold]}\nAnswer:", tuple(colours), gold))
+    return out
+
+
+def test_weighted_average_equals_hand_computed_mean():
+    # Prepare: three clients with unequal shard sizes 1, 2, 7
+    a = {"table": torch.tensor([[1.0, 2.0]])}
+    b = {"table": torch.tensor([[3.0, -2.0]])}
+    c = {"table": torch.tensor([[0.5, 10.0]])}
+    # Execute
+    avg = weighted_average([(a, 1), (b, 2), (c, 7)])
+    # Assert: (1*[1,2] + 2*[3,-2] + 7*[0.5,10]) / 10 = [1.05, 6.8]
+    assert torch.allclose(avg["table"], torch.tensor([[1.05, 6.8]]), atol=1e-7)
+
+
+def test_weighted_average_rejects_empty_and_mismatched_updates():
+    with pytest.raises(FedSPError, match="no client"):
+        weighted_average([])
+    with pytest.raises(FedSPError, match="keys"):
+        weighted_average([({"a": torch.zeros(1)}, 1), ({"b": torch.zeros(1)}, 1)])
+
+
+def test_kd_lowers_hidden_state_mse(tiny):
+    # Prepare
+    rows = [encode_gold(tiny.tokenizer, ex, 64) for ex in _examples(24)]
+    student = build_auxiliary_model(tiny.model, [0])
+    batches = fixed_batches(rows, 8, tiny.tokenizer.pad_token_id)
+    before = kd.mean_kd_loss(tiny.model, student, batches)
+    # Execute
+    losses = kd.distill(tiny.model, student, rows, kd.KDConfig(steps=25, lr=3e-3, batch_size=8),
+                        tiny.tokenizer.pad_token_id, seed=0, progress=False)  # fmt: skip
+    after = kd.mean_kd_loss(tiny.model, student, batches)
+    # Assert
+    assert len(losses) == 25
+    assert after < 0.7 * before
+
+
+def test_kd_masked_mse_ignores_padding():
+    student = torch.zeros(1, 3, 2)
+    teacher = torch.tensor([[[1.0, 1.0], [1.0, 1.0], [100.0, 100.0]]])
+    mask = torch.tensor([[1, 1, 0]])
+    assert float(kd.masked_mse(student, teacher, mask)) == pytest.approx(1.0)
+
+
+def _parties(tiny, steps=3, clients=2):
+    pad = tiny.tokenizer.pad_token_id
+    train = [encode_gold(tiny.tokenizer, ex, 64) for ex in _examples(60)]
+    val = [encode_gold(tiny.tokenizer, ex, 64) for ex in _examples(16, seed=9)]
+    prefix = prefix_for(tiny.model, 4)
+    init_prefix_from_tokens(prefix, tiny.model, torch.tensor(train[0].ids[:4]))
+    local = LocalConfig(steps, 8, OptimConfig(1e-3), OptimConfig(5e-2, warmup_ratio=0.0))
+    shards = [train[20 * k : 20 * (k + 1)] for k in range(clients + 1)]
+    aux = build_auxiliary_model(tiny.model, [0])
+    parties = [FedSPClient(build_auxiliary_model(tiny.model, [0]) if k else aux, prefix.config, shards[k + 1], local,
+                           total_rounds=5, pad_id=pad, seed=k) for k in range(clients)]  # fmt: skip
+    server = FedSPServer(tiny.model, prefix, shards[0], val, local, total_rounds=5, pad_id=pad, seed=0)
+    return server, parties
+
+
+def test_client_update_alternates_aux_then_prefix(tiny):
+    # Prepare
+    server, (client, _) = _parties(tiny, steps=2)
+    sent = server.broadcast()
+    aux_before = {k: v.clone() for k, v in client.aux_model.state_dict().items()}
+    # Execute
+    update = client.fit(sent)
+    # Assert: both the auxiliary model and the prefix changed; the update carries the shard size
+    assert any(not torch.equal(v, client.aux_model.state_dict()[k]) for k, v in aux_before.items())
+    assert not torch.equal(update.prefix["table"], sent["table"])
+    assert update.num_examples == 20
+    assert math.isfinite(update.align_loss) and math.isfinite(update.prompt_loss)
+
+
+def test_prefix_phase_does_not_touch_aux_model(tiny):
+    # Prepare: no alignment steps can run if the align lr is zero-like; check the prompt phase alone
+    server, (client, _) = _parties(tiny, steps=1)
+    client.fit(server.broadcast())  # first round: both phases
+    snapshot = {k: v.clone() for k, v in client.aux_model.state_dict().items()}
+    client.config = LocalConfig(0, 8, client.config.align, client.config.prompt)
+    # Execute: a round with zero alignment steps, then a manual prompt step
+    client.prefix.train()
+    for p in client.prompt.params:
+        p.requires_grad_(True)
+    from fedsp.models.forward import answer_loss
+
+    client.prompt.step(answer_loss(client.aux_model, next(client.stream), client.prefix))
+    # Assert
+    assert all(torch.equal(v, client.aux_model.state_dict()[k]) for k, v in snapshot.items())
+
+
+def test_answer_loss_falls_over_rounds_and_global_model_is_bit_identical(tiny):
+    # Prepare
+    snapshot = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    server, clients = _parties(tiny, steps=4)
+    first = server.validation_loss()
+    # Execute: five FedSP rounds
+    for _ in range(5):
+        sent = server.broadcast()
+        server.aggregate([c.fit({k: v.clone() for k, v in sent.items()}) for c in clients])
+        server.tune()
+        last = server.validation_loss()
+    # Assert
+    assert last < first - 0.1
+    assert server.best_val_loss <= last
+    assert all(torch.equal(v, tiny.model.state_dict()[k]) for k, v in snapshot.items())
+
+
+def test_evaluation_scores_a_hand_built_example(tiny):
+    # Prepare: one example; compute each choice's log-likelihood the plain way
+    example = MCExample("hand/0", "Question: pick one\nAnswer:", ("alpha", "be", "gamma ray"), 1)
+    sums = []
+    for choice in example.choices:
+        row = encode_pair(tiny.tokenizer, example.context, " " + choice, 128)
+        batch = collate([row], tiny.tokenizer.pad_token_id)
+        with torch.no_grad():
+            logits = tiny.model(input_ids=batch["input_ids"]).logits[0].log_softmax(-1)
+        n = len(row.ids)
+        sums.append(sum(float(logits[t - 1, row.ids[t]]) for t in range(n - row.num_answer, n)))
+    best = max(range(3), key=sums.__getitem__)
+    best_norm = max(range(3), key=lambda c: sums[c] / len(example.choices[c]))
+    # Execute
+    result = evaluate_multiple_choice(tiny.model, tiny.tokenizer, [example], progress=False)
+    # Assert
+    assert result.predictions == (best,)
+    assert result.acc == float(best == 1)
+    assert result.acc_norm == float(best_norm == 1)
+    assert result.n == 1
+
+
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-gpt2", "tiny-opt"])
+@pytest.mark.parametrize("with_prefix", [False, True])
+def test_context_once_scoring_equals_full_sequence_scoring(family, with_prefix):
+    # Prepare: examples with contexts of different lengths and choices of 1..4 words
+    loaded = load_global_model(family, seed=3)
+    examples = _examples(10) + [
+        MCExample("x/1", "A much longer context about the sky.\nAnswer:", ("blue", "not sure at all"), 0)
+    ]
+    prefix = None
+    if with_prefix:
+        prefix = prefix_for(loaded.model, 3).eval()  # no dropout
+        torch.manual_seed(0)
+        with torch.no_grad():
+            prefix.table.normal_()
+    # Execute
+    from fedsp.evaluation import multiple_choice as mc
+
+    cached = mc._score_cached(loaded.model, loaded.tokenizer, examples, prefix, 8, 256, "", False)
+    full = mc._score_full(loaded.model, loaded.tokenizer, examples, prefix, 8, 256, "", False)
+    # Assert: the same log-likelihoods, so the same rankings
+    for a, b in zip(cached, full, strict=True):
+        assert a == pytest.approx(b, abs=1e-3)
+        assert max(range(len(a)), key=a.__getitem__) == max(range(len(b)), key=b.__getitem__)

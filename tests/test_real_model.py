@@ -1,0 +1,53 @@
+"""A few tests on the real SmolLM2-135M-Instruct and real ARC-Easy rows (marked slow)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedsp.config import RunConfig
+from fedsp.data.tasks import load_task
+from fedsp.evaluation.multiple_choice import evaluate_multiple_choice
+from fedsp.models.auxiliary import build_auxiliary_model, unique_parameter_count
+from fedsp.models.loading import load_global_model
+from fedsp.runtime.setup import initial_prefix, prepare_data
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return load_global_model("smollm2")
+
+
+def test_smollm2_is_the_real_model(smol):
+    # Assert: architecture facts, and it knows a capital
+    config = smol.model.config
+    assert (config.num_hidden_layers, config.hidden_size, config.num_key_value_heads) == (30, 576, 3)
+    assert unique_parameter_count(smol.model) == pytest.approx(134.5e6, rel=0.01)
+    ids = smol.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = smol.model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert "Paris" in smol.tokenizer.decode(out[0, ids.shape[1] :])
+
+
+def test_client_model_and_prefix_sizes(smol):
+    aux = build_auxiliary_model(smol.model, [0])
+    # offline-assets.md: 31.9 M unique parameters (23.7%); a 40-token prefix over 30 layers is 460,800
+    assert unique_parameter_count(aux) == pytest.approx(31.9e6, rel=0.01)
+    prefix = initial_prefix(RunConfig(), smol, prepare_data(RunConfig(), smol.tokenizer).server_rows)
+    assert sum(p.numel() for p in prefix.parameters()) == 40 * 30 * 2 * 192 == 460_800
+
+
+def test_zero_shot_and_initial_prefix_on_real_arc_rows(smol):
+    # Prepare: the first 40 ARC-Easy test questions
+    config = RunConfig(eval_limit=40)
+    data = prepare_data(config, smol.tokenizer)
+    assert data.eval_examples == load_task("arc_easy", "test")[:40]
+    # Execute
+    zero = evaluate_multiple_choice(smol.model, smol.tokenizer, data.eval_examples, progress=False)
+    prefix = initial_prefix(config, smol, data.server_rows)
+    primed = evaluate_multiple_choice(smol.model, smol.tokenizer, data.eval_examples, prefix, progress=False)
+    # Assert: well above chance (25%), and the round-0 prefix does not wreck the model
+    assert zero.acc > 0.35
+    assert primed.acc >= zero.acc - 0.1
