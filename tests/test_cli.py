@@ -48,7 +48,7 @@ def test_tiny_run_writes_the_results_folder(tiny_run):
     ):
         assert key in res, key
     assert res["zero_shot"]["n"] == res["final"]["n"] == 8
-    assert res["comm"]["params_up_per_round"] == 512
+    assert res["comm"]["params_up_per_round"] == 4 * 4 * 2 * 32
     assert 0 < res["client_model"]["fraction_of_global"] < 1
     assert (out / "curves.png").stat().st_size > 1000
 

@@ -98,6 +98,10 @@ def plot_curves(metrics: list[dict[str, Any]], zero_shot_acc: float | None, path
     ax_acc.set_xlabel("round")
     ax_acc.set_ylabel("accuracy (%)")
     ax_acc.legend()
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
