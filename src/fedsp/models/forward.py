@@ -44,6 +44,17 @@ def hidden_states(
     return out.last_hidden_state
 
 
+def _answer_logits(
+    model: PreTrainedModel, batch: dict[str, torch.Tensor], prefix: Prefix | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits at the positions that predict a labelled token: (n, V) float32, their targets (n,), the mask (B, T-1)."""
+    hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"], prefix)  # (B, T, H)
+    targets = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
+    keep = targets != IGNORE
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()  # (n_answer_tokens, V)
+    return logits, targets[keep], keep
+
+
 def answer_loss(
     model: PreTrainedModel, batch: dict[str, torch.Tensor], prefix: Prefix | None = None
 ) -> torch.Tensor:
@@ -52,24 +63,19 @@ def answer_loss(
     ``batch`` holds ``input_ids``, ``attention_mask`` and ``labels`` (B, T);
     labels are ``-100`` on context and padding.
     """
-    hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"], prefix)  # (B, T, H)
-    targets = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
-    keep = targets != IGNORE
-    logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # (n_answer_tokens, V)
-    return F.cross_entropy(logits.float(), targets[keep])
+    logits, targets, _ = _answer_logits(model, batch, prefix)
+    return F.cross_entropy(logits, targets)
 
 
 def continuation_logprobs(
     model: PreTrainedModel, batch: dict[str, torch.Tensor], prefix: Prefix | None = None
 ) -> torch.Tensor:
     """Sum of log-probabilities of each row's labelled tokens, (B,)."""
-    hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"], prefix)
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE
-    logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()  # (n, V)
-    token_lp = logits.log_softmax(-1).gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)  # (n,)
-    row = torch.arange(targets.shape[0], device=targets.device).unsqueeze(1).expand_as(targets)[keep]
-    return torch.zeros(targets.shape[0], device=targets.device).index_add_(0, row, token_lp)
+    logits, targets, keep = _answer_logits(model, batch, prefix)
+    token_lp = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (n,)
+    rows = keep.shape[0]
+    owner = torch.arange(rows, device=keep.device).unsqueeze(1).expand_as(keep)[keep]
+    return torch.zeros(rows, device=keep.device).index_add_(0, owner, token_lp)
 
 
 def _pad_right(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
