@@ -95,7 +95,8 @@ def run(config: RunConfig) -> RunOutcome:
     last_eval: MCResult | None = None
     for rnd in tqdm(range(1, config.rounds + 1), desc="rounds", unit="round", disable=not config.progress):
         t0 = time.perf_counter()
-        down = wire.encode(server.broadcast())
+        sent = server.broadcast()
+        down = wire.encode(sent)
         updates, ups = [], []
         for client in tqdm(clients, desc=f"round {rnd} clients", unit="client", leave=False,
                            disable=not config.progress):  # fmt: skip
@@ -112,7 +113,7 @@ def run(config: RunConfig) -> RunOutcome:
             "client_align_losses": [u.align_loss for u in updates],
             "server_loss": server_loss,
             "val_loss": val_loss,
-            "params_down": wire.num_params(server.broadcast()),
+            "params_down": wire.num_params(sent),
             "params_up": wire.num_params(updates[0].prefix),
             "bytes_down": len(down) * len(clients),
             "bytes_up": sum(len(p) for p in ups),
@@ -136,8 +137,8 @@ def run(config: RunConfig) -> RunOutcome:
         final = evaluate(server.prefix, "final eval")
 
     # 7) results
-    prefix_params = wire.num_params(server.best_state)
-    prefix_bytes = len(wire.encode(server.best_state))
+    last = history[-1]  # every client receives and returns a prefix of the same size
+    prefix_params = last["params_down"]
     summary = {
         "method": config.method,
         "task": config.task,
@@ -149,9 +150,9 @@ def run(config: RunConfig) -> RunOutcome:
         "rounds": config.rounds,
         "comm": {
             "params_down_per_round": prefix_params,
-            "params_up_per_round": prefix_params,
-            "bytes_down_per_round": prefix_bytes,
-            "bytes_up_per_round": prefix_bytes,
+            "params_up_per_round": last["params_up"],
+            "bytes_down_per_round": last["bytes_down"] // last["num_clients"],
+            "bytes_up_per_round": last["bytes_up"] // last["num_clients"],
             "per": "client and round",
             "aux_model_bytes_once": aux_bytes,
             "total_bytes": aux_bytes * len(clients)
