@@ -100,9 +100,9 @@ def test_client_update_alternates_aux_then_prefix(tiny):
     update = client.fit(sent)
     # Assert: both the auxiliary model and the prefix changed; the update carries the shard size
     assert any(not torch.equal(v, client.aux_model.state_dict()[k]) for k, v in aux_before.items())
-    assert not torch.equal(update.prefix["table"], sent["table"])
+    assert not torch.equal(update.state["table"], sent["table"])
     assert update.num_examples == 20
-    assert math.isfinite(update.align_loss) and math.isfinite(update.prompt_loss)
+    assert math.isfinite(update.metrics["align_loss"]) and math.isfinite(update.metrics["prompt_loss"])
 
 
 def test_prefix_phase_does_not_touch_aux_model(tiny):

@@ -14,7 +14,7 @@ from fedsp.config import METHODS, PARTITIONS, RunConfig, load_config_file
 from fedsp.errors import FedSPError
 
 _HELP = {
-    "method": f"federated method ({', '.join(METHODS)})",
+    "method": f"method: {', '.join(METHODS)}",
     "model": "global model: smollm2 (bundled), a Hugging Face folder or id, a .gguf file, or tiny-llama/tiny-gpt2/tiny-opt",
     "task": "task: arc_easy, arc_challenge, openbookqa, piqa, hellaswag, sciq, race",
     "data_dir": "folder with <split>.jsonl / <split>.json files in the task's Hugging Face schema (instead of bundled data)",
@@ -27,7 +27,7 @@ _HELP = {
     "server_steps": "server prefix-tuning steps per round (default: --local-steps)",
     "batch_size": "training batch size",
     "lr": "learning rate of the prefix phases",
-    "align_lr": "learning rate of the clients' auxiliary-model phase",
+    "align_lr": "learning rate of model weights (clients' auxiliary-model phase; finetune)",
     "weight_decay": "AdamW weight decay",
     "warmup_ratio": "fraction of each schedule spent warming up",
     "prefix_len": "P: number of prefix tokens",
@@ -43,9 +43,11 @@ _HELP = {
     "eval_limit": "evaluate on the first N examples of the evaluation split (0 = all)",
     "val_limit": "server validation loss on the first N validation examples (0 = all)",
     "eval_every_round": "evaluate accuracy after every round (true/false)",
+    "zero_shot_eval": "evaluate the untrained model first, on the same examples (true/false)",
     "eval_batch_size": "evaluation batch size (sequences)",
     "max_length": "maximum tokens per sequence (context truncated from the left)",
     "dtype": "weights dtype: float32 or bfloat16",
+    "device": "where the models run: auto (CUDA when present, else CPU), cpu or cuda",
     "seed": "training seed",
     "out": "results folder to create (must not exist; default runs/<method>-<task>-<time>)",
 }
@@ -101,19 +103,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def format_summary(res: dict, out_dir: str) -> str:
-    zs, fin = res["zero_shot"], res["final"]
-    comm, client = res["comm"], res["client_model"]
-    lines = [
-        "",
-        f"{res['method']} on {res['task']} ({res['model']}), {zs['n']} {res['eval_split']} examples:",
-        f"  {'':<22}{'acc':>8}{'acc_norm':>10}",
-        f"  {'zero-shot':<22}{100 * zs['acc']:>8.1f}{100 * zs['acc_norm']:>10.1f}",
-        f"  {res['method'] + ' (best round ' + str(res['best_round']) + ')':<22}{100 * fin['acc']:>8.1f}{100 * fin['acc_norm']:>10.1f}",
-        f"  client model: {client['params'] / 1e6:.1f} M params ({100 * client['fraction_of_global']:.1f}% of the global model)",
-        f"  per client and round: {comm['params_down_per_round']:,} params down / {comm['params_up_per_round']:,} up"
-        f" ({comm['bytes_down_per_round'] / 1e6:.2f} MB each way)",
-        f"  wall time {res['wall_seconds']:.0f} s; results in {out_dir}",
-    ]
+    fin = res["final"]
+    lines = ["", f"{res['method']} on {res['task']} ({res['model']}), {fin['n']} {res['eval_split']} examples:",
+             f"  {'':<28}{'acc':>8}{'acc_norm':>10}"]  # fmt: skip
+    if res.get("zero_shot") and res["method"] != "zero-shot":
+        zs = res["zero_shot"]
+        lines.append(f"  {'zero-shot':<28}{100 * zs['acc']:>8.1f}{100 * zs['acc_norm']:>10.1f}")
+    label = res["method"] + (f" (best round {res['best_round']})" if res.get("rounds") else "")
+    lines.append(f"  {label:<28}{100 * fin['acc']:>8.1f}{100 * fin['acc_norm']:>10.1f}")
+    client = res.get("client_model")
+    if client:
+        privacy = "" if client["model_private"] else "; the whole global model: no model privacy"
+        lines.append(f"  client model: {client['params'] / 1e6:.1f} M params "
+                     f"({100 * client['fraction_of_global']:.1f}% of the global model{privacy})")  # fmt: skip
+    comm = res.get("comm")
+    if comm:
+        lines.append(f"  per client and round: {comm['params_down_per_round']:,} params down / "
+                     f"{comm['params_up_per_round']:,} up ({comm['bytes_down_per_round'] / 1e6:.2f} MB each way)")  # fmt: skip
+    if res.get("ignored_options"):
+        lines.append(f"  ignored options: {res['ignored_options']}")
+    lines.append(f"  wall time {res['wall_seconds']:.0f} s; results in {out_dir}")
     return "\n".join(lines)
 
 

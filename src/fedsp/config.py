@@ -17,7 +17,8 @@ from typing import Any
 
 from fedsp.errors import FedSPError
 
-METHODS = ("fedsp",)
+METHODS = ("fedsp", "fedsp-no-kd", "fedsp-no-cs", "fedsp-no-at", "fedprompt", "fedprompt-single",
+           "prefix-tuning", "finetune", "zero-shot")  # fmt: skip
 PARTITIONS = ("iid", "dirichlet")
 PREFIX_INITS = ("tokens", "random")
 
@@ -60,10 +61,12 @@ class RunConfig:
     eval_limit: int | None = 200
     val_limit: int | None = 100
     eval_every_round: bool = True
+    zero_shot_eval: bool = True
     eval_batch_size: int = 32
     max_length: int = 256
     # runtime
     dtype: str = "float32"
+    device: str = "auto"  # auto: CUDA when present, else CPU
     seed: int = 0
     out: str | None = None
     progress: bool = field(default=True, compare=False)
@@ -73,6 +76,7 @@ class RunConfig:
         _check_choice("partition", self.partition, PARTITIONS)
         _check_choice("prefix-init", self.prefix_init, PREFIX_INITS)
         _check_choice("dtype", self.dtype, ("float32", "bfloat16"))
+        _check_choice("device", self.device, ("auto", "cpu", "cuda"))
         for name in ("clients", "rounds", "prefix_len", "aux_layers", "batch_size", "kd_batch_size",
                      "eval_batch_size", "max_length"):  # fmt: skip
             _check_min(name, getattr(self, name), 1)

@@ -11,21 +11,32 @@ Client round (method notes, "A round", step 2):
 Server round (step 4): weighted average of the prefixes (N_k / N), T steps of
 prefix tuning on the frozen global model with its own shard, validation loss,
 keep the best prefix.
+
+The same two classes serve the prompt-only baselines and the ablations through
+``ClientPlan``: FedPrompt is a client that skips step 2 on the full model;
+"w/o AT" trains model and prefix together in one phase; one-layer clients
+(FedPrompt-Single, "w/o CS") see the server's L-layer prefix averaged over
+depth and send theirs back repeated to L layers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
 from fedsp.data.batching import BatchStream, Encoded, fixed_batches
 from fedsp.methods.aggregation import weighted_average
+from fedsp.methods.base import ClientUpdate
 from fedsp.methods.optim import OptimConfig, Phase, set_trainable
 from fedsp.models.forward import answer_loss
 from fedsp.models.prefix import Prefix, PrefixConfig
+
+ALTERNATE, JOINT, PROMPT_ONLY = "alternate", "joint", "prompt-only"
+StateMap = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -39,15 +50,20 @@ class LocalConfig:
 
 
 @dataclass(frozen=True)
-class ClientUpdate:
-    prefix: dict[str, torch.Tensor]
-    num_examples: int
-    align_loss: float
-    prompt_loss: float
+class ClientPlan:
+    """How a client trains: ``alternate`` (FedSP), ``joint`` (w/o AT) or ``prompt-only`` (FedPrompt)."""
+
+    mode: str = ALTERNATE
+    receive: StateMap | None = None  # server prefix -> client prefix (one-layer clients: mean over depth)
+    send: StateMap | None = None  # client prefix -> server prefix (one-layer clients: repeat over depth)
+
+    @property
+    def trains_model(self) -> bool:
+        return self.mode != PROMPT_ONLY
 
 
 class FedSPClient:
-    """A data owner: auxiliary model + prefix + private rows; stateful across rounds."""
+    """A data owner: client model + prefix + private rows; stateful across rounds."""
 
     def __init__(
         self,
@@ -58,44 +74,86 @@ class FedSPClient:
         total_rounds: int,
         pad_id: int,
         seed: int,
+        plan: ClientPlan = ClientPlan(),
     ) -> None:
         self.aux_model = aux_model
         self.prefix = Prefix(prefix_config)
         self.rows = list(rows)
         self.config = config
-        total = total_rounds * config.steps
-        self.align = Phase(aux_model.parameters(), config.align, total)
+        self.plan = plan
         # Like the reference code, clients never update a reparametrisation MLP: only its input.
         prompt_params = (
             [self.prefix.embedding] if prefix_config.projection else list(self.prefix.parameters())
         )
+        if plan.mode == JOINT:  # one optimiser, two learning rates, 2T steps (as many batches as FedSP)
+            self.joint = _joint_phase(aux_model, prompt_params, config, total_rounds * 2 * config.steps)
+        total = total_rounds * config.steps
+        self.align = Phase(aux_model.parameters(), config.align, total) if plan.mode == ALTERNATE else None
         self.prompt = Phase(prompt_params, config.prompt, total)
         self.stream = BatchStream(self.rows, config.batch_size, pad_id, seed)
 
-    def fit(self, prefix_state: dict[str, torch.Tensor]) -> ClientUpdate:
-        self.prefix.load_wire_state(prefix_state)
-        self.aux_model.train()
+    def _loss(self) -> torch.Tensor:
+        return answer_loss(self.aux_model, next(self.stream), self.prefix)
+
+    def fit(self, state: dict[str, torch.Tensor]) -> ClientUpdate:
+        self.prefix.load_wire_state(self.plan.receive(state) if self.plan.receive else state)
+        self.aux_model.train(self.plan.trains_model)
         self.prefix.train()
-        # 1) global-model alignment: auxiliary model trained, prefix frozen
+        metrics: dict[str, float] = {}
+        if self.plan.mode == ALTERNATE:
+            # 1) global-model alignment: auxiliary model trained, prefix frozen
+            set_trainable(self.prefix, False)
+            set_trainable(self.aux_model, True)
+            metrics["align_loss"] = _mean([self.align.step(self._loss()) for _ in range(self.config.steps)])
+        if self.plan.mode == JOINT:
+            set_trainable(self.aux_model, True)
+            for p in self.prompt.params:
+                p.requires_grad_(True)
+            losses = [self.joint.step(self._loss()) for _ in range(2 * self.config.steps)]
+            metrics["align_loss"] = metrics["prompt_loss"] = _mean(losses)
+        else:
+            # 2) local knowledge capturing: prefix trained, client model frozen
+            set_trainable(self.aux_model, False)
+            for p in self.prompt.params:
+                p.requires_grad_(True)
+            metrics["prompt_loss"] = _mean([self.prompt.step(self._loss()) for _ in range(self.config.steps)])
         set_trainable(self.prefix, False)
-        set_trainable(self.aux_model, True)
-        align_losses = [self.align.step(answer_loss(self.aux_model, next(self.stream), self.prefix))
-                        for _ in range(self.config.steps)]  # fmt: skip
-        # 2) local knowledge capturing: prefix trained, auxiliary model frozen
         set_trainable(self.aux_model, False)
-        for p in self.prompt.params:
-            p.requires_grad_(True)
-        prompt_losses = [self.prompt.step(answer_loss(self.aux_model, next(self.stream), self.prefix))
-                         for _ in range(self.config.steps)]  # fmt: skip
-        set_trainable(self.prefix, False)
         self.aux_model.eval()
-        return ClientUpdate(
-            self.prefix.wire_state(), len(self.rows), _mean(align_losses), _mean(prompt_losses)
-        )
+        sent = self.prefix.wire_state()
+        return ClientUpdate(self.plan.send(sent) if self.plan.send else sent, len(self.rows), metrics)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything kept between rounds: trained model weights, optimiser states, data position."""
+        state: dict[str, Any] = {"prompt": self.prompt.state_dict(), "stream": self.stream.state_dict()}
+        if self.plan.trains_model:
+            state["model"] = {k: v.detach().clone() for k, v in self.aux_model.named_parameters()}
+        if self.align is not None:
+            state["align"] = self.align.state_dict()
+        if self.plan.mode == JOINT:
+            state["joint"] = self.joint.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "model" in state:
+            own = dict(self.aux_model.named_parameters())
+            with torch.no_grad():
+                for name, value in state["model"].items():
+                    own[name].copy_(value)
+        self.prompt.load_state_dict(state["prompt"])
+        self.stream.load_state_dict(state["stream"])
+        if self.align is not None:
+            self.align.load_state_dict(state["align"])
+        if self.plan.mode == JOINT:
+            self.joint.load_state_dict(state["joint"])
 
 
 class FedSPServer:
-    """The model owner: frozen global model + prefix + its own shard and the validation rows."""
+    """The model owner: frozen global model + prefix + its own rows and the validation rows.
+
+    With no clients it is centralised prefix-tuning: ``rows`` are then the union
+    of all shards and ``config.steps`` the whole per-round budget.
+    """
 
     def __init__(
         self,
@@ -123,7 +181,8 @@ class FedSPServer:
         return self.prefix.wire_state()
 
     def aggregate(self, updates: Sequence[ClientUpdate]) -> None:
-        self.prefix.load_wire_state(weighted_average([(u.prefix, u.num_examples) for u in updates]))
+        if updates:
+            self.prefix.load_wire_state(weighted_average([(u.state, u.num_examples) for u in updates]))
 
     def tune(self) -> float:
         """T steps of prefix tuning on the frozen global model; mean training loss (nan without a shard)."""
@@ -140,16 +199,54 @@ class FedSPServer:
     def validation_loss(self) -> float:
         """Answer-token loss of the current prefix on the validation rows; tracks the best prefix."""
         self.prefix.eval()
-        total, count = 0.0, 0
-        for batch in self.val_batches:
-            n = int((batch["labels"][:, 1:] != -100).sum())
-            total += float(answer_loss(self.global_model, batch, self.prefix)) * n
-            count += n
-        loss = total / max(1, count)
+        loss = mean_answer_loss(self.global_model, self.val_batches, self.prefix)
         if loss < self.best_val_loss:
             self.best_val_loss = loss
             self.best_state = self.prefix.wire_state()
         return loss
+
+    def use_best(self) -> None:
+        self.prefix.load_wire_state(self.best_state)
+
+    def evaluation_target(self) -> tuple[PreTrainedModel, Prefix | None]:
+        return self.global_model, self.prefix
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "prefix": self.prefix.wire_state(),
+            "phase": self.phase.state_dict(),
+            "stream": self.stream.state_dict() if self.stream else None,
+            "best_val_loss": self.best_val_loss,
+            "best_state": self.best_state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.prefix.load_wire_state(state["prefix"])
+        self.phase.load_state_dict(state["phase"])
+        if self.stream is not None:
+            self.stream.load_state_dict(state["stream"])
+        self.best_val_loss = state["best_val_loss"]
+        self.best_state = state["best_state"]
+
+
+@torch.no_grad()
+def mean_answer_loss(
+    model: PreTrainedModel, batches: Sequence[dict[str, torch.Tensor]], prefix: Prefix | None
+) -> float:
+    """Answer-token cross-entropy over ``batches``, weighted by token count."""
+    total, count = 0.0, 0
+    for batch in batches:
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        total += float(answer_loss(model, batch, prefix)) * n
+        count += n
+    return total / max(1, count)
+
+
+def _joint_phase(model: PreTrainedModel, prompt_params: list, config: LocalConfig, total: int) -> Phase:
+    """One optimiser for "w/o AT": the model at the alignment learning rate, the prefix at the prompt one."""
+    groups = [{"params": list(model.parameters()), "lr": config.align.lr},
+              {"params": prompt_params, "lr": config.prompt.lr}]  # fmt: skip
+    return Phase(groups, config.prompt, total)
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -20,13 +20,22 @@ class OptimConfig:
 
 
 class Phase:
-    """One AdamW + schedule over ``total_steps`` steps; ``step`` does backward, clip, update."""
+    """One AdamW + schedule over ``total_steps`` steps; ``step`` does backward, clip, update.
 
-    def __init__(self, params: Iterable[nn.Parameter], config: OptimConfig, total_steps: int) -> None:
-        self.params = [p for p in params]
+    ``params`` is parameters, or parameter groups (dicts with ``params`` and their own ``lr``).
+    """
+
+    def __init__(
+        self, params: Iterable[nn.Parameter] | Iterable[dict], config: OptimConfig, total_steps: int
+    ) -> None:
+        groups = list(params)
+        if groups and isinstance(groups[0], dict):
+            self.params = [p for group in groups for p in group["params"]]
+        else:
+            self.params = groups
         self.config = config
         self.optimizer = torch.optim.AdamW(
-            self.params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
+            groups, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
         )
         warmup = int(config.warmup_ratio * total_steps)
         total = max(1, total_steps)

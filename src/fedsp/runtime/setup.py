@@ -95,20 +95,30 @@ def demonstration_tokens(rows: list[Encoded], length: int, tokenizer: PreTrained
     return (filler * length + tokens)[-length:]
 
 
-def distilled_auxiliary_model(config: RunConfig, loaded: LoadedModel, server_rows: list[Encoded]):
+def distilled_auxiliary_model(
+    config: RunConfig,
+    loaded: LoadedModel,
+    server_rows: list[Encoded],
+    share: bool = True,
+    kd_steps: int | None = None,
+    layers: list[int] | None = None,
+):
     """Build the auxiliary model and run (or reuse from the cache) its KD initialisation.
 
+    ``share=False`` keeps the selected layers unshared (one pass each); ``kd_steps``
+    overrides the configuration (0: the raw layers); ``layers`` overrides the layer choice.
     Returns (aux_model, selected_layers, kd_losses); ``kd_losses`` is empty when the cache was used.
     """
     num_layers = loaded.model.config.num_hidden_layers
-    selected = select_layers(num_layers, config.aux_layers, config.aux_layer_choice)
-    aux = build_auxiliary_model(loaded.model, selected)
-    if config.kd_steps == 0:
+    selected = layers or select_layers(num_layers, config.aux_layers, config.aux_layer_choice)
+    aux = build_auxiliary_model(loaded.model, selected, share=share)
+    steps = config.kd_steps if kd_steps is None else kd_steps
+    if steps == 0:
         return aux, selected, []
-    kd_config = kd.KDConfig(config.kd_steps, config.kd_lr, config.weight_decay, config.warmup_ratio,
+    kd_config = kd.KDConfig(steps, config.kd_lr, config.weight_decay, config.warmup_ratio,
                             config.kd_batch_size, config.kd_projection)  # fmt: skip
     key = kd.cache_key(
-        loaded.name, loaded.model.config.to_dict(), selected, True, kd_config, server_rows, config.seed
+        loaded.name, loaded.model.config.to_dict(), selected, share, kd_config, server_rows, config.seed
     )
     path = cache_dir() / "aux" / f"{key}.safetensors"
     if path.is_file():

@@ -1,0 +1,92 @@
+"""Centralised full fine-tuning (the paper's FINETUNE upper bound): every weight of the global model trained.
+
+No prefix and no clients: the "server" holds the union of all training shards
+and trains the whole model, ``steps`` steps per round. The best weights (by
+validation loss) are kept in memory and restored for the final evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from fedsp.data.batching import BatchStream, Encoded, fixed_batches
+from fedsp.methods.base import ClientUpdate
+from fedsp.methods.fedsp import mean_answer_loss
+from fedsp.methods.optim import OptimConfig, Phase, set_trainable
+from fedsp.models.forward import answer_loss
+from fedsp.models.prefix import Prefix
+
+
+class FinetuneServer:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        rows: Sequence[Encoded],
+        val_rows: Sequence[Encoded],
+        steps: int,
+        batch_size: int,
+        optim: OptimConfig,
+        total_rounds: int,
+        pad_id: int,
+        seed: int,
+        eval_batch_size: int = 32,
+    ) -> None:
+        self.model = model
+        self.steps = steps
+        self.phase = Phase(model.parameters(), optim, total_rounds * steps)
+        self.stream = BatchStream(rows, batch_size, pad_id, seed)
+        self.val_batches = fixed_batches(val_rows, eval_batch_size, pad_id)
+        self.best_val_loss = float("inf")
+        self.best_state: dict[str, torch.Tensor] = {}
+
+    def broadcast(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def aggregate(self, updates: Sequence[ClientUpdate]) -> None:
+        if updates:
+            raise RuntimeError("centralised fine-tuning has no clients")
+
+    def tune(self) -> float:
+        """``steps`` steps of full fine-tuning; mean training loss."""
+        self.model.train()
+        set_trainable(self.model, True)
+        losses = [self.phase.step(answer_loss(self.model, next(self.stream))) for _ in range(self.steps)]
+        set_trainable(self.model, False)
+        self.model.eval()
+        return sum(losses) / len(losses) if losses else float("nan")
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        self.model.eval()
+        loss = mean_answer_loss(self.model, self.val_batches, None)
+        if loss < self.best_val_loss:
+            self.best_val_loss = loss
+            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return loss
+
+    def use_best(self) -> None:
+        if self.best_state:
+            self.model.load_state_dict(self.best_state)
+
+    def evaluation_target(self) -> tuple[PreTrainedModel, Prefix | None]:
+        return self.model, None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "phase": self.phase.state_dict(),
+            "stream": self.stream.state_dict(),
+            "best_val_loss": self.best_val_loss,
+            "best_state": self.best_state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.phase.load_state_dict(state["phase"])
+        self.stream.load_state_dict(state["stream"])
+        self.best_val_loss = state["best_val_loss"]
+        self.best_state = state["best_state"]

@@ -1,0 +1,190 @@
+"""One run's life on the server side, shared by every runtime.
+
+``Session.start`` does everything before round 1 (results folder, global model,
+data, zero-shot accuracy, the method's parties); ``Session.finish_round``
+aggregates the updates a runtime collected, tunes, validates, evaluates and
+records the round; ``Session.finish`` evaluates the best state and writes
+``results.json`` and ``curves.png``. A runtime only decides how the broadcast
+reaches the clients and how their updates come back: in-process calls, or
+Flower messages.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedsp.config import RunConfig
+from fedsp.evaluation.multiple_choice import MCResult, evaluate_multiple_choice
+from fedsp.methods.base import ClientUpdate, Course
+from fedsp.models.auxiliary import unique_parameter_count
+from fedsp.models.loading import LoadedModel, load_global_model
+from fedsp.runtime import results
+from fedsp.runtime.courses import METHOD_SPECS, MethodSpec, build_course, shipped_bytes
+from fedsp.runtime.setup import RunData, prepare_data
+
+
+@dataclass
+class Session:
+    config: RunConfig
+    spec: MethodSpec
+    out_dir: Path
+    loaded: LoadedModel
+    data: RunData
+    zero_shot: MCResult | None
+    course: Course | None  # None for methods that train nothing
+    started: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    last_eval: MCResult | None = None
+    once_bytes: int = 0
+    ignored: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, config: RunConfig, out_dir: Path | None = None) -> Session:
+        started = time.perf_counter()
+        spec = METHOD_SPECS[config.method]
+        ignored = spec.ignored_options(config)
+        if ignored:
+            listed = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in ignored.items())
+            print(f"fedsp: note: --method {config.method} does not use {listed}; ignored", file=sys.stderr)
+        out_dir = out_dir or results.create_run_dir(config.out, config.method, config.task)
+        results.write_json(out_dir / "config.json", config.to_dict())
+        torch.manual_seed(config.seed)
+        loaded = load_global_model(config.model, config.dtype, config.seed)
+        data = prepare_data(config, loaded.tokenizer)
+        session = cls(config, spec, out_dir, loaded, data, None, None, started)
+        session.say(f"fedsp: {config.method}, {config.model} on {config.task}: {len(data.server_rows)} server "
+                    f"rows, {len(data.client_rows)} clients x ~{len(data.client_rows[0])} rows, "
+                    f"{len(data.eval_examples)} {data.eval_split} examples for evaluation")  # fmt: skip
+        if config.zero_shot_eval or spec.build is None:
+            session.zero_shot = session.evaluate(loaded.model, None, "zero-shot eval")
+            session.say(f"zero-shot: acc {100 * session.zero_shot.acc:.1f}  "
+                        f"acc_norm {100 * session.zero_shot.acc_norm:.1f}")  # fmt: skip
+        if spec.build is not None:
+            session.course = build_course(config, loaded, data)
+            session.once_bytes = shipped_bytes(session.course)
+            record0 = {"round": 0, "val_loss": session.course.server.validation_loss()}
+            kd_losses = session.course.notes.get("kd_losses")
+            if kd_losses:
+                record0.update(kd_first_loss=kd_losses[0], kd_last_loss=kd_losses[-1])
+            results.append_metrics(out_dir / "metrics.jsonl", record0)
+            session.history.append(record0)
+        session.ignored = ignored
+        return session
+
+    def say(self, text: str) -> None:
+        if self.config.progress:
+            print(text)
+
+    def evaluate(self, model, prefix, desc: str) -> MCResult:
+        c = self.config
+        return evaluate_multiple_choice(model, self.loaded.tokenizer, self.data.eval_examples, prefix,
+                                        c.eval_batch_size, c.max_length, desc=desc, progress=c.progress)  # fmt: skip
+
+    def finish_round(
+        self, rnd: int, sent: dict[str, torch.Tensor], bytes_down: int, bytes_up: Sequence[int],
+        updates: Sequence[ClientUpdate], seconds_before: float, extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """Aggregate ``updates``, tune on the server, validate, evaluate; append the round to metrics.jsonl.
+
+        ``bytes_down`` is the total sent to all the round's clients, ``bytes_up`` one entry per update.
+        """
+        assert self.course is not None
+        t0 = time.perf_counter()
+        server = self.course.server
+        server.aggregate(updates)
+        server_loss = server.tune()
+        val_loss = server.validation_loss()
+        record: dict[str, Any] = {"round": rnd, "server_loss": server_loss, "val_loss": val_loss}
+        if self.spec.federated:
+            record.update(
+                client_losses=[u.metrics.get("prompt_loss") for u in updates],
+                client_align_losses=[u.metrics.get("align_loss") for u in updates],
+                params_down=sum(t.numel() for t in sent.values()),
+                params_up=sum(t.numel() for t in updates[0].state.values()) if updates else 0,
+                bytes_down=bytes_down,
+                bytes_up=sum(bytes_up),
+                num_clients=len(updates),
+            )
+        record.update(extra or {})
+        if self.config.eval_every_round:
+            self.last_eval = self.evaluate(*server.evaluation_target(), f"round {rnd} eval")
+            record.update(acc=self.last_eval.acc, acc_norm=self.last_eval.acc_norm)
+        record["seconds"] = seconds_before + time.perf_counter() - t0
+        results.append_metrics(self.out_dir / "metrics.jsonl", record)
+        self.history.append(record)
+        self.say(f"round {rnd}: val_loss {val_loss:.4f}  server_loss {server_loss:.4f}"
+                 + (f"  acc {100 * self.last_eval.acc:.1f}" if self.config.eval_every_round else ""))  # fmt: skip
+        return record
+
+    def finish(self) -> dict[str, Any]:
+        """Evaluate the best state (lowest validation loss), write results.json and curves.png."""
+        config, spec = self.config, self.spec
+        global_params = unique_parameter_count(self.loaded.model)
+        summary: dict[str, Any] = {
+            "method": config.method,
+            "method_summary": spec.summary,
+            "task": config.task,
+            "model": config.model,
+            "eval_split": self.data.eval_split,
+            "eval_examples": len(self.data.eval_examples),
+            "seed": config.seed,
+            "zero_shot": self.zero_shot.summary() if self.zero_shot else None,
+            "ignored_options": self.ignored,
+            "global_model": {"params": global_params},
+        }
+        if self.course is None:  # nothing trained: the zero-shot accuracy is the result
+            assert self.zero_shot is not None
+            summary.update(final=self.zero_shot.summary(), best_round=0, rounds=0)
+        else:
+            summary.update(self._trained_summary(global_params))
+        summary["wall_seconds"] = time.perf_counter() - self.started
+        results.write_json(self.out_dir / "results.json", summary)
+        if self.history:
+            results.plot_curves(self.history, self.zero_shot.acc if self.zero_shot else None,
+                                self.out_dir / "curves.png", f"{config.method} on {config.task} ({config.model})")  # fmt: skip
+        return summary
+
+    def _trained_summary(self, global_params: int) -> dict[str, Any]:
+        assert self.course is not None
+        config, course = self.config, self.course
+        best_round = min(self.history, key=lambda h: h["val_loss"])["round"]
+        if best_round == len(self.history) - 1 and self.last_eval is not None:
+            final = self.last_eval
+        else:
+            course.server.use_best()
+            final = self.evaluate(*course.server.evaluation_target(), "final eval")
+        out: dict[str, Any] = {"final": final.summary(), "best_round": best_round, "rounds": config.rounds,
+                               "federated": self.spec.federated}  # fmt: skip
+        rounds = [h for h in self.history if h["round"] > 0]
+        if self.spec.federated and rounds:
+            last = rounds[-1]
+            per_client = max(1, last["num_clients"])
+            out["comm"] = {
+                "params_down_per_round": last["params_down"],
+                "params_up_per_round": last["params_up"],
+                "bytes_down_per_round": last["bytes_down"] // per_client,
+                "bytes_up_per_round": last["bytes_up"] // per_client,
+                "per": "client and round",
+                "model_bytes_once": self.once_bytes,
+                "total_bytes": self.once_bytes * course.num_clients
+                + sum(h.get("bytes_down", 0) + h.get("bytes_up", 0) for h in rounds),
+            }
+            out["prefix"] = {
+                "params": last["params_down"],
+                "fraction_of_global": last["params_down"] / global_params,
+            }
+        if course.client_model is not None:
+            info = course.client_model
+            out["client_model"] = {"params": info.params, "fraction_of_global": info.fraction_of_global,
+                                   "layers": list(info.global_layers), "model_private": info.model_private}  # fmt: skip
+        notes = {k: v for k, v in course.notes.items() if k != "kd_losses"}
+        if notes:
+            out["method_notes"] = notes
+        return out
