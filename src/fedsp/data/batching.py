@@ -92,6 +92,15 @@ class BatchStream:
     def __next__(self) -> dict[str, torch.Tensor]:
         return collate(self.next_rows(), self.pad_id)
 
+    def state_dict(self) -> dict:
+        """The stream's position: the shuffling generator's state and the rows left in this epoch."""
+        return {"rng": self.rng.getstate(), "order": list(self.order)}
+
+    def load_state_dict(self, state: dict) -> None:
+        rng = state["rng"]  # a JSON round trip turns the generator state's tuples into lists
+        self.rng.setstate((rng[0], tuple(rng[1]), rng[2]))
+        self.order = [int(i) for i in state["order"]]
+
 
 def fixed_batches(rows: Sequence[Encoded], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
     """Deterministic batches for evaluation losses, grouped by length to limit padding."""

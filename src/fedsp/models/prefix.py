@@ -20,6 +20,7 @@ P tokens of the shard's text 48%, a random N(0, 1) prefix 27%.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -96,9 +97,17 @@ class Prefix(nn.Module):
             cache.update(key, value, layer)
         return cache
 
+    def follow(self, model: PreTrainedModel) -> Prefix:
+        """Move the parameters to ``model``'s device, in place: the same ``Parameter`` objects, so an
+        optimiser built on them keeps working (its state is created on first step, on the new device)."""
+        device = model.get_input_embeddings().weight.device
+        if next(self.parameters()).device != device:
+            self.to(device)
+        return self
+
     def wire_state(self) -> dict[str, torch.Tensor]:
-        """The trainable parameters, detached and contiguous: what is sent."""
-        return {name: p.detach().clone().contiguous() for name, p in self.named_parameters()}
+        """The trainable parameters, detached, contiguous and on the CPU: what is sent."""
+        return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in self.named_parameters()}
 
     def load_wire_state(self, state: dict[str, torch.Tensor]) -> None:
         """Load parameters received over the wire, checking names, shapes and finiteness."""
@@ -119,7 +128,8 @@ def prefix_for(
     model: PreTrainedModel, num_tokens: int, projection: bool = False, dropout: float = 0.1
 ) -> Prefix:
     """A zero prefix shaped for ``model`` (use :func:`init_prefix_from_tokens` to give it real values)."""
-    return Prefix(PrefixConfig(num_tokens, kv_geometry(model.config), projection=projection, dropout=dropout))
+    config = PrefixConfig(num_tokens, kv_geometry(model.config), projection=projection, dropout=dropout)
+    return Prefix(config).follow(model)
 
 
 @torch.no_grad()
@@ -151,3 +161,44 @@ def init_prefix_from_tokens(prefix: Prefix, model: PreTrainedModel, token_ids: t
         for t in (key, value):
             columns.append(t[0].permute(1, 0, 2).reshape(P, g.kv_dim))  # (P, kv_dim)
     prefix.table.copy_(torch.cat(columns, dim=1).float())  # (P, L*2*kv_dim)
+
+
+def collapse_layers(state: dict[str, torch.Tensor], plan: Sequence[int]) -> dict[str, torch.Tensor]:
+    """An L-layer prefix table averaged down to the N layers of an unshared client model.
+
+    ``plan[depth]`` is the client layer (0..N-1) standing for server depth
+    ``depth``; each client layer gets the mean of its depths:
+    (P, L*2*kv) -> (P, N*2*kv). What a one-layer client receives from an
+    L-layer server in the FedPrompt-Single reference. Only plain tables can be collapsed.
+    """
+    _check_table_state(state)
+    table = state["table"]  # (P, L*2*kv_dim)
+    P, width = table.shape
+    L = len(plan)
+    if width % L:
+        raise FedSPError(f"prefix width {width} is not a multiple of {L} layers")
+    layers = table.view(P, L, width // L)  # (P, L, 2*kv_dim)
+    owner = torch.tensor(list(plan))
+    blocks = [layers[:, owner == j].mean(dim=1) for j in range(max(plan) + 1)]  # N x (P, 2*kv_dim)
+    return {"table": torch.cat(blocks, dim=1).contiguous()}
+
+
+def expand_layers(state: dict[str, torch.Tensor], plan: Sequence[int]) -> dict[str, torch.Tensor]:
+    """A client's N-layer prefix table repeated to the server's L layers: (P, N*2*kv) -> (P, L*2*kv).
+
+    Inverse of :func:`collapse_layers` on tables whose depths within a block are equal.
+    """
+    _check_table_state(state)
+    table = state["table"]  # (P, N*2*kv_dim)
+    P, width = table.shape
+    N = max(plan) + 1
+    layers = table.view(P, N, width // N)
+    return {"table": layers[:, list(plan)].reshape(P, -1).contiguous()}
+
+
+def _check_table_state(state: dict[str, torch.Tensor]) -> None:
+    if set(state) != {"table"}:
+        raise FedSPError(
+            "one-layer clients need a plain prefix table (--prefix-projection false); "
+            f"got prefix tensors {sorted(state)}"
+        )
