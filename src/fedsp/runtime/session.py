@@ -112,6 +112,9 @@ class Session:
                 bytes_up=sum(bytes_up),
                 num_clients=len(updates),
             )
+            other = sorted({k for u in updates for k in u.metrics} - {"prompt_loss", "align_loss"})
+            if other:  # method-specific per-client figures (e.g. split-learning traffic), one list per key
+                record["client_metrics"] = {k: [u.metrics.get(k) for u in updates] for k in other}
         record.update(extra or {})
         if self.config.eval_every_round:
             self.last_eval = self.evaluate(*server.evaluation_target(), f"round {rnd} eval")
