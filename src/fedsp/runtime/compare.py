@@ -1,0 +1,123 @@
+"""``fedsp compare``: run the grid behind one or more of the paper's tables, then write them.
+
+    fedsp compare --tables methods --tasks arc_easy --seeds 0,1 --scale cpu --out results/paper
+
+Every cell is an ordinary run folder under ``<out>/cells/``; finished cells
+are reused, so the same command continues an interrupted grid. The tables
+(Markdown, CSV, PNG) are written to ``<out>`` from whatever cells exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fedsp.config import METHODS
+from fedsp.errors import FedSPError
+from fedsp.runtime import tables
+from fedsp.runtime.grid import ALL_METHODS, SCALES, TASKS, Cell, Grid, build_cells, check_comparable
+
+TABLES = ("methods", "layers", "depth", "efficiency")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("compare", help="run the grid of a paper table/figure and write it (Markdown, CSV, PNG)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    p.add_argument("--tables", default="methods",
+                   help=f"comma-separated: {', '.join(TABLES)} (tables 1/2, 3, figure 2, tables 4/5)")  # fmt: skip
+    p.add_argument(
+        "--tasks", default="arc_easy", help=f"comma-separated tasks ({', '.join(TASKS)}, hellaswag)"
+    )
+    p.add_argument(
+        "--methods", default=",".join(ALL_METHODS), help="comma-separated methods for the methods table"
+    )
+    p.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
+    p.add_argument("--scale", default="cpu", choices=sorted(SCALES), help="preset of run sizes")
+    p.add_argument("--model", default="smollm2", help="global model (as for fedsp run)")
+    p.add_argument("--out", default="results/paper", help="grid folder (cells and tables); reused if present")
+    p.add_argument(
+        "--tables-only", action="store_true", help="write the tables from finished cells, run nothing"
+    )
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def plan(args: argparse.Namespace) -> tuple[Grid, dict[str, list[Cell]]]:
+    wanted = _split(args.tables)
+    bad = [t for t in wanted if t not in TABLES]
+    if bad:
+        raise FedSPError(f"--tables {bad} not known; choose from {', '.join(TABLES)}")
+    methods = _split(args.methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise FedSPError(f"--methods {unknown} not known; choose from {', '.join(METHODS)}")
+    try:
+        seeds = [int(s) for s in _split(args.seeds)]
+    except ValueError:
+        raise FedSPError(f"--seeds {args.seeds!r} must be comma-separated integers") from None
+    tasks = _split(args.tasks)
+    by_table = {t: build_cells(t, tasks, methods, seeds) for t in wanted}
+    ordered = list(dict.fromkeys(c for cells in by_table.values() for c in cells))  # unique, in order
+    base = {**SCALES[args.scale], "model": args.model}
+    return Grid(ordered, base, Path(args.out)), by_table
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    grid, by_table = plan(args)
+    for cell in grid.cells:  # validate every cell's configuration before running any
+        cell.config(grid.base, grid.out)
+    if args.tables_only:
+        for cell in grid.cells:
+            done = grid.reusable(cell)
+            if done is not None:
+                grid.results[cell.name] = done
+    else:
+        from fedsp.runtime.inprocess import run
+
+        grid.run(run)
+    check_comparable(grid)
+    written = write_tables(grid, by_table)
+    for path in written:
+        print(f"wrote {path} (+ .csv, .png)")
+    return 0
+
+
+def write_tables(grid: Grid, by_table: dict[str, list[Cell]]) -> list[Path]:
+    written = []
+    for table, cells in by_table.items():
+        if table == "methods":
+            labels = list(dict.fromkeys(c.method for c in cells))
+            written.append(tables.accuracy_table(grid, cells, lambda c: c.method, labels, "table12_methods",
+                                                 "Accuracy (%) by method and task, mean ± sd over seeds (n)"))  # fmt: skip
+        elif table == "layers":
+
+            def choice(cell: Cell) -> str:
+                return str(dict(cell.overrides).get("aux_layer_choice", "bottom"))
+
+            written.append(tables.accuracy_table(grid, cells, choice, ["bottom", "middle", "top"],
+                                                 "table3_layers", "FedSP accuracy (%) by auxiliary layer choice"))  # fmt: skip
+        elif table == "depth":
+            written.append(tables.depth_figure(grid, cells))
+        else:
+            written.append(tables.efficiency_table(grid, cells))
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fedsp.runtime.compare ...``: the same as ``fedsp compare ...``."""
+    import sys
+
+    parser = argparse.ArgumentParser(prog="fedsp")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["compare", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return run_compare(args)
+    except FedSPError as err:
+        print(f"fedsp: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

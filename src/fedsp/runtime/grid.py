@@ -1,0 +1,155 @@
+"""A grid of runs for the paper's comparisons: cells, presets, and reuse of finished cells.
+
+Each cell is one ``fedsp run`` (method x task x seed, plus option overrides
+such as ``aux_layers=2``) written to ``<out>/cells/<cell name>/``. A cell whose
+folder holds a ``results.json`` written with the same configuration is reused,
+so an interrupted grid continues where it stopped; a folder without
+``results.json`` is an interrupted cell and is run again; a folder written with
+other settings is refused (choose another ``--out``).
+
+Presets (``--scale``): ``cpu`` is sized for a 2-core machine (a cell takes
+one to three minutes on SmolLM2-135M); ``paper`` follows the paper and the
+reference scripts (10 clients, T = 10, 5000 KD steps, all evaluation examples)
+for GPU users.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedsp.config import RunConfig
+from fedsp.errors import FedSPError
+
+SCALES: dict[str, dict[str, Any]] = {
+    "cpu": dict(
+        clients=3, rounds=2, local_steps=2, kd_steps=10, val_limit=50, eval_limit=200, eval_every_round=False
+    ),  # fmt: skip
+    "paper": dict(
+        clients=10,
+        rounds=20,
+        local_steps=10,
+        batch_size=16,
+        lr=5e-4,
+        kd_steps=5000,
+        kd_batch_size=16,
+        eval_limit=None,
+        val_limit=None,
+        eval_every_round=True,
+    ),  # fmt: skip
+}
+TASKS = ("arc_easy", "arc_challenge", "openbookqa", "piqa", "sciq")
+MAIN_METHODS = ("zero-shot", "fedsp", "fedprompt", "fedprompt-single")
+ALL_METHODS = (*MAIN_METHODS, "fedsp-no-kd", "fedsp-no-cs", "fedsp-no-at", "prefix-tuning", "finetune")
+# Options a comparison must hold equal across all its cells (else the numbers are not comparable).
+SHARED_KEYS = ("model", "eval_limit", "max_length", "data_dir", "data_seed", "dtype")
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    task: str
+    seed: int
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def name(self) -> str:
+        extra = "".join(f"__{k}={_short(v)}" for k, v in self.overrides)
+        return f"{self.task}__{self.method}{extra}__s{self.seed}"
+
+    def config(self, base: dict[str, Any], out: Path) -> RunConfig:
+        values = {**base, **dict(self.overrides), "method": self.method, "task": self.task, "seed": self.seed,
+                  "out": str(out / "cells" / self.name), "progress": False}  # fmt: skip
+        if self.method != "zero-shot":
+            values["zero_shot_eval"] = False  # the zero-shot cell of the task gives that row
+        return RunConfig.from_dict(values, source=f"grid cell {self.name}")
+
+
+@dataclass
+class Grid:
+    cells: list[Cell]
+    base: dict[str, Any]
+    out: Path
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def cell_dir(self, cell: Cell) -> Path:
+        return self.out / "cells" / cell.name
+
+    def reusable(self, cell: Cell) -> dict[str, Any] | None:
+        """The cell's results if it finished with the same configuration; None if it must run."""
+        folder = self.cell_dir(cell)
+        if not (folder / "results.json").is_file():
+            return None
+        saved = json.loads((folder / "config.json").read_text())
+        wanted = cell.config(self.base, self.out).to_dict()
+        differs = sorted(k for k in wanted if k not in ("progress",) and saved.get(k) != wanted[k])
+        if differs:
+            raise FedSPError(f"grid cell {folder} was run with other settings ({', '.join(differs)}); "
+                             "use another --out or remove that folder")  # fmt: skip
+        return json.loads((folder / "results.json").read_text())
+
+    def run(self, runner: Callable[[RunConfig], Any], say: Callable[[str], None] = print) -> None:
+        """Run the cells not yet finished, in order; reuse the others."""
+        todo = []
+        for cell in self.cells:
+            done = self.reusable(cell)
+            if done is not None:
+                self.results[cell.name] = done
+            else:
+                todo.append(cell)
+        say(
+            f"grid: {len(self.cells)} cells, {len(self.cells) - len(todo)} reused, {len(todo)} to run in {self.out}"
+        )
+        started = time.perf_counter()
+        for i, cell in enumerate(todo, 1):
+            folder = self.cell_dir(cell)
+            if folder.exists():  # interrupted before results.json: start that cell again
+                shutil.rmtree(folder)
+            t0 = time.perf_counter()
+            outcome = runner(cell.config(self.base, self.out))
+            self.results[cell.name] = outcome.results
+            elapsed = time.perf_counter() - started
+            eta = elapsed / i * (len(todo) - i)
+            say(f"[{i}/{len(todo)}] {cell.name}: acc {100 * outcome.results['final']['acc']:.1f} "
+                f"({time.perf_counter() - t0:.0f} s; about {eta / 60:.0f} min left)")  # fmt: skip
+
+
+def check_comparable(grid: Grid) -> None:
+    """Refuse a grid whose cells would be evaluated on different examples."""
+    by_task: dict[str, set] = {}
+    for cell in grid.cells:
+        res = grid.results.get(cell.name)
+        if res is None:
+            continue
+        config = json.loads((grid.cell_dir(cell) / "config.json").read_text())
+        key = (tuple(config.get(k) for k in SHARED_KEYS), res.get("eval_split"), res["final"]["n"])
+        by_task.setdefault(cell.task, set()).add(key)
+    for task, keys in by_task.items():
+        if len(keys) > 1:
+            raise FedSPError(f"grid cells for {task!r} disagree on the evaluation examples or settings "
+                             f"({sorted(map(str, keys))}); rerun them with the same options")  # fmt: skip
+
+
+def build_cells(table: str, tasks: Sequence[str], methods: Sequence[str], seeds: Sequence[int]) -> list[Cell]:
+    """The cells one table or figure needs."""
+    if table == "methods":
+        return [Cell(m, t, s if m != "zero-shot" else 0) for t in tasks for m in methods
+                for s in (seeds if m != "zero-shot" else [0])]  # fmt: skip
+    if table == "layers":
+        return [Cell("fedsp", t, s, (("aux_layer_choice", c),) if c != "bottom" else ())
+                for t in tasks for c in ("bottom", "middle", "top") for s in seeds]  # fmt: skip
+    if table == "depth":
+        return [Cell("fedsp", t, s, (("aux_layers", n),) if n != 1 else ())
+                for t in tasks for n in (1, 2, 3, 4) for s in seeds]  # fmt: skip
+    if table == "efficiency":
+        return [Cell(m, t, seeds[0]) for t in tasks[:1] for m in methods if m != "zero-shot"]
+    raise FedSPError(f"unknown table {table!r}; choose methods, layers, depth or efficiency")
+
+
+def _short(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)

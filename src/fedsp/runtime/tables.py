@@ -1,0 +1,153 @@
+"""The paper's tables and figure from a grid's results: Markdown, CSV and PNG side by side.
+
+- ``methods`` (paper tables 1/2): accuracy of each method on each task, mean and
+  sample standard deviation over seeds;
+- ``layers`` (table 3): FedSP with the bottom, middle or top layer as its auxiliary model;
+- ``depth`` (figure 2): FedSP accuracy against the number of auxiliary layers;
+- ``efficiency`` (tables 4/5): what a client holds and what crosses the wire per round.
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from fedsp.runtime.grid import Cell, Grid  # noqa: E402
+
+
+def _accs(grid: Grid, cells: Sequence[Cell]) -> list[float]:
+    return [100 * grid.results[c.name]["final"]["acc"] for c in cells if c.name in grid.results]
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def _write(out: Path, stem: str, header: list[str], rows: list[list[str]], title: str) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"{stem}.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    path = out / f"{stem}.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _grouped(grid: Grid, label_of, cells: Sequence[Cell]) -> dict[tuple[str, str], list[Cell]]:
+    groups: dict[tuple[str, str], list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault((label_of(cell), cell.task), []).append(cell)
+    return groups
+
+
+def accuracy_table(grid: Grid, cells: Sequence[Cell], label_of, labels: Sequence[str], stem: str,
+                   title: str) -> Path:  # fmt: skip
+    """Rows: labels (methods or variants); columns: tasks; cells: acc mean ± sd over seeds (and n)."""
+    tasks = list(dict.fromkeys(c.task for c in cells))
+    groups = _grouped(grid, label_of, cells)
+    header = ["", *tasks, "mean"]
+    rows, bars = [], {}
+    for label in labels:
+        means = []
+        row = [label]
+        for task in tasks:
+            values = _accs(grid, groups.get((label, task), []))
+            row.append(_fmt(values) + (f" ({len(values)})" if len(values) > 1 else ""))
+            means.append(statistics.mean(values) if values else float("nan"))
+        done = [m for m in means if m == m]
+        row.append(f"{statistics.mean(done):.1f}" if len(done) == len(tasks) else "–")
+        rows.append(row)
+        bars[label] = means
+    path = _write(grid.out, stem, header, rows, title)
+    _bar_png(bars, tasks, grid.out / f"{stem}.png", title)
+    return path
+
+
+def _bar_png(bars: dict[str, list[float]], tasks: list[str], path: Path, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks) + 2), 4))
+    width = 0.8 / max(1, len(bars))
+    for i, (label, values) in enumerate(bars.items()):
+        ax.bar([t + i * width for t in range(len(tasks))], values, width, label=label)
+    ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], tasks)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def depth_figure(grid: Grid, cells: Sequence[Cell], stem: str = "fig2_depth") -> Path:
+    """Accuracy against the number of auxiliary layers, one line per task (PNG), with its table."""
+
+    def count(cell: Cell) -> str:
+        return str(dict(cell.overrides).get("aux_layers", 1))
+
+    counts = sorted({count(c) for c in cells}, key=int)
+    path = accuracy_table(
+        grid, cells, count, counts, stem, "FedSP accuracy (%) by number of auxiliary layers"
+    )
+    tasks = list(dict.fromkeys(c.task for c in cells))
+    groups = _grouped(grid, count, cells)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for task in tasks:
+        ys = [
+            statistics.mean(v) if (v := _accs(grid, groups.get((n, task), []))) else float("nan")
+            for n in counts
+        ]
+        ax.plot([int(n) for n in counts], ys, marker="o", label=task)
+    ax.set_xlabel("auxiliary layers N")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_xticks([int(n) for n in counts])
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(grid.out / f"{stem}.png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def efficiency_table(grid: Grid, cells: Sequence[Cell], stem: str = "table45_efficiency") -> Path:
+    """Client model size and traffic per client and round, as counts, % of the global model, and bytes."""
+    header = ["method", "client params", "% of global", "global layers held", "params down / up per round",
+              "% of global", "MB down / up per round", "MB sent once", "model private"]  # fmt: skip
+    rows: list[list[str]] = []
+    for cell in cells:
+        res: dict[str, Any] | None = grid.results.get(cell.name)
+        if res is None:
+            continue
+        glob = res["global_model"]["params"]
+        client, comm = res.get("client_model"), res.get("comm")
+        if client is None or comm is None:
+            rows.append([cell.method, "– (centralised)", "", "", "", "", "", "", ""])
+            continue
+        layers = client["layers"]
+        held = _ranges(layers)
+        rows.append([
+            cell.method, f"{client['params']:,}", f"{100 * client['fraction_of_global']:.1f}", held,
+            f"{comm['params_down_per_round']:,} / {comm['params_up_per_round']:,}",
+            f"{100 * comm['params_up_per_round'] / glob:.2f}",
+            f"{comm['bytes_down_per_round'] / 1e6:.2f} / {comm['bytes_up_per_round'] / 1e6:.2f}",
+            f"{comm.get('model_bytes_once', 0) / 1e6:.1f}", "yes" if client["model_private"] else "no",
+        ])  # fmt: skip
+    return _write(grid.out, stem, header, rows, "What a client holds and exchanges (per client and round)")
+
+
+def _ranges(layers: list[int]) -> str:
+    if layers and layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 2:
+        return f"{layers[0]}..{layers[-1]}"
+    return ",".join(map(str, layers))
