@@ -18,7 +18,7 @@ from typing import Any
 from fedsp.errors import FedSPError
 
 METHODS = ("fedsp", "fedsp-no-kd", "fedsp-no-cs", "fedsp-no-at", "fedprompt", "fedprompt-single",
-           "prefix-tuning", "finetune", "zero-shot")  # fmt: skip
+           "prefix-tuning", "finetune", "zero-shot", "sfprompt")  # fmt: skip
 PARTITIONS = ("iid", "dirichlet")
 PREFIX_INITS = ("tokens", "random")
 
@@ -57,6 +57,10 @@ class RunConfig:
     kd_lr: float = 5e-4
     kd_batch_size: int = 8
     kd_projection: bool = False
+    # SFPrompt (prompt length: prefix_len)
+    split_layer: int = 2  # c: clients run layers 0..c-1, the server c..L-1 (checked against L at build time)
+    prune_gamma: float = 0.5  # fraction of each client's examples kept for split training (hardest by EL2N)
+    local_loss_steps: int = 2  # shortcut-model (body skipped) steps per round, before split training
     # evaluation
     eval_limit: int | None = 200
     val_limit: int | None = 100
@@ -78,9 +82,9 @@ class RunConfig:
         _check_choice("dtype", self.dtype, ("float32", "bfloat16"))
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))
         for name in ("clients", "rounds", "prefix_len", "aux_layers", "batch_size", "kd_batch_size",
-                     "eval_batch_size", "max_length"):  # fmt: skip
+                     "eval_batch_size", "max_length", "split_layer"):  # fmt: skip
             _check_min(name, getattr(self, name), 1)
-        for name in ("local_steps", "kd_steps"):
+        for name in ("local_steps", "kd_steps", "local_loss_steps"):
             _check_min(name, getattr(self, name), 0)
         if self.server_steps is not None:
             _check_min("server_steps", self.server_steps, 0)
@@ -90,6 +94,8 @@ class RunConfig:
         for name in ("lr", "align_lr", "kd_lr", "alpha"):
             if not getattr(self, name) > 0:
                 raise FedSPError(f"{_flag(name)} must be positive, got {getattr(self, name)}")
+        if not 0 < self.prune_gamma <= 1:
+            raise FedSPError(f"--prune-gamma must be in (0, 1], got {self.prune_gamma}")
         if not 0 <= self.prefix_dropout < 1:
             raise FedSPError(f"--prefix-dropout must be in [0, 1), got {self.prefix_dropout}")
         if not 0 <= self.warmup_ratio < 1:

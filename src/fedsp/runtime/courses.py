@@ -27,6 +27,7 @@ from fedsp.methods.fedsp import (
 )
 from fedsp.methods.finetune import FinetuneServer
 from fedsp.methods.optim import OptimConfig
+from fedsp.methods.sfprompt import sfprompt_course
 from fedsp.models.auxiliary import depth_plan, unique_parameter_count
 from fedsp.models.loading import LoadedModel
 from fedsp.models.prefix import collapse_layers, expand_layers, prefix_for
@@ -40,7 +41,8 @@ PREFIX = frozenset({"lr", "prefix_len", "prefix_projection", "prefix_dropout", "
 MODEL_LR = frozenset({"align_lr"})
 AUX = frozenset({"aux_layers", "aux_layer_choice"})
 KD = frozenset({"kd_steps", "kd_lr", "kd_batch_size", "kd_projection"})
-GROUPS = [TRAINING, FEDERATION, PREFIX, MODEL_LR, AUX, KD]
+SPLIT = frozenset({"split_layer", "prune_gamma", "local_loss_steps"})  # SFPrompt
+GROUPS = [TRAINING, FEDERATION, PREFIX, MODEL_LR, AUX, KD, SPLIT]
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,9 @@ METHOD_SPECS: dict[str, MethodSpec] = {spec.name: spec for spec in [
     MethodSpec("finetune", "centralised full fine-tuning of the global model on all shards (lr: --align-lr)",
                TRAINING | MODEL_LR, partial(centralised_course, full=True), federated=False),
     MethodSpec("zero-shot", "the global model as it is, no training", frozenset(), None, federated=False),
+    MethodSpec("sfprompt", "SFPrompt: split model (client head + tail, server body), input prompts, EL2N "
+               "pruning, local-loss steps; P = --prefix-len", TRAINING | SPLIT
+               | frozenset({"partition", "alpha", "lr", "prefix_len", "prefix_init"}), sfprompt_course),
 ]}  # fmt: skip
 
 

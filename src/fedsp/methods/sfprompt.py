@@ -1,0 +1,389 @@
+"""SFPrompt (Cao, Zhu, Gong 2024) for causal LMs: split federated prompt tuning with pruning and local loss.
+
+The model is cut at layer c (:mod:`fedsp.models.split`): clients hold the head
+(embeddings + layers 0..c-1, frozen), P prompt vectors on the input embeddings
+(trained) and the tail (final norm, trained; LM head frozen and, when tied,
+the client's own embedding matrix); the server holds the body (layers c..L-1,
+frozen). ``--prefix-len`` is the prompt length P, ``--lr`` its learning rate
+(prompts and tail norm), ``--prefix-init tokens`` starts the prompts as the
+embeddings of whole training examples of the server's shard (``random``:
+N(0, std of the embedding matrix)).
+
+Client round:
+  1. self-update, local only: load the broadcast prompts + tail; score every
+     local example by EL2N on the shortcut model (head -> tail, body skipped);
+     keep the ceil(gamma * n) hardest; ``local_loss_steps`` steps on them
+     through the shortcut model;
+  2. split training, ``local_steps`` steps on the kept examples: activations up,
+     body outputs down, gradient of the outputs up, gradient of the activations
+     down (:meth:`SFPromptClient.split_forward` / ``split_backward`` /
+     ``split_update``, one message each, so a server can drive them);
+  3. upload prompts + tail; the server averages them (FedAvg, N_k / N weights).
+The server has no training of its own (``tune`` is a no-op); it validates and
+evaluates the full model (head -> body -> tail) through :class:`PromptedModel`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedsp import wire
+from fedsp.config import RunConfig
+from fedsp.data.batching import BatchStream, Encoded, collate, fixed_batches
+from fedsp.errors import FedSPError
+from fedsp.methods.aggregation import weighted_average
+from fedsp.methods.base import ClientModelInfo, ClientUpdate, Course
+from fedsp.methods.fedsp import mean_answer_loss
+from fedsp.methods.optim import OptimConfig, Phase
+from fedsp.models.adapters import decoder_layers
+from fedsp.models.forward import IGNORE
+from fedsp.models.loading import LoadedModel
+from fedsp.models.split import (
+    Head,
+    PromptedModel,
+    ServerBody,
+    Tail,
+    check_split_layer,
+    client_modules,
+    split_layout,
+    unique_params,
+)
+from fedsp.runtime.setup import RunData, demonstration_tokens
+
+SPLIT_KEYS = ("act_bytes_up", "act_bytes_down", "grad_bytes_up", "grad_bytes_down")
+
+
+@dataclass(frozen=True)
+class SFPromptConfig:
+    split_layer: int  # c: the client runs layers 0..c-1
+    prune_gamma: float  # fraction of local examples kept for split training (the hardest by EL2N)
+    local_loss_steps: int  # shortcut-model steps per round
+    split_steps: int  # split-training steps per round
+    batch_size: int
+    optim: OptimConfig
+
+    def __post_init__(self) -> None:
+        if not 0 < self.prune_gamma <= 1:
+            raise FedSPError(f"--prune-gamma must be in (0, 1], got {self.prune_gamma}")
+
+
+def prune_hardest(scores: torch.Tensor, gamma: float) -> list[int]:
+    """Indices (ascending) of the ceil(gamma * n) highest scores; ties go to the earlier example."""
+    n = scores.numel()
+    keep = math.ceil(gamma * n)
+    order = sorted(range(n), key=lambda i: (-float(scores[i]), i))
+    return sorted(order[:keep])
+
+
+def answer_positions(labels: torch.Tensor, num_prompts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which of the (B, P+T) positions predict an answer token, and those tokens (n,), row-major."""
+    targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
+    keep = targets != IGNORE
+    wanted = torch.zeros(labels.shape[0], num_prompts + labels.shape[1], dtype=torch.bool)
+    wanted[:, num_prompts : num_prompts + labels.shape[1] - 1] = keep
+    return wanted, targets[keep]
+
+
+def el2n(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per token || softmax(logits) - onehot(target) ||_2 = sqrt(sum p^2 - 2 p_y + 1): (n, V), (n,) -> (n,)."""
+    probs = logits.softmax(-1)
+    gold = probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return (probs.pow(2).sum(-1) - 2 * gold + 1).clamp(min=0).sqrt()
+
+
+@dataclass(frozen=True)
+class FlopModel:
+    """Forward FLOPs: 2 per weight per token, plus 4*S*H per token per layer for attention scores and mixing.
+
+    Training through frozen weights needs only input gradients, about one more
+    forward's worth: a training step counts 2x its forward.
+    """
+
+    layer_weights: int  # matmul weights of one decoder layer
+    hidden: int
+    lm_head: int  # V * E
+
+    @classmethod
+    def of(cls, model: nn.Module) -> FlopModel:
+        layer = decoder_layers(model)[0]
+        weights = sum(p.numel() for p in layer.parameters() if p.dim() >= 2)
+        return cls(weights, model.config.hidden_size, model.get_output_embeddings().weight.numel())
+
+    def layers(self, num_layers: int, batch: int, seq: int) -> int:
+        return num_layers * batch * seq * (2 * self.layer_weights + 4 * seq * self.hidden)
+
+    def head_logits(self, tokens: int) -> int:
+        return 2 * tokens * self.lm_head
+
+
+class SplitLink:
+    """The in-process wire between one client and the server body: every message encoded, counted, decoded."""
+
+    def __init__(self, body: ServerBody, client: int) -> None:
+        self.body, self.client = body, client
+        self.bytes = dict.fromkeys(SPLIT_KEYS, 0)
+
+    def _carry(self, message: dict[str, torch.Tensor], key: str) -> dict[str, torch.Tensor]:
+        payload = wire.encode(message)
+        self.bytes[key] += len(payload)
+        return wire.decode(payload)
+
+    def forward(self, message: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        reply = self.body.body_forward(self.client, self._carry(message, "act_bytes_up"))
+        return self._carry(reply, "act_bytes_down")
+
+    def backward(self, message: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        reply = self.body.body_backward(self.client, self._carry(message, "grad_bytes_up"))
+        return self._carry(reply, "grad_bytes_down")
+
+
+def _wire_state(prompts: nn.Parameter, tail: Tail) -> dict[str, torch.Tensor]:
+    """What is averaged each round: the prompts and the tail's trainable norm."""
+    return {"prompts": prompts.detach().to("cpu", copy=True).contiguous(), **tail.wire_state()}
+
+
+def _load_wire_state(prompts: nn.Parameter, tail: Tail, state: dict[str, torch.Tensor]) -> None:
+    expected = set(_wire_state(prompts, tail))
+    if set(state) != expected:
+        raise FedSPError(f"SFPrompt state has keys {sorted(state)}, expected {sorted(expected)}")
+    with torch.no_grad():
+        prompts.copy_(state["prompts"].to(prompts.dtype))
+    tail.load_wire_state(state)
+
+
+class SFPromptClient:
+    """A data owner: shared frozen head, its own prompts and tail, its rows, a link to the server body."""
+
+    def __init__(self, head: Head, tail: Tail, num_prompts: int, rows: Sequence[Encoded], config: SFPromptConfig,
+                 total_rounds: int, pad_id: int, seed: int, link: SplitLink, flops: FlopModel) -> None:  # fmt: skip
+        self.head, self.tail, self.link, self.flops = head, tail, link, flops
+        device = head.view.get_input_embeddings().weight.device
+        width = head.view.get_input_embeddings().embedding_dim
+        self.prompts = nn.Parameter(torch.zeros(num_prompts, width, device=device))  # (P, E)
+        self.tail.to(device)
+        self.rows, self.config, self.pad_id, self.seed = list(rows), config, pad_id, seed
+        params = [self.prompts, *self.tail.parameters()]
+        self.local_phase = Phase(params, config.optim, total_rounds * config.local_loss_steps)
+        self.split_phase = Phase(params, config.optim, total_rounds * config.split_steps)
+        self.round = 0
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (activations, targets) of the step
+        self.client_flops = 0
+
+    # -- the shortcut model: head -> tail, body skipped
+    def _shortcut(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (n, V) at the answer-predicting positions, and their targets (n,)."""
+        cut = self.head(self.prompts, batch["input_ids"], batch["attention_mask"])
+        wanted, targets = answer_positions(batch["labels"], self.prompts.shape[0])
+        hidden = cut["activations"][wanted.to(cut["activations"].device)]  # (n, H)
+        B, S = wanted.shape
+        self.client_flops += self.flops.layers(self.config.split_layer, B, S) + self.flops.head_logits(
+            len(targets)
+        )
+        return self.tail(hidden), targets.to(hidden.device)
+
+    @torch.no_grad()
+    def el2n_scores(self) -> torch.Tensor:
+        """EL2N of every local row, averaged over its answer tokens: (n_rows,)."""
+        scores = []
+        for start in range(0, len(self.rows), self.config.batch_size):
+            batch = collate(self.rows[start : start + self.config.batch_size], self.pad_id)
+            logits, targets = self._shortcut(batch)
+            wanted, _ = answer_positions(batch["labels"], self.prompts.shape[0])
+            owner = (
+                torch.arange(wanted.shape[0]).unsqueeze(1).expand_as(wanted)[wanted]
+            )  # (n,) row of each token
+            per_token = el2n(logits, targets).cpu()
+            total = torch.zeros(wanted.shape[0]).index_add_(0, owner, per_token)
+            scores.append(total / wanted.sum(1).clamp(min=1))
+        return torch.cat(scores)
+
+    # -- split training, one message at a time
+    def split_forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run the head; the message to the server: activations (B, P+T, H), mask, positions, wanted (B, P+T)."""
+        cut = self.head(self.prompts, batch["input_ids"], batch["attention_mask"])
+        wanted, targets = answer_positions(batch["labels"], self.prompts.shape[0])
+        self.pending = (cut["activations"], targets)
+        B, S = wanted.shape
+        self.client_flops += 2 * self.flops.layers(self.config.split_layer, B, S)  # forward + backward
+        return {**{k: v.detach() for k, v in cut.items()}, "wanted": wanted}
+
+    def split_backward(self, reply: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
+        """Tail and loss on the body's outputs (n, H); the message back: the loss gradient of the outputs."""
+        activations, targets = self.pending
+        outputs = reply["outputs"].to(activations.device).requires_grad_(True)  # (n, H)
+        loss = F.cross_entropy(self.tail(outputs), targets.to(outputs.device))
+        loss.backward()  # gradients of the tail's norm, and of the outputs
+        self.client_flops += 2 * self.flops.head_logits(len(targets))
+        return {"grad_outputs": outputs.grad}, float(loss.detach())
+
+    def split_update(self, reply: dict[str, torch.Tensor]) -> None:
+        """Backward through the head to the prompts with the server's (B, P+T, H) gradient; one optimiser step."""
+        activations, _ = self.pending
+        self.pending = None
+        # d/d(activations) of sum(activations * g) is g: the prompts get exactly the chain-rule gradient.
+        self.split_phase.step((activations * reply["grad_inputs"].to(activations.device)).sum())
+
+    def split_step(self, batch: dict[str, torch.Tensor]) -> float:
+        """One split-training step over the link (in-process; on Flower the server sends each message)."""
+        grad_message, loss = self.split_backward(self.link.forward(self.split_forward(batch)))
+        self.split_update(self.link.backward(grad_message))
+        return loss
+
+    def fit(self, state: dict[str, torch.Tensor]) -> ClientUpdate:
+        _load_wire_state(self.prompts, self.tail, state)
+        self.round += 1
+        self.client_flops, self.link.bytes = 0, dict.fromkeys(SPLIT_KEYS, 0)
+        # 1) self-update: EL2N pruning on the shortcut model, then local-loss steps on the kept rows
+        scores = self.el2n_scores()
+        kept = [self.rows[i] for i in prune_hardest(scores, self.config.prune_gamma)]
+        stream = BatchStream(kept, self.config.batch_size, self.pad_id, self.seed * 1000 + self.round)
+        local_losses = []
+        for _ in range(self.config.local_loss_steps):
+            before = self.client_flops
+            logits, targets = self._shortcut(next(stream))
+            self.client_flops += self.client_flops - before  # the backward: about one more forward
+            local_losses.append(self.local_phase.step(F.cross_entropy(logits, targets)))
+        # 2) split training on the kept rows
+        split_losses = [self.split_step(next(stream)) for _ in range(self.config.split_steps)]
+        # 3) upload prompts + tail
+        metrics = {"prompt_loss": _mean(split_losses), "local_loss": _mean(local_losses),
+                   "el2n_mean": float(scores.mean()), "kept_rows": float(len(kept)),
+                   "client_flops": float(self.client_flops), **{f"split_{k}": float(v) for k, v in self.link.bytes.items()}}  # fmt: skip
+        return ClientUpdate(_wire_state(self.prompts, self.tail), len(self.rows), metrics)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Kept between rounds: optimiser states and the round counter (prompts and tail come down each round)."""
+        return {
+            "local": self.local_phase.state_dict(),
+            "split": self.split_phase.state_dict(),
+            "round": self.round,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.local_phase.load_state_dict(state["local"])
+        self.split_phase.load_state_dict(state["split"])
+        self.round = int(state["round"])
+
+
+class SFPromptServer:
+    """The model owner: the body (driven by the clients' messages), the averaged prompts + tail, validation."""
+
+    def __init__(self, model: nn.Module, body: ServerBody, prompts: nn.Parameter, val_rows: Sequence[Encoded],
+                 pad_id: int, eval_batch_size: int = 32) -> None:  # fmt: skip
+        self.body, self.prompts, self.tail = body, prompts, Tail(model)
+        self.full = PromptedModel(model, prompts, self.tail)  # head -> body -> tail in one stack
+        self.val_batches = fixed_batches(val_rows, eval_batch_size, pad_id)
+        self.best_val_loss = float("inf")
+        self.best_state = self.broadcast()
+        self.report: dict[str, Any] = {}  # split traffic and compute, per client and round (goes to results)
+
+    def broadcast(self) -> dict[str, torch.Tensor]:
+        return _wire_state(self.prompts, self.tail)
+
+    def aggregate(self, updates: Sequence[ClientUpdate]) -> None:
+        if not updates:
+            return
+        _load_wire_state(
+            self.prompts, self.tail, weighted_average([(u.state, u.num_examples) for u in updates])
+        )
+        keys = ["client_flops", *(f"split_{k}" for k in SPLIT_KEYS)]
+        last = {k: _mean([u.metrics[k] for u in updates]) for k in keys}
+        self.report["last_round_mean_per_client"] = last
+        self.report["split_bytes_total"] = self.report.get("split_bytes_total", 0) + sum(
+            u.metrics[f"split_{k}"] for u in updates for k in SPLIT_KEYS
+        )
+
+    def tune(self) -> float:
+        return float("nan")  # SFPrompt's server trains nothing of its own
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        loss = mean_answer_loss(self.full, self.val_batches, None)
+        if loss < self.best_val_loss:
+            self.best_val_loss, self.best_state = loss, self.broadcast()
+        return loss
+
+    def use_best(self) -> None:
+        _load_wire_state(self.prompts, self.tail, self.best_state)
+
+    def evaluation_target(self):
+        return self.full, None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"state": self.broadcast(), "best_val_loss": self.best_val_loss, "best_state": self.best_state,
+                "report": dict(self.report)}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _load_wire_state(self.prompts, self.tail, state["state"])
+        self.best_val_loss, self.best_state = state["best_val_loss"], state["best_state"]
+        self.report.clear()
+        self.report.update(state["report"])
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def initial_prompts(config: RunConfig, loaded: LoadedModel, server_rows: list[Encoded]) -> nn.Parameter:
+    """Round-0 prompts (P, E): embeddings of whole server-shard examples (``tokens``) or random."""
+    embeddings = loaded.model.get_input_embeddings()
+    with torch.no_grad():
+        if config.prefix_init == "random":
+            weight = embeddings.weight
+            values = (
+                torch.randn(config.prefix_len, weight.shape[1], device=weight.device) * weight.float().std()
+            )
+        else:
+            tokens = demonstration_tokens(server_rows, config.prefix_len, loaded.tokenizer)
+            values = embeddings(torch.tensor(tokens, device=embeddings.weight.device)).float()
+    return nn.Parameter(values)
+
+
+def sfprompt_course(config: RunConfig, loaded: LoadedModel, data: RunData) -> Course:
+    """Server (body + averaged prompts and tail) and clients (shared head, own tail) for one SFPrompt run."""
+    model, c = loaded.model, config.split_layer
+    split_layout(model)  # an unknown family fails here, with the known ones
+    num_layers = len(decoder_layers(model))
+    check_split_layer(c, num_layers)
+    local = SFPromptConfig(c, config.prune_gamma, config.local_loss_steps, config.local_steps, config.batch_size,
+                           OptimConfig(config.lr, config.weight_decay, config.warmup_ratio))  # fmt: skip
+    head, body = Head(model, c), ServerBody(model, c)
+    server = SFPromptServer(model, body, initial_prompts(config, loaded, data.server_rows), data.val_rows,
+                            loaded.tokenizer.pad_token_id, config.eval_batch_size)  # fmt: skip
+    flops, pad = FlopModel.of(model), loaded.tokenizer.pad_token_id
+
+    def make_client(k: int) -> SFPromptClient:
+        return SFPromptClient(head, Tail(model), config.prefix_len, data.client_rows[k], local, config.rounds, pad,
+                              config.seed * 1000 + k + 1, SplitLink(body, k), flops)  # fmt: skip
+
+    held = client_modules(model, c)
+    tied = "tied" if model.get_output_embeddings().weight is model.get_input_embeddings().weight else "untied"
+    exchanged = server.broadcast()
+    params = unique_params(held) + server.prompts.numel()
+    info = ClientModelInfo(params, params / unique_params([model]), tuple(range(c)), model_private=True)
+    notes = {
+        "split_layer": c,
+        "client_layers": list(range(c)),
+        "server_layers": list(range(c, num_layers)),
+        "client_holds": f"embeddings (+ position tables), layers 0..{c - 1}, final norm, LM head ({tied}), prompts",
+        "prompt_len": config.prefix_len,
+        "prompt_tail_params": wire.num_params(exchanged),
+        "prompt_tail_bytes": len(wire.encode(exchanged)),
+        "trainable": "prompts + final norm (LM head frozen)",
+        "prune_gamma": config.prune_gamma,
+        "local_loss_steps": config.local_loss_steps,
+        "flops": "estimated: 2 per weight per token + 4*S*H per token per layer; training = 2x forward",
+        "split_traffic": server.report,  # filled in by the server every round
+    }
+    held_ids = {id(p) for m in held for p in m.parameters()}
+    shipped = {
+        name: p for name, p in model.named_parameters() if id(p) in held_ids
+    }  # sent once, before round 1
+    return Course(server, make_client, len(data.client_rows), info, shipped, notes)

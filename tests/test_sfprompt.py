@@ -1,0 +1,249 @@
+"""SFPrompt on tiny models: the exact split, EL2N pruning, gradients across the cut, training, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fedsp.config import RunConfig
+from fedsp.data.batching import collate, encode_gold, encode_pair
+from fedsp.data.tasks import MCExample
+from fedsp.errors import FedSPError
+from fedsp.methods.sfprompt import answer_positions, el2n, prune_hardest, sfprompt_course
+from fedsp.models.forward import continuation_logprobs, score_choices
+from fedsp.models.loading import load_global_model
+from fedsp.models.split import Head, PromptedModel, ServerBody, Tail, split_layout
+from fedsp.runtime.courses import METHOD_SPECS
+from fedsp.runtime.setup import RunData
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_global_model("tiny-llama", seed=0)
+
+
+def _examples(n: int, seed: int = 0) -> list[MCExample]:
+    """A learnable toy task: the answer is always the colour named in the question."""
+    colours = ["red", "green", "blue", "black"]
+    rng = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        gold = int(torch.randint(0, 4, (1,), generator=rng))
+        out.append(MCExample(f"toy/{i}", f"Question: say {colours[gold]}\nAnswer:", tuple(colours), gold))
+    return out
+
+
+def _batch(tokenizer, n: int = 3) -> dict[str, torch.Tensor]:
+    return collate([encode_gold(tokenizer, ex, 64) for ex in _examples(n)], tokenizer.pad_token_id)
+
+
+def _course(loaded, rounds: int = 4, **overrides):
+    rows = [encode_gold(loaded.tokenizer, ex, 64) for ex in _examples(40)]
+    data = RunData(rows[:8], [rows[8:20], rows[20:32]], rows[32:], _examples(4), "validation")
+    options = dict(method="sfprompt", model="tiny-llama", rounds=rounds, prefix_len=4, split_layer=2, lr=3e-2,
+                   local_steps=3, local_loss_steps=2, batch_size=6, warmup_ratio=0.0, prefix_init="random")  # fmt: skip
+    return sfprompt_course(RunConfig(**{**options, **overrides}), loaded, data)
+
+
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-gpt2", "tiny-opt"])
+def test_head_body_tail_equals_the_full_model_exactly(family):
+    # Prepare: random prompts, a tail norm moved away from the global one, right padding in the batch
+    loaded = load_global_model(family, seed=0)
+    model = loaded.model
+    torch.manual_seed(0)
+    prompts = torch.nn.Parameter(torch.randn(5, model.get_input_embeddings().embedding_dim))
+    tail = Tail(model)
+    with torch.no_grad():
+        tail.norm.weight.mul_(1.3)
+    head, body, full = Head(model, 2), ServerBody(model, 2), PromptedModel(model, prompts, tail)
+    batch = _batch(loaded.tokenizer)
+    wanted, _ = answer_positions(batch["labels"], 5)  # (B, 5+T)
+    # Execute: head -> body (through its message API) -> tail, and the full model in one stack
+    with torch.no_grad():
+        cut = head(prompts, batch["input_ids"], batch["attention_mask"])
+        outputs = body.body_forward(0, {**cut, "wanted": wanted})["outputs"]  # (n, H)
+        split_logits = tail(outputs)  # (n, V)
+        full_logits = full(batch["input_ids"], batch["attention_mask"])[wanted[:, 5:]]  # (n, V)
+    # Assert: bit-identical, in the model's dtype
+    assert split_logits.shape == full_logits.shape and split_logits.shape[0] == int(wanted.sum())
+    assert torch.equal(split_logits, full_logits)
+
+
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-gpt2"])
+def test_prompts_of_token_embeddings_equal_the_plain_model_reading_those_tokens(family):
+    # Prepare: prompts = the input embeddings of P real tokens; the tail is the global model's own norm
+    loaded = load_global_model(family, seed=0)
+    model = loaded.model
+    tokens = torch.tensor(loaded.tokenizer("Hint: ", add_special_tokens=False)["input_ids"])  # (P,)
+    with torch.no_grad():
+        prompts = torch.nn.Parameter(model.get_input_embeddings()(tokens))
+    full = PromptedModel(model, prompts, Tail(model))
+    batch = _batch(loaded.tokenizer, 2)
+    ids = torch.cat([tokens.expand(2, -1), batch["input_ids"]], dim=1)  # (B, P+T)
+    mask = torch.cat([torch.ones(2, len(tokens), dtype=torch.long), batch["attention_mask"]], dim=1)
+    # Execute
+    with torch.no_grad():
+        prompted = full(batch["input_ids"], batch["attention_mask"])  # (B, T, V)
+        plain = model(input_ids=ids, attention_mask=mask).logits[:, len(tokens) :].float()
+    # Assert: the same numbers on real tokens
+    real = batch["attention_mask"].bool()
+    assert torch.allclose(prompted[real], plain[real], atol=1e-5)
+
+
+def test_cached_choice_scoring_of_the_prompted_model_equals_full_sequences(tiny):
+    # Prepare: the evaluation code's two paths, on the wrapper with non-trivial prompts
+    torch.manual_seed(1)
+    prompts = torch.nn.Parameter(torch.randn(3, tiny.model.config.hidden_size) * 0.1)
+    full = PromptedModel(tiny.model, prompts, Tail(tiny.model))
+    tok = tiny.tokenizer
+    examples = _examples(3)
+    contexts = [list(tok(ex.context, add_special_tokens=False)["input_ids"]) for ex in examples]
+    choices = [
+        [list(tok(" " + c, add_special_tokens=False)["input_ids"]) for c in ex.choices] for ex in examples
+    ]
+    pairs = [encode_pair(tok, ex.context, " " + c, 512) for ex in examples for c in ex.choices]
+    # Execute
+    with torch.no_grad():
+        cached = [s for row in score_choices(full, contexts, choices, tok.pad_token_id) for s in row]
+        plain = continuation_logprobs(full, collate(pairs, tok.pad_token_id)).tolist()
+    # Assert
+    assert cached == pytest.approx(plain, abs=1e-4)
+
+
+def test_el2n_matches_hand_computed_values():
+    # Prepare: uniform over 2 classes -> || (0.5, 0.5) - (1, 0) || = sqrt(0.5); certain and right -> 0
+    logits = torch.tensor([[0.0, 0.0], [100.0, 0.0], [0.0, 100.0]])
+    targets = torch.tensor([0, 0, 0])
+    # Execute
+    scores = el2n(logits, targets)
+    # Assert: certain and wrong -> sqrt(2)
+    assert torch.allclose(scores, torch.tensor([math.sqrt(0.5), 0.0, math.sqrt(2.0)]), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("gamma", "expected"), [(0.3, [1, 4, 7]), (0.25, [1, 4, 7]), (0.01, [4]), (1.0, list(range(10)))]
+)
+def test_pruning_keeps_exactly_the_ceil_gamma_n_highest_scores(gamma, expected):
+    # Prepare: 10 scores; 0.9 at 1 and 7 tie below 0.95 at 4
+    scores = torch.tensor([0.1, 0.9, 0.2, 0.3, 0.95, 0.5, 0.4, 0.9, 0.0, 0.6])
+    # Execute
+    kept = prune_hardest(scores, gamma)
+    # Assert: ceil(gamma * 10) indices, the highest ones
+    assert kept == expected and len(kept) == math.ceil(gamma * 10)
+
+
+def test_client_prunes_by_its_own_shortcut_model_scores(tiny):
+    # Prepare
+    course = _course(tiny, prune_gamma=0.25)
+    client = course.make_client(0)
+    client.fit(course.server.broadcast())  # loads the state; the kept count is in the metrics
+    # Execute
+    scores = client.el2n_scores()
+    update = client.fit(course.server.broadcast())
+    # Assert: 12 rows -> ceil(0.25 * 12) = 3 kept, scores one per row
+    assert scores.shape == (12,) and update.metrics["kept_rows"] == 3.0
+
+
+def test_gradient_reaches_the_prompts_through_the_body_and_body_weights_stay(tiny):
+    # Prepare: one client; snapshot of the body's weights
+    course = _course(tiny)
+    client = course.make_client(0)
+    client.prompts.data.normal_(0.0, 0.5)
+    body = client.link.body
+    before = {k: v.clone() for k, v in body.view.named_parameters()}
+    batch = _batch(tiny.tokenizer, 4)
+    # Execute: the four messages of one split step, then the backward through the head
+    grad_message, loss = client.split_backward(client.link.forward(client.split_forward(batch)))
+    grad_inputs = client.link.backward(grad_message)["grad_inputs"]  # (B, P+T, H)
+    client.pending[0].backward(grad_inputs)
+    split_grad = client.prompts.grad.clone()
+    client.prompts.grad = None
+    # Reference: autograd through the full model in one process
+    full = PromptedModel(tiny.model, client.prompts, client.tail)
+    wanted, targets = answer_positions(batch["labels"], 4)
+    reference = F.cross_entropy(full(batch["input_ids"], batch["attention_mask"])[wanted[:, 4:]], targets)
+    reference.backward()
+    # Assert: same loss and same prompt gradient; the body kept its weights and got no gradients
+    assert loss == pytest.approx(float(reference.detach()), abs=1e-6)
+    assert split_grad.abs().sum() > 0
+    assert torch.allclose(split_grad, client.prompts.grad, atol=1e-6)
+    for name, value in body.view.named_parameters():
+        assert value.grad is None and torch.equal(value, before[name]), name
+    assert client.link.bytes["act_bytes_up"] > 4 * batch["input_ids"].numel() * tiny.model.config.hidden_size
+
+
+def test_loss_falls_over_rounds_and_global_model_is_unchanged(tiny):
+    # Prepare
+    course = _course(tiny, rounds=5)
+    server = course.server
+    clients = [course.make_client(k) for k in range(course.num_clients)]
+    weights = {k: v.clone() for k, v in tiny.model.named_parameters()}
+    first = server.validation_loss()
+    # Execute: five rounds of broadcast -> fit -> FedAvg
+    for _ in range(5):
+        state = server.broadcast()
+        server.aggregate([c.fit({k: v.clone() for k, v in state.items()}) for c in clients])
+    last = server.validation_loss()
+    # Assert
+    assert last < first - 0.1, (first, last)
+    assert all(torch.equal(v, weights[k]) for k, v in tiny.model.named_parameters())
+    assert server.report["last_round_mean_per_client"]["split_act_bytes_up"] > 0
+
+
+def test_bad_inputs_get_clear_errors(tiny):
+    with pytest.raises(FedSPError, match=r"--split-layer 4 is outside 1\.\.3"):
+        _course(tiny, split_layer=4)
+    with pytest.raises(FedSPError, match="--split-layer"):
+        RunConfig(method="sfprompt", split_layer=0)
+    for gamma in (0.0, 1.5):
+        with pytest.raises(FedSPError, match=r"--prune-gamma must be in \(0, 1\], got " + str(gamma)):
+            RunConfig(method="sfprompt", prune_gamma=gamma)
+    with pytest.raises(FedSPError, match="'falcon'.*gpt2, llama"):
+        split_layout(SimpleNamespace(config=SimpleNamespace(model_type="falcon")))
+
+
+def test_split_options_are_reported_as_ignored_by_other_methods():
+    config = RunConfig(method="fedsp", split_layer=3, prune_gamma=0.2)
+    assert METHOD_SPECS["fedsp"].ignored_options(config) == {"prune_gamma": 0.2, "split_layer": 3}
+    assert METHOD_SPECS["sfprompt"].ignored_options(RunConfig(method="sfprompt", split_layer=3)) == {}
+
+
+def _arc_rows(n: int, start: int = 0) -> str:
+    colours = ["red", "green", "blue", "black"]
+    rows = [{"id": f"q{i}", "question": f"Say {colours[i % 4]}.", "answerKey": "ABCD"[i % 4],
+             "choices": {"text": colours, "label": list("ABCD")}} for i in range(start, start + n)]  # fmt: skip
+    return "\n".join(json.dumps(r) for r in rows) + "\n"
+
+
+def test_tiny_run_end_to_end_writes_split_accounting(tmp_path):
+    # Prepare: a small ARC-style data folder
+    from fedsp.runtime.inprocess import run
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text(_arc_rows(18))
+    (data / "validation.jsonl").write_text(_arc_rows(6, 100))
+    (data / "test.jsonl").write_text(_arc_rows(6, 200))
+    config = RunConfig(method="sfprompt", model="tiny-llama", data_dir=str(data), clients=2, rounds=2, local_steps=1,
+                       local_loss_steps=1, batch_size=4, prefix_len=4, split_layer=1, eval_limit=6, val_limit=6,
+                       max_length=64, out=str(tmp_path / "run"), progress=False)  # fmt: skip
+    # Execute
+    outcome = run(config)
+    # Assert: the client holds layer 0 of 4; split traffic per client and round; prompts + tail each way
+    res = json.loads((outcome.out_dir / "results.json").read_text())
+    assert res["method"] == "sfprompt" and res["final"]["n"] == 6
+    assert res["client_model"]["layers"] == [0] and 0 < res["client_model"]["fraction_of_global"] < 1
+    notes = res["method_notes"]
+    assert notes["server_layers"] == [1, 2, 3] and notes["prompt_tail_params"] == 4 * 64 + 64
+    assert notes["split_traffic"]["split_bytes_total"] > 0
+    metrics = [json.loads(line) for line in (outcome.out_dir / "metrics.jsonl").read_text().splitlines()]
+    per_client = metrics[-1]["client_metrics"]
+    for key in ("split_act_bytes_up", "split_act_bytes_down", "split_grad_bytes_up", "split_grad_bytes_down",
+                "client_flops", "kept_rows"):  # fmt: skip
+        assert len(per_client[key]) == 2 and all(v > 0 for v in per_client[key]), key
+    assert metrics[-1]["params_up"] == metrics[-1]["params_down"] == 4 * 64 + 64
