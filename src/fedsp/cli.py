@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from fedsp.config import METHODS, PARTITIONS, RunConfig, load_config_file
 from fedsp.errors import FedSPError
@@ -53,6 +54,11 @@ _HELP = {
     "device": "where the models run: auto (CUDA when present, else CPU), cpu or cuda",
     "seed": "training seed",
     "out": "results folder to create (must not exist; default runs/<method>-<task>-<time>)",
+    "engine": "federation engine: inprocess (one process, clients in turn) or flower (Flower simulation)",
+    "fraction_fit": "fraction of the clients sampled each round (seeded, the same in both engines)",
+    "min_replies": "fewest accepted client updates a round needs; fewer stops the run with an error",
+    "client_timeout": "seconds a Flower round waits for client replies; late clients are left out",
+    "audit": "record every tensor sent to clients and check none is a private global-model weight (true/false)",
 }
 
 
@@ -71,11 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
         run.add_argument("--" + name.replace("_", "-"), default=argparse.SUPPRESS,
                          help=f"{help_text} (default: {default})")  # fmt: skip
     run.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
+    run.add_argument("--resume", metavar="DIR", help="continue the run in results folder DIR after its last "
+                     "completed round (its config.json is the configuration; options given must agree)")  # fmt: skip
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     values = load_config_file(args.config) if args.config else {}
+    if getattr(args, "resume", None):
+        saved = Path(args.resume) / "config.json"
+        if not saved.is_file():
+            raise FedSPError(f"--resume {args.resume!r} is not a results folder (no config.json there)")
+        values = {**load_config_file(saved), **values}
     given = {k: v for k, v in vars(args).items() if k in _HELP}
     for key in ("eval_limit", "val_limit"):  # 0 on the command line means "all"
         if str(given.get(key, values.get(key, ""))) == "0":
@@ -92,9 +105,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = config_from_args(args)
-        from fedsp.runtime.inprocess import run
-
-        outcome = run(config)
+        resume = Path(args.resume) if getattr(args, "resume", None) else None
+        if config.engine == "flower":
+            from fedsp.runtime.flower.simulation import run
+        else:
+            from fedsp.runtime.inprocess import run
+        outcome = run(config, resume=resume)
     except FedSPError as err:
         print(f"fedsp: error: {err}", file=sys.stderr)
         return 2

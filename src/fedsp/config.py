@@ -21,6 +21,7 @@ METHODS = ("fedsp", "fedsp-no-kd", "fedsp-no-cs", "fedsp-no-at", "fedprompt", "f
            "prefix-tuning", "finetune", "zero-shot", "sfprompt")  # fmt: skip
 PARTITIONS = ("iid", "dirichlet")
 PREFIX_INITS = ("tokens", "random")
+ENGINES = ("inprocess", "flower")
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,12 @@ class RunConfig:
     seed: int = 0
     out: str | None = None
     progress: bool = field(default=True, compare=False)
+    # federation runtime: engine, partial participation, failures, audit
+    engine: str = "inprocess"
+    fraction_fit: float = 1.0  # fraction of the K clients sampled per round
+    min_replies: int = 1  # fewer accepted updates than this stops the run
+    client_timeout: float | None = None  # seconds a round waits for replies (Flower); None: no limit
+    audit: bool = False  # record every tensor sent to clients (audit.json in the results folder)
 
     def __post_init__(self) -> None:
         _check_choice("method", self.method, METHODS)
@@ -100,6 +107,12 @@ class RunConfig:
             raise FedSPError(f"--prefix-dropout must be in [0, 1), got {self.prefix_dropout}")
         if not 0 <= self.warmup_ratio < 1:
             raise FedSPError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        _check_choice("engine", self.engine, ENGINES)
+        if not 0 < self.fraction_fit <= 1:
+            raise FedSPError(f"--fraction-fit must be in (0, 1], got {self.fraction_fit}")
+        _check_min("min_replies", self.min_replies, 1)
+        if self.client_timeout is not None and not self.client_timeout > 0:
+            raise FedSPError(f"--client-timeout must be positive seconds, got {self.client_timeout}")
         if isinstance(self.aux_layer_choice, list):
             object.__setattr__(self, "aux_layer_choice", tuple(self.aux_layer_choice))
 

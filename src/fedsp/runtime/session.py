@@ -7,10 +7,18 @@ records the round; ``Session.finish`` evaluates the best state and writes
 ``results.json`` and ``curves.png``. A runtime only decides how the broadcast
 reaches the clients and how their updates come back: in-process calls, or
 Flower messages.
+
+After every round the session checkpoints the server (``checkpoint.pt``);
+``Session.start(config, resume=DIR)`` rebuilds the same parties and continues
+after the last completed round (``session.first_round``). With ``--audit``
+every tensor a runtime reports through :meth:`Session.record_sent` is checked
+against the global model's private weights at the end (``audit.json``).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -25,7 +33,8 @@ from fedsp.evaluation.multiple_choice import MCResult, evaluate_multiple_choice
 from fedsp.methods.base import ClientUpdate, Course
 from fedsp.models.auxiliary import unique_parameter_count
 from fedsp.models.loading import LoadedModel, load_global_model
-from fedsp.runtime import results
+from fedsp.runtime import checkpoint, results
+from fedsp.runtime.audit import Audit
 from fedsp.runtime.courses import METHOD_SPECS, MethodSpec, build_course, shipped_bytes
 from fedsp.runtime.setup import RunData, prepare_data
 
@@ -44,9 +53,20 @@ class Session:
     last_eval: MCResult | None = None
     once_bytes: int = 0
     ignored: dict[str, Any] = field(default_factory=dict)
+    first_round: int = 1  # > 1 when resumed
+    audit: Audit | None = None
+    runtime_state: dict[str, Any] = field(default_factory=dict)  # what a runtime checkpoints with the server
 
     @classmethod
-    def start(cls, config: RunConfig, out_dir: Path | None = None) -> Session:
+    def start(cls, config: RunConfig, out_dir: Path | None = None, resume: Path | None = None) -> Session:
+        """Everything before round 1; with ``resume`` (a results folder) the state after its last round."""
+        if resume is not None:
+            saved = checkpoint.load_checkpoint(Path(resume), config.to_dict())
+            return cls._start(config, Path(resume), saved)
+        return cls._start(config, out_dir, None)
+
+    @classmethod
+    def _start(cls, config: RunConfig, out_dir: Path | None, saved: dict[str, Any] | None) -> Session:
         started = time.perf_counter()
         spec = METHOD_SPECS[config.method]
         ignored = spec.ignored_options(config)
@@ -54,7 +74,8 @@ class Session:
             listed = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in ignored.items())
             print(f"fedsp: note: --method {config.method} does not use {listed}; ignored", file=sys.stderr)
         out_dir = out_dir or results.create_run_dir(config.out, config.method, config.task)
-        results.write_json(out_dir / "config.json", config.to_dict())
+        if saved is None:
+            results.write_json(out_dir / "config.json", config.to_dict())
         torch.manual_seed(config.seed)
         loaded = load_global_model(config.model, config.dtype, config.seed)
         data = prepare_data(config, loaded.tokenizer)
@@ -62,6 +83,11 @@ class Session:
         session.say(f"fedsp: {config.method}, {config.model} on {config.task}: {len(data.server_rows)} server "
                     f"rows, {len(data.client_rows)} clients x ~{len(data.client_rows[0])} rows, "
                     f"{len(data.eval_examples)} {data.eval_split} examples for evaluation")  # fmt: skip
+        session.ignored = ignored
+        session.audit = Audit() if config.audit else None
+        if saved is not None:
+            session._restore(saved)
+            return session
         if config.zero_shot_eval or spec.build is None:
             session.zero_shot = session.evaluate(loaded.model, None, "zero-shot eval")
             session.say(f"zero-shot: acc {100 * session.zero_shot.acc:.1f}  "
@@ -75,8 +101,46 @@ class Session:
                 record0.update(kd_first_loss=kd_losses[0], kd_last_loss=kd_losses[-1])
             results.append_metrics(out_dir / "metrics.jsonl", record0)
             session.history.append(record0)
-        session.ignored = ignored
         return session
+
+    def _restore(self, saved: dict[str, Any]) -> None:
+        """Continue after the checkpointed round: server state, metrics, RNG states, runtime state."""
+        self.zero_shot, self.last_eval, self.history = (
+            saved["zero_shot"],
+            saved["last_eval"],
+            saved["history"],
+        )
+        if saved["server"] is not None:
+            self.course = self.course or build_course(self.config, self.loaded, self.data)
+            self.once_bytes = shipped_bytes(self.course)
+            self.course.server.load_state_dict(saved["server"])
+        if self.audit is not None and saved.get("audit") is not None:
+            self.audit.load_state_dict(saved["audit"])
+        self.runtime_state = saved.get("runtime", {})
+        self.first_round = saved["round"] + 1
+        # metrics.jsonl may hold a round that finished after the checkpoint was written: keep the checkpoint's
+        lines = "".join(json.dumps(results._clean(h)) + "\n" for h in self.history)
+        tmp = self.out_dir / "metrics.jsonl.tmp"
+        tmp.write_text(lines)
+        os.replace(tmp, self.out_dir / "metrics.jsonl")
+        checkpoint.set_rng_states(saved["rng"])
+        self.say(f"fedsp: resuming {self.out_dir} after round {saved['round']}")
+
+    def record_sent(
+        self, rnd: int, kind: str, tensors: dict[str, torch.Tensor], partitions: list[int]
+    ) -> None:
+        """Runtimes report every payload they send to clients here (kept only with --audit)."""
+        if self.audit is not None:
+            self.audit.record(rnd, kind, tensors, partitions)
+
+    def save_checkpoint(self, rnd: int) -> None:
+        """Server state after round ``rnd`` (called by ``finish_round``; runtimes add ``runtime_state``)."""
+        assert self.course is not None
+        checkpoint.save_checkpoint(self.out_dir, {
+            "round": rnd, "config": self.config.to_dict(), "server": self.course.server.state_dict(),
+            "history": self.history, "zero_shot": self.zero_shot, "last_eval": self.last_eval,
+            "audit": self.audit.state_dict() if self.audit else None, "runtime": self.runtime_state,
+        })  # fmt: skip
 
     def say(self, text: str) -> None:
         if self.config.progress:
@@ -122,6 +186,7 @@ class Session:
         record["seconds"] = seconds_before + time.perf_counter() - t0
         results.append_metrics(self.out_dir / "metrics.jsonl", record)
         self.history.append(record)
+        self.save_checkpoint(rnd)
         self.say(f"round {rnd}: val_loss {val_loss:.4f}  server_loss {server_loss:.4f}"
                  + (f"  acc {100 * self.last_eval.acc:.1f}" if self.config.eval_every_round else ""))  # fmt: skip
         return record
@@ -147,6 +212,8 @@ class Session:
             summary.update(final=self.zero_shot.summary(), best_round=0, rounds=0)
         else:
             summary.update(self._trained_summary(global_params))
+        if self.audit is not None:
+            summary["audit"] = self.audit.report(self.loaded.model, config, self.out_dir / "audit.json")
         summary["wall_seconds"] = time.perf_counter() - self.started
         results.write_json(self.out_dir / "results.json", summary)
         if self.history:

@@ -1,0 +1,129 @@
+"""What survives a crash: the server's checkpoint in the results folder, each client's state on its disk.
+
+``checkpoint.pt`` (written atomically after every completed round) holds the
+round, the server's ``state_dict``, the RNG states of the server process, the
+metrics so far and the configuration; ``fedsp run --resume DIR`` refuses a
+folder whose configuration differs. A client's state (``Client.state_dict``:
+its trained auxiliary model, optimiser and data-stream states) lives in a
+:class:`ClientStore` directory per node, tagged with the round that produced
+it; the last two are kept, so a server that crashed mid-round can re-run that
+round from the clients' previous states.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedsp import wire
+from fedsp.errors import FedSPError
+
+CHECKPOINT = "checkpoint.pt"
+_NOT_COMPARED = ("progress", "out")  # may differ between the first run and its resume
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def rng_states() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+
+
+def save_checkpoint(out_dir: Path, state: dict[str, Any]) -> None:
+    atomic_save({**state, "rng": rng_states()}, out_dir / CHECKPOINT)
+
+
+def load_checkpoint(out_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint of ``out_dir``; a clear error if it is missing or made by another configuration."""
+    path = out_dir / CHECKPOINT
+    if not path.is_file():
+        raise FedSPError(
+            f"--resume {str(out_dir)!r}: no {CHECKPOINT} there (no completed round to resume from)"
+        )
+    try:
+        state = torch.load(path, weights_only=False)
+    except Exception as err:  # a truncated or foreign file
+        raise FedSPError(f"--resume {str(out_dir)!r}: {CHECKPOINT} cannot be read ({err})") from err
+    differ = config_differences(state["config"], config)
+    if differ:
+        raise FedSPError(f"--resume {str(out_dir)!r} was made by a different configuration ({differ}); "
+                         "resume with the same options or start a new run")  # fmt: skip
+    return state
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> str:
+    keys = sorted((set(saved) | set(current)) - set(_NOT_COMPARED))
+    return ", ".join(f"{k}: {saved.get(k)!r} then, {current.get(k)!r} now" for k in keys
+                     if saved.get(k) != current.get(k))  # fmt: skip
+
+
+class ClientStore:
+    """One client's state on its own disk: the auxiliary model it received and its per-round state."""
+
+    AUX = "aux.safetensors"
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def has_aux(self) -> bool:
+        return (self.root / self.AUX).is_file()
+
+    def save_aux(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".aux.")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(wire.encode(tensors))
+        os.replace(tmp, self.root / self.AUX)
+
+    def load_aux(self) -> dict[str, torch.Tensor]:
+        return wire.decode((self.root / self.AUX).read_bytes())
+
+    def reset(self) -> None:
+        """Forget every round's state (a new auxiliary model arrived)."""
+        for rnd in self.rounds():
+            (self.root / f"state-{rnd}.pt").unlink(missing_ok=True)
+
+    def rounds(self) -> list[int]:
+        if not self.root.is_dir():
+            return []
+        found = (re.fullmatch(r"state-(\d+)\.pt", p.name) for p in self.root.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def save(self, rnd: int, state: dict[str, Any]) -> None:
+        """Keep the state produced by round ``rnd`` and the one before it; older ones are deleted."""
+        atomic_save(state, self.root / f"state-{rnd}.pt")
+        for old in self.rounds():
+            if old < rnd - 1 or old > rnd:  # later ones belong to a round the server never completed
+                (self.root / f"state-{old}.pt").unlink(missing_ok=True)
+
+    def load_before(self, rnd: int) -> tuple[int, dict[str, Any]] | None:
+        """The latest state from a round before ``rnd`` (None: the client has not trained yet, or lost it)."""
+        earlier = [r for r in self.rounds() if r < rnd]
+        if not earlier:
+            return None
+        return earlier[-1], torch.load(self.root / f"state-{earlier[-1]}.pt", weights_only=False)

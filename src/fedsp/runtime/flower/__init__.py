@@ -1,0 +1,31 @@
+"""FedSP on Flower: a ServerApp with its own round loop and a ClientApp, thin glue around the methods.
+
+Importing this package sets the Flower environment every run needs (values
+already in the environment win): no telemetry, no update check, no runtime
+dependency installation, and a project-local Flower home (``.flwr`` in the
+working directory). Modules of this package import ``flwr`` only after it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+}
+
+
+def configure_environment() -> Path:
+    """Set the Flower variables (unless already set); return the Flower home."""
+    for name, value in FLOWER_ENV.items():
+        os.environ.setdefault(name, value)
+    home = Path(os.environ.setdefault("FLWR_HOME", str(Path.cwd() / ".flwr"))).resolve()
+    os.environ["FLWR_HOME"] = str(home)
+    return home
+
+
+configure_environment()

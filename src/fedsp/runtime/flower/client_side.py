@@ -1,0 +1,142 @@
+"""A data owner's side: its client rebuilt from what the server shipped, its rows, its state on disk.
+
+The in-process runner gets clients from ``course.make_client(k)``, which holds
+the global model. A Flower client must not: it builds the *skeleton* of the
+global architecture (random weights, from the architecture JSON the server
+sends), derives the client model from it with the same
+:func:`~fedsp.models.auxiliary.build_auxiliary_model`, loads the weights the
+server shipped (the distilled auxiliary model), and builds the same
+:class:`~fedsp.methods.fedsp.FedSPClient` as the method's course, with the
+plan (alternate / joint / prompt-only, layer sharing) read from the method
+table. Its rows come from its own data folder (deployment) or from the same
+partition of the task as the in-process runner (simulation).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from functools import partial
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from fedsp.config import RunConfig
+from fedsp.data.batching import Encoded, encode_gold
+from fedsp.data.tasks import load_task
+from fedsp.errors import FedSPError
+from fedsp.methods.fedsp import ALTERNATE, PROMPT_ONLY, ClientPlan, FedSPClient
+from fedsp.models.auxiliary import build_auxiliary_model, depth_plan
+from fedsp.models.loading import DTYPES, TINY_MODELS, byte_tokenizer, cache_dir, load_global_model
+from fedsp.models.prefix import collapse_layers, expand_layers, prefix_for
+from fedsp.runtime.courses import METHOD_SPECS, _local, fedprompt_course
+from fedsp.runtime.setup import prepare_data
+
+
+def client_shape(method: str) -> dict[str, object]:
+    """How ``method`` builds its clients, read from the method table (``share``, ``mode``, ``full_model``)."""
+    build = METHOD_SPECS[method].build
+    if build is None or not METHOD_SPECS[method].federated:
+        raise FedSPError(f"method {method!r} has no clients")
+    if build is fedprompt_course:  # FedPrompt: the whole global model, prompt-only
+        return {"share": True, "mode": PROMPT_ONLY, "full_model": True}
+    keywords = build.keywords if isinstance(build, partial) else {}
+    return {
+        "share": keywords.get("share", True),
+        "mode": keywords.get("mode", ALTERNATE),
+        "full_model": False,
+    }
+
+
+def client_seed(config: RunConfig, partition: int) -> int:
+    """The data-stream seed of client ``partition``; the same as the method's ``make_client``."""
+    return config.seed * 1000 + partition + 1
+
+
+def build_client(
+    config: RunConfig, model_config: str, layers: tuple[int, ...], shipped: dict[str, torch.Tensor],
+    rows: list[Encoded], partition: int, pad_id: int,
+) -> FedSPClient:  # fmt: skip
+    """The method's client for ``partition``, its model holding the ``shipped`` weights."""
+    shape = client_shape(config.method)
+    skeleton = _skeleton(model_config, config.dtype)
+    num_layers = skeleton.config.num_hidden_layers
+    if shape["full_model"]:
+        model = skeleton.requires_grad_(False)
+    else:
+        model = build_auxiliary_model(skeleton, list(layers), share=bool(shape["share"]))
+    _load_exact(model, shipped)
+    plan = ClientPlan(str(shape["mode"]))
+    if not shape["share"]:  # one prefix layer per kept layer, mapped to and from the server's depth
+        blocks = depth_plan(num_layers, len(layers))
+        plan = ClientPlan(plan.mode, receive=partial(collapse_layers, plan=blocks),
+                          send=partial(expand_layers, plan=blocks))  # fmt: skip
+    prefix_config = prefix_for(
+        model, config.prefix_len, config.prefix_projection, config.prefix_dropout
+    ).config
+    return FedSPClient(model, prefix_config, rows, _local(config), config.rounds, pad_id,
+                       seed=client_seed(config, partition), plan=plan)  # fmt: skip
+
+
+def _skeleton(model_config: str, dtype: str) -> PreTrainedModel:
+    values = json.loads(model_config)
+    arch = AutoConfig.for_model(values.pop("model_type"), **values)
+    with torch.random.fork_rng(devices=[]):  # random weights, replaced by the shipped ones
+        model = AutoModelForCausalLM.from_config(arch, dtype=DTYPES[dtype])
+    return model.eval()
+
+
+def _load_exact(model: PreTrainedModel, shipped: dict[str, torch.Tensor]) -> None:
+    own = dict(model.named_parameters())
+    if set(own) != set(shipped):
+        missing, extra = sorted(set(own) - set(shipped))[:3], sorted(set(shipped) - set(own))[:3]
+        raise FedSPError(f"the shipped client model does not fit this client's architecture "
+                         f"(missing {missing}, unexpected {extra})")  # fmt: skip
+    with torch.no_grad():
+        for name, param in own.items():
+            if param.shape != shipped[name].shape:
+                raise FedSPError(f"shipped tensor {name} has shape {tuple(shipped[name].shape)}, "
+                                 f"expected {tuple(param.shape)}")  # fmt: skip
+            param.copy_(shipped[name])
+
+
+@functools.lru_cache(maxsize=4)
+def tokenizer_for(model: str) -> PreTrainedTokenizerBase:
+    """The global model's tokenizer (a client needs it for its rows, not the weights)."""
+    if model in TINY_MODELS:
+        return byte_tokenizer()
+    converted = cache_dir() / "smollm2-135m-instruct"
+    folder = converted if model == "smollm2" and (converted / "tokenizer.json").is_file() else Path(model)
+    if folder.is_dir():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    else:  # no tokenizer files on disk: the model loader is the only way to it
+        tokenizer = load_global_model(model, device="cpu").tokenizer
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@functools.lru_cache(maxsize=2)
+def _partitioned_rows(config: RunConfig) -> tuple[list[Encoded], ...]:
+    return tuple(prepare_data(config, tokenizer_for(config.model)).client_rows)
+
+
+def client_rows(config: RunConfig, partition: int, data_dir: str | None) -> list[Encoded]:
+    """This client's training rows: ``<data_dir>/train.jsonl`` when the node has its own data, else its shard."""
+    tokenizer = tokenizer_for(config.model)
+    if data_dir:
+        folder = Path(data_dir)
+        if not (folder / "train.jsonl").is_file() and not (folder / "train.json").is_file():
+            raise FedSPError(f"client data folder {data_dir!r} has no train.jsonl")
+        examples = load_task(config.task, "train", folder)
+        if not examples:
+            raise FedSPError(f"client data file {str(folder / 'train.jsonl')!r} holds no examples")
+        return [encode_gold(tokenizer, ex, config.max_length) for ex in examples]
+    # simulation: the same cut of the task as the in-process runner (config.progress does not matter)
+    shards = _partitioned_rows(RunConfig.from_dict({**config.to_dict(), "progress": False}))
+    if not 0 <= partition < len(shards):
+        raise FedSPError(f"partition-id {partition} is outside 0..{len(shards) - 1}")
+    return shards[partition]

@@ -1,0 +1,53 @@
+"""``fedsp run --engine flower``: the course as a Flower simulation on one machine.
+
+The ServerApp's loop (:func:`~fedsp.runtime.flower.server_app.serve`) drives
+a :class:`~fedsp.runtime.session.Session` started here, so the results folder
+is the in-process runner's; the ClientApp runs in a pool of Ray actors (one per
+core, at most 2 on this machine's 2 cores), one virtual SuperNode per client.
+Client states go to ``<results folder>/clients`` (one directory per partition).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from fedsp.config import RunConfig
+from fedsp.runtime.flower import configure_environment
+from fedsp.runtime.inprocess import RunOutcome
+from fedsp.runtime.session import Session
+
+
+def run(config: RunConfig, resume: Path | None = None, actors: int | None = None) -> RunOutcome:
+    configure_environment()
+    from flwr.app import Context
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    from fedsp.runtime.flower.client_app import app as client_app
+    from fedsp.runtime.flower.server_app import serve
+
+    session = Session.start(config, resume=resume)
+    if session.course is not None:
+        failure: list[BaseException] = []
+        server_app = ServerApp()
+
+        @server_app.main()
+        def main(grid: Grid, context: Context) -> None:
+            try:
+                serve(grid, session)
+            except BaseException as err:  # re-raised in this thread, after the simulation stops
+                failure.append(err)
+
+        actors = actors or max(1, min(2, os.cpu_count() or 1))
+        os.environ["FEDSP_FLOWER_STATE_DIR"] = str(session.out_dir.resolve() / "clients")
+        logging.getLogger("flwr").setLevel(logging.WARNING if not config.progress else logging.INFO)
+        run_simulation(server_app, client_app, num_supernodes=session.course.num_clients,
+                       backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": actors}})  # fmt: skip
+        if failure:
+            raise failure[0]
+        if len(session.history) - 1 < config.rounds:
+            raise RuntimeError(f"the Flower simulation stopped after round {len(session.history) - 1}")
+    summary = session.finish()
+    return RunOutcome(session.out_dir, summary)
