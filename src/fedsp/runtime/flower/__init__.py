@@ -2,8 +2,8 @@
 
 Importing this package sets the Flower environment every run needs (values
 already in the environment win): no telemetry, no update check, no runtime
-dependency installation, and a project-local Flower home (``.flwr`` in the
-working directory). Modules of this package import ``flwr`` only after it.
+dependency installation, and a project-local Flower home (in the
+working directory, ``.cache/flwr``: git-ignored). Modules of this package import ``flwr`` only after it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def configure_environment() -> Path:
     """Set the Flower variables (unless already set); return the Flower home."""
     for name, value in FLOWER_ENV.items():
         os.environ.setdefault(name, value)
-    home = Path(os.environ.setdefault("FLWR_HOME", str(Path.cwd() / ".flwr"))).resolve()
+    home = Path(os.environ.setdefault("FLWR_HOME", str(Path.cwd() / ".cache" / "flwr"))).resolve()
     os.environ["FLWR_HOME"] = str(home)
     return home
 
