@@ -7,6 +7,9 @@ default ``~/.cache/fedsp``) and later loads read that copy.
 
 ``tiny-llama`` / ``tiny-gpt2`` / ``tiny-opt`` are small random models built from
 configs with a byte-level tokenizer: no download, for tests and smoke runs.
+
+The model is placed on a device (:func:`resolve_device`: ``auto`` picks CUDA
+when present); every other tensor (prefix, batches) follows the model's device.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from fedsp.models.adapters import kv_geometry
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_MODELS = ("tiny-llama", "tiny-gpt2", "tiny-opt")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -51,8 +55,21 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FEDSP_CACHE_DIR", Path.home() / ".cache" / "fedsp"))
 
 
-def load_global_model(spec: str, dtype: str = "float32", seed: int = 0) -> LoadedModel:
-    """Load the model named by ``spec``; its weights are frozen (``requires_grad=False``)."""
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA when a GPU is present, else the CPU; ``cpu`` / ``cuda``: that device, or a clear error."""
+    if name not in DEVICES:
+        raise FedSPError(f"device {name!r} is not supported; choose one of: {', '.join(DEVICES)}")
+    cuda = torch.cuda.is_available()
+    if name == "cuda" and not cuda:
+        raise FedSPError("device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu or auto")
+    if name == "auto":
+        return torch.device("cuda" if cuda else "cpu")
+    return torch.device(name)
+
+
+def load_global_model(spec: str, dtype: str = "float32", seed: int = 0, device: str = "auto") -> LoadedModel:
+    """Load the model named by ``spec`` onto ``device``; its weights are frozen (``requires_grad=False``)."""
+    target = resolve_device(device)
     if dtype not in DTYPES:
         raise FedSPError(f"dtype {dtype!r} is not supported; choose one of: {', '.join(DTYPES)}")
     torch_dtype = DTYPES[dtype]
@@ -69,6 +86,7 @@ def load_global_model(spec: str, dtype: str = "float32", seed: int = 0) -> Loade
     else:
         model, tokenizer = _load_pretrained(spec, torch_dtype)
     kv_geometry(model.config)  # an unsupported family is reported here, before any work
+    model.to(target)
     model.eval()
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:
