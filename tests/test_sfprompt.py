@@ -203,6 +203,8 @@ def test_bad_inputs_get_clear_errors(tiny):
     for gamma in (0.0, 1.5):
         with pytest.raises(FedSPError, match=r"--prune-gamma must be in \(0, 1\], got " + str(gamma)):
             RunConfig(method="sfprompt", prune_gamma=gamma)
+    with pytest.raises(FedSPError, match="--engine inprocess only"):
+        _course(tiny, engine="flower")
     with pytest.raises(FedSPError, match="'falcon'.*gpt2, llama"):
         split_layout(SimpleNamespace(config=SimpleNamespace(model_type="falcon")))
 

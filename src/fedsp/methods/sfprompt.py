@@ -349,6 +349,10 @@ def initial_prompts(config: RunConfig, loaded: LoadedModel, server_rows: list[En
 def sfprompt_course(config: RunConfig, loaded: LoadedModel, data: RunData) -> Course:
     """Server (body + averaged prompts and tail) and clients (shared head, own tail) for one SFPrompt run."""
     model, c = loaded.model, config.split_layer
+    if config.engine != "inprocess":  # the Flower client side builds FedSP-shaped clients only
+        raise FedSPError(
+            f"--method sfprompt runs with --engine inprocess only for now, got --engine {config.engine}"
+        )
     split_layout(model)  # an unknown family fails here, with the known ones
     num_layers = len(decoder_layers(model))
     check_split_layer(c, num_layers)
