@@ -82,7 +82,7 @@ def test_bucketed_loss_and_gradients_equal_the_whole_batch(tiny, with_prefix):
         aux.zero_grad()
         loss = answer_loss(aux, batch, prefix, bucket=bucket)
         loss.backward()
-        grads[bucket] = (float(loss), torch.cat([p.grad.flatten() for p in aux.parameters()]))
+        grads[bucket] = (loss.item(), torch.cat([p.grad.flatten() for p in aux.parameters()]))
     # Assert: losses within 1e-3 (float32), gradients equal up to rounding
     assert abs(grads[True][0] - grads[False][0]) < 1e-3
     assert torch.allclose(grads[True][1], grads[False][1], atol=1e-5, rtol=1e-4)
@@ -193,7 +193,7 @@ def test_bfloat16_weights_train_a_float32_prefix_close_to_float32():
         # Execute
         loss = answer_loss(loaded.model, batch, prefix)
         loss.backward()
-        losses.append(float(loss))
+        losses.append(loss.item())
         grads.append(prefix.table.grad)
     # Assert: the prefix stays float32 and gets a float32 gradient; the loss moves by bfloat16 rounding only
     assert grads[1].dtype == torch.float32
