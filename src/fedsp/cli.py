@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
     run.add_argument("--resume", metavar="DIR", help="continue the run in results folder DIR after its last "
                      "completed round (its config.json is the configuration; options given must agree)")  # fmt: skip
+    from fedsp.runtime import compare
+
+    compare.add_parser(sub)
     return parser
 
 
@@ -104,6 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command == "compare":
+            from fedsp.runtime.compare import run_compare
+
+            return run_compare(args)
         config = config_from_args(args)
         resume = Path(args.resume) if getattr(args, "resume", None) else None
         if config.engine == "flower":

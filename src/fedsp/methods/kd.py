@@ -68,6 +68,10 @@ class _TeacherStates:
 
 def masked_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean squared error over real tokens and hidden units: (B,T,H) x (B,T,H) x (B,T) -> scalar."""
+    teacher, mask = (
+        teacher.to(student.device),
+        mask.to(student.device),
+    )  # cached teacher states live on the CPU
     weights = mask.unsqueeze(-1).to(student.dtype)
     return ((student.float() - teacher) ** 2 * weights).sum() / (weights.sum() * student.shape[-1])
 

@@ -19,6 +19,7 @@ per-client seeding and update checks come from :mod:`fedsp.runtime.participation
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,12 +73,15 @@ def run(config: RunConfig, resume: Path | None = None) -> RunOutcome:
                 replies.append((k, ClientUpdate(wire.decode(payload), update.num_examples, update.metrics)))
             accepted, rejected = participation.check_updates(sent, replies)
             needed = participation.required_replies(config.min_replies, len(sampled))
-            participation.check_enough(len(accepted), needed, rnd,
-                                       [f"client {k} failed" for k in failed] + [r.reason for r in rejected])  # fmt: skip
+            if sampled:
+                participation.check_enough(len(accepted), needed, rnd,
+                                           [f"client {k} failed" for k in failed] + [r.reason for r in rejected])  # fmt: skip
             session.finish_round(rnd, sent, len(down) * len(sampled), [ups[k] for k, _ in accepted],
                                  [u for _, u in accepted], time.perf_counter() - t0,
                                  extra=round_extra(sampled, failed, rejected))  # fmt: skip
     summary = session.finish()  # steps 6-7
+    # Client states are kept on disk only so that an interrupted run can resume; a finished run drops them.
+    shutil.rmtree(session.out_dir / "clients", ignore_errors=True)
     return RunOutcome(session.out_dir, summary)
 
 

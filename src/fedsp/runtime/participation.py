@@ -33,6 +33,8 @@ NORM_FACTOR = 10.0  # an update whose distance from the broadcast is > 10x the r
 
 def sample_clients(num_clients: int, fraction: float, seed: int, rnd: int) -> list[int]:
     """Partition ids taking part in round ``rnd``, sorted; all of them when ``fraction`` is 1."""
+    if num_clients == 0:  # centralised methods: a round has no clients
+        return []
     count = max(1, min(num_clients, round(fraction * num_clients)))
     if count == num_clients:
         return list(range(num_clients))

@@ -77,7 +77,7 @@ class Session:
         if saved is None:
             results.write_json(out_dir / "config.json", config.to_dict())
         torch.manual_seed(config.seed)
-        loaded = load_global_model(config.model, config.dtype, config.seed)
+        loaded = load_global_model(config.model, config.dtype, config.seed, device=config.device)
         data = prepare_data(config, loaded.tokenizer)
         session = cls(config, spec, out_dir, loaded, data, None, None, started)
         session.say(f"fedsp: {config.method}, {config.model} on {config.task}: {len(data.server_rows)} server "
