@@ -15,9 +15,11 @@ from fedsp.data.batching import collate, encode_gold, encode_pair
 from fedsp.data.tasks import MCExample
 from fedsp.errors import FedSPError
 from fedsp.methods.sfprompt import answer_positions, el2n, prune_hardest, sfprompt_course
+from fedsp.methods.split_traffic import SPLIT_KEYS
 from fedsp.models.forward import continuation_logprobs, score_choices
 from fedsp.models.loading import load_global_model
 from fedsp.models.split import Head, PromptedModel, ServerBody, Tail, split_layout
+from fedsp.runtime.audit import Audit, private_weights, promised_layers
 from fedsp.runtime.courses import METHOD_SPECS
 from fedsp.runtime.setup import RunData
 
@@ -222,8 +224,8 @@ def _arc_rows(n: int, start: int = 0) -> str:
     return "\n".join(json.dumps(r) for r in rows) + "\n"
 
 
-def test_tiny_run_end_to_end_writes_split_accounting(tmp_path):
-    # Prepare: a small ARC-style data folder
+def test_tiny_run_end_to_end_writes_split_accounting_and_passes_the_audit(tiny, tmp_path):
+    # Prepare: a small ARC-style data folder; clients hold layers 0 and 1 of 4
     from fedsp.runtime.inprocess import run
 
     data = tmp_path / "data"
@@ -232,20 +234,55 @@ def test_tiny_run_end_to_end_writes_split_accounting(tmp_path):
     (data / "validation.jsonl").write_text(_arc_rows(6, 100))
     (data / "test.jsonl").write_text(_arc_rows(6, 200))
     config = RunConfig(method="sfprompt", model="tiny-llama", data_dir=str(data), clients=2, rounds=2, local_steps=1,
-                       local_loss_steps=1, batch_size=4, prefix_len=4, split_layer=1, eval_limit=6, val_limit=6,
-                       max_length=64, out=str(tmp_path / "run"), progress=False)  # fmt: skip
+                       local_loss_steps=1, batch_size=4, prefix_len=4, split_layer=2, eval_limit=6, val_limit=6,
+                       max_length=64, out=str(tmp_path / "run"), progress=False, audit=True)  # fmt: skip
     # Execute
     outcome = run(config)
-    # Assert: the client holds layer 0 of 4; split traffic per client and round; prompts + tail each way
+    # Assert: the client holds layers 0, 1; split traffic per client and round; prompts + tail each way
     res = json.loads((outcome.out_dir / "results.json").read_text())
     assert res["method"] == "sfprompt" and res["final"]["n"] == 6
-    assert res["client_model"]["layers"] == [0] and 0 < res["client_model"]["fraction_of_global"] < 1
+    assert res["client_model"]["layers"] == [0, 1] and 0 < res["client_model"]["fraction_of_global"] < 1
     notes = res["method_notes"]
-    assert notes["server_layers"] == [1, 2, 3] and notes["prompt_tail_params"] == 4 * 64 + 64
-    assert notes["split_traffic"]["split_bytes_total"] > 0
+    assert notes["server_layers"] == [2, 3] and notes["prompt_tail_params"] == 4 * 64 + 64
     metrics = [json.loads(line) for line in (outcome.out_dir / "metrics.jsonl").read_text().splitlines()]
     per_client = metrics[-1]["client_metrics"]
     for key in ("split_act_bytes_up", "split_act_bytes_down", "split_grad_bytes_up", "split_grad_bytes_down",
                 "client_flops", "kept_rows"):  # fmt: skip
         assert len(per_client[key]) == 2 and all(v > 0 for v in per_client[key]), key
     assert metrics[-1]["params_up"] == metrics[-1]["params_down"] == 4 * 64 + 64
+    # Assert: the traffic report adds every split message of every round to the federated payloads
+    traffic = notes["split_traffic"]
+    split = sum(sum(m["client_metrics"][f"split_{k}"]) for m in metrics[1:] for k in SPLIT_KEYS)
+    federated = sum(m["bytes_down"] + m["bytes_up"] for m in metrics[1:])
+    assert traffic["split_bytes_total"] == split > 0 and traffic["prompt_tail_bytes_total"] == federated
+    assert traffic["model_bytes_once"] == res["comm"]["model_bytes_once"]
+    assert traffic["total_bytes_with_split"] == res["comm"]["total_bytes"] + split
+    up = sum(per_client["split_act_bytes_up"]) + sum(per_client["split_grad_bytes_up"])
+    assert traffic["split_bytes_up_per_round"] == pytest.approx(up / 2)
+    assert traffic["client_flops_per_round"] == pytest.approx(sum(per_client["client_flops"]) / 2)
+    # Assert: clients received layer 1 (head) but no weight of the body; the body's weights were checked
+    audit = json.loads((outcome.out_dir / "audit.json").read_text())
+    assert res["audit"]["passed"] and res["audit"]["violations"] == 0
+    body = {where.split(":")[0] for where in private_weights(tiny.model, config).values()}
+    assert body == {"layer 2", "layer 3"}
+    assert "model.layers.1.self_attn.q_proj.weight" in {e["name"] for e in audit["sent"]}
+
+
+def test_audit_holds_sfprompt_to_its_split_and_flags_a_body_weight(tiny, tmp_path):
+    # Prepare: what the course says clients hold, and one head and one body weight sent to a client
+    config = RunConfig(method="sfprompt", model="tiny-llama", split_layer=2)
+    course = _course(tiny, split_layer=2)
+    layers = tiny.model.model.layers
+    audit = Audit()
+    audit.record(1, "prefix", course.server.broadcast(), [0])
+    audit.record(1, "shipped_once", {"head": layers[1].mlp.up_proj.weight}, [0])
+    clean = audit.report(tiny.model, config, tmp_path / "clean.json")
+    audit.record(2, "prefix", {"leak": layers[2].mlp.up_proj.weight.clone()}, [1])
+    # Execute
+    leaked = audit.report(tiny.model, config, tmp_path / "leaked.json")
+    # Assert: the promise is the course's held layers; only the body weight is a violation
+    assert promised_layers(config, 4) == set(course.client_model.global_layers) == {0, 1}
+    assert clean["passed"] and clean["private_weights_checked"] > 0
+    assert not leaked["passed"] and leaked["violations"] == 1
+    report = json.loads((tmp_path / "leaked.json").read_text())
+    assert report["violation_list"][0]["equals"] == "layer 2: mlp.up_proj.weight"

@@ -21,6 +21,8 @@ Client round:
   3. upload prompts + tail; the server averages them (FedAvg, N_k / N weights).
 The server has no training of its own (``tune`` is a no-op); it validates and
 evaluates the full model (head -> body -> tail) through :class:`PromptedModel`.
+The split wire, the FLOP estimate and the traffic report (``method_notes.split_traffic``
+in ``results.json``, with ``total_bytes_with_split``) live in :mod:`fedsp.methods.split_traffic`.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from fedsp.methods.aggregation import weighted_average
 from fedsp.methods.base import ClientModelInfo, ClientUpdate, Course
 from fedsp.methods.fedsp import mean_answer_loss
 from fedsp.methods.optim import OptimConfig, Phase
+from fedsp.methods.split_traffic import SPLIT_KEYS, FlopModel, SplitLink, add_round, new_report
 from fedsp.models.adapters import decoder_layers
 from fedsp.models.forward import IGNORE
 from fedsp.models.loading import LoadedModel
@@ -56,8 +59,6 @@ from fedsp.models.split import (
     unique_params,
 )
 from fedsp.runtime.setup import RunData, demonstration_tokens
-
-SPLIT_KEYS = ("act_bytes_up", "act_bytes_down", "grad_bytes_up", "grad_bytes_down")
 
 
 @dataclass(frozen=True)
@@ -96,52 +97,6 @@ def el2n(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     probs = logits.softmax(-1)
     gold = probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return (probs.pow(2).sum(-1) - 2 * gold + 1).clamp(min=0).sqrt()
-
-
-@dataclass(frozen=True)
-class FlopModel:
-    """Forward FLOPs: 2 per weight per token, plus 4*S*H per token per layer for attention scores and mixing.
-
-    Training through frozen weights needs only input gradients, about one more
-    forward's worth: a training step counts 2x its forward.
-    """
-
-    layer_weights: int  # matmul weights of one decoder layer
-    hidden: int
-    lm_head: int  # V * E
-
-    @classmethod
-    def of(cls, model: nn.Module) -> FlopModel:
-        layer = decoder_layers(model)[0]
-        weights = sum(p.numel() for p in layer.parameters() if p.dim() >= 2)
-        return cls(weights, model.config.hidden_size, model.get_output_embeddings().weight.numel())
-
-    def layers(self, num_layers: int, batch: int, seq: int) -> int:
-        return num_layers * batch * seq * (2 * self.layer_weights + 4 * seq * self.hidden)
-
-    def head_logits(self, tokens: int) -> int:
-        return 2 * tokens * self.lm_head
-
-
-class SplitLink:
-    """The in-process wire between one client and the server body: every message encoded, counted, decoded."""
-
-    def __init__(self, body: ServerBody, client: int) -> None:
-        self.body, self.client = body, client
-        self.bytes = dict.fromkeys(SPLIT_KEYS, 0)
-
-    def _carry(self, message: dict[str, torch.Tensor], key: str) -> dict[str, torch.Tensor]:
-        payload = wire.encode(message)
-        self.bytes[key] += len(payload)
-        return wire.decode(payload)
-
-    def forward(self, message: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        reply = self.body.body_forward(self.client, self._carry(message, "act_bytes_up"))
-        return self._carry(reply, "act_bytes_down")
-
-    def backward(self, message: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        reply = self.body.body_backward(self.client, self._carry(message, "grad_bytes_up"))
-        return self._carry(reply, "grad_bytes_down")
 
 
 def _wire_state(prompts: nn.Parameter, tail: Tail) -> dict[str, torch.Tensor]:
@@ -293,12 +248,7 @@ class SFPromptServer:
         _load_wire_state(
             self.prompts, self.tail, weighted_average([(u.state, u.num_examples) for u in updates])
         )
-        keys = ["client_flops", *(f"split_{k}" for k in SPLIT_KEYS)]
-        last = {k: _mean([u.metrics[k] for u in updates]) for k in keys}
-        self.report["last_round_mean_per_client"] = last
-        self.report["split_bytes_total"] = self.report.get("split_bytes_total", 0) + sum(
-            u.metrics[f"split_{k}"] for u in updates for k in SPLIT_KEYS
-        )
+        add_round(self.report, updates)
 
     def tune(self) -> float:
         return float("nan")  # SFPrompt's server trains nothing of its own
@@ -368,10 +318,15 @@ def sfprompt_course(config: RunConfig, loaded: LoadedModel, data: RunData) -> Co
                               config.seed * 1000 + k + 1, SplitLink(body, k), flops)  # fmt: skip
 
     held = client_modules(model, c)
+    held_ids = {id(p) for m in held for p in m.parameters()}
+    # sent once, before round 1
+    shipped = {name: p for name, p in model.named_parameters() if id(p) in held_ids}
     tied = "tied" if model.get_output_embeddings().weight is model.get_input_embeddings().weight else "untied"
     exchanged = server.broadcast()
     params = unique_params(held) + server.prompts.numel()
     info = ClientModelInfo(params, params / unique_params([model]), tuple(range(c)), model_private=True)
+    once, state_bytes = len(wire.encode(shipped)), len(wire.encode(exchanged))
+    server.report.update(new_report(once, state_bytes, len(data.client_rows)))
     notes = {
         "split_layer": c,
         "client_layers": list(range(c)),
@@ -379,15 +334,11 @@ def sfprompt_course(config: RunConfig, loaded: LoadedModel, data: RunData) -> Co
         "client_holds": f"embeddings (+ position tables), layers 0..{c - 1}, final norm, LM head ({tied}), prompts",
         "prompt_len": config.prefix_len,
         "prompt_tail_params": wire.num_params(exchanged),
-        "prompt_tail_bytes": len(wire.encode(exchanged)),
+        "prompt_tail_bytes": state_bytes,
         "trainable": "prompts + final norm (LM head frozen)",
         "prune_gamma": config.prune_gamma,
         "local_loss_steps": config.local_loss_steps,
         "flops": "estimated: 2 per weight per token + 4*S*H per token per layer; training = 2x forward",
         "split_traffic": server.report,  # filled in by the server every round
     }
-    held_ids = {id(p) for m in held for p in m.parameters()}
-    shipped = {
-        name: p for name, p in model.named_parameters() if id(p) in held_ids
-    }  # sent once, before round 1
     return Course(server, make_client, len(data.client_rows), info, shipped, notes)

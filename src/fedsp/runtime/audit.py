@@ -3,15 +3,23 @@
 FedSP's promise is that clients never receive the global model: only the
 auxiliary model (the decoder layers selected by ``--aux-layers`` /
 ``--aux-layer-choice``, and the embeddings, final norm and head it shares)
-and prefixes. With ``--audit true`` a run fingerprints (SHA-256 of dtype,
-shape and bytes) every tensor it sends, and at the end compares them with
-every weight of the global model outside those layers: any match is a
-violation, written to ``audit.json`` and summarised in ``results.json``.
+and prefixes. SFPrompt's is narrower: clients hold the head (embeddings and
+layers 0..c-1, c = ``--split-layer``) and the tail (final norm, LM head), and
+never the body, layers c..L-1, which stays on the server (:data:`PROMISES`);
+the activations and gradients of split training are not weights and are not
+recorded.
+With ``--audit true`` a run fingerprints (SHA-256 of dtype, shape and bytes)
+every tensor it sends, and at the end compares them with every weight of the
+global model outside the promised layers: any match is a violation, written to
+``audit.json`` and summarised in ``results.json``. FedPrompt promises nothing
+(its clients hold the whole model); it is held to FedSP's promise, which it
+fails, as it should.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +39,29 @@ def fingerprint(tensor: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
+def _auxiliary_layers(config: RunConfig, num_layers: int) -> Iterable[int]:
+    return select_layers(num_layers, config.aux_layers, config.aux_layer_choice)
+
+
+def _split_head_layers(config: RunConfig, num_layers: int) -> Iterable[int]:
+    return range(config.split_layer)
+
+
+# The decoder layers a method lets clients hold (the others are private); FedSP's rule for any method not named.
+PROMISES: dict[str, Callable[[RunConfig, int], Iterable[int]]] = {
+    "sfprompt": _split_head_layers,
+    "fedprompt-single": lambda config, num_layers: [0],  # layer 0 alone, whatever --aux-layers says
+}
+
+
+def promised_layers(config: RunConfig, num_layers: int) -> set[int]:
+    return set(PROMISES.get(config.method, _auxiliary_layers)(config, num_layers))
+
+
 def private_weights(model: PreTrainedModel, config: RunConfig) -> dict[str, str]:
-    """Fingerprints of the global weights clients must never receive: decoder layers the aux model is not built from."""
+    """Fingerprints of the global weights clients must never receive: decoder layers outside the promised ones."""
     layers = decoder_layers(model)
-    allowed = set(select_layers(len(layers), config.aux_layers, config.aux_layer_choice))
+    allowed = promised_layers(config, len(layers))
     private, shared = {}, set()
     for index, layer in enumerate(layers):
         for name, param in layer.named_parameters():

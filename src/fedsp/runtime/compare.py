@@ -1,6 +1,7 @@
 """``fedsp compare``: run the grid behind one or more of the paper's tables, then write them.
 
     fedsp compare --tables methods --tasks arc_easy --seeds 0,1 --scale cpu --out results/paper
+    fedsp compare --tables methods,efficiency --methods zero-shot,fedsp,fedprompt,sfprompt --seeds 0
 
 Every cell is an ordinary run folder under ``<out>/cells/``; finished cells
 are reused, so the same command continues an interrupted grid. The tables
@@ -15,7 +16,16 @@ from pathlib import Path
 from fedsp.config import METHODS
 from fedsp.errors import FedSPError
 from fedsp.runtime import tables
-from fedsp.runtime.grid import ALL_METHODS, SCALES, TASKS, Cell, Grid, build_cells, check_comparable
+from fedsp.runtime.grid import (
+    ALL_METHODS,
+    OPT_IN_METHODS,
+    SCALES,
+    TASKS,
+    Cell,
+    Grid,
+    build_cells,
+    check_comparable,
+)
 
 TABLES = ("methods", "layers", "depth", "efficiency")
 
@@ -28,9 +38,9 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--tasks", default="arc_easy", help=f"comma-separated tasks ({', '.join(TASKS)}, hellaswag)"
     )
-    p.add_argument(
-        "--methods", default=",".join(ALL_METHODS), help="comma-separated methods for the methods table"
-    )
+    p.add_argument("--methods", default=",".join(ALL_METHODS),
+                   help="comma-separated methods for the methods and efficiency tables; "
+                        f"{', '.join(OPT_IN_METHODS)} only when named (e.g. --methods fedsp,fedprompt,sfprompt)")  # fmt: skip
     p.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
     p.add_argument("--scale", default="cpu", choices=sorted(SCALES), help="preset of run sizes")
     p.add_argument("--model", default="smollm2", help="global model (as for fedsp run)")
@@ -80,7 +90,8 @@ def run_compare(args: argparse.Namespace) -> int:
     check_comparable(grid)
     written = write_tables(grid, by_table)
     for path in written:
-        print(f"wrote {path} (+ .csv, .png)")
+        extra = ".csv, .png" if path.with_suffix(".png").exists() else ".csv"
+        print(f"wrote {path} (+ {extra})")
     return 0
 
 

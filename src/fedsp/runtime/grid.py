@@ -46,6 +46,9 @@ SCALES: dict[str, dict[str, Any]] = {
 TASKS = ("arc_easy", "arc_challenge", "openbookqa", "piqa", "sciq")
 MAIN_METHODS = ("zero-shot", "fedsp", "fedprompt", "fedprompt-single")
 ALL_METHODS = (*MAIN_METHODS, "fedsp-no-kd", "fedsp-no-cs", "fedsp-no-at", "prefix-tuning", "finetune")
+# In no default list, run only when named in --methods: SFPrompt scores every local example (EL2N, through
+# the client's head) every round; with tiny-llama at --scale cpu its cell took 190 s, FedSP's 35 s.
+OPT_IN_METHODS = ("sfprompt",)
 # Options a comparison must hold equal across all its cells (else the numbers are not comparable).
 SHARED_KEYS = ("model", "eval_limit", "max_length", "data_dir", "data_seed", "dtype")
 

@@ -4,7 +4,8 @@
   sample standard deviation over seeds;
 - ``layers`` (table 3): FedSP with the bottom, middle or top layer as its auxiliary model;
 - ``depth`` (figure 2): FedSP accuracy against the number of auxiliary layers;
-- ``efficiency`` (tables 4/5): what a client holds and what crosses the wire per round.
+- ``efficiency`` (tables 4/5): what a client holds, what crosses the wire per round (SFPrompt's
+  split-training activations and gradients included) and, where estimated, the client's FLOPs.
 """
 
 from __future__ import annotations
@@ -122,9 +123,15 @@ def depth_figure(grid: Grid, cells: Sequence[Cell], stem: str = "fig2_depth") ->
 
 
 def efficiency_table(grid: Grid, cells: Sequence[Cell], stem: str = "table45_efficiency") -> Path:
-    """Client model size and traffic per client and round, as counts, % of the global model, and bytes."""
+    """Client model size, traffic and compute per client and round, as counts, % of the global model, and bytes.
+
+    Split learning (SFPrompt) adds the activations and gradients exchanged with the
+    server body (``method_notes.split_traffic``): they are in the split column, in the
+    per-round sum and in the run total; the other columns keep their meaning for every method.
+    """
     header = ["method", "client params", "% of global", "global layers held", "params down / up per round",
-              "% of global", "MB down / up per round", "MB sent once", "model private"]  # fmt: skip
+              "% of global", "MB down / up per round", "split MB down / up per round", "MB per round, all",
+              "client GFLOPs per round", "MB sent once", "MB in total (run)", "model private"]  # fmt: skip
     rows: list[list[str]] = []
     for cell in cells:
         res: dict[str, Any] | None = grid.results.get(cell.name)
@@ -133,18 +140,39 @@ def efficiency_table(grid: Grid, cells: Sequence[Cell], stem: str = "table45_eff
         glob = res["global_model"]["params"]
         client, comm = res.get("client_model"), res.get("comm")
         if client is None or comm is None:
-            rows.append([cell.method, "– (centralised)", "", "", "", "", "", "", ""])
+            rows.append([cell.method, "– (centralised)", *[""] * (len(header) - 2)])
             continue
-        layers = client["layers"]
-        held = _ranges(layers)
+        split = _split_traffic(res)
+        down, up = comm["bytes_down_per_round"], comm["bytes_up_per_round"]
+        flops = split["flops"]
         rows.append([
-            cell.method, f"{client['params']:,}", f"{100 * client['fraction_of_global']:.1f}", held,
-            f"{comm['params_down_per_round']:,} / {comm['params_up_per_round']:,}",
-            f"{100 * comm['params_up_per_round'] / glob:.2f}",
-            f"{comm['bytes_down_per_round'] / 1e6:.2f} / {comm['bytes_up_per_round'] / 1e6:.2f}",
-            f"{comm.get('model_bytes_once', 0) / 1e6:.1f}", "yes" if client["model_private"] else "no",
+            cell.method, f"{client['params']:,}", f"{100 * client['fraction_of_global']:.1f}",
+            _ranges(client["layers"]), f"{comm['params_down_per_round']:,} / {comm['params_up_per_round']:,}",
+            f"{100 * comm['params_up_per_round'] / glob:.2f}", f"{_mb(down)} / {_mb(up)}",
+            f"{_mb(split['down'])} / {_mb(split['up'])}", _mb(down + up + split["down"] + split["up"]),
+            "–" if flops is None else f"{flops / 1e9:.3g}", f"{comm.get('model_bytes_once', 0) / 1e6:.1f}",
+            f"{(comm['total_bytes'] if split['total'] is None else split['total']) / 1e6:.1f}", "yes" if client["model_private"] else "no",
         ])  # fmt: skip
-    return _write(grid.out, stem, header, rows, "What a client holds and exchanges (per client and round)")
+    title = "What a client holds, exchanges and computes (per client and round)"
+    return _write(grid.out, stem, header, rows, title)
+
+
+def _split_traffic(res: dict[str, Any]) -> dict[str, Any]:
+    """Split-learning bytes per client and round each way, client FLOPs, and the run total with them."""
+    report = (res.get("method_notes") or {}).get("split_traffic")
+    if not report:  # no split learning: nothing crosses a cut, compute not estimated
+        return {"down": 0, "up": 0, "flops": None, "total": None}
+    mean = report["last_round_mean_per_client"]
+    total = report.get("total_bytes_with_split")
+    if total is None:  # written before the report carried its own total
+        total = res["comm"]["total_bytes"] + report["split_bytes_total"]
+    return {"down": mean["split_act_bytes_down"] + mean["split_grad_bytes_down"],
+            "up": mean["split_act_bytes_up"] + mean["split_grad_bytes_up"], "flops": mean["client_flops"],
+            "total": total}  # fmt: skip
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.2f}"
 
 
 def _ranges(layers: list[int]) -> str:

@@ -1,0 +1,119 @@
+"""``fedsp compare`` on tiny models: SFPrompt beside FedSP in the methods and efficiency tables."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from fedsp.cli import build_parser
+from fedsp.runtime.compare import plan, write_tables
+from fedsp.runtime.grid import ALL_METHODS, Cell, Grid, build_cells, check_comparable
+from fedsp.runtime.inprocess import run
+
+
+def _arc_rows(n: int, start: int = 0) -> str:
+    colours = ["red", "green", "blue", "black"]
+    rows = [{"id": f"q{i}", "question": f"Say {colours[i % 4]}.", "answerKey": "ABCD"[i % 4],
+             "choices": {"text": colours, "label": list("ABCD")}} for i in range(start, start + n)]  # fmt: skip
+    return "\n".join(json.dumps(r) for r in rows) + "\n"
+
+
+def _table(path) -> dict[str, dict[str, str]]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {row[next(iter(row))]: row for row in rows}  # keyed by the first column
+
+
+@pytest.fixture(scope="module")
+def tiny_grid(tmp_path_factory):
+    """zero-shot, FedSP and SFPrompt on a tiny ARC-style task, run as a grid; both tables written."""
+    root = tmp_path_factory.mktemp("grid")
+    data = root / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text(_arc_rows(24))
+    (data / "validation.jsonl").write_text(_arc_rows(6, 100))
+    (data / "test.jsonl").write_text(_arc_rows(6, 200))
+    base = dict(model="tiny-llama", data_dir=str(data), clients=2, rounds=2, local_steps=1, local_loss_steps=1,
+                kd_steps=2, batch_size=4, prefix_len=4, split_layer=2, eval_limit=6, val_limit=6, max_length=64,
+                eval_every_round=False)  # fmt: skip
+    methods = ["zero-shot", "fedsp", "sfprompt"]
+    by_table = {t: build_cells(t, ["arc_easy"], methods, [0]) for t in ("methods", "efficiency")}
+    cells = list(dict.fromkeys(c for table in by_table.values() for c in table))
+    grid = Grid(cells, base, root / "out")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FEDSP_CACHE_DIR", str(root / "cache"))  # the KD cache of the FedSP cell
+    try:
+        grid.run(run, say=lambda text: None)
+    finally:
+        mp.undo()
+    check_comparable(grid)
+    return grid, write_tables(grid, by_table)
+
+
+def _metrics(grid: Grid, method: str) -> list[dict]:
+    path = grid.cell_dir(Cell(method, "arc_easy", 0)) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_sfprompt_is_opt_in_and_accepted_by_the_grid(tmp_path):
+    # Prepare: the compare options with sfprompt named, and the default
+    args = build_parser().parse_args(["compare", "--tables", "methods,efficiency", "--methods", "fedsp,sfprompt",
+                                      "--seeds", "0", "--out", str(tmp_path)])  # fmt: skip
+    default = build_parser().parse_args(["compare"])
+    # Execute
+    grid, by_table = plan(args)
+    # Assert: one sfprompt cell, shared by both tables, with a valid run configuration
+    assert "sfprompt" not in ALL_METHODS and "sfprompt" not in default.methods.split(",")
+    assert [c.name for c in grid.cells] == ["arc_easy__fedsp__s0", "arc_easy__sfprompt__s0"]
+    assert by_table["methods"] == by_table["efficiency"] == grid.cells
+    config = grid.cells[1].config(grid.base, grid.out)
+    assert config.method == "sfprompt" and config.out == str(tmp_path / "cells" / "arc_easy__sfprompt__s0")
+
+
+def test_methods_table_has_an_sfprompt_row(tiny_grid):
+    grid, written = tiny_grid
+    # Execute
+    table = _table(written[0].with_suffix(".csv"))
+    # Assert: one row per method, the accuracy of its results.json
+    assert list(table) == ["zero-shot", "fedsp", "sfprompt"]
+    for method in table:
+        acc = grid.results[Cell(method, "arc_easy", 0).name]["final"]["acc"]
+        assert table[method]["arc_easy"] == f"{100 * acc:.1f}"
+
+
+def test_efficiency_table_puts_split_traffic_and_compute_beside_fedsp(tiny_grid):
+    grid, written = tiny_grid
+    # Execute
+    table = _table(written[1].with_suffix(".csv"))
+    fedsp, sfp = table["fedsp"], table["sfprompt"]
+    res = grid.results["arc_easy__sfprompt__s0"]
+    last = _metrics(grid, "sfprompt")[-1]["client_metrics"]  # per client, last round
+
+    def mean(*keys: str) -> float:
+        return sum(sum(last[k]) for k in keys) / len(last[keys[0]])
+
+    # Assert: no zero-shot row; SFPrompt holds layers 0 and 1 and exchanges prompts + final norm
+    assert list(table) == ["fedsp", "sfprompt"]
+    assert sfp["global layers held"] == "0,1" and fedsp["global layers held"] == "0"
+    assert sfp["client params"] == f"{res['client_model']['params']:,}"
+    assert sfp["params down / up per round"] == "320 / 320"  # 4 prompts x 64 + a norm of 64
+    # Assert: split traffic from the clients' own counts; FedSP exchanges no activations, has no FLOP estimate
+    split_down = mean("split_act_bytes_down", "split_grad_bytes_down")
+    split_up = mean("split_act_bytes_up", "split_grad_bytes_up")
+    assert split_down > 0 and split_up > 0
+    assert sfp["split MB down / up per round"] == f"{split_down / 1e6:.2f} / {split_up / 1e6:.2f}"
+    assert fedsp["split MB down / up per round"] == "0.00 / 0.00" and fedsp["client GFLOPs per round"] == "–"
+    comm = res["comm"]
+    per_round = comm["bytes_down_per_round"] + comm["bytes_up_per_round"] + split_down + split_up
+    assert sfp["MB per round, all"] == f"{per_round / 1e6:.2f}"
+    assert sfp["client GFLOPs per round"] == f"{mean('client_flops') / 1e9:.3g}"
+    # Assert: the run total counts every split message of both rounds on top of the runtime's total
+    split_total = sum(sum(m["client_metrics"][k]) for m in _metrics(grid, "sfprompt")[1:]
+                      for k in last if k.startswith("split_"))  # fmt: skip
+    assert res["method_notes"]["split_traffic"]["total_bytes_with_split"] == comm["total_bytes"] + split_total
+    assert sfp["MB in total (run)"] == f"{(comm['total_bytes'] + split_total) / 1e6:.1f}"
+    fedsp_total = grid.results["arc_easy__fedsp__s0"]["comm"]["total_bytes"]
+    assert fedsp["MB in total (run)"] == f"{fedsp_total / 1e6:.1f}"
+    assert sfp["model private"] == fedsp["model private"] == "yes"
