@@ -112,8 +112,10 @@ def test_efficiency_table_puts_split_traffic_and_compute_beside_fedsp(tiny_grid)
     # Assert: the run total counts every split message of both rounds on top of the runtime's total
     split_total = sum(sum(m["client_metrics"][k]) for m in _metrics(grid, "sfprompt")[1:]
                       for k in last if k.startswith("split_"))  # fmt: skip
-    assert res["method_notes"]["split_traffic"]["total_bytes_with_split"] == comm["total_bytes"] + split_total
-    assert sfp["MB in total (run)"] == f"{(comm['total_bytes'] + split_total) / 1e6:.1f}"
+    assert comm["split_bytes_total"] == split_total > 0
+    federated = sum(m["bytes_down"] + m["bytes_up"] for m in _metrics(grid, "sfprompt")[1:])
+    assert comm["total_bytes"] == 2 * comm["model_bytes_once"] + federated + split_total
+    assert sfp["MB in total (run)"] == f"{comm['total_bytes'] / 1e6:.1f}"
     fedsp_total = grid.results["arc_easy__fedsp__s0"]["comm"]["total_bytes"]
     assert fedsp["MB in total (run)"] == f"{fedsp_total / 1e6:.1f}"
     assert sfp["model private"] == fedsp["model private"] == "yes"

@@ -22,7 +22,8 @@ Client round:
 The server has no training of its own (``tune`` is a no-op); it validates and
 evaluates the full model (head -> body -> tail) through :class:`PromptedModel`.
 The split wire, the FLOP estimate and the traffic report (``method_notes.split_traffic``
-in ``results.json``, with ``total_bytes_with_split``) live in :mod:`fedsp.methods.split_traffic`.
+in ``results.json``; its ``split_bytes_total`` is part of ``comm.total_bytes``) live in
+:mod:`fedsp.methods.split_traffic`.
 """
 
 from __future__ import annotations
@@ -325,8 +326,8 @@ def sfprompt_course(config: RunConfig, loaded: LoadedModel, data: RunData) -> Co
     exchanged = server.broadcast()
     params = unique_params(held) + server.prompts.numel()
     info = ClientModelInfo(params, params / unique_params([model]), tuple(range(c)), model_private=True)
-    once, state_bytes = len(wire.encode(shipped)), len(wire.encode(exchanged))
-    server.report.update(new_report(once, state_bytes, len(data.client_rows)))
+    state_bytes = len(wire.encode(exchanged))
+    server.report.update(new_report())
     notes = {
         "split_layer": c,
         "client_layers": list(range(c)),

@@ -4,12 +4,12 @@
   body; every message is encoded with :mod:`fedsp.wire`, counted and decoded,
   so the byte counts are those of real messages.
 - :class:`FlopModel`: the client's compute estimate.
-- :func:`new_report` / :func:`add_round`: the run's traffic report, which goes
-  to ``results.json`` as ``method_notes.split_traffic``. The runtime's
-  ``comm`` block counts the federated payloads only (head + tail weights once,
-  prompts + tail each round); this report adds the activations and gradients
-  of split training and carries the run's total of everything,
-  ``total_bytes_with_split``.
+- :func:`new_report` / :func:`add_round`: the run's split-traffic report, which
+  goes to ``results.json`` as ``method_notes.split_traffic`` (activations and
+  gradients of split training, client FLOPs). The runtime counts the federated
+  payloads itself (head + tail weights once, prompts + tail each round) and adds
+  ``split_bytes_total`` from this report to ``comm.total_bytes``, so that total
+  counts everything that crossed the wire.
 """
 
 from __future__ import annotations
@@ -79,20 +79,16 @@ class SplitLink:
         return self._carry(reply, "grad_bytes_down")
 
 
-def new_report(model_bytes_once: int, state_bytes: int, num_clients: int) -> dict[str, Any]:
-    """The report before round 1: the head + tail weights shipped once to each of ``num_clients``."""
+def new_report() -> dict[str, Any]:
+    """The report before round 1: no split message yet."""
     return {
         "per": "per_round figures: mean per client over the last round's clients; totals: all rounds and clients",
-        "model_bytes_once": model_bytes_once,  # per client
-        "prompt_tail_bytes": state_bytes,  # one message of prompts + tail, either way
         "split_bytes_total": 0,
-        "prompt_tail_bytes_total": 0,
-        "total_bytes_with_split": model_bytes_once * num_clients,
     }
 
 
 def add_round(report: dict[str, Any], updates: Sequence[ClientUpdate]) -> None:
-    """Add one round's accepted updates: their split traffic (from their metrics) and prompts + tail both ways."""
+    """Add one round's accepted updates: their split traffic and compute (from their metrics)."""
     if not updates:
         return
 
@@ -104,11 +100,7 @@ def add_round(report: dict[str, Any], updates: Sequence[ClientUpdate]) -> None:
     report["split_bytes_up_per_round"] = per_client([f"split_{k}" for k in UP_KEYS])
     report["split_bytes_down_per_round"] = per_client([f"split_{k}" for k in DOWN_KEYS])
     report["client_flops_per_round"] = per_client(["client_flops"])
-    split = int(sum(u.metrics[f"split_{k}"] for u in updates for k in SPLIT_KEYS))
-    federated = 2 * report["prompt_tail_bytes"] * len(updates)  # prompts + tail down, then up
-    report["split_bytes_total"] += split
-    report["prompt_tail_bytes_total"] += federated
-    report["total_bytes_with_split"] += split + federated
+    report["split_bytes_total"] += int(sum(u.metrics[f"split_{k}"] for u in updates for k in SPLIT_KEYS))
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -246,6 +246,12 @@ class Session:
                 "total_bytes": self.once_bytes * course.num_clients
                 + sum(h.get("bytes_down", 0) + h.get("bytes_up", 0) for h in rounds),
             }
+            split = course.notes.get("split_traffic")
+            if split:  # split learning (SFPrompt): activations and gradients crossed the wire too
+                out["comm"]["split_bytes_down_per_round"] = split["split_bytes_down_per_round"]
+                out["comm"]["split_bytes_up_per_round"] = split["split_bytes_up_per_round"]
+                out["comm"]["split_bytes_total"] = split["split_bytes_total"]
+                out["comm"]["total_bytes"] += split["split_bytes_total"]
             out["prefix"] = {
                 "params": last["params_down"],
                 "fraction_of_global": last["params_down"] / global_params,

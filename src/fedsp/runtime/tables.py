@@ -151,24 +151,20 @@ def efficiency_table(grid: Grid, cells: Sequence[Cell], stem: str = "table45_eff
             f"{100 * comm['params_up_per_round'] / glob:.2f}", f"{_mb(down)} / {_mb(up)}",
             f"{_mb(split['down'])} / {_mb(split['up'])}", _mb(down + up + split["down"] + split["up"]),
             "–" if flops is None else f"{flops / 1e9:.3g}", f"{comm.get('model_bytes_once', 0) / 1e6:.1f}",
-            f"{(comm['total_bytes'] if split['total'] is None else split['total']) / 1e6:.1f}", "yes" if client["model_private"] else "no",
+            f"{comm['total_bytes'] / 1e6:.1f}", "yes" if client["model_private"] else "no",
         ])  # fmt: skip
     title = "What a client holds, exchanges and computes (per client and round)"
     return _write(grid.out, stem, header, rows, title)
 
 
 def _split_traffic(res: dict[str, Any]) -> dict[str, Any]:
-    """Split-learning bytes per client and round each way, client FLOPs, and the run total with them."""
+    """Split-learning bytes per client and round each way, and client FLOPs."""
     report = (res.get("method_notes") or {}).get("split_traffic")
     if not report:  # no split learning: nothing crosses a cut, compute not estimated
-        return {"down": 0, "up": 0, "flops": None, "total": None}
+        return {"down": 0, "up": 0, "flops": None}
     mean = report["last_round_mean_per_client"]
-    total = report.get("total_bytes_with_split")
-    if total is None:  # written before the report carried its own total
-        total = res["comm"]["total_bytes"] + report["split_bytes_total"]
     return {"down": mean["split_act_bytes_down"] + mean["split_grad_bytes_down"],
-            "up": mean["split_act_bytes_up"] + mean["split_grad_bytes_up"], "flops": mean["client_flops"],
-            "total": total}  # fmt: skip
+            "up": mean["split_act_bytes_up"] + mean["split_grad_bytes_up"], "flops": mean["client_flops"]}  # fmt: skip
 
 
 def _mb(n: float) -> str:
