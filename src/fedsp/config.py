@@ -42,7 +42,7 @@ class RunConfig:
     local_steps: int = 2
     server_steps: int | None = None  # None: same as local_steps
     batch_size: int = 8
-    lr: float = 1e-3  # prefix phases (clients' knowledge capturing, server tuning)
+    lr: float = 1e-2  # prefix phases (clients' knowledge capturing, server tuning); see docs/results.md
     align_lr: float = 1e-4  # clients' auxiliary-model phase
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1

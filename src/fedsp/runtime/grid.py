@@ -28,7 +28,7 @@ from fedsp.errors import FedSPError
 
 SCALES: dict[str, dict[str, Any]] = {
     "cpu": dict(
-        clients=3, rounds=2, local_steps=2, kd_steps=10, val_limit=50, eval_limit=200, eval_every_round=False
+        clients=3, rounds=2, local_steps=2, kd_steps=10, val_limit=50, eval_limit=500, eval_every_round=False
     ),  # fmt: skip
     "paper": dict(
         clients=10,
