@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from fedsp import wire
 from fedsp.config import RunConfig
+
+if TYPE_CHECKING:  # torch is imported when tensors are (de)coded: a ``query`` never needs it
+    import torch
 
 PREFIX, AUX, UPDATE, META, METRICS = "prefix", "aux", "update", "fedsp", "metrics"
 OK, NEED_AUX, LOST_STATE = "ok", "need-aux", "lost-state"
 
 
 def to_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
+    from fedsp import wire
+
     return bytes_record(wire.encode(tensors))
 
 
@@ -32,6 +36,8 @@ def bytes_record(payload: bytes) -> ArrayRecord:
 
 def from_record(record: ArrayRecord) -> tuple[dict[str, torch.Tensor], int]:
     """The tensors of a record and the size of their payload in bytes."""
+    from fedsp import wire
+
     payload = record["payload"].numpy().tobytes()
     return wire.decode(payload), len(payload)
 
