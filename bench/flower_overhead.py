@@ -1,11 +1,18 @@
-"""Per-round time and peak memory: in-process runner vs Flower simulation, same tiny configuration.
+"""Per-round time and peak memory: in-process runner vs Flower simulation vs loopback deployment, same tiny run.
 
-    .venv/bin/python bench/flower_overhead.py --clients 10 --per-round 10 --rounds 3
+    .venv/bin/python bench/flower_overhead.py --clients 3 --per-round 3 --rounds 3   # all three engines
+    .venv/bin/python bench/flower_overhead.py --clients 10 --per-round 10 --engines inprocess,flower
     .venv/bin/python bench/flower_overhead.py --clients 100 --per-round 10 --rounds 3 --engines flower
 
-Each engine runs in a fresh subprocess (so peak RSS is its own); prints one JSON line per engine:
-mean seconds per round (from metrics.jsonl, rounds 2.. so start-up is excluded), wall seconds,
-and peak RSS of the process and of its children (Ray actors) in MB.
+Engines: ``inprocess`` (``fedsp run``), ``flower`` (``fedsp run --engine flower``: Ray simulation),
+``loopback`` (``scripts/flower_loopback.py``: a SuperLink and one SuperNode per client on 127.0.0.1,
+TLS and SuperNode authentication). Each engine runs in a fresh subprocess, one after the other, so
+run all of them in one invocation to compare them under the same machine load. One JSON line per
+engine: mean seconds per round (rounds 2.., so start-up and the first shipping of the auxiliary
+model are excluded), wall seconds, and peak memory of the whole process tree (the engine's process,
+Ray's workers, SuperLink, SuperNodes and their ClientApp processes), sampled every 0.25 s: summed RSS
+(shared pages counted once per process) and summed PSS (shared pages split between processes).
+``--json-out FILE`` also writes the lines as a JSON list.
 """
 
 from __future__ import annotations
@@ -15,47 +22,101 @@ import json
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
+import psutil
+
 CHILD = r"""
-import json, resource, sys, time
-from fedsp.config import RunConfig
-config = RunConfig.from_dict(json.loads(sys.argv[1]))
+import json, sys, time
+from pathlib import Path
+keys, engine = json.loads(sys.argv[1]), sys.argv[2]
 t0 = time.perf_counter()
-if config.engine == "flower":
-    from fedsp.runtime.flower.simulation import run
+if engine == "loopback":
+    from fedsp.runtime.flower.loopback import run_loopback
+    out = Path(keys.pop("out"))
+    run_loopback(keys, out, out.parent / "loopback-work", nodes=keys["clients"], timeout_s=590)
 else:
-    from fedsp.runtime.inprocess import run
-outcome = run(config)
-wall = time.perf_counter() - t0
-rounds = [json.loads(l) for l in (outcome.out_dir / "metrics.jsonl").read_text().splitlines()][2:]
-print("RESULT", json.dumps({"engine": config.engine, "clients": config.clients, "per_round": round(config.fraction_fit * config.clients),
-      "seconds_per_round": sum(r["seconds"] for r in rounds) / max(1, len(rounds)), "wall_seconds": wall,
-      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-      "children_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+    from fedsp.config import RunConfig
+    config = RunConfig.from_dict({**keys, "engine": engine})
+    if engine == "flower":
+        from fedsp.runtime.flower.simulation import run
+    else:
+        from fedsp.runtime.inprocess import run
+    out = run(config).out_dir
+rounds = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()][2:]
+print("RESULT", json.dumps({"seconds_per_round": sum(r["seconds"] for r in rounds) / max(1, len(rounds)),
+                            "wall_seconds": time.perf_counter() - t0}))
 """
+
+
+class TreeMemory:
+    """Peak summed RSS and PSS (MB) of a process and all its descendants, sampled in a thread."""
+
+    def __init__(self, pid: int, every_s: float = 0.25) -> None:
+        self.root, self.every_s = psutil.Process(pid), every_s
+        self.peak_rss = self.peak_pss = 0.0
+        self.processes_seen: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss = pss = 0
+            try:
+                tree = [self.root, *self.root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                return
+            for proc in tree:
+                try:
+                    info = proc.memory_full_info()
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    continue
+                rss, pss = rss + info.rss, pss + getattr(info, "pss", info.rss)
+                self.processes_seen.add(proc.pid)
+            self.peak_rss = max(self.peak_rss, rss / 2**20)
+            self.peak_pss = max(self.peak_pss, pss / 2**20)
+            self._stop.wait(self.every_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def measure(engine: str, clients: int, per_round: int, rounds: int) -> dict[str, object]:
+    out = Path(tempfile.mkdtemp(prefix="fedsp-bench-")) / engine
+    keys = {"model": "tiny-llama", "clients": clients, "rounds": rounds, "local_steps": 1, "kd_steps": 2,
+            "eval_limit": 8, "val_limit": 8, "prefix_len": 4, "max_length": 96, "eval_every_round": False,
+            "zero_shot_eval": False, "progress": False, "fraction_fit": per_round / clients, "out": str(out)}  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(keys), engine],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    memory = TreeMemory(proc.pid)
+    stdout, stderr = proc.communicate(timeout=600)
+    memory.stop()
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.exit(f"{engine} failed:\n{stderr[-3000:]}")
+    return {"engine": engine, "clients": clients, "per_round": per_round, "rounds": rounds,
+            **json.loads(lines[-1][len("RESULT ") :]), "peak_tree_rss_mb": round(memory.peak_rss, 1),
+            "peak_tree_pss_mb": round(memory.peak_pss, 1), "processes": len(memory.processes_seen)}  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--per-round", type=int, default=10)
+    parser.add_argument("--clients", type=int, default=3)
+    parser.add_argument("--per-round", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--engines", default="inprocess,flower")
+    parser.add_argument("--engines", default="inprocess,flower,loopback")
+    parser.add_argument("--json-out", help="also write the results as a JSON list to this file")
     args = parser.parse_args()
+    results = []
     for engine in args.engines.split(","):
-        out = Path(tempfile.mkdtemp(prefix="fedsp-bench-")) / engine
-        config = {"model": "tiny-llama", "clients": args.clients, "rounds": args.rounds, "local_steps": 1,
-                  "kd_steps": 2, "eval_limit": 8, "val_limit": 8, "prefix_len": 4, "max_length": 96,
-                  "eval_every_round": False, "zero_shot_eval": False, "progress": False, "engine": engine,
-                  "fraction_fit": args.per_round / args.clients, "out": str(out)}  # fmt: skip
-        done = subprocess.run(
-            [sys.executable, "-c", CHILD, json.dumps(config)], capture_output=True, text=True
-        )
-        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        if not lines:
-            sys.exit(f"{engine} failed:\n{done.stderr[-2000:]}")
-        print(lines[-1][len("RESULT ") :], flush=True)
+        results.append(measure(engine, args.clients, args.per_round, args.rounds))
+        print(json.dumps(results[-1]), flush=True)
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":
