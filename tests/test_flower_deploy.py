@@ -60,6 +60,13 @@ def _with_home(home: Path) -> list[psutil.Process]:
     return found
 
 
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 # ---- certificates and keys (no processes) ----
 
 
@@ -173,7 +180,7 @@ def test_stop_ends_started_processes_and_their_detached_children(tmp_path):
     stopped = procs.stop(grace_s=5)
     assert sorted(p.pid for p in family) == stopped
     assert procs.alive() == [] and started.poll() is not None
-    assert not any(psutil.pid_exists(p.pid) and p.status() != psutil.STATUS_ZOMBIE for p in family)
+    assert not any(_running(p.pid) for p in family)
 
 
 def test_error_lines_pick_flowers_error_block(tmp_path):
@@ -251,7 +258,6 @@ def test_loopback_deployment_with_tls_and_node_auth_runs_two_rounds_and_stops_ev
     for k in range(3):  # each data owner's client state on its own disk, under its own partition
         assert list((work / "nodes" / f"node-{k}").glob(f"*/partition-{k}")), f"node {k} kept no state"
     assert "Successfully started run" in (work / "logs" / "flwr-run.log").read_text()
-    assert _with_home(work / "home") == []  # every process the script started is gone
-    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-                   for pid in result["stopped_pids"])  # fmt: skip
+    assert _with_home((work / "home").resolve()) == []  # every process the script started is gone
+    assert result["stopped_pids"] and not any(_running(pid) for pid in result["stopped_pids"])
     print(f"loopback deployment: wall {wall:.1f} s, seconds per round {result['seconds_per_round']}")
