@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 
 from fedsp.cli import build_parser, main
+from fedsp.runtime.results import plot_curves
 
 TINY = ["run", "--model", "tiny-llama", "--clients", "2", "--rounds", "2", "--local-steps", "1", "--kd-steps", "2",
         "--eval-limit", "8", "--val-limit", "8", "--prefix-len", "4", "--max-length", "96", "--quiet"]  # fmt: skip
@@ -136,3 +138,16 @@ def test_help_documents_every_option(capsys):
                  "--prefix-len", "--aux-layers", "--aux-layer-choice", "--partition", "--alpha", "--eval-limit",
                  "--dtype", "--seed", "--out", "--config"):  # fmt: skip
         assert flag in text, flag
+
+
+def test_curves_without_per_round_accuracy_plot_cleanly(tmp_path):
+    # Arrange: a run that evaluated only its final prefix (no acc in any round, no zero-shot)
+    metrics = [{"round": 0, "val_loss": 3.9}, {"round": 1, "val_loss": 3.3, "server_loss": 5.4}]
+    path = tmp_path / "curves.png"
+    # Act: matplotlib's "no artists with labels" warning would be an error here
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_curves(metrics, None, path, "fedsp")
+    # Assert: the picture is written and no temporary file is left behind
+    assert path.stat().st_size > 1000
+    assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]

@@ -97,7 +97,11 @@ def plot_curves(metrics: list[dict[str, Any]], zero_shot_acc: float | None, path
         ax_acc.axhline(100 * zero_shot_acc, color="grey", linestyle="--", label="zero-shot acc")
     ax_acc.set_xlabel("round")
     ax_acc.set_ylabel("accuracy (%)")
-    ax_acc.legend()
+    if ax_acc.lines:
+        ax_acc.legend()
+    else:  # the run evaluated only its final prefix (eval_every_round off, no zero-shot evaluation)
+        ax_acc.text(0.5, 0.5, "accuracy evaluated once, at the end:\nsee results.json", ha="center",
+                    va="center", transform=ax_acc.transAxes)  # fmt: skip
     from matplotlib.ticker import MaxNLocator
 
     for ax in (ax_loss, ax_acc):
