@@ -1,10 +1,12 @@
 """Evaluation speed and accuracy: the ARC-Easy validation questions scored with SmolLM2.
 
     .venv/bin/python bench/eval_arc.py [--limit 0] [--paths cached full] [--dtypes float32 bfloat16]
-                                       [--batch-size 32] [--device auto|cpu|cuda] [--out FILE.json]
+                                       [--batch-size 128] [--prefix-len 0] [--device auto|cpu|cuda]
+                                       [--out FILE.json]
 
 For each dtype and scoring path, one timed pass over the same questions (no
-prefix: the zero-shot model): seconds, questions/s, tokens/s, accuracy, and
+prefix: the zero-shot model; ``--prefix-len N``: a random N-token prefix, seed 0,
+as a run evaluates with its trained one): seconds, questions/s, tokens/s, accuracy, and
 whether the choice picked per question equals the float32 cached pass's pick.
 ``cached`` runs each context once and scores its choices from the cached
 keys/values (the default path); ``full`` scores every context + choice
@@ -17,11 +19,13 @@ from __future__ import annotations
 import argparse
 import time
 
+import torch
 from benchlib import PeakMemory, common_args, machine, print_table, resolve, write_json
 
 from fedsp.data.tasks import load_task
 from fedsp.evaluation.multiple_choice import evaluate_multiple_choice
 from fedsp.models.loading import load_global_model
+from fedsp.models.prefix import prefix_for
 
 
 def main() -> None:
@@ -32,7 +36,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=0, help="first N questions (0 = all)")
     parser.add_argument("--paths", nargs="+", default=["cached", "full"], choices=("cached", "full"))
     parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=("float32", "bfloat16"))
-    parser.add_argument("--batch-size", type=int, default=32, help="sequences per batch")
+    parser.add_argument("--batch-size", type=int, default=128, help="sequences per batch")
+    parser.add_argument("--prefix-len", type=int, default=0, help="random prefix of N tokens (0: none)")
     common_args(parser, "eval_arc")
     args = parser.parse_args()
     device = resolve(args.device)
@@ -41,11 +46,15 @@ def main() -> None:
     rows, reference = [], None
     for dtype in args.dtypes:
         loaded = load_global_model(args.model, dtype, device=args.device)
+        prefix = None
+        if args.prefix_len:
+            torch.manual_seed(0)
+            prefix = prefix_for(loaded.model, args.prefix_len, dropout=0.0)
         for path in args.paths:
             with PeakMemory(device) as memory:
                 start = time.perf_counter()
                 result = evaluate_multiple_choice(
-                    loaded.model, loaded.tokenizer, examples, batch_size=args.batch_size,
+                    loaded.model, loaded.tokenizer, examples, prefix=prefix, batch_size=args.batch_size,
                     progress=False, cached=path == "cached",
                 )  # fmt: skip
                 seconds = time.perf_counter() - start

@@ -8,6 +8,9 @@ import json
 import pytest
 
 from fedsp.cli import build_parser
+from fedsp.config import SPEED_ONLY
+from fedsp.errors import FedSPError
+from fedsp.runtime.checkpoint import config_differences
 from fedsp.runtime.compare import plan, write_tables
 from fedsp.runtime.grid import ALL_METHODS, Cell, Grid, build_cells, check_comparable
 from fedsp.runtime.inprocess import run
@@ -119,3 +122,29 @@ def test_efficiency_table_puts_split_traffic_and_compute_beside_fedsp(tiny_grid)
     fedsp_total = grid.results["arc_easy__fedsp__s0"]["comm"]["total_bytes"]
     assert fedsp["MB in total (run)"] == f"{fedsp_total / 1e6:.1f}"
     assert sfp["model private"] == fedsp["model private"] == "yes"
+
+
+def test_grid_reuses_cells_across_speed_only_settings_and_refuses_others(tiny_grid):
+    # Prepare: the finished grid, asked for again with another evaluation batch size, then another KD budget
+    grid, _ = tiny_grid
+    cell = Cell("fedsp", "arc_easy", 0)
+    faster = Grid([cell], {**grid.base, "eval_batch_size": 7}, grid.out)
+    other = Grid([cell], {**grid.base, "kd_steps": 3}, grid.out)
+    # Execute
+    reused = faster.reusable(cell)
+    # Assert: the same results come back; a setting that changes results is named and refused
+    assert reused == json.loads((grid.cell_dir(cell) / "results.json").read_text())
+    with pytest.raises(FedSPError, match=r"other settings \(kd_steps\)"):
+        other.reusable(cell)
+
+
+def test_resume_compares_every_setting_but_the_speed_only_ones():
+    # Prepare
+    saved = {"rounds": 2, "eval_batch_size": 32, "progress": True, "out": "a"}
+    # Execute
+    same = config_differences(saved, {**saved, "eval_batch_size": 128, "progress": False, "out": "b"})
+    differ = config_differences(saved, {**saved, "rounds": 3})
+    # Assert
+    assert set(SPEED_ONLY) == {"progress", "eval_batch_size"}
+    assert same == ""
+    assert differ == "rounds: 2 then, 3 now"

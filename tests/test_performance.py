@@ -179,6 +179,36 @@ def test_cached_evaluation_ranks_choices_as_full_scoring(tiny, with_prefix, batc
     assert (cached.acc, cached.acc_norm) == (full.acc, full.acc_norm)
 
 
+@pytest.mark.parametrize("with_prefix", [False, True])
+def test_packed_choices_in_length_groups_score_as_each_full_sequence(tiny, with_prefix, monkeypatch):
+    # Prepare: no per-group overhead, so questions of different packed choice lengths run in separate groups
+    import fedsp.models.forward as forward
+
+    groups_seen = []
+
+    def eager_buckets(lengths, overhead=0):
+        groups = length_buckets(lengths, overhead=0)
+        groups_seen.append(len(groups))
+        return groups
+
+    monkeypatch.setattr(forward, "length_buckets", eager_buckets)
+    prefix = _random_prefix(tiny.model, seed=5) if with_prefix else None
+    tok = tiny.tokenizer
+    contexts, choices, full = [], [], []
+    for ex in EXAMPLES:
+        encoded = [encode_pair(tok, ex.context, " " + c, 256) for c in ex.choices]
+        contexts.append(list(encoded[0].ids[: len(encoded[0].ids) - encoded[0].num_answer]))
+        choices.append([list(e.ids[len(e.ids) - e.num_answer :]) for e in encoded])
+        full.append(continuation_logprobs(tiny.model, collate(encoded, tok.pad_token_id), prefix).tolist())
+    # Execute
+    with torch.no_grad():
+        scores = forward.score_choices(tiny.model, contexts, choices, tok.pad_token_id, prefix)
+    # Assert: several groups ran, and every choice's log-probability is the full sequence's
+    assert groups_seen and groups_seen[0] > 1
+    for got, want in zip(scores, full, strict=True):
+        assert got == pytest.approx(want, abs=1e-4)
+
+
 # --- bfloat16 -------------------------------------------------------------------------------
 
 

@@ -48,7 +48,7 @@ _HELP = {
     "val_limit": "server validation loss on the first N validation examples (0 = all)",
     "eval_every_round": "evaluate accuracy after every round (true/false)",
     "zero_shot_eval": "evaluate the untrained model first, on the same examples (true/false)",
-    "eval_batch_size": "evaluation batch size (sequences)",
+    "eval_batch_size": "evaluation batch size (sequences; speed only, results are the same)",
     "max_length": "maximum tokens per sequence (context truncated from the left)",
     "dtype": "weights dtype: float32 or bfloat16",
     "device": "where the models run: auto (CUDA when present, else CPU), cpu or cuda",

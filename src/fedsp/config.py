@@ -24,6 +24,11 @@ PREFIX_INITS = ("tokens", "random")
 ENGINES = ("inprocess", "flower")
 
 
+# Settings that change how a run is batched or shown, not what it computes (up to float rounding):
+# a grid reuses, and --resume accepts, a run that differs from the current settings only in these.
+SPEED_ONLY = ("progress", "eval_batch_size")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything a run depends on. Defaults are the CPU-sized main job on SmolLM2 + ARC-Easy."""
@@ -67,7 +72,7 @@ class RunConfig:
     val_limit: int | None = 100
     eval_every_round: bool = True
     zero_shot_eval: bool = True
-    eval_batch_size: int = 32
+    eval_batch_size: int = 128
     max_length: int = 256
     # runtime
     dtype: str = "float32"

@@ -4,9 +4,10 @@ For every choice: the sum of log-probabilities of ``" " + choice`` given the
 context. ``acc`` picks the highest sum; ``acc_norm`` the highest sum per
 character of the choice text.
 
-Default path: each question's context runs once and its choices are scored
-from the cached keys/values (:func:`fedsp.models.forward.score_choices`),
-questions sorted by length and batched. ``cached=False`` scores every
+Default path: each question's context runs once and its choices, packed in
+one row, are scored from the cached keys/values
+(:func:`fedsp.models.forward.score_choices`), questions sorted by length and
+batched; ``batch_size`` counts choice sequences and changes only the speed. ``cached=False`` scores every
 context + choice sequence in full (the plain path, kept for checking).
 """
 
@@ -42,7 +43,7 @@ def evaluate_multiple_choice(
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[MCExample],
     prefix: Prefix | None = None,
-    batch_size: int = 32,
+    batch_size: int = 128,
     max_length: int = 512,
     desc: str = "eval",
     progress: bool = True,

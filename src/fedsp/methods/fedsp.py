@@ -165,7 +165,7 @@ class FedSPServer:
         total_rounds: int,
         pad_id: int,
         seed: int,
-        eval_batch_size: int = 32,
+        eval_batch_size: int = 128,
     ) -> None:
         self.global_model = global_model
         self.prefix = prefix

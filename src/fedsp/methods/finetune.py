@@ -33,7 +33,7 @@ class FinetuneServer:
         total_rounds: int,
         pad_id: int,
         seed: int,
-        eval_batch_size: int = 32,
+        eval_batch_size: int = 128,
     ) -> None:
         self.model = model
         self.steps = steps

@@ -232,7 +232,7 @@ class SFPromptServer:
     """The model owner: the body (driven by the clients' messages), the averaged prompts + tail, validation."""
 
     def __init__(self, model: nn.Module, body: ServerBody, prompts: nn.Parameter, val_rows: Sequence[Encoded],
-                 pad_id: int, eval_batch_size: int = 32) -> None:  # fmt: skip
+                 pad_id: int, eval_batch_size: int = 128) -> None:  # fmt: skip
         self.body, self.prompts, self.tail = body, prompts, Tail(model)
         self.full = PromptedModel(model, prompts, self.tail)  # head -> body -> tail in one stack
         self.val_batches = fixed_batches(val_rows, eval_batch_size, pad_id)

@@ -153,10 +153,12 @@ def score_choices(
     """Sum of log-probabilities of each choice given its context, running every context once.
 
     ``contexts[q]`` are question q's context tokens (non-empty); ``choices[q][c]``
-    the tokens of its choice c. The contexts run as one right-padded batch
-    whose cache (prefix + context) is then repeated once per choice; the choices
-    continue from it at positions len(context)... Same numbers as scoring each
-    context + choice sequence in full, for about a third of the tokens.
+    the tokens of its choice c. The contexts run as one right-padded batch;
+    then each question's choices, packed one after another in a single row,
+    continue from its cached prefix + context at positions len(context)...
+    (:func:`_packed_choice_logprobs`), questions in groups of similar packed
+    length (:func:`length_buckets`). Same numbers as scoring each context +
+    choice sequence in full, for about a third of the tokens.
     """
     device = model_device(model)
     ctx_ids, ctx_mask = (t.to(device) for t in _pad_right(contexts, pad_id))  # (Q, Tc)
@@ -167,9 +169,10 @@ def score_choices(
         if prefix is not None
         else DynamicCache()
     )
+    prior_mask = torch.cat([ctx_mask.new_ones(num_q, P), ctx_mask], dim=1)  # (Q, P+Tc)
     out = model.base_model(
         input_ids=ctx_ids,
-        attention_mask=torch.cat([ctx_mask.new_ones(num_q, P), ctx_mask], dim=1),
+        attention_mask=prior_mask,
         position_ids=(ctx_mask.cumsum(-1) - 1).clamp(min=0),
         past_key_values=cache,
         use_cache=True,
@@ -178,34 +181,70 @@ def score_choices(
     ctx_last = out.last_hidden_state[
         torch.arange(num_q, device=device), ctx_len - 1
     ]  # (Q, H): predicts each choice's first token
-    owner = torch.tensor(
-        [q for q, options in enumerate(choices) for _ in options], device=device
-    )  # (N,) question of each choice
-    flat = [c for options in choices for c in options]
-    ch_ids, ch_mask = (t.to(device) for t in _pad_right(flat, pad_id))  # (N, Tk)
-    expanded = DynamicCache()
-    for layer in range(len(out.past_key_values.layers)):
-        kv = out.past_key_values.layers[layer]
-        expanded.update(kv.keys.index_select(0, owner), kv.values.index_select(0, owner), layer)
-    prior_mask = torch.cat([ctx_mask.new_ones(num_q, P), ctx_mask], dim=1).index_select(0, owner)  # (N, P+Tc)
-    hidden = model.base_model(
-        input_ids=ch_ids,
-        attention_mask=torch.cat([prior_mask, ch_mask], dim=1),
-        position_ids=ctx_len.index_select(0, owner).unsqueeze(1)
-        + torch.arange(ch_ids.shape[1], device=device),
-        past_key_values=expanded,
-        use_cache=True,
-    ).last_hidden_state  # (N, Tk, H)
-    predictors = torch.cat(
-        [ctx_last.index_select(0, owner).unsqueeze(1), hidden[:, :-1]], dim=1
-    )  # (N, Tk, H)
-    keep = ch_mask.bool()
-    logits = model.get_output_embeddings()(predictors[keep]).float()  # (n_choice_tokens, V)
-    token_lp = logits.log_softmax(-1).gather(-1, ch_ids[keep].unsqueeze(-1)).squeeze(-1)
-    row = torch.arange(len(flat), device=device).unsqueeze(1).expand_as(ch_ids)[keep]
-    sums = torch.zeros(len(flat), device=device).index_add_(0, row, token_lp).tolist()
-    scores, k = [], 0
-    for options in choices:
-        scores.append(sums[k : k + len(options)])
-        k += len(options)
+    scores: list[list[float]] = [[] for _ in choices]
+    packed = [sum(len(c) for c in options) for options in choices]
+    for group in length_buckets(packed):
+        rows = _packed_choice_logprobs(model, out.past_key_values, ctx_last, ctx_len, prior_mask, group,
+                                       choices, pad_id)  # fmt: skip
+        for q, row in zip(group, rows, strict=True):
+            scores[q] = row
     return scores
+
+
+def _packed_choice_logprobs(
+    model: PreTrainedModel,
+    context_cache: DynamicCache,
+    ctx_last: torch.Tensor,
+    ctx_len: torch.Tensor,
+    prior_mask: torch.Tensor,
+    questions: list[int],
+    choices: list[list[list[int]]],
+    pad_id: int,
+) -> list[list[float]]:
+    """Summed log-probability of every choice of ``questions``, one packed row per question.
+
+    A question's choices follow each other in one row after its cached
+    context; a block mask lets each choice token see the prefix, the context
+    and the earlier tokens of its own choice only, and every choice's positions
+    restart at len(context). The context cache is read once per question,
+    never copied per choice.
+    """
+    device = ctx_last.device
+    rows = [[t for c in choices[q] for t in c] for q in questions]
+    ids, real = (t.to(device) for t in _pad_right(rows, pad_id))  # (G, L)
+    width = ids.shape[1]
+    segment = torch.full((len(rows), width), -1, dtype=torch.long)  # which choice each token belongs to
+    offset = torch.zeros((len(rows), width), dtype=torch.long)  # position of the token within its choice
+    for g, q in enumerate(questions):
+        start = 0
+        for c, tokens in enumerate(choices[q]):
+            segment[g, start : start + len(tokens)] = c
+            offset[g, start : start + len(tokens)] = torch.arange(len(tokens))
+            start += len(tokens)
+    segment, offset = segment.to(device), offset.to(device)
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+    own = (segment.unsqueeze(2) == segment.unsqueeze(1)) & causal  # (G, L, L): same choice, not later
+    own |= torch.eye(width, dtype=torch.bool, device=device)  # padding rows see themselves (never all masked)
+    index = torch.tensor(questions, device=device)
+    prior = prior_mask.index_select(0, index).bool().unsqueeze(1).expand(-1, width, -1)  # (G, L, P+Tc)
+    cache = DynamicCache()
+    for layer in range(len(context_cache.layers)):
+        kv = context_cache.layers[layer]
+        cache.update(kv.keys.index_select(0, index), kv.values.index_select(0, index), layer)
+    hidden = model.base_model(
+        input_ids=ids,
+        attention_mask=torch.cat([prior, own], dim=2).unsqueeze(1),  # (G, 1, L, P+Tc+L)
+        position_ids=ctx_len.index_select(0, index).unsqueeze(1) + offset,
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state  # (G, L, H)
+    previous = torch.cat([hidden.new_zeros(len(rows), 1, hidden.shape[2]), hidden[:, :-1]], dim=1)
+    first = ctx_last.index_select(0, index).unsqueeze(1).expand_as(previous)
+    predictors = torch.where((offset == 0).unsqueeze(-1), first, previous)  # (G, L, H)
+    keep = real.bool()
+    logits = model.get_output_embeddings()(predictors[keep]).float()  # (n_choice_tokens, V)
+    token_lp = logits.log_softmax(-1).gather(-1, ids[keep].unsqueeze(-1)).squeeze(-1)
+    num_choices = max(len(choices[q]) for q in questions)
+    slot = (torch.arange(len(rows), device=device).unsqueeze(1) * num_choices + segment)[keep]
+    sums = torch.zeros(len(rows) * num_choices, device=device).index_add_(0, slot, token_lp).tolist()
+    return [sums[g * num_choices : g * num_choices + len(choices[q])] for g, q in enumerate(questions)]

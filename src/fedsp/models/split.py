@@ -154,7 +154,9 @@ def prompt_positions(attention_mask: torch.Tensor, num_prompts: int) -> torch.Te
 
 
 def prompt_mask(attention_mask: torch.Tensor, num_prompts: int) -> torch.Tensor:
-    return torch.cat([attention_mask.new_ones(attention_mask.shape[0], num_prompts), attention_mask], dim=1)
+    """(B, K) or (B, 1, T, K) mask -> the same with P leading ones on the key axis: every token sees the prompts."""
+    visible = attention_mask.new_ones(*attention_mask.shape[:-1], num_prompts)
+    return torch.cat([visible, attention_mask], dim=-1)
 
 
 def with_prompts(model: PreTrainedModel, prompts: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -270,7 +272,7 @@ class _PromptedBase(nn.Module):
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
         position_ids = position_ids + P
-        mask = prompt_mask(attention_mask, P)  # (B, P + cached + T)
+        mask = prompt_mask(attention_mask, P)  # (B, P + cached + T), or (B, 1, T, P + cached + T)
         base = owner.view.base_model
         if cached:  # the prompts are in the cache already
             return base(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,

@@ -23,10 +23,11 @@ import numpy as np
 import torch
 
 from fedsp import wire
+from fedsp.config import SPEED_ONLY
 from fedsp.errors import FedSPError
 
 CHECKPOINT = "checkpoint.pt"
-_NOT_COMPARED = ("progress", "out")  # may differ between the first run and its resume
+_NOT_COMPARED = (*SPEED_ONLY, "out")  # may differ between the first run and its resume
 
 
 def atomic_save(obj: Any, path: Path) -> None:

@@ -5,7 +5,8 @@ such as ``aux_layers=2``) written to ``<out>/cells/<cell name>/``. A cell whose
 folder holds a ``results.json`` written with the same configuration is reused,
 so an interrupted grid continues where it stopped; a folder without
 ``results.json`` is an interrupted cell and is run again; a folder written with
-other settings is refused (choose another ``--out``).
+other settings is refused (choose another ``--out``); settings that change only
+the speed (``fedsp.config.SPEED_ONLY``, e.g. the evaluation batch size) may differ.
 
 Presets (``--scale``): ``cpu`` is sized for a 2-core machine (a cell takes
 one to three minutes on SmolLM2-135M); ``paper`` follows the paper and the
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedsp.config import RunConfig
+from fedsp.config import SPEED_ONLY, RunConfig
 from fedsp.errors import FedSPError
 
 SCALES: dict[str, dict[str, Any]] = {
@@ -90,7 +91,7 @@ class Grid:
             return None
         saved = json.loads((folder / "config.json").read_text())
         wanted = cell.config(self.base, self.out).to_dict()
-        differs = sorted(k for k in wanted if k not in ("progress",) and saved.get(k) != wanted[k])
+        differs = sorted(k for k in wanted if k not in SPEED_ONLY and saved.get(k) != wanted[k])
         if differs:
             raise FedSPError(f"grid cell {folder} was run with other settings ({', '.join(differs)}); "
                              "use another --out or remove that folder")  # fmt: skip
