@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from fedsp.models.loading import resolve_device
+from fedsp.models.precision import native_bfloat16
 
 RESULTS = Path("results") / "bench"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -43,8 +44,21 @@ def matmul_peak(
     Stops repeating once ``budget_s`` is spent: on a CPU without native bfloat16
     kernels one bfloat16 matmul can take minutes.
     """
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
+    return matmul_rate(dtype, device, size, size, size, repeats, budget_s)
+
+
+def matmul_rate(
+    dtype: torch.dtype,
+    device: torch.device,
+    m: int,
+    k: int,
+    n: int,
+    repeats: int = 10,
+    budget_s: float = 10.0,
+) -> tuple[float, float]:
+    """Best GFLOP/s of an (m x k) @ (k x n) matmul (2 * m * k * n FLOPs), and seconds of one."""
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(k, n, device=device).to(dtype)
     a @ b  # warm-up: thread pool, kernel selection
     best, spent = float("inf"), 0.0
     for _ in range(repeats):
@@ -56,7 +70,7 @@ def matmul_peak(
         best, spent = min(best, seconds), spent + seconds
         if spent > budget_s:
             break
-    return 2 * size**3 / best / 1e9, best
+    return 2 * m * k * n / best / 1e9, best
 
 
 def rss_mb() -> float:
@@ -127,7 +141,20 @@ def machine(device: torch.device) -> dict[str, Any]:
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        info["cpu_model"] = _cpu_model()
+        info["native_bfloat16"] = native_bfloat16("cpu")
     return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def resolve(name: str) -> torch.device:

@@ -38,6 +38,12 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=("float32", "bfloat16"))
     parser.add_argument("--batch-size", type=int, default=128, help="sequences per batch")
     parser.add_argument("--prefix-len", type=int, default=0, help="random prefix of N tokens (0: none)")
+    parser.add_argument(
+        "--attention",
+        default="auto",
+        choices=("auto", "sdpa", "eager"),
+        help="attention kernel (auto: eager for bfloat16 on a CPU, else sdpa)",
+    )
     common_args(parser, "eval_arc")
     args = parser.parse_args()
     device = resolve(args.device)
@@ -45,7 +51,7 @@ def main() -> None:
     examples = examples[: args.limit] if args.limit else examples
     rows, reference = [], None
     for dtype in args.dtypes:
-        loaded = load_global_model(args.model, dtype, device=args.device)
+        loaded = load_global_model(args.model, dtype, device=args.device, attention=args.attention)
         prefix = None
         if args.prefix_len:
             torch.manual_seed(0)

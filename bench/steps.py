@@ -51,6 +51,7 @@ from peft import PrefixTuningConfig, get_peft_model
 from fedsp.data.batching import collate, encode_gold, encode_pair
 from fedsp.data.tasks import load_task
 from fedsp.methods.kd import masked_mse
+from fedsp.methods.optim import OptimConfig, Phase
 from fedsp.models.adapters import decoder_layers
 from fedsp.models.auxiliary import build_auxiliary_model
 from fedsp.models.forward import IGNORE, answer_loss, hidden_states, score_choices
@@ -64,7 +65,7 @@ class Setup:
     """Models, prefixes, optimisers and batches of one dtype: ours and the plain PEFT twins."""
 
     def __init__(self, args: argparse.Namespace, dtype: str) -> None:
-        loaded = load_global_model(args.model, dtype, device=args.device)
+        loaded = load_global_model(args.model, dtype, device=args.device, attention=args.attention)
         self.model, self.tokenizer, self.pad = loaded.model, loaded.tokenizer, loaded.tokenizer.pad_token_id
         self.device = self.model.device
         P = args.prefix_len
@@ -78,8 +79,9 @@ class Setup:
             self.prefix, self.model, torch.tensor([t for r in rows[:20] for t in r.ids][:P])
         )
         self.aux = build_auxiliary_model(self.model, [0])
-        self.opt_prefix = torch.optim.AdamW(self.prefix.parameters(), lr=1e-3)
-        self.opt_aux = torch.optim.AdamW(self.aux.parameters(), lr=1e-4)
+        # ours: the package's optimisation phases (AdamW, clipping; float32 masters of bfloat16 weights)
+        self.opt_prefix = Phase(list(self.prefix.parameters()), OptimConfig(lr=1e-3), 1000)
+        self.opt_aux = Phase(list(self.aux.parameters()), OptimConfig(lr=1e-4), 1000)
         # plain: PEFT prefix tuning on the global model and on its own auxiliary model
         config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P)
         self.peft_global = get_peft_model(self.model, config)
@@ -141,16 +143,16 @@ def _train_mode(s: Setup, kind: str) -> None:
 def run_ours(s: Setup, kind: str, i: int, bucket: bool) -> None:
     batch = s.batches[i]
     if kind == "server":
-        _step(answer_loss(s.model, batch, s.prefix, bucket=bucket), list(s.prefix.parameters()), s.opt_prefix)
+        s.opt_prefix.step(answer_loss(s.model, batch, s.prefix, bucket=bucket))
     elif kind == "align":
-        _step(answer_loss(s.aux, batch, s.prefix, bucket=bucket), list(s.aux.parameters()), s.opt_aux)
+        s.opt_aux.step(answer_loss(s.aux, batch, s.prefix, bucket=bucket))
     elif kind == "prompt":
-        _step(answer_loss(s.aux, batch, s.prefix, bucket=bucket), list(s.prefix.parameters()), s.opt_prefix)
+        s.opt_prefix.step(answer_loss(s.aux, batch, s.prefix, bucket=bucket))
     elif kind == "kd":
         target = s.teacher_states[i]  # (B, T, H) computed before timing: the cache's steady state
         student = hidden_states(s.aux, batch["input_ids"], batch["attention_mask"])
         mask = batch["attention_mask"].to(s.device)
-        _step(masked_mse(student, target, mask), list(s.aux.parameters()), s.opt_aux)
+        s.opt_aux.step(masked_mse(student, target, mask))
     elif kind == "eval":
         _eval_ours(s, i, cached=bucket)
 
@@ -263,6 +265,12 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions per kind and path")
     parser.add_argument(
         "--profile", nargs="*", default=[], help="kinds to profile (ours) with torch.profiler"
+    )
+    parser.add_argument(
+        "--attention",
+        default="auto",
+        choices=("auto", "sdpa", "eager"),
+        help="attention kernel (auto: eager for bfloat16 on a CPU, else sdpa)",
     )
     common_args(parser, "steps")
     args = parser.parse_args()

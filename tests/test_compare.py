@@ -148,3 +148,24 @@ def test_resume_compares_every_setting_but_the_speed_only_ones():
     assert set(SPEED_ONLY) == {"progress", "eval_batch_size"}
     assert same == ""
     assert differ == "rounds: 2 then, 3 now"
+
+
+def test_compare_dtype_reaches_every_cell_and_a_float32_grid_is_not_reused_as_bfloat16(tmp_path):
+    # Prepare: a finished float32 cell, as docs/results.md's grid was run
+    parser = build_parser()
+    args = parser.parse_args(["compare", "--model", "tiny-llama", "--methods", "fedsp", "--seeds", "0",
+                              "--out", str(tmp_path), "--dtype", "float32"])  # fmt: skip
+    grid, _ = plan(args)
+    cell = grid.cells[0]
+    assert cell.config(grid.base, grid.out).dtype == "float32"
+    folder = grid.cell_dir(cell)
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(cell.config(grid.base, grid.out).to_dict()))
+    (folder / "results.json").write_text("{}")
+    assert grid.reusable(cell) == {}
+    # Execute: the same grid asked for in bfloat16
+    args.dtype = "bfloat16"
+    other, _ = plan(args)
+    # Assert: refused, naming the setting
+    with pytest.raises(FedSPError, match="dtype"):
+        other.reusable(other.cells[0])

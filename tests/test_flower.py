@@ -22,8 +22,9 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from fedsp.runtime.flower import client_app, payload, server_app  # noqa: E402
 
+# float32, where the equivalence is stated to 1e-6 (test_bfloat16_engines_agree covers bfloat16)
 TINY = RunConfig(model="tiny-llama", clients=3, rounds=2, local_steps=1, kd_steps=2, eval_limit=8, val_limit=8,
-                 prefix_len=4, max_length=96, progress=False)  # fmt: skip
+                 prefix_len=4, max_length=96, progress=False, dtype="float32")  # fmt: skip
 
 
 def _prefix(out) -> dict[str, torch.Tensor]:
@@ -138,6 +139,21 @@ def test_client_handler_keeps_state_on_disk_and_reports_a_lost_state(reference, 
     assert set(update) == set(session.course.server.broadcast()) and size > 0
     assert rounds_on_disk == [1, 2] and store.has_aux()
     assert lost.content[payload.META]["status"] == payload.LOST_STATE
+
+
+def test_bfloat16_engines_agree(tmp_path):
+    # Prepare: the same course in bfloat16 (frozen weights bfloat16, float32 masters for what is trained)
+    from fedsp.runtime.flower import simulation
+
+    config = replace(TINY, dtype="bfloat16")
+    # Execute
+    here = inprocess.run(replace(config, out=str(tmp_path / "inprocess")))
+    there = simulation.run(replace(config, out=str(tmp_path / "flower"), engine="flower"))
+    # Assert: the rebuilt Flower clients compute exactly what the in-process ones do, and the run says bfloat16
+    ours, theirs = _prefix(there.out_dir), _prefix(here.out_dir)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert there.results["final"] == here.results["final"]
+    assert json.loads((here.out_dir / "config.json").read_text())["dtype"] == "bfloat16"
 
 
 def test_flower_simulation_equals_the_inprocess_run(reference, tmp_path):

@@ -193,20 +193,27 @@ def test_packed_choices_in_length_groups_score_as_each_full_sequence(tiny, with_
 
     monkeypatch.setattr(forward, "length_buckets", eager_buckets)
     prefix = _random_prefix(tiny.model, seed=5) if with_prefix else None
-    tok = tiny.tokenizer
+    # Execute
+    scores, full = _packed_and_full_scores(tiny, prefix)
+    # Assert: several groups ran, and every choice's log-probability is the full sequence's
+    assert groups_seen and groups_seen[0] > 1
+    for got, want in zip(scores, full, strict=True):
+        assert got == pytest.approx(want, abs=1e-4)
+
+
+def _packed_and_full_scores(loaded, prefix):
+    """Every EXAMPLES choice's log-probability: packed after a cached context, and as a full sequence."""
+    import fedsp.models.forward as forward
+
+    tok = loaded.tokenizer
     contexts, choices, full = [], [], []
     for ex in EXAMPLES:
         encoded = [encode_pair(tok, ex.context, " " + c, 256) for c in ex.choices]
         contexts.append(list(encoded[0].ids[: len(encoded[0].ids) - encoded[0].num_answer]))
         choices.append([list(e.ids[len(e.ids) - e.num_answer :]) for e in encoded])
-        full.append(continuation_logprobs(tiny.model, collate(encoded, tok.pad_token_id), prefix).tolist())
-    # Execute
+        full.append(continuation_logprobs(loaded.model, collate(encoded, tok.pad_token_id), prefix).tolist())
     with torch.no_grad():
-        scores = forward.score_choices(tiny.model, contexts, choices, tok.pad_token_id, prefix)
-    # Assert: several groups ran, and every choice's log-probability is the full sequence's
-    assert groups_seen and groups_seen[0] > 1
-    for got, want in zip(scores, full, strict=True):
-        assert got == pytest.approx(want, abs=1e-4)
+        return forward.score_choices(loaded.model, contexts, choices, tok.pad_token_id, prefix), full
 
 
 # --- bfloat16 -------------------------------------------------------------------------------
@@ -291,3 +298,186 @@ def test_prefix_moves_to_cuda_in_place_so_its_optimiser_keeps_working():
 def test_prefix_for_is_created_on_the_model_device():
     meta_model = load_global_model("tiny-llama", device="cpu").model.to("meta")
     assert prefix_for(meta_model, 2).table.device.type == "meta"
+
+
+def test_bfloat16_phase_keeps_float32_masters_so_small_updates_accumulate():
+    # Prepare: one bfloat16 weight of 1.0 and a float32 twin; AdamW's first steps move it by ~lr each,
+    # far below bfloat16's resolution at 1.0 (2**-7): rounded each step, the weight would never move
+    from fedsp.methods.optim import OptimConfig, Phase
+
+    config = OptimConfig(lr=1e-3, weight_decay=0.0, warmup_ratio=0.0)
+    low = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    high = torch.nn.Parameter(torch.ones(4))
+    phases = [Phase([low], config, 100), Phase([high], config, 100)]
+    # Execute: 20 steps of the same gradient direction
+    for _ in range(20):
+        for phase, p in zip(phases, (low, high), strict=True):
+            phase.step((p.float() * torch.tensor([1.0, -1.0, 2.0, 0.5])).sum())
+    # Assert: the parameter stays bfloat16 and holds the float32 run's value, rounded to bfloat16
+    assert low.dtype == torch.bfloat16 and low.grad is None
+    assert not torch.equal(low.float(), torch.ones(4))
+    assert torch.equal(low, high.detach().to(torch.bfloat16))
+    assert phases[0].state_dict()["masters"][0] == pytest.approx(high.detach(), abs=1e-6)
+
+
+def test_bfloat16_phase_master_follows_a_parameter_written_from_outside():
+    # Prepare: a bfloat16 weight stepped once, then overwritten (a loaded state, a received aggregate)
+    from fedsp.methods.optim import OptimConfig, Phase
+
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))
+    phase = Phase([p], OptimConfig(lr=1e-2, weight_decay=0.0, warmup_ratio=0.0), 10)
+    phase.step(p.float().sum())
+    with torch.no_grad():
+        p.copy_(torch.full((3,), 5.0))
+    # Execute
+    phase.step(p.float().sum())
+    # Assert: the step started from 5.0, not from the stale master near 0
+    assert torch.all((p.float() - 5.0).abs() < 0.05)
+
+
+def test_bfloat16_phase_state_round_trips_its_masters():
+    from fedsp.methods.optim import OptimConfig, Phase
+
+    config = OptimConfig(lr=1e-3, weight_decay=0.0, warmup_ratio=0.0)
+    a = torch.nn.Parameter(torch.ones(5, dtype=torch.bfloat16))
+    phase = Phase([a], config, 10)
+    for _ in range(3):
+        phase.step(a.float().sum())
+    state = phase.state_dict()
+    # Execute: a fresh parameter and phase (a client rebuilt from its saved state)
+    b = torch.nn.Parameter(a.detach().clone())
+    restored = Phase([b], config, 10)
+    restored.load_state_dict(state)
+    phase.step(a.float().sum())
+    restored.step(b.float().sum())
+    # Assert: both continue identically, masters included
+    assert torch.equal(a, b)
+    assert torch.equal(phase.state_dict()["masters"][0], restored.state_dict()["masters"][0])
+
+
+def test_float32_phase_state_has_no_masters():
+    from fedsp.methods.optim import OptimConfig, Phase
+
+    p = torch.nn.Parameter(torch.ones(2))
+    phase = Phase([p], OptimConfig(lr=1e-3), 10)
+    phase.step(p.sum())
+    assert "masters" not in phase.state_dict()
+
+
+def test_auto_dtype_is_bfloat16_only_with_native_bfloat16(monkeypatch, tmp_path):
+    from fedsp.models import precision
+
+    amx = tmp_path / "amx"
+    amx.write_text("processor : 0\nflags : fpu sse avx2 avx512f amx_bf16 amx_tile\n")
+    avx2 = tmp_path / "avx2"
+    avx2.write_text("processor : 0\nflags : fpu sse avx2 fma\n")
+    assert precision.native_bfloat16("cpu", precision.cpu_flags(str(amx)))
+    assert not precision.native_bfloat16("cpu", precision.cpu_flags(str(avx2)))
+    assert precision.cpu_flags(str(tmp_path / "missing")) == frozenset()
+    # resolve_dtype: explicit choices pass through; auto asks the CPU when no GPU is used
+    assert precision.resolve_dtype("float32", "cpu") == "float32"
+    assert precision.resolve_dtype("bfloat16", "cpu") == "bfloat16"
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert precision.resolve_dtype("auto", "cpu") == "float32"
+    assert RunConfig(device="cpu", dtype="auto").dtype == "float32"
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    assert precision.resolve_dtype("auto", "cpu") == "bfloat16"
+    # the configuration records what was resolved, never "auto"; the default stays float32
+    assert RunConfig(device="cpu", dtype="auto").dtype == "bfloat16"
+    assert RunConfig(device="cpu", dtype="auto").to_dict()["dtype"] == "bfloat16"
+    assert RunConfig(device="cpu").dtype == "float32"
+
+
+def test_bfloat16_fedsp_client_trains_its_auxiliary_model_through_masters():
+    # Prepare: a bfloat16 tiny model, its auxiliary model, one FedSP client round
+    from fedsp.methods.fedsp import FedSPClient, LocalConfig
+    from fedsp.methods.optim import OptimConfig
+
+    loaded = load_global_model("tiny-llama", "bfloat16", device="cpu")
+    tok = loaded.tokenizer
+    rows = [encode_pair(tok, c, a, 256) for c, a in PAIRS]
+    aux = build_auxiliary_model(loaded.model, [0])
+    before = {k: v.detach().clone() for k, v in aux.named_parameters()}
+    prefix = prefix_for(loaded.model, 4)
+    config = LocalConfig(steps=2, batch_size=3, align=OptimConfig(lr=1e-2), prompt=OptimConfig(lr=1e-2))
+    client = FedSPClient(aux, prefix.config, rows, config, total_rounds=2, pad_id=tok.pad_token_id, seed=0)
+    # Execute
+    update = client.fit(prefix.wire_state())
+    # Assert: weights stay bfloat16 and moved; the prefix sent is float32; the saved state holds masters
+    assert all(p.dtype == torch.bfloat16 for p in aux.parameters())
+    assert any(not torch.equal(before[k], v) for k, v in aux.named_parameters())
+    assert all(t.dtype == torch.float32 for t in update.state.values())
+    assert "masters" in client.state_dict()["align"]
+
+
+def test_bfloat16_casts_weights_but_keeps_float32_buffers():
+    # rotary inv_freq rounded to bfloat16 would shift every position's angle (and make a rebuilt client differ)
+    from transformers import AutoModelForCausalLM
+
+    loaded = load_global_model("tiny-llama", "bfloat16", device="cpu")
+    skeleton = AutoModelForCausalLM.from_config(loaded.model.config, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in loaded.model.parameters())
+    buffers = dict(loaded.model.named_buffers())
+    assert buffers and all(b.dtype == torch.float32 for b in buffers.values())
+    assert {n: b.dtype for n, b in skeleton.named_buffers()} == {n: b.dtype for n, b in buffers.items()}
+
+
+@pytest.mark.parametrize("spec", list(TINY_MODELS))
+def test_packed_choices_score_as_full_sequences_with_the_eager_kernel(spec):
+    # Prepare: the eager attention kernel (what bfloat16 on a CPU uses) takes the packed rows' 4D mask
+    # additively; a boolean mask there would let every choice see the others
+    loaded = load_global_model(spec, "float32", device="cpu", attention="eager")
+    assert loaded.model.config._attn_implementation == "eager"
+    prefix = _random_prefix(loaded.model, seed=7)
+    # Execute
+    scores, full = _packed_and_full_scores(loaded, prefix)
+    # Assert
+    for got, want in zip(scores, full, strict=True):
+        assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_attention_kernel_follows_dtype_and_device():
+    from fedsp.models.precision import pick_attention
+
+    assert pick_attention("auto", "bfloat16", "cpu") == "eager"
+    assert pick_attention("auto", "float32", "cpu") == "sdpa"
+    assert pick_attention("auto", "bfloat16", "cuda") == "sdpa"
+    assert pick_attention("sdpa", "bfloat16", "cpu") == "sdpa"
+    assert (
+        load_global_model("tiny-llama", "bfloat16", device="cpu").model.config._attn_implementation == "eager"
+    )
+    with pytest.raises(FedSPError, match="attention"):
+        load_global_model("tiny-llama", attention="flash")
+
+
+def test_bfloat16_logits_are_taken_in_float32():
+    # the loss's softmax sees float32 logits of the bfloat16 hidden states and weights, not rounded ones
+    from fedsp.models.forward import head_logits
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False).to(torch.bfloat16)
+    hidden = (torch.randn(3, 16) * 4).to(torch.bfloat16)
+    logits = head_logits(head, hidden)
+    assert logits.dtype == torch.float32
+    assert torch.allclose(logits, hidden.float() @ head.weight.float().T, atol=1e-5)
+    assert not torch.equal(logits, head(hidden).float())  # the bfloat16 product is rounded
+    head32 = torch.nn.Linear(16, 50)
+    assert torch.equal(head_logits(head32, hidden.float()), head32(hidden.float()))
+
+
+def test_bfloat16_loss_runs_the_whole_batch_in_one_forward(monkeypatch):
+    # length buckets pay in float32 only; in bfloat16 the batch goes through the model once
+    import fedsp.models.forward as forward
+
+    calls = {"float32": 0, "bfloat16": 0}
+    original = forward._answer_logits
+    for dtype in calls:
+        loaded = load_global_model("tiny-llama", dtype, device="cpu")
+
+        def counting(model, batch, prefix, dtype=dtype):
+            calls[dtype] += 1
+            return original(model, batch, prefix)
+
+        monkeypatch.setattr(forward, "_answer_logits", counting)
+        forward.answer_loss(loaded.model, _batch(loaded.tokenizer))
+    assert calls["float32"] > 1 and calls["bfloat16"] == 1

@@ -50,7 +50,7 @@ _HELP = {
     "zero_shot_eval": "evaluate the untrained model first, on the same examples (true/false)",
     "eval_batch_size": "evaluation batch size (sequences; speed only, results are the same)",
     "max_length": "maximum tokens per sequence (context truncated from the left)",
-    "dtype": "weights dtype: float32 or bfloat16",
+    "dtype": "float32, bfloat16, or auto: bfloat16 where the CPU (AMX/AVX512-BF16) or GPU multiplies it natively",
     "device": "where the models run: auto (CUDA when present, else CPU), cpu or cuda",
     "seed": "training seed",
     "out": "results folder to create (must not exist; default runs/<method>-<task>-<time>)",

@@ -1,4 +1,13 @@
-"""An optimisation phase: AdamW with linear warm-up then linear decay, kept across rounds."""
+"""An optimisation phase: AdamW with linear warm-up then linear decay, kept across rounds.
+
+Parameters stored in a low-precision dtype (bfloat16 runs, see
+:mod:`fedsp.models.precision`) are updated through float32 master copies: the
+gradient is taken in the model's dtype, AdamW steps the float32 master, and the
+parameter receives the master rounded to its dtype. Updates smaller than
+bfloat16's resolution (about 0.4% of a weight) thus accumulate instead of
+vanishing. A parameter written from outside between steps (a loaded state,
+a received aggregate) is noticed by its version counter and re-seeds its master.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +28,9 @@ class OptimConfig:
     grad_clip: float = 1.0
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
 class Phase:
     """One AdamW + schedule over ``total_steps`` steps; ``step`` does backward, clip, update.
 
@@ -29,14 +41,26 @@ class Phase:
         self, params: Iterable[nn.Parameter] | Iterable[dict], config: OptimConfig, total_steps: int
     ) -> None:
         groups = list(params)
-        if groups and isinstance(groups[0], dict):
-            self.params = [p for group in groups for p in group["params"]]
-        else:
-            self.params = groups
+        grouped = bool(groups) and isinstance(groups[0], dict)
+        self.params = [p for group in groups for p in group["params"]] if grouped else groups
         self.config = config
+        # float32 masters of the low-precision parameters: what AdamW actually steps
+        self._low = [p for p in self.params if p.dtype in LOW_PRECISION]
+        self._masters = [p.detach().float().clone() for p in self._low]
+        self._versions = [p._version for p in self._low]
+        swap = {id(p): m for p, m in zip(self._low, self._masters, strict=True)}
+        self._stepped = [swap.get(id(p), p) for p in self.params]
+
+        def stepped(ps: Iterable[nn.Parameter]) -> list[torch.Tensor]:
+            return [swap.get(id(p), p) for p in ps]
+
+        opt_groups = [{**g, "params": stepped(g["params"])} for g in groups] if grouped else stepped(groups)
+        # fused: one pass over each tensor instead of one per AdamW operation (6x faster on the CPU for
+        # the auxiliary model's 32 M parameters, where the optimiser step was a fifth of an alignment step)
         self.optimizer = torch.optim.AdamW(
-            groups, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
-        )
+            opt_groups, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay,
+            fused=True,
+        )  # fmt: skip
         warmup = int(config.warmup_ratio * total_steps)
         total = max(1, total_steps)
 
@@ -49,19 +73,51 @@ class Phase:
 
     def step(self, loss: torch.Tensor) -> float:
         loss.backward()
+        self._reseed_written_masters()
+        for p, master in zip(self._low, self._masters, strict=True):
+            master.grad = None if p.grad is None else p.grad.float()
+            p.grad = None
         if self.config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self._stepped, self.config.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._write_masters()
         return float(loss.detach())
 
+    def _reseed_written_masters(self) -> None:
+        """A low-precision parameter changed since this phase last wrote it: its master starts from it."""
+        with torch.no_grad():
+            for i, p in enumerate(self._low):
+                if p._version != self._versions[i]:
+                    self._masters[i].copy_(p)
+
+    def _write_masters(self) -> None:
+        with torch.no_grad():
+            for i, (p, master) in enumerate(zip(self._low, self._masters, strict=True)):
+                p.copy_(master)
+                self._versions[i] = p._version
+
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        if self._masters:
+            self._reseed_written_masters()
+            state["masters"] = [m.detach().clone() for m in self._masters]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        masters = state.get("masters")
+        if masters is None:  # saved by a float32 phase: the parameters themselves are the best estimate
+            self._versions = [-1] * len(self._low)
+            return
+        if len(masters) != len(self._masters):
+            raise ValueError(f"phase state has {len(masters)} master weights, expected {len(self._masters)}")
+        with torch.no_grad():
+            for own, saved in zip(self._masters, masters, strict=True):
+                own.copy_(saved)
+        self._write_masters()
 
 
 def set_trainable(module: nn.Module, flag: bool) -> None:

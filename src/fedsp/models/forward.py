@@ -60,8 +60,21 @@ def _answer_logits(
     hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"], prefix)  # (B, T, H)
     targets = batch["labels"][:, 1:].to(hidden.device)  # (B, T-1): position t predicts token t+1
     keep = targets != IGNORE
-    logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()  # (n_answer_tokens, V)
+    logits = head_logits(model.get_output_embeddings(), hidden[:, :-1][keep])  # (n_answer_tokens, V)
     return logits, targets[keep], keep
+
+
+def head_logits(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """float32 logits of the rows of ``hidden``, computed in float32 even when the model is bfloat16.
+
+    Rounding logits of magnitude 10-30 to bfloat16 (steps of 0.06-0.125) coarsens the
+    softmax that the training and validation losses are taken over; the few answer
+    rows make the float32 product cheap (the weight's cast is the main cost).
+    """
+    if hidden.dtype == torch.float32:
+        return head(hidden)
+    bias = getattr(head, "bias", None)
+    return F.linear(hidden.float(), head.weight.float(), None if bias is None else bias.float())
 
 
 def answer_loss(
@@ -75,8 +88,12 @@ def answer_loss(
     trimmed to its own longest row, and the loss is summed over the groups
     then divided by the answer-token count: the same mean over the same batch,
     with fewer padding tokens through the model. (A training-mode prefix draws
-    its dropout mask once per group instead of once per batch.)
+    its dropout mask once per group instead of once per batch.) Buckets are
+    used in float32 only: they made float32 steps 1.14-1.22x faster, bfloat16
+    steps on an AMX CPU 12-16% slower (docs/performance.md, section 7).
     """
+    # bfloat16 runs whole batches: AMX matmuls want many tokens per call, and buckets cost 12-16% there
+    bucket = bucket and model.get_input_embeddings().weight.dtype == torch.float32
     groups = length_buckets(batch["attention_mask"].sum(-1).tolist()) if bucket else [None]
     total, count = None, 0
     for rows in groups:
@@ -191,6 +208,17 @@ def score_choices(
     return scores
 
 
+def _custom_mask(model: PreTrainedModel, allowed: torch.Tensor) -> torch.Tensor:
+    """A 4D attention mask as the model's kernel takes it: boolean for sdpa, additive (0 / dtype min) for
+    eager, which adds a custom 4D mask to the scores as it is (a boolean one would mask nothing)."""
+    if model.config._attn_implementation != "eager":
+        return allowed
+    dtype = model.get_input_embeddings().weight.dtype
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
+
+
 def _packed_choice_logprobs(
     model: PreTrainedModel,
     context_cache: DynamicCache,
@@ -233,7 +261,7 @@ def _packed_choice_logprobs(
         cache.update(kv.keys.index_select(0, index), kv.values.index_select(0, index), layer)
     hidden = model.base_model(
         input_ids=ids,
-        attention_mask=torch.cat([prior, own], dim=2).unsqueeze(1),  # (G, 1, L, P+Tc+L)
+        attention_mask=_custom_mask(model, torch.cat([prior, own], dim=2).unsqueeze(1)),  # (G, 1, L, P+Tc+L)
         position_ids=ctx_len.index_select(0, index).unsqueeze(1) + offset,
         past_key_values=cache,
         use_cache=True,

@@ -35,6 +35,7 @@ from transformers import (
 
 from fedsp.errors import FedSPError
 from fedsp.models.adapters import kv_geometry
+from fedsp.models.precision import ATTENTION_CHOICES, pick_attention
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_MODELS = ("tiny-llama", "tiny-gpt2", "tiny-opt")
@@ -67,9 +68,19 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def load_global_model(spec: str, dtype: str = "float32", seed: int = 0, device: str = "auto") -> LoadedModel:
-    """Load the model named by ``spec`` onto ``device``; its weights are frozen (``requires_grad=False``)."""
+def load_global_model(
+    spec: str, dtype: str = "float32", seed: int = 0, device: str = "auto", attention: str = "auto"
+) -> LoadedModel:
+    """Load the model named by ``spec`` onto ``device``; its weights are frozen (``requires_grad=False``).
+
+    ``attention``: the attention kernel (:func:`fedsp.models.precision.pick_attention`; ``auto`` by dtype
+    and device).
+    """
     target = resolve_device(device)
+    if attention not in ATTENTION_CHOICES:
+        raise FedSPError(
+            f"attention {attention!r} is not supported; choose one of: {', '.join(ATTENTION_CHOICES)}"
+        )
     if dtype not in DTYPES:
         raise FedSPError(f"dtype {dtype!r} is not supported; choose one of: {', '.join(DTYPES)}")
     torch_dtype = DTYPES[dtype]
@@ -77,7 +88,9 @@ def load_global_model(spec: str, dtype: str = "float32", seed: int = 0, device: 
         model, tokenizer = _load_smollm2(torch_dtype)
     elif spec in TINY_MODELS:
         model, tokenizer = _build_tiny(spec, seed)
-        model = model.to(torch_dtype)
+        # weights only: buffers such as rotary inv_freq stay float32, as from_pretrained(dtype=...) keeps them
+        for param in model.parameters():
+            param.data = param.data.to(torch_dtype)
     elif spec.endswith(".gguf"):
         path = Path(spec)
         if not path.is_file():
@@ -86,6 +99,9 @@ def load_global_model(spec: str, dtype: str = "float32", seed: int = 0, device: 
     else:
         model, tokenizer = _load_pretrained(spec, torch_dtype)
     kv_geometry(model.config)  # an unsupported family is reported here, before any work
+    kernel = pick_attention(attention, dtype, target.type)
+    if model.config._attn_implementation != kernel:
+        model.set_attn_implementation(kernel)
     model.to(target)
     model.eval()
     model.requires_grad_(False)

@@ -40,6 +40,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from fedsp.errors import FedSPError
 from fedsp.models.adapters import decoder_layers, set_decoder_layers
+from fedsp.models.forward import head_logits
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ class Tail(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """(n, H) -> logits (n, V) in float32."""
-        return self._frozen[1](self.normed(hidden)).float()
+        return head_logits(self._frozen[1], self.normed(hidden))
 
     def wire_state(self) -> dict[str, torch.Tensor]:
         return {f"tail.{k}": p.detach().to("cpu", copy=True).contiguous() for k, p in self.named_parameters()}

@@ -44,6 +44,8 @@ def add_parser(sub) -> None:
     p.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
     p.add_argument("--scale", default="cpu", choices=sorted(SCALES), help="preset of run sizes")
     p.add_argument("--model", default="smollm2", help="global model (as for fedsp run)")
+    p.add_argument("--dtype", default="float32", choices=("auto", "float32", "bfloat16"),
+                   help="as for fedsp run (auto: bfloat16 where native)")  # fmt: skip
     p.add_argument("--out", default="results/paper", help="grid folder (cells and tables); reused if present")
     p.add_argument(
         "--tables-only", action="store_true", help="write the tables from finished cells, run nothing"
@@ -70,7 +72,7 @@ def plan(args: argparse.Namespace) -> tuple[Grid, dict[str, list[Cell]]]:
     tasks = _split(args.tasks)
     by_table = {t: build_cells(t, tasks, methods, seeds) for t in wanted}
     ordered = list(dict.fromkeys(c for cells in by_table.values() for c in cells))  # unique, in order
-    base = {**SCALES[args.scale], "model": args.model}
+    base = {**SCALES[args.scale], "model": args.model, "dtype": args.dtype}
     return Grid(ordered, base, Path(args.out)), by_table
 
 

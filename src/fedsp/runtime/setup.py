@@ -117,9 +117,8 @@ def distilled_auxiliary_model(
         return aux, selected, []
     kd_config = kd.KDConfig(steps, config.kd_lr, config.weight_decay, config.warmup_ratio,
                             config.kd_batch_size, config.kd_projection)  # fmt: skip
-    key = kd.cache_key(
-        loaded.name, loaded.model.config.to_dict(), selected, share, kd_config, server_rows, config.seed
-    )
+    model_config = {**loaded.model.config.to_dict(), "weights_dtype": str(loaded.model.dtype)}
+    key = kd.cache_key(loaded.name, model_config, selected, share, kd_config, server_rows, config.seed)
     path = cache_dir() / "aux" / f"{key}.safetensors"
     if path.is_file():
         kd.load_student(aux, path)
