@@ -77,7 +77,7 @@ class RunConfig:
     max_length: int = 256
     # runtime
     dtype: str = "float32"  # or bfloat16; auto: bfloat16 where the device multiplies it natively (not the
-    # default: 1.2-1.9x faster steps there, FedSP 0.5 points lower over 3 seeds; docs/performance.md)
+    # default: 1.3-2.2x faster steps there, FedSP 0.6 points lower over 3 seeds; docs/performance.md)
     device: str = "auto"  # auto: CUDA when present, else CPU
     seed: int = 0
     out: str | None = None

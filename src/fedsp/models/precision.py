@@ -12,9 +12,9 @@ it; everywhere else float32. Without native kernels torch falls back to a
 scalar bfloat16 path, measured 6-27x *slower* than float32 on an AVX2 CPU.
 With AMX it was 1.2-1.9x faster per training step and 2.2x faster in
 evaluation, with the same evaluation accuracy; FedSP trained in bfloat16 ended
-0.5 points lower in acc (0.2 in acc_norm) over 3 seeds: within seed noise, but
-at the 0.5 points a speed-up may cost here, so float32 stays the default
-(docs/performance.md, section 7).
+0.6 points lower in acc (0.1 higher in acc_norm) over 3 seeds: within seed
+noise, but more than the 0.5 points a speed-up may cost here, so float32 stays
+the default (docs/performance.md, section 7).
 """
 
 from __future__ import annotations
