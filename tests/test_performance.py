@@ -481,3 +481,19 @@ def test_bfloat16_loss_runs_the_whole_batch_in_one_forward(monkeypatch):
         monkeypatch.setattr(forward, "_answer_logits", counting)
         forward.answer_loss(loaded.model, _batch(loaded.tokenizer))
     assert calls["float32"] > 1 and calls["bfloat16"] == 1
+
+
+def test_bfloat16_phases_over_the_same_parameter_share_its_master():
+    # SFPrompt's two phases step the same prompts and tail: alternating them must not round through bfloat16
+    from fedsp.methods.optim import OptimConfig, Phase
+
+    config = OptimConfig(lr=1e-3, weight_decay=0.0, warmup_ratio=0.0)
+    low = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+    high = torch.nn.Parameter(torch.ones(3))
+    low_phases = [Phase([low], config, 100), Phase([low], config, 100)]
+    high_phases = [Phase([high], config, 100), Phase([high], config, 100)]
+    for step in range(10):
+        low_phases[step % 2].step(low.float().sum())
+        high_phases[step % 2].step(high.sum())
+    assert torch.equal(low, high.detach().to(torch.bfloat16))
+    assert low_phases[0].state_dict()["masters"][0] == pytest.approx(high.detach(), abs=1e-6)

@@ -5,8 +5,10 @@ Parameters stored in a low-precision dtype (bfloat16 runs, see
 gradient is taken in the model's dtype, AdamW steps the float32 master, and the
 parameter receives the master rounded to its dtype. Updates smaller than
 bfloat16's resolution (about 0.4% of a weight) thus accumulate instead of
-vanishing. A parameter written from outside between steps (a loaded state,
-a received aggregate) is noticed by its version counter and re-seeds its master.
+vanishing. A parameter's master is shared by every phase that trains it
+(SFPrompt's local-loss and split phases step the same prompts and tail). A
+parameter written from outside between steps (a loaded state, a received
+aggregate) is noticed by its version counter and re-seeds its master.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,23 @@ class OptimConfig:
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
+class _Master:
+    """The float32 copy of one low-precision parameter, and the parameter's version when last in step."""
+
+    def __init__(self, param: torch.Tensor) -> None:
+        self.value = param.detach().float().clone()
+        self.version = param._version
+
+
+_MASTERS = WeakIdKeyDictionary()  # parameter -> _Master, by identity; gone with the parameter
+
+
+def _master(param: torch.Tensor) -> _Master:
+    if param not in _MASTERS:
+        _MASTERS[param] = _Master(param)
+    return _MASTERS[param]
+
+
 class Phase:
     """One AdamW + schedule over ``total_steps`` steps; ``step`` does backward, clip, update.
 
@@ -42,13 +62,14 @@ class Phase:
     ) -> None:
         groups = list(params)
         grouped = bool(groups) and isinstance(groups[0], dict)
+        if grouped:
+            groups = [{**g, "params": list(g["params"])} for g in groups]
         self.params = [p for group in groups for p in group["params"]] if grouped else groups
         self.config = config
         # float32 masters of the low-precision parameters: what AdamW actually steps
         self._low = [p for p in self.params if p.dtype in LOW_PRECISION]
-        self._masters = [p.detach().float().clone() for p in self._low]
-        self._versions = [p._version for p in self._low]
-        swap = {id(p): m for p, m in zip(self._low, self._masters, strict=True)}
+        self._masters = [_master(p) for p in self._low]
+        swap = {id(p): m.value for p, m in zip(self._low, self._masters, strict=True)}
         self._stepped = [swap.get(id(p), p) for p in self.params]
 
         def stepped(ps: Iterable[nn.Parameter]) -> list[torch.Tensor]:
@@ -75,7 +96,7 @@ class Phase:
         loss.backward()
         self._reseed_written_masters()
         for p, master in zip(self._low, self._masters, strict=True):
-            master.grad = None if p.grad is None else p.grad.float()
+            master.value.grad = None if p.grad is None else p.grad.float()
             p.grad = None
         if self.config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self._stepped, self.config.grad_clip)
@@ -88,21 +109,22 @@ class Phase:
     def _reseed_written_masters(self) -> None:
         """A low-precision parameter changed since this phase last wrote it: its master starts from it."""
         with torch.no_grad():
-            for i, p in enumerate(self._low):
-                if p._version != self._versions[i]:
-                    self._masters[i].copy_(p)
+            for p, master in zip(self._low, self._masters, strict=True):
+                if p._version != master.version:
+                    master.value.copy_(p)
+                    master.version = p._version
 
     def _write_masters(self) -> None:
         with torch.no_grad():
-            for i, (p, master) in enumerate(zip(self._low, self._masters, strict=True)):
-                p.copy_(master)
-                self._versions[i] = p._version
+            for p, master in zip(self._low, self._masters, strict=True):
+                p.copy_(master.value)
+                master.version = p._version
 
     def state_dict(self) -> dict:
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
         if self._masters:
             self._reseed_written_masters()
-            state["masters"] = [m.detach().clone() for m in self._masters]
+            state["masters"] = [m.value.detach().clone() for m in self._masters]
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -110,13 +132,14 @@ class Phase:
         self.scheduler.load_state_dict(state["scheduler"])
         masters = state.get("masters")
         if masters is None:  # saved by a float32 phase: the parameters themselves are the best estimate
-            self._versions = [-1] * len(self._low)
+            for master in self._masters:
+                master.version = -1
             return
         if len(masters) != len(self._masters):
             raise ValueError(f"phase state has {len(masters)} master weights, expected {len(self._masters)}")
         with torch.no_grad():
             for own, saved in zip(self._masters, masters, strict=True):
-                own.copy_(saved)
+                own.value.copy_(saved)
         self._write_masters()
 
 
