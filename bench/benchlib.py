@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from fedsp.models.loading import resolve_device
-from fedsp.models.precision import native_bfloat16
+from fedsp.models.precision import ATTENTION_CHOICES, cpu_info, native_bfloat16
 
 RESULTS = Path("results") / "bench"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -29,6 +29,12 @@ def common_args(parser: argparse.ArgumentParser, name: str) -> None:
     """--device, --out (default results/bench/<name>.json)."""
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--out", default=str(RESULTS / f"{name}.json"), help="JSON file to write")
+
+
+def attention_arg(parser: argparse.ArgumentParser) -> None:
+    """--attention: the kernel the loaded models use."""
+    parser.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
+                        help="attention kernel (auto: eager for bfloat16 on a CPU, else sdpa)")  # fmt: skip
 
 
 def synchronize(device: torch.device) -> None:
@@ -142,19 +148,9 @@ def machine(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     else:
-        info["cpu_model"] = _cpu_model()
+        info["cpu_model"] = cpu_info().get("model name") or platform.processor() or platform.machine()
         info["native_bfloat16"] = native_bfloat16("cpu")
     return info
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def resolve(name: str) -> torch.device:

@@ -20,7 +20,7 @@ import argparse
 import time
 
 import torch
-from benchlib import PeakMemory, common_args, machine, print_table, resolve, write_json
+from benchlib import PeakMemory, attention_arg, common_args, machine, print_table, resolve, write_json
 
 from fedsp.data.tasks import load_task
 from fedsp.evaluation.multiple_choice import evaluate_multiple_choice
@@ -38,12 +38,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=("float32", "bfloat16"))
     parser.add_argument("--batch-size", type=int, default=128, help="sequences per batch")
     parser.add_argument("--prefix-len", type=int, default=0, help="random prefix of N tokens (0: none)")
-    parser.add_argument(
-        "--attention",
-        default="auto",
-        choices=("auto", "sdpa", "eager"),
-        help="attention kernel (auto: eager for bfloat16 on a CPU, else sdpa)",
-    )
+    attention_arg(parser)
     common_args(parser, "eval_arc")
     args = parser.parse_args()
     device = resolve(args.device)

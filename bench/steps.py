@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from benchlib import (
     DTYPES,
     PeakMemory,
+    attention_arg,
     common_args,
     machine,
     median,
@@ -266,12 +267,7 @@ def main() -> None:
     parser.add_argument(
         "--profile", nargs="*", default=[], help="kinds to profile (ours) with torch.profiler"
     )
-    parser.add_argument(
-        "--attention",
-        default="auto",
-        choices=("auto", "sdpa", "eager"),
-        help="attention kernel (auto: eager for bfloat16 on a CPU, else sdpa)",
-    )
+    attention_arg(parser)
     common_args(parser, "steps")
     args = parser.parse_args()
     device = resolve(args.device)

@@ -70,11 +70,11 @@ class Phase:
         self._low = [p for p in self.params if p.dtype in LOW_PRECISION]
         self._masters = [_master(p) for p in self._low]
         swap = {id(p): m.value for p, m in zip(self._low, self._masters, strict=True)}
-        self._stepped = [swap.get(id(p), p) for p in self.params]
 
         def stepped(ps: Iterable[nn.Parameter]) -> list[torch.Tensor]:
             return [swap.get(id(p), p) for p in ps]
 
+        self._stepped = stepped(self.params)
         opt_groups = [{**g, "params": stepped(g["params"])} for g in groups] if grouped else stepped(groups)
         # fused: one pass over each tensor instead of one per AdamW operation (6x faster on the CPU for
         # the auxiliary model's 32 M parameters, where the optimiser step was a fifth of an alignment step)
@@ -107,7 +107,7 @@ class Phase:
         return float(loss.detach())
 
     def _reseed_written_masters(self) -> None:
-        """A low-precision parameter changed since this phase last wrote it: its master starts from it."""
+        """A low-precision parameter changed since a phase last wrote it: its master starts from it."""
         with torch.no_grad():
             for p, master in zip(self._low, self._masters, strict=True):
                 if p._version != master.version:

@@ -35,7 +35,7 @@ from transformers import (
 
 from fedsp.errors import FedSPError
 from fedsp.models.adapters import kv_geometry
-from fedsp.models.precision import ATTENTION_CHOICES, pick_attention
+from fedsp.models.precision import pick_attention
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_MODELS = ("tiny-llama", "tiny-gpt2", "tiny-opt")
@@ -77,12 +77,9 @@ def load_global_model(
     and device).
     """
     target = resolve_device(device)
-    if attention not in ATTENTION_CHOICES:
-        raise FedSPError(
-            f"attention {attention!r} is not supported; choose one of: {', '.join(ATTENTION_CHOICES)}"
-        )
     if dtype not in DTYPES:
         raise FedSPError(f"dtype {dtype!r} is not supported; choose one of: {', '.join(DTYPES)}")
+    kernel = pick_attention(attention, dtype, target.type)
     torch_dtype = DTYPES[dtype]
     if spec == "smollm2":
         model, tokenizer = _load_smollm2(torch_dtype)
@@ -99,15 +96,19 @@ def load_global_model(
     else:
         model, tokenizer = _load_pretrained(spec, torch_dtype)
     kv_geometry(model.config)  # an unsupported family is reported here, before any work
-    kernel = pick_attention(attention, dtype, target.type)
-    if model.config._attn_implementation != kernel:
-        model.set_attn_implementation(kernel)
+    use_attention(model, kernel)
     model.to(target)
     model.eval()
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model, tokenizer, spec)
+
+
+def use_attention(model: PreTrainedModel, kernel: str) -> None:
+    """Run ``model`` with the attention ``kernel`` (``sdpa`` or ``eager``)."""
+    if model.config._attn_implementation != kernel:
+        model.set_attn_implementation(kernel)
 
 
 def _load_pretrained(spec: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -22,21 +22,32 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from fedsp.errors import FedSPError
+
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
 NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
 @functools.cache
-def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
-    """The instruction-set flags of this machine's CPU (Linux ``/proc/cpuinfo``; empty elsewhere)."""
+def cpu_info(cpuinfo: str = "/proc/cpuinfo") -> dict[str, str]:
+    """The first processor's fields of Linux ``/proc/cpuinfo`` (``model name``, ``flags``...); empty elsewhere."""
     try:
         text = Path(cpuinfo).read_text()
     except OSError:
-        return frozenset()
+        return {}
+    fields: dict[str, str] = {}
     for line in text.splitlines():
-        if line.startswith("flags") and ":" in line:
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+        if not line.strip():
+            break  # the end of the first processor's block
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The instruction-set flags of this machine's CPU (empty where unknown)."""
+    return frozenset(cpu_info(cpuinfo).get("flags", "").split())
 
 
 def native_bfloat16(device: str = "cpu", flags: frozenset[str] | None = None) -> bool:
@@ -72,7 +83,9 @@ def pick_attention(attention: str, dtype: str, device_type: str) -> str:
     nothing in float32 (docs/performance.md).
     """
     if attention not in ATTENTION_CHOICES:
-        raise ValueError(f"attention {attention!r} is not one of {', '.join(ATTENTION_CHOICES)}")
+        raise FedSPError(
+            f"attention {attention!r} is not supported; choose one of: {', '.join(ATTENTION_CHOICES)}"
+        )
     if attention != "auto":
         return attention
     return "eager" if dtype == "bfloat16" and device_type == "cpu" else "sdpa"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fedsp.config import METHODS
 from fedsp.errors import FedSPError
+from fedsp.models.precision import DTYPE_CHOICES
 from fedsp.runtime import tables
 from fedsp.runtime.grid import (
     ALL_METHODS,
@@ -44,7 +45,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
     p.add_argument("--scale", default="cpu", choices=sorted(SCALES), help="preset of run sizes")
     p.add_argument("--model", default="smollm2", help="global model (as for fedsp run)")
-    p.add_argument("--dtype", default="float32", choices=("auto", "float32", "bfloat16"),
+    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES,
                    help="as for fedsp run (auto: bfloat16 where native)")  # fmt: skip
     p.add_argument("--out", default="results/paper", help="grid folder (cells and tables); reused if present")
     p.add_argument(

@@ -28,7 +28,14 @@ from fedsp.data.tasks import load_task
 from fedsp.errors import FedSPError
 from fedsp.methods.fedsp import ALTERNATE, PROMPT_ONLY, ClientPlan, FedSPClient
 from fedsp.models.auxiliary import build_auxiliary_model, depth_plan
-from fedsp.models.loading import DTYPES, TINY_MODELS, byte_tokenizer, cache_dir, load_global_model
+from fedsp.models.loading import (
+    DTYPES,
+    TINY_MODELS,
+    byte_tokenizer,
+    cache_dir,
+    load_global_model,
+    use_attention,
+)
 from fedsp.models.precision import pick_attention
 from fedsp.models.prefix import collapse_layers, expand_layers, prefix_for
 from fedsp.runtime.courses import METHOD_SPECS, _local, fedprompt_course
@@ -85,9 +92,7 @@ def _skeleton(model_config: str, dtype: str) -> PreTrainedModel:
     arch = AutoConfig.for_model(values.pop("model_type"), **values)
     with torch.random.fork_rng(devices=[]):  # random weights, replaced by the shipped ones
         model = AutoModelForCausalLM.from_config(arch, dtype=DTYPES[dtype])
-    kernel = pick_attention("auto", dtype, "cpu")  # Flower clients run on the CPU; as load_global_model picks
-    if model.config._attn_implementation != kernel:
-        model.set_attn_implementation(kernel)
+    use_attention(model, pick_attention("auto", dtype, "cpu"))  # Flower clients run on the CPU
     return model.eval()
 
 
