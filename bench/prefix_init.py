@@ -20,7 +20,8 @@ from fedsp.config import RunConfig
 from fedsp.evaluation.multiple_choice import evaluate_multiple_choice
 from fedsp.models.loading import load_global_model
 from fedsp.models.prefix import init_prefix_from_tokens
-from fedsp.runtime.setup import initial_prefix, prepare_data
+from fedsp.data.shards import prepare_data
+from fedsp.models.prefix import initial_prefix
 
 
 def main() -> None:
@@ -46,15 +47,16 @@ def main() -> None:
         return result.acc
 
     rows = {"zero-shot (no prefix)": acc(None)}
-    rows["default: whole server examples"] = acc(initial_prefix(config, loaded, data.server_rows))
-    stretch = initial_prefix(config, loaded, data.server_rows)
+    def start(init: str = "tokens"):
+        return initial_prefix(loaded.model, loaded.tokenizer, data.server_rows, config.prefix_len, init=init)
+
+    rows["default: whole server examples"] = acc(start())
+    stretch = start()
     text = [t for row in data.server_rows for t in row.ids][: config.prefix_len]
     init_prefix_from_tokens(stretch, loaded.model, torch.tensor(text))
     rows["first P tokens of shard text"] = acc(stretch)
     torch.manual_seed(0)
-    rows["random N(0,1)"] = acc(
-        initial_prefix(RunConfig(**{**config.to_dict(), "prefix_init": "random"}), loaded, [])
-    )
+    rows["random N(0,1)"] = acc(start("random"))
     print(
         f"{args.model} / {args.task}, first {len(data.eval_examples)} {data.eval_split} examples, P={args.prefix_len}"
     )

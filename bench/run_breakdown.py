@@ -25,7 +25,7 @@ from benchlib import RESULTS, machine, print_table, resolve, write_json
 # (label, file name ending, function name, within): inclusive time of every call of that function.
 STAGES = [
     ("load global model", "models/loading.py", "load_global_model", "setup"),
-    ("prepare data (tokenise, shards)", "runtime/setup.py", "prepare_data", "setup"),
+    ("prepare data (tokenise, shards)", "data/shards.py", "prepare_data", "setup"),
     ("build auxiliary model", "models/auxiliary.py", "build_auxiliary_model", "setup"),
     ("KD of the auxiliary model", "methods/kd.py", "distill", "setup"),
     (

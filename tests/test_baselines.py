@@ -13,8 +13,8 @@ from fedsp.errors import FedSPError
 from fedsp.models.adapters import decoder_layers
 from fedsp.models.loading import load_global_model
 from fedsp.models.prefix import collapse_layers, expand_layers
-from fedsp.runtime.courses import METHOD_SPECS, build_course
-from fedsp.runtime.setup import prepare_data
+from fedsp.methods.table import METHOD_SPECS, build_course
+from fedsp.data.shards import prepare_data
 
 TINY = dict(model="tiny-llama", clients=2, rounds=1, local_steps=1, kd_steps=2, eval_limit=8, val_limit=8,
             prefix_len=4, max_length=96, progress=False)  # fmt: skip

@@ -11,8 +11,8 @@ from fedsp.cli import build_parser
 from fedsp.config import SPEED_ONLY
 from fedsp.errors import FedSPError
 from fedsp.runtime.checkpoint import config_differences
-from fedsp.runtime.compare import plan, write_tables
-from fedsp.runtime.grid import ALL_METHODS, Cell, Grid, build_cells, check_comparable
+from fedsp.experiments.compare import plan, write_tables
+from fedsp.experiments.grid import ALL_METHODS, Cell, Grid, build_cells, check_comparable
 from fedsp.runtime.inprocess import run
 
 

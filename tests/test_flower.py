@@ -12,7 +12,8 @@ from fedsp.cli import main
 from fedsp.config import RunConfig
 from fedsp.errors import FedSPError
 from fedsp.methods.base import ClientUpdate
-from fedsp.runtime import inprocess, participation
+from fedsp import wire
+from fedsp.runtime import inprocess, participation, rounds
 from fedsp.runtime.checkpoint import CHECKPOINT, ClientStore
 from fedsp.runtime.session import Session
 
@@ -111,8 +112,8 @@ def test_each_corrupt_update_kind_is_rejected(kind):
 def test_client_handler_keeps_state_on_disk_and_reports_a_lost_state(reference, tmp_path):
     # Prepare: the course's shipped auxiliary model and an order for partition 1, as the server builds them
     session = Session.start(replace(TINY, out=str(tmp_path / "run")))
-    orders = server_app._OrderMaker(session)
-    prefix = payload.to_record(session.course.server.broadcast())
+    orders = server_app.OrderMaker(session)
+    prefix = payload.to_record(wire.encode(session.course.server.broadcast()))
     context = Context(run_id=1, node_id=5, node_config={"partition-id": 1, "state-dir": str(tmp_path / "s")},
                       state=RecordDict(), run_config={})  # fmt: skip
 
@@ -121,7 +122,7 @@ def test_client_handler_keeps_state_on_disk_and_reports_a_lost_state(reference, 
             {payload.PREFIX: prefix, payload.META: orders.order(rnd, 1, expects).to_record()}
         )
         if aux:
-            content[payload.AUX] = payload.to_record(session.course.shipped_once)
+            content[payload.AUX] = payload.to_record(wire.encode(session.course.shipped_once))
         return Message(content, dst_node_id=5, message_type="train", group_id="t")
 
     # Execute
@@ -204,17 +205,17 @@ def test_too_few_replies_stop_the_run_with_a_clear_message(tmp_path):
 def test_kill_and_resume_gives_the_identical_final_prefix(tmp_path, monkeypatch, reference):
     # Prepare: a run killed in the middle of round 2 (client 0 has already saved its round-2 state)
     config = replace(TINY, out=str(tmp_path / "killed"), audit=True)
-    fit = inprocess.fit_client
+    fit = rounds.client_round
 
-    def killing_fit(client, down, seed, rnd, partition):
-        if rnd == 2 and partition == 1:
+    def killing_fit(order, *args, **kwargs):
+        if order.rnd == 2 and order.partition == 1:
             raise KeyboardInterrupt
-        return fit(client, down, seed, rnd, partition)
+        return fit(order, *args, **kwargs)
 
-    monkeypatch.setattr(inprocess, "fit_client", killing_fit)
+    monkeypatch.setattr(rounds, "client_round", killing_fit)
     with pytest.raises(KeyboardInterrupt):
         inprocess.run(config)
-    monkeypatch.setattr(inprocess, "fit_client", fit)
+    monkeypatch.setattr(rounds, "client_round", fit)
     # Execute
     code = main(["run", "--resume", str(tmp_path / "killed"), "--quiet"])
     # Assert

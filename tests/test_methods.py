@@ -189,7 +189,7 @@ def test_context_once_scoring_equals_full_sequence_scoring(family, with_prefix):
 def test_distilled_auxiliary_model_is_cached_and_reused(tiny, tmp_path, monkeypatch):
     # Prepare
     from fedsp.config import RunConfig
-    from fedsp.runtime.setup import distilled_auxiliary_model
+    from fedsp.methods.kd import distilled_auxiliary_model
 
     monkeypatch.setenv("FEDSP_CACHE_DIR", str(tmp_path))
     rows = [encode_gold(tiny.tokenizer, ex, 64) for ex in _examples(12)]

@@ -10,7 +10,8 @@ from fedsp.data.tasks import load_task
 from fedsp.evaluation.multiple_choice import evaluate_multiple_choice
 from fedsp.models.auxiliary import build_auxiliary_model, unique_parameter_count
 from fedsp.models.loading import load_global_model
-from fedsp.runtime.setup import initial_prefix, prepare_data
+from fedsp.data.shards import prepare_data
+from fedsp.models.prefix import initial_prefix
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +36,7 @@ def test_client_model_and_prefix_sizes(smol):
     aux = build_auxiliary_model(smol.model, [0])
     # offline-assets.md: 31.9 M unique parameters (23.7%); a 40-token prefix over 30 layers is 460,800
     assert unique_parameter_count(aux) == pytest.approx(31.9e6, rel=0.01)
-    prefix = initial_prefix(RunConfig(), smol, prepare_data(RunConfig(), smol.tokenizer).server_rows)
+    prefix = initial_prefix(smol.model, smol.tokenizer, prepare_data(RunConfig(), smol.tokenizer).server_rows, 40)
     assert sum(p.numel() for p in prefix.parameters()) == 40 * 30 * 2 * 192 == 460_800
 
 
@@ -46,7 +47,7 @@ def test_zero_shot_and_initial_prefix_on_real_arc_rows(smol):
     assert data.eval_examples == load_task("arc_easy", "test")[:40]
     # Execute
     zero = evaluate_multiple_choice(smol.model, smol.tokenizer, data.eval_examples, progress=False)
-    prefix = initial_prefix(config, smol, data.server_rows)
+    prefix = initial_prefix(smol.model, smol.tokenizer, data.server_rows, config.prefix_len)
     primed = evaluate_multiple_choice(smol.model, smol.tokenizer, data.eval_examples, prefix, progress=False)
     # Assert: well above chance (25%), and the round-0 prefix does not wreck the model
     assert zero.acc > 0.35

@@ -20,8 +20,8 @@ from fedsp.models.forward import continuation_logprobs, score_choices
 from fedsp.models.loading import load_global_model
 from fedsp.models.split import Head, PromptedModel, ServerBody, Tail, split_layout
 from fedsp.runtime.audit import Audit, private_weights, promised_layers
-from fedsp.runtime.courses import METHOD_SPECS
-from fedsp.runtime.setup import RunData
+from fedsp.methods.table import METHOD_SPECS
+from fedsp.data.shards import RunData
 
 
 @pytest.fixture(scope="module")

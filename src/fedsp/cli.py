@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
     run.add_argument("--resume", metavar="DIR", help="continue the run in results folder DIR after its last "
                      "completed round (its config.json is the configuration; options given must agree)")  # fmt: skip
-    from fedsp.runtime import compare
+    from fedsp.experiments import compare
 
     compare.add_parser(sub)
     return parser
@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "compare":
-            from fedsp.runtime.compare import run_compare
+            from fedsp.experiments.compare import run_compare
 
             return run_compare(args)
         config = config_from_args(args)

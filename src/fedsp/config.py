@@ -2,7 +2,11 @@
 
 CLI options, TOML/YAML config files and ``config.json`` of a results folder
 all convert into :class:`RunConfig` once, at the boundary. Keys use
-underscores; the CLI spells them with dashes (``--local-steps``).
+underscores; the CLI spells them with dashes (``--local-steps``). Which
+methods exist, and which engines each runs on, is the method table's
+(:mod:`fedsp.methods.table`). A configuration written by another version
+(server and clients may differ) loads with ``strict=False``: unknown keys are
+dropped with one warning, missing ones take their defaults.
 """
 
 from __future__ import annotations
@@ -16,13 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from fedsp.errors import FedSPError
+
+from fedsp.methods.table import ENGINES, METHODS, spec_for
 from fedsp.models.precision import DTYPE_CHOICES, resolve_dtype
 
-METHODS = ("fedsp", "fedsp-no-kd", "fedsp-no-cs", "fedsp-no-at", "fedprompt", "fedprompt-single",
-           "prefix-tuning", "finetune", "zero-shot", "sfprompt")  # fmt: skip
 PARTITIONS = ("iid", "dirichlet")
 PREFIX_INITS = ("tokens", "random")
-ENGINES = ("inprocess", "flower")
 
 
 # Settings that change how a run is batched or shown, not what it computes (up to float rounding):
@@ -117,6 +120,10 @@ class RunConfig:
         if not 0 <= self.warmup_ratio < 1:
             raise FedSPError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         _check_choice("engine", self.engine, ENGINES)
+        engines = spec_for(self.method).engines
+        if self.engine not in engines:
+            raise FedSPError(f"--method {self.method} runs with --engine {' or '.join(engines)} only for now, "
+                             f"got --engine {self.engine}")  # fmt: skip
         if not 0 < self.fraction_fit <= 1:
             raise FedSPError(f"--fraction-fit must be in (0, 1], got {self.fraction_fit}")
         _check_min("min_replies", self.min_replies, 1)

@@ -16,7 +16,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedsp.data.tasks import MCExample
-from fedsp.models.forward import IGNORE
+
+IGNORE = -100  # label of a token that is not scored (context, padding)
 
 
 @dataclass(frozen=True)
@@ -109,3 +110,23 @@ def fixed_batches(rows: Sequence[Encoded], batch_size: int, pad_id: int) -> list
         collate([rows[i] for i in order[s : s + batch_size]], pad_id)
         for s in range(0, len(order), batch_size)
     ]
+
+
+def demonstration_tokens(rows: Sequence[Encoded], length: int, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Exactly ``length`` tokens of whole training examples (context + answer), each followed by a blank line.
+
+    Examples are taken in shard order while they fit; the rest is left-filled
+    with newline tokens. If not even the first example fits, its last ``length`` tokens.
+    What the prefix (FedSP) and the input prompts (SFPrompt) start from by default.
+    """
+    separator = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    filler = tokenizer("\n", add_special_tokens=False)["input_ids"] or separator
+    tokens: list[int] = []
+    for row in rows:
+        if len(tokens) + len(row.ids) + len(separator) > length:
+            break
+        tokens += list(row.ids) + separator
+    if not tokens:
+        first = list(rows[0].ids)
+        return first[-length:] if len(first) >= length else (filler * length + first)[-length:]
+    return (filler * length + tokens)[-length:]

@@ -16,26 +16,42 @@ The same two classes serve the prompt-only baselines and the ablations through
 ``ClientPlan``: FedPrompt is a client that skips step 2 on the full model;
 "w/o AT" trains model and prefix together in one phase; one-layer clients
 (FedPrompt-Single, "w/o CS") see the server's L-layer prefix averaged over
-depth and send theirs back repeated to L layers.
+depth and send theirs back repeated to L layers. Which of these a method is
+comes from its :class:`~fedsp.methods.table.ClientShape` in the method table.
+
+Building (:func:`fedsp_course`, the builder of every method whose clients run
+:class:`FedSPClient`): the server with its round-0 prefix, the auxiliary model
+distilled once (or the whole global model for FedPrompt), and the client
+factory. :func:`make_client` is the one way a client is made, in every engine:
+in one process from a copy of the auxiliary model, on a Flower node from the
+shipped weights loaded into :func:`client_model_from`.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
+from fedsp.config import RunConfig
 from fedsp.data.batching import BatchStream, Encoded, fixed_batches
+from fedsp.data.shards import RunData
+from fedsp.errors import FedSPError
 from fedsp.methods.aggregation import weighted_average
-from fedsp.methods.base import ClientUpdate
+from fedsp.methods.base import ClientModelInfo, ClientUpdate, Course
+from fedsp.methods.kd import distilled_auxiliary_model
 from fedsp.methods.optim import OptimConfig, Phase, set_trainable
-from fedsp.models.forward import answer_loss
-from fedsp.models.prefix import Prefix, PrefixConfig
+from fedsp.methods.table import ALTERNATE, AUXILIARY, GLOBAL, JOINT, PROMPT_ONLY, ClientShape, spec_for
+from fedsp.models.auxiliary import build_auxiliary_model, depth_plan, unique_parameter_count
+from fedsp.models.forward import answer_loss, mean_answer_loss
+from fedsp.models.loading import LoadedModel
+from fedsp.models.prefix import Prefix, PrefixConfig, collapse_layers, expand_layers, initial_prefix, prefix_for
 
-ALTERNATE, JOINT, PROMPT_ONLY = "alternate", "joint", "prompt-only"
 StateMap = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
@@ -229,19 +245,6 @@ class FedSPServer:
         self.best_state = state["best_state"]
 
 
-@torch.no_grad()
-def mean_answer_loss(
-    model: PreTrainedModel, batches: Sequence[dict[str, torch.Tensor]], prefix: Prefix | None
-) -> float:
-    """Answer-token cross-entropy over ``batches``, weighted by token count."""
-    total, count = 0.0, 0
-    for batch in batches:
-        n = int((batch["labels"][:, 1:] != -100).sum())
-        total += float(answer_loss(model, batch, prefix)) * n
-        count += n
-    return total / max(1, count)
-
-
 def _joint_phase(model: PreTrainedModel, prompt_params: list, config: LocalConfig, total: int) -> Phase:
     """One optimiser for "w/o AT": the model at the alignment learning rate, the prefix at the prompt one."""
     groups = [{"params": list(model.parameters()), "lr": config.align.lr},
@@ -251,3 +254,96 @@ def _joint_phase(model: PreTrainedModel, prompt_params: list, config: LocalConfi
 
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
+
+
+# -- building the parties (one client factory for every engine)
+
+
+def local_config(config: RunConfig, steps: int | None = None) -> LocalConfig:
+    """A party's per-round training, from the run configuration (``steps``: T unless given)."""
+    return LocalConfig(
+        steps=config.local_steps if steps is None else steps,
+        batch_size=config.batch_size,
+        align=OptimConfig(config.align_lr, config.weight_decay, config.warmup_ratio),
+        prompt=OptimConfig(config.lr, config.weight_decay, config.warmup_ratio),
+    )
+
+
+def client_seed(config: RunConfig, partition: int) -> int:
+    """The data-stream seed of client ``partition``."""
+    return config.seed * 1000 + partition + 1
+
+
+def client_model_from(shape: ClientShape, skeleton: PreTrainedModel, layers: Sequence[int]) -> PreTrainedModel:
+    """The structure of what a client holds, built from the global architecture ``skeleton``.
+
+    Its weights are then replaced by the ones the server shipped (a Flower node
+    never has the global weights, only their shapes).
+    """
+    if shape.holds == GLOBAL:
+        return skeleton.requires_grad_(False)
+    return build_auxiliary_model(skeleton, list(layers), share=shape.share)
+
+
+def make_client(
+    config: RunConfig,
+    shape: ClientShape,
+    model: PreTrainedModel,
+    rows: Sequence[Encoded],
+    partition: int,
+    pad_id: int,
+    num_global_layers: int,
+    layers: Sequence[int],
+) -> FedSPClient:
+    """Client ``partition`` of the method: ``model`` is what it holds (its own copy when it trains it)."""
+    plan = ClientPlan(shape.mode)
+    if shape.holds == AUXILIARY and not shape.share:  # one prefix layer per kept layer, mapped to L
+        blocks = depth_plan(num_global_layers, len(layers))
+        plan = ClientPlan(shape.mode, receive=partial(collapse_layers, plan=blocks),
+                          send=partial(expand_layers, plan=blocks))  # fmt: skip
+    prefix_config = prefix_for(model, config.prefix_len, config.prefix_projection, config.prefix_dropout).config
+    return FedSPClient(model, prefix_config, rows, local_config(config), config.rounds, pad_id,
+                       seed=client_seed(config, partition), plan=plan)  # fmt: skip
+
+
+def prefix_server(
+    config: RunConfig, loaded: LoadedModel, data: RunData, rows: Sequence[Encoded], steps: int
+) -> FedSPServer:
+    """The model owner with its round-0 prefix, tuning ``steps`` steps a round on ``rows``."""
+    prefix = initial_prefix(loaded.model, loaded.tokenizer, data.server_rows, config.prefix_len,
+                            config.prefix_projection, config.prefix_dropout, config.prefix_init)  # fmt: skip
+    return FedSPServer(loaded.model, prefix, rows, data.val_rows, local_config(config, steps), config.rounds,
+                       loaded.tokenizer.pad_token_id, seed=config.seed,
+                       eval_batch_size=config.eval_batch_size)  # fmt: skip
+
+
+def fedsp_course(config: RunConfig, loaded: LoadedModel, data: RunData) -> Course:
+    """FedSP, its ablations and the prompt-only baselines: what differs is the method's client shape."""
+    shape = spec_for(config.method).client
+    if shape is None or shape.holds not in (AUXILIARY, GLOBAL):
+        raise FedSPError(f"method {config.method!r} has no FedSP-shaped clients")
+    server = prefix_server(config, loaded, data, data.server_rows, config.effective_server_steps)
+    num_layers = loaded.model.config.num_hidden_layers
+    global_params = unique_parameter_count(loaded.model)
+    notes: dict[str, Any]
+    if shape.holds == GLOBAL:  # FedPrompt: the whole (frozen) global model
+        template, layers = loaded.model, list(range(num_layers))
+        info = ClientModelInfo(global_params, 1.0, tuple(layers), model_private=False)
+        notes = {"model_private": False}
+    else:
+        template, layers, kd_losses = distilled_auxiliary_model(
+            config, loaded, data.server_rows, share=shape.share, kd_steps=None if shape.kd else 0,
+            layers=list(shape.layers) if shape.layers else None,
+        )  # fmt: skip
+        params = unique_parameter_count(template)
+        info = ClientModelInfo(params, params / global_params, tuple(layers), model_private=True)
+        notes = {"kd_losses": kd_losses, "aux_layers": layers, "shared_across_depth": shape.share}
+    pad = loaded.tokenizer.pad_token_id
+
+    def make(k: int) -> FedSPClient:
+        # A frozen model no client modifies is shared in one process; a trained one is the client's own copy.
+        model = copy.deepcopy(template) if shape.trains_model else template
+        return make_client(config, shape, model, data.client_rows[k], k, pad, num_layers, layers)
+
+    shipped = dict(template.named_parameters())
+    return Course(server, make, len(data.client_rows), info, shipped, notes=notes)

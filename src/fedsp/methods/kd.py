@@ -8,6 +8,8 @@ the student's states before the loss; the reference code has none (default).
 
 The teacher's states are computed once per example and kept (they never
 change), so each KD step costs only the student's forward and backward.
+:func:`distilled_auxiliary_model` builds the auxiliary model of a run and
+distils it, or reuses the distilled weights from the cache folder.
 """
 
 from __future__ import annotations
@@ -24,9 +26,12 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from fedsp.config import RunConfig
 from fedsp.data.batching import BatchStream, Encoded, collate
 from fedsp.methods.optim import OptimConfig, Phase
+from fedsp.models.auxiliary import build_auxiliary_model, select_layers
 from fedsp.models.forward import hidden_states
+from fedsp.models.loading import LoadedModel, cache_dir
 
 
 @dataclass(frozen=True)
@@ -156,3 +161,37 @@ def load_student(student: PreTrainedModel, path: Path) -> None:
     with torch.no_grad():
         for name, param in own.items():
             param.copy_(saved[name])
+
+
+def distilled_auxiliary_model(
+    config: RunConfig,
+    loaded: LoadedModel,
+    server_rows: list[Encoded],
+    share: bool = True,
+    kd_steps: int | None = None,
+    layers: list[int] | None = None,
+) -> tuple[PreTrainedModel, list[int], list[float]]:
+    """Build the auxiliary model and run (or reuse from the cache) its KD initialisation.
+
+    ``share=False`` keeps the selected layers unshared (one pass each); ``kd_steps``
+    overrides the configuration (0: the raw layers); ``layers`` overrides the layer choice.
+    Returns (aux_model, selected_layers, kd_losses); ``kd_losses`` is empty when the cache was used.
+    """
+    num_layers = loaded.model.config.num_hidden_layers
+    selected = layers or select_layers(num_layers, config.aux_layers, config.aux_layer_choice)
+    aux = build_auxiliary_model(loaded.model, selected, share=share)
+    steps = config.kd_steps if kd_steps is None else kd_steps
+    if steps == 0:
+        return aux, selected, []
+    kd_config = KDConfig(steps, config.kd_lr, config.weight_decay, config.warmup_ratio,
+                            config.kd_batch_size, config.kd_projection)  # fmt: skip
+    model_config = {**loaded.model.config.to_dict(), "weights_dtype": str(loaded.model.dtype)}
+    key = cache_key(loaded.name, model_config, selected, share, kd_config, server_rows, config.seed)
+    path = cache_dir() / "aux" / f"{key}.safetensors"
+    if path.is_file():
+        load_student(aux, path)
+        return aux, selected, []
+    losses = distill(loaded.model, aux, server_rows, kd_config, loaded.tokenizer.pad_token_id, config.seed,
+                        progress=config.progress)  # fmt: skip
+    save_student(aux, path)
+    return aux, selected, losses

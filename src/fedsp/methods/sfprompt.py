@@ -39,15 +39,15 @@ from torch import nn
 
 from fedsp import wire
 from fedsp.config import RunConfig
-from fedsp.data.batching import BatchStream, Encoded, collate, fixed_batches
+from fedsp.data.batching import IGNORE, BatchStream, Encoded, collate, demonstration_tokens, fixed_batches
+from fedsp.data.shards import RunData
 from fedsp.errors import FedSPError
 from fedsp.methods.aggregation import weighted_average
 from fedsp.methods.base import ClientModelInfo, ClientUpdate, Course
-from fedsp.methods.fedsp import mean_answer_loss
 from fedsp.methods.optim import OptimConfig, Phase
 from fedsp.methods.split_traffic import SPLIT_KEYS, FlopModel, SplitLink, add_round, new_report
 from fedsp.models.adapters import decoder_layers
-from fedsp.models.forward import IGNORE
+from fedsp.models.forward import mean_answer_loss
 from fedsp.models.loading import LoadedModel
 from fedsp.models.split import (
     Head,
@@ -59,7 +59,6 @@ from fedsp.models.split import (
     split_layout,
     unique_params,
 )
-from fedsp.runtime.setup import RunData, demonstration_tokens
 
 
 @dataclass(frozen=True)
@@ -100,18 +99,17 @@ def el2n(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (probs.pow(2).sum(-1) - 2 * gold + 1).clamp(min=0).sqrt()
 
 
+def _exchanged(prompts: nn.Parameter, tail: Tail) -> list[tuple[str, torch.Tensor]]:
+    """What is averaged each round: the prompts and the tail's trainable norm, by wire name."""
+    return [("prompts", prompts), *(("tail." + name, p) for name, p in tail.named_parameters())]
+
+
 def _wire_state(prompts: nn.Parameter, tail: Tail) -> dict[str, torch.Tensor]:
-    """What is averaged each round: the prompts and the tail's trainable norm."""
-    return {"prompts": prompts.detach().to("cpu", copy=True).contiguous(), **tail.wire_state()}
+    return wire.snapshot(_exchanged(prompts, tail))
 
 
 def _load_wire_state(prompts: nn.Parameter, tail: Tail, state: dict[str, torch.Tensor]) -> None:
-    expected = set(_wire_state(prompts, tail))
-    if set(state) != expected:
-        raise FedSPError(f"SFPrompt state has keys {sorted(state)}, expected {sorted(expected)}")
-    with torch.no_grad():
-        prompts.copy_(state["prompts"].to(prompts.dtype))
-    tail.load_wire_state(state)
+    wire.load_snapshot(_exchanged(prompts, tail), state, "SFPrompt")
 
 
 class SFPromptClient:
@@ -300,10 +298,6 @@ def initial_prompts(config: RunConfig, loaded: LoadedModel, server_rows: list[En
 def sfprompt_course(config: RunConfig, loaded: LoadedModel, data: RunData) -> Course:
     """Server (body + averaged prompts and tail) and clients (shared head, own tail) for one SFPrompt run."""
     model, c = loaded.model, config.split_layer
-    if config.engine != "inprocess":  # the Flower client side builds FedSP-shaped clients only
-        raise FedSPError(
-            f"--method sfprompt runs with --engine inprocess only for now, got --engine {config.engine}"
-        )
     split_layout(model)  # an unknown family fails here, with the known ones
     num_layers = len(decoder_layers(model))
     check_split_layer(c, num_layers)

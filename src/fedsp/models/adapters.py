@@ -1,12 +1,13 @@
-"""The one place where model families differ.
+"""The one place where model families differ: one table, :data:`ADAPTERS`.
 
 FedSP needs three facts about a causal LM: where its decoder layers live (to
 build the auxiliary model), how many key/value heads and what head size its
 attention has (to shape the prefix), and that its base model accepts
 ``past_key_values`` + ``position_ids`` (all families below do in transformers 5).
-Everything else (embeddings, final norm, tied LM head, positional tables) is
-handled generically through ``model.base_model`` and
-``model.get_output_embeddings()``.
+Split learning (SFPrompt, :mod:`fedsp.models.split`) also needs where the
+modules around the decoder stack live: the final norm, OPT's projections, the
+absolute position table. Everything else (embeddings, tied LM head) is handled
+generically through ``model.base_model`` and ``model.get_output_embeddings()``.
 """
 
 from __future__ import annotations
@@ -21,19 +22,33 @@ from fedsp.errors import FedSPError
 
 @dataclass(frozen=True)
 class FamilyAdapter:
-    """How to reach the decoder stack of one model family."""
+    """Where one model family keeps its decoder stack and the modules around it (paths from ``*ForCausalLM``)."""
 
     layers_path: str  # attribute path from the *ForCausalLM object to its ModuleList of layers
     rotary: bool  # relative (rotary) positions: a prefix can be computed at negative positions
+    base: str  # the decoder module that owns embeddings, positions and the final norm
+    norm: str | None  # final norm, relative to ``base`` (trained in SFPrompt's tail)
+    after_norm: str | None = None  # frozen projection after the norm (OPT's project_out)
+    positions: str | None = None  # absolute position table added before layer 0
+    input_proj: str | None = None  # projection of the token embeddings before layer 0 (OPT's project_in)
 
 
+_LLAMA = FamilyAdapter("model.layers", rotary=True, base="model", norm="norm")
 # model_type (config.model_type) -> adapter. Llama-like families share the layout.
 ADAPTERS: dict[str, FamilyAdapter] = {
-    "llama": FamilyAdapter("model.layers", rotary=True),
-    "mistral": FamilyAdapter("model.layers", rotary=True),
-    "qwen2": FamilyAdapter("model.layers", rotary=True),
-    "gpt2": FamilyAdapter("transformer.h", rotary=False),
-    "opt": FamilyAdapter("model.decoder.layers", rotary=False),
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "gpt2": FamilyAdapter("transformer.h", rotary=False, base="transformer", norm="ln_f", positions="wpe"),
+    "opt": FamilyAdapter(
+        "model.decoder.layers",
+        rotary=False,
+        base="model.decoder",
+        norm="final_layer_norm",
+        after_norm="project_out",
+        positions="embed_positions",
+        input_proj="project_in",
+    ),
 }
 
 

@@ -13,13 +13,14 @@ here, so callers never place tensors themselves.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
+from fedsp.data.batching import IGNORE
 from fedsp.models.prefix import Prefix
-
-IGNORE = -100
 
 
 def model_device(model: PreTrainedModel) -> torch.device:
@@ -276,3 +277,16 @@ def _packed_choice_logprobs(
     slot = (torch.arange(len(rows), device=device).unsqueeze(1) * num_choices + segment)[keep]
     sums = torch.zeros(len(rows) * num_choices, device=device).index_add_(0, slot, token_lp).tolist()
     return [sums[g * num_choices : g * num_choices + len(choices[q])] for g, q in enumerate(questions)]
+
+
+@torch.no_grad()
+def mean_answer_loss(
+    model: PreTrainedModel, batches: Sequence[dict[str, torch.Tensor]], prefix: Prefix | None
+) -> float:
+    """Answer-token cross-entropy over ``batches``, weighted by token count (the servers' validation loss)."""
+    total, count = 0.0, 0
+    for batch in batches:
+        n = int((batch["labels"][:, 1:] != IGNORE).sum())
+        total += float(answer_loss(model, batch, prefix)) * n
+        count += n
+    return total / max(1, count)

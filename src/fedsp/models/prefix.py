@@ -25,8 +25,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import DynamicCache, PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from fedsp import wire
+from fedsp.data.batching import Encoded, demonstration_tokens
 from fedsp.errors import FedSPError
 from fedsp.models.adapters import KVGeometry, adapter_for, kv_geometry
 
@@ -107,21 +109,11 @@ class Prefix(nn.Module):
 
     def wire_state(self) -> dict[str, torch.Tensor]:
         """The trainable parameters, detached, contiguous and on the CPU: what is sent."""
-        return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in self.named_parameters()}
+        return wire.snapshot(self.named_parameters())
 
     def load_wire_state(self, state: dict[str, torch.Tensor]) -> None:
         """Load parameters received over the wire, checking names, shapes and finiteness."""
-        own = dict(self.named_parameters())
-        if set(state) != set(own):
-            raise FedSPError(f"prefix state has keys {sorted(state)}, expected {sorted(own)}")
-        with torch.no_grad():
-            for name, param in own.items():
-                value = state[name]
-                if tuple(value.shape) != tuple(param.shape):
-                    raise FedSPError(
-                        f"prefix tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(param.shape)}"
-                    )
-                param.copy_(value.to(param.dtype))
+        wire.load_snapshot(self.named_parameters(), state, "prefix")
 
 
 def prefix_for(
@@ -130,6 +122,27 @@ def prefix_for(
     """A zero prefix shaped for ``model`` (use :func:`init_prefix_from_tokens` to give it real values)."""
     config = PrefixConfig(num_tokens, kv_geometry(model.config), projection=projection, dropout=dropout)
     return Prefix(config).follow(model)
+
+
+def initial_prefix(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    server_rows: Sequence[Encoded],
+    num_tokens: int,
+    projection: bool = False,
+    dropout: float = 0.1,
+    init: str = "tokens",
+) -> Prefix:
+    """The round-0 prefix the server makes from its global model: ``tokens`` (the model's own keys/values of
+    whole examples of its shard, see :func:`init_prefix_from_tokens`) or ``random`` (N(0, 1))."""
+    prefix = prefix_for(model, num_tokens, projection, dropout)
+    if init == "random":
+        with torch.no_grad():
+            (prefix.embedding if projection else prefix.table).normal_(0.0, 1.0)
+        return prefix
+    tokens = demonstration_tokens(server_rows, num_tokens, tokenizer)
+    init_prefix_from_tokens(prefix, model, torch.tensor(tokens))
+    return prefix
 
 
 @torch.no_grad()

@@ -16,7 +16,8 @@ of the global model: a structural copy that shares every weight, holds a range
 of the layers, and has the modules outside that range replaced (final norm ->
 identity in head and body; position table -> nothing and input projection ->
 identity in the body). So head -> body -> tail computes exactly what the full
-model computes, bit for bit; :func:`split_layout` is the one per-family table.
+model computes, bit for bit; where a family keeps those modules is its entry
+in :data:`fedsp.models.adapters.ADAPTERS`, the one table of model families.
 
 The body is driven by messages, each a flat dict of tensors (what would cross
 the wire): ``body_forward({"activations", "attention_mask", "position_ids",
@@ -31,46 +32,19 @@ only at those positions, and the gradient of the activations is the full
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from fedsp.errors import FedSPError
-from fedsp.models.adapters import decoder_layers, set_decoder_layers
+from fedsp.models.adapters import FamilyAdapter, adapter_for, decoder_layers, set_decoder_layers
 from fedsp.models.forward import head_logits
 
 
-@dataclass(frozen=True)
-class SplitLayout:
-    """Where a family keeps the modules around its decoder stack (paths from the ``*ForCausalLM``)."""
-
-    base: str  # the decoder module that owns embeddings, positions and the final norm
-    norm: str | None  # final norm, relative to ``base``: trained in the tail
-    after_norm: str | None = None  # frozen projection after the norm (OPT's project_out)
-    positions: str | None = None  # absolute position table added before layer 0 (skipped by the body)
-    input_proj: str | None = None  # projection of the token embeddings before layer 0 (OPT's project_in)
-
-
-_LLAMA = SplitLayout("model", "norm")
-LAYOUTS: dict[str, SplitLayout] = {
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,
-    "gpt2": SplitLayout("transformer", "ln_f", positions="wpe"),
-    "opt": SplitLayout("model.decoder", "final_layer_norm", "project_out", "embed_positions", "project_in"),
-}
-
-
-def split_layout(model: PreTrainedModel) -> SplitLayout:
-    family = getattr(model.config, "model_type", None)
-    if family not in LAYOUTS:
-        raise FedSPError(
-            f"the splitter does not know model family {family!r}; supported: {', '.join(sorted(LAYOUTS))}"
-        )
-    return LAYOUTS[family]
+def split_layout(model: PreTrainedModel) -> FamilyAdapter:
+    """The family's entry in the one table of model families (its modules around the decoder stack)."""
+    return adapter_for(model.config)
 
 
 def check_split_layer(split_layer: int, num_layers: int) -> None:
@@ -136,15 +110,6 @@ class Tail(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """(n, H) -> logits (n, V) in float32."""
         return head_logits(self._frozen[1], self.normed(hidden))
-
-    def wire_state(self) -> dict[str, torch.Tensor]:
-        return {f"tail.{k}": p.detach().to("cpu", copy=True).contiguous() for k, p in self.named_parameters()}
-
-    def load_wire_state(self, state: dict[str, torch.Tensor]) -> None:
-        own = dict(self.named_parameters())
-        with torch.no_grad():
-            for name, param in own.items():
-                param.copy_(state[f"tail.{name}"].to(param.dtype))
 
 
 def prompt_positions(attention_mask: torch.Tensor, num_prompts: int) -> torch.Tensor:

@@ -5,7 +5,8 @@ auxiliary model (the decoder layers selected by ``--aux-layers`` /
 ``--aux-layer-choice``, and the embeddings, final norm and head it shares)
 and prefixes. SFPrompt's is narrower: clients hold the head (embeddings and
 layers 0..c-1, c = ``--split-layer``) and the tail (final norm, LM head), and
-never the body, layers c..L-1, which stays on the server (:data:`PROMISES`);
+never the body, layers c..L-1, which stays on the server (what a method's
+clients hold is its entry in :mod:`fedsp.methods.table`);
 the activations and gradients of split training are not weights and are not
 recorded.
 With ``--audit true`` a run fingerprints (SHA-256 of dtype, shape and bytes)
@@ -19,7 +20,6 @@ fails, as it should.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import torch
 from transformers import PreTrainedModel
 
 from fedsp.config import RunConfig
+from fedsp.methods.table import SPLIT_HEAD, spec_for
 from fedsp.models.adapters import decoder_layers
 from fedsp.models.auxiliary import select_layers
 from fedsp.runtime import results
@@ -39,23 +40,20 @@ def fingerprint(tensor: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def _auxiliary_layers(config: RunConfig, num_layers: int) -> Iterable[int]:
-    return select_layers(num_layers, config.aux_layers, config.aux_layer_choice)
-
-
-def _split_head_layers(config: RunConfig, num_layers: int) -> Iterable[int]:
-    return range(config.split_layer)
-
-
-# The decoder layers a method lets clients hold (the others are private); FedSP's rule for any method not named.
-PROMISES: dict[str, Callable[[RunConfig, int], Iterable[int]]] = {
-    "sfprompt": _split_head_layers,
-    "fedprompt-single": lambda config, num_layers: [0],  # layer 0 alone, whatever --aux-layers says
-}
-
-
 def promised_layers(config: RunConfig, num_layers: int) -> set[int]:
-    return set(PROMISES.get(config.method, _auxiliary_layers)(config, num_layers))
+    """The decoder layers the method's table entry lets clients hold; the others are private.
+
+    SFPrompt's clients hold the head, layers 0..c-1; a fixed layer set (FedPrompt-Single's
+    layer 0) is that set; every other method is held to FedSP's promise, the layers
+    ``--aux-layers`` / ``--aux-layer-choice`` select (FedPrompt, whose clients get the
+    whole model, fails it, as it should).
+    """
+    shape = spec_for(config.method).client
+    if shape is not None and shape.holds == SPLIT_HEAD:
+        return set(range(config.split_layer))
+    if shape is not None and shape.layers is not None:
+        return set(shape.layers)
+    return set(select_layers(num_layers, config.aux_layers, config.aux_layer_choice))
 
 
 def private_weights(model: PreTrainedModel, config: RunConfig) -> dict[str, str]:

@@ -4,9 +4,10 @@
 data, zero-shot accuracy, the method's parties); ``Session.finish_round``
 aggregates the updates a runtime collected, tunes, validates, evaluates and
 records the round; ``Session.finish`` evaluates the best state and writes
-``results.json`` and ``curves.png``. A runtime only decides how the broadcast
-reaches the clients and how their updates come back: in-process calls, or
-Flower messages.
+``results.json`` and ``curves.png``. The rounds in between are the round
+driver's (:mod:`fedsp.runtime.rounds`), over an engine that only decides how
+orders reach the clients and how their replies come back: in-process calls,
+or Flower messages.
 
 After every round the session checkpoints the server (``checkpoint.pt``);
 ``Session.start(config, resume=DIR)`` rebuilds the same parties and continues
@@ -28,15 +29,24 @@ from typing import Any
 
 import torch
 
+from fedsp import wire
 from fedsp.config import RunConfig
+from fedsp.data.shards import RunData, prepare_data
 from fedsp.evaluation.multiple_choice import MCResult, evaluate_multiple_choice
 from fedsp.methods.base import ClientUpdate, Course
+from fedsp.methods.table import MethodSpec, spec_for
 from fedsp.models.auxiliary import unique_parameter_count
 from fedsp.models.loading import LoadedModel, load_global_model
 from fedsp.runtime import checkpoint, results
 from fedsp.runtime.audit import Audit
-from fedsp.runtime.courses import METHOD_SPECS, MethodSpec, build_course, shipped_bytes
-from fedsp.runtime.setup import RunData, prepare_data
+
+
+@dataclass
+class RunOutcome:
+    """A finished run: its results folder and what ``results.json`` holds."""
+
+    out_dir: Path
+    results: dict[str, Any]
 
 
 @dataclass
@@ -68,7 +78,7 @@ class Session:
     @classmethod
     def _start(cls, config: RunConfig, out_dir: Path | None, saved: dict[str, Any] | None) -> Session:
         started = time.perf_counter()
-        spec = METHOD_SPECS[config.method]
+        spec = spec_for(config.method)
         ignored = spec.ignored_options(config)
         if ignored:
             listed = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in ignored.items())
@@ -88,13 +98,13 @@ class Session:
         if saved is not None:
             session._restore(saved)
             return session
-        if config.zero_shot_eval or spec.build is None:
+        if config.zero_shot_eval or not spec.trains:
             session.zero_shot = session.evaluate(loaded.model, None, "zero-shot eval")
             session.say(f"zero-shot: acc {100 * session.zero_shot.acc:.1f}  "
                         f"acc_norm {100 * session.zero_shot.acc_norm:.1f}")  # fmt: skip
-        if spec.build is not None:
-            session.course = build_course(config, loaded, data)
-            session.once_bytes = shipped_bytes(session.course)
+        if spec.trains:
+            session.course = spec.builder()(config, loaded, data)
+            session.once_bytes = wire.num_bytes(session.course.shipped_once)
             record0 = {"round": 0, "val_loss": session.course.server.validation_loss()}
             kd_losses = session.course.notes.get("kd_losses")
             if kd_losses:
@@ -111,8 +121,8 @@ class Session:
             saved["history"],
         )
         if saved["server"] is not None:
-            self.course = self.course or build_course(self.config, self.loaded, self.data)
-            self.once_bytes = shipped_bytes(self.course)
+            self.course = self.course or self.spec.builder()(self.config, self.loaded, self.data)
+            self.once_bytes = wire.num_bytes(self.course.shipped_once)
             self.course.server.load_state_dict(saved["server"])
         if self.audit is not None and saved.get("audit") is not None:
             self.audit.load_state_dict(saved["audit"])

@@ -1,22 +1,21 @@
 """A data owner's side: its client rebuilt from what the server shipped, its rows, its state on disk.
 
-The in-process runner gets clients from ``course.make_client(k)``, which holds
+The in-process engine gets clients from ``course.make_client(k)``, which holds
 the global model. A Flower client must not: it builds the *skeleton* of the
 global architecture (random weights, from the architecture JSON the server
-sends), derives the client model from it with the same
-:func:`~fedsp.models.auxiliary.build_auxiliary_model`, loads the weights the
-server shipped (the distilled auxiliary model), and builds the same
-:class:`~fedsp.methods.fedsp.FedSPClient` as the method's course, with the
-plan (alternate / joint / prompt-only, layer sharing) read from the method
-table. Its rows come from its own data folder (deployment) or from the same
-partition of the task as the in-process runner (simulation).
+sends), derives the client model's structure from it
+(:func:`~fedsp.methods.fedsp.client_model_from`), loads the weights the server
+shipped (the distilled auxiliary model), and makes the client with the same
+:func:`~fedsp.methods.fedsp.make_client` as the method's course, from the
+method's client shape in the method table. Its rows come from its own data
+folder (deployment) or from the same partition of the task as the in-process
+engine (simulation).
 """
 
 from __future__ import annotations
 
 import functools
 import json
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,10 +23,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreT
 
 from fedsp.config import RunConfig
 from fedsp.data.batching import Encoded, encode_gold
+from fedsp.data.shards import prepare_data
 from fedsp.data.tasks import load_task
 from fedsp.errors import FedSPError
-from fedsp.methods.fedsp import ALTERNATE, PROMPT_ONLY, ClientPlan, FedSPClient
-from fedsp.models.auxiliary import build_auxiliary_model, depth_plan
+from fedsp.methods.base import Client
+from fedsp.methods.fedsp import client_model_from, make_client
+from fedsp.methods.table import AUXILIARY, GLOBAL, spec_for
 from fedsp.models.loading import (
     DTYPES,
     TINY_MODELS,
@@ -37,54 +38,20 @@ from fedsp.models.loading import (
     use_attention,
 )
 from fedsp.models.precision import pick_attention
-from fedsp.models.prefix import collapse_layers, expand_layers, prefix_for
-from fedsp.runtime.courses import METHOD_SPECS, _local, fedprompt_course
-from fedsp.runtime.setup import prepare_data
-
-
-def client_shape(method: str) -> dict[str, object]:
-    """How ``method`` builds its clients, read from the method table (``share``, ``mode``, ``full_model``)."""
-    build = METHOD_SPECS[method].build
-    if build is None or not METHOD_SPECS[method].federated:
-        raise FedSPError(f"method {method!r} has no clients")
-    if build is fedprompt_course:  # FedPrompt: the whole global model, prompt-only
-        return {"share": True, "mode": PROMPT_ONLY, "full_model": True}
-    keywords = build.keywords if isinstance(build, partial) else {}
-    return {
-        "share": keywords.get("share", True),
-        "mode": keywords.get("mode", ALTERNATE),
-        "full_model": False,
-    }
-
-
-def client_seed(config: RunConfig, partition: int) -> int:
-    """The data-stream seed of client ``partition``; the same as the method's ``make_client``."""
-    return config.seed * 1000 + partition + 1
 
 
 def build_client(
     config: RunConfig, model_config: str, layers: tuple[int, ...], shipped: dict[str, torch.Tensor],
     rows: list[Encoded], partition: int, pad_id: int,
-) -> FedSPClient:  # fmt: skip
-    """The method's client for ``partition``, its model holding the ``shipped`` weights."""
-    shape = client_shape(config.method)
+) -> Client:  # fmt: skip
+    """The method's client for ``partition`` (its shape from the method table), holding the ``shipped`` weights."""
+    shape = spec_for(config.method).client
+    if shape is None or shape.holds not in (AUXILIARY, GLOBAL):
+        raise FedSPError(f"method {config.method!r} has no clients this node can build")
     skeleton = _skeleton(model_config, config.dtype)
-    num_layers = skeleton.config.num_hidden_layers
-    if shape["full_model"]:
-        model = skeleton.requires_grad_(False)
-    else:
-        model = build_auxiliary_model(skeleton, list(layers), share=bool(shape["share"]))
+    model = client_model_from(shape, skeleton, layers)
     _load_exact(model, shipped)
-    plan = ClientPlan(str(shape["mode"]))
-    if not shape["share"]:  # one prefix layer per kept layer, mapped to and from the server's depth
-        blocks = depth_plan(num_layers, len(layers))
-        plan = ClientPlan(plan.mode, receive=partial(collapse_layers, plan=blocks),
-                          send=partial(expand_layers, plan=blocks))  # fmt: skip
-    prefix_config = prefix_for(
-        model, config.prefix_len, config.prefix_projection, config.prefix_dropout
-    ).config
-    return FedSPClient(model, prefix_config, rows, _local(config), config.rounds, pad_id,
-                       seed=client_seed(config, partition), plan=plan)  # fmt: skip
+    return make_client(config, shape, model, rows, partition, pad_id, skeleton.config.num_hidden_layers, layers)
 
 
 def _skeleton(model_config: str, dtype: str) -> PreTrainedModel:

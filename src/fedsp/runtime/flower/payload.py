@@ -1,9 +1,12 @@
-"""How FedSP payloads ride in Flower messages.
+"""How fedsp payloads ride in Flower messages.
 
 Tensors travel as one ``uint8`` array holding the :mod:`fedsp.wire` payload
-(safetensors bytes), so byte counts equal the in-process runner's and Flower
-chunks large payloads (the auxiliary model) by itself. Small facts travel in
-a ``ConfigRecord`` named ``fedsp``; the run configuration as JSON inside it.
+(safetensors bytes, encoded once by the round driver or the client): the one
+way into a record is :func:`to_record`, so byte counts equal the in-process
+engine's and Flower chunks large payloads (the auxiliary model) by itself.
+Small facts travel in a ``ConfigRecord`` named ``fedsp``; the run configuration
+as JSON inside it. :func:`reply_content` / :func:`parse_reply` turn a
+:class:`~fedsp.runtime.messages.Reply` into a message's content and back.
 """
 
 from __future__ import annotations
@@ -13,33 +16,59 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedsp.config import RunConfig
+
+from fedsp.runtime.messages import LOST_STATE, NEED_AUX, OK, Reply
 
 if TYPE_CHECKING:  # torch is imported when tensors are (de)coded: a ``query`` never needs it
     import torch
 
 PREFIX, AUX, UPDATE, META, METRICS = "prefix", "aux", "update", "fedsp", "metrics"
-OK, NEED_AUX, LOST_STATE = "ok", "need-aux", "lost-state"
+__all__ = ["LOST_STATE", "NEED_AUX", "OK", "TrainOrder", "from_record", "parse_reply", "reply_content", "to_record"]
 
 
-def to_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
-    from fedsp import wire
-
-    return bytes_record(wire.encode(tensors))
-
-
-def bytes_record(payload: bytes) -> ArrayRecord:
+def to_record(payload: bytes) -> ArrayRecord:
+    """An encoded :mod:`fedsp.wire` payload as a record (the one way tensors enter a message)."""
     return ArrayRecord({"payload": Array(np.frombuffer(payload, dtype=np.uint8))})
+
+
+def record_bytes(record: ArrayRecord) -> bytes:
+    """The encoded payload a record carries."""
+    return bytes(record["payload"].numpy().tobytes())
 
 
 def from_record(record: ArrayRecord) -> tuple[dict[str, torch.Tensor], int]:
     """The tensors of a record and the size of their payload in bytes."""
     from fedsp import wire
 
-    payload = record["payload"].numpy().tobytes()
+    payload = record_bytes(record)
     return wire.decode(payload), len(payload)
+
+
+def reply_content(reply: Reply) -> RecordDict:
+    """A client's reply as message content: its status, and with ``ok`` the update, count and metrics."""
+    meta = ConfigRecord({"status": reply.status, "partition": reply.partition})
+    content = RecordDict({META: meta})
+    if reply.status == OK:
+        meta["num-examples"] = reply.num_examples
+        content[UPDATE] = to_record(reply.payload)
+        content[METRICS] = MetricRecord(dict(reply.metrics))
+    return content
+
+
+def parse_reply(partition: int, content: RecordDict) -> Reply:
+    """The :class:`~fedsp.runtime.messages.Reply` in a message's content; a malformed one is a failure."""
+    try:
+        meta = content[META]
+        status = str(meta["status"])  # type: ignore[index]
+        if status != OK:
+            return Reply(partition, status)
+        metrics = {name: float(v) for name, v in content[METRICS].items()}  # type: ignore[union-attr, arg-type]
+        return Reply(partition, OK, record_bytes(content[UPDATE]), int(meta["num-examples"]), metrics)  # type: ignore[index, arg-type, call-overload]
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        return Reply.failed(partition, f"malformed reply (missing or bad {err})")
 
 
 @dataclass(frozen=True)

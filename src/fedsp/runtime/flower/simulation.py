@@ -15,8 +15,8 @@ from pathlib import Path
 
 from fedsp.config import RunConfig
 from fedsp.runtime.flower import configure_environment
-from fedsp.runtime.inprocess import RunOutcome
-from fedsp.runtime.session import Session
+from fedsp.runtime.rounds import clients_folder
+from fedsp.runtime.session import RunOutcome, Session
 
 
 def run(config: RunConfig, resume: Path | None = None, actors: int | None = None) -> RunOutcome:
@@ -41,7 +41,7 @@ def run(config: RunConfig, resume: Path | None = None, actors: int | None = None
                 failure.append(err)
 
         actors = actors or max(1, min(2, os.cpu_count() or 1))
-        os.environ["FEDSP_FLOWER_STATE_DIR"] = str(session.out_dir.resolve() / "clients")
+        os.environ["FEDSP_FLOWER_STATE_DIR"] = str(clients_folder(session.out_dir.resolve()))
         logging.getLogger("flwr").setLevel(logging.WARNING if not config.progress else logging.INFO)
         run_simulation(server_app, client_app, num_supernodes=session.course.num_clients,
                        backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": actors}})  # fmt: skip

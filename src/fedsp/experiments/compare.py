@@ -16,8 +16,8 @@ from pathlib import Path
 from fedsp.config import METHODS
 from fedsp.errors import FedSPError
 from fedsp.models.precision import DTYPE_CHOICES
-from fedsp.runtime import tables
-from fedsp.runtime.grid import (
+from fedsp.experiments import tables
+from fedsp.experiments.grid import (
     ALL_METHODS,
     OPT_IN_METHODS,
     SCALES,
@@ -120,7 +120,7 @@ def write_tables(grid: Grid, by_table: dict[str, list[Cell]]) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fedsp.runtime.compare ...``: the same as ``fedsp compare ...``."""
+    """``python -m fedsp.experiments.compare ...``: the same as ``fedsp compare ...``."""
     import sys
 
     parser = argparse.ArgumentParser(prog="fedsp")

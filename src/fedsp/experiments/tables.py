@@ -21,7 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from fedsp.runtime.grid import Cell, Grid  # noqa: E402
+from fedsp.experiments.grid import Cell, Grid  # noqa: E402
 
 
 def _accs(grid: Grid, cells: Sequence[Cell]) -> list[float]:

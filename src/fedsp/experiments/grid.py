@@ -26,6 +26,7 @@ from typing import Any
 
 from fedsp.config import SPEED_ONLY, RunConfig
 from fedsp.errors import FedSPError
+from fedsp.methods.table import grid_methods, spec_for
 
 SCALES: dict[str, dict[str, Any]] = {
     "cpu": dict(
@@ -45,11 +46,11 @@ SCALES: dict[str, dict[str, Any]] = {
     ),  # fmt: skip
 }
 TASKS = ("arc_easy", "arc_challenge", "openbookqa", "piqa", "sciq")
-MAIN_METHODS = ("zero-shot", "fedsp", "fedprompt", "fedprompt-single")
-ALL_METHODS = (*MAIN_METHODS, "fedsp-no-kd", "fedsp-no-cs", "fedsp-no-at", "prefix-tuning", "finetune")
-# In no default list, run only when named in --methods: SFPrompt scores every local example (EL2N, through
-# the client's head) every round; with tiny-llama at --scale cpu its cell took 190 s, FedSP's 35 s.
-OPT_IN_METHODS = ("sfprompt",)
+# The default method lists, from the method table (its ``grid`` field): "opt-in" methods run only when
+# named in --methods (SFPrompt: it scores every local example every round).
+MAIN_METHODS = grid_methods("main")
+ALL_METHODS = grid_methods("main", "all")
+OPT_IN_METHODS = grid_methods("opt-in")
 # Options a comparison must hold equal across all its cells (else the numbers are not comparable).
 SHARED_KEYS = ("model", "eval_limit", "max_length", "data_dir", "data_seed", "dtype")
 
@@ -69,7 +70,7 @@ class Cell:
     def config(self, base: dict[str, Any], out: Path) -> RunConfig:
         values = {**base, **dict(self.overrides), "method": self.method, "task": self.task, "seed": self.seed,
                   "out": str(out / "cells" / self.name), "progress": False}  # fmt: skip
-        if self.method != "zero-shot":
+        if spec_for(self.method).trains:
             values["zero_shot_eval"] = False  # the zero-shot cell of the task gives that row
         return RunConfig.from_dict(values, source=f"grid cell {self.name}")
 
@@ -142,8 +143,8 @@ def check_comparable(grid: Grid) -> None:
 def build_cells(table: str, tasks: Sequence[str], methods: Sequence[str], seeds: Sequence[int]) -> list[Cell]:
     """The cells one table or figure needs."""
     if table == "methods":
-        return [Cell(m, t, s if m != "zero-shot" else 0) for t in tasks for m in methods
-                for s in (seeds if m != "zero-shot" else [0])]  # fmt: skip
+        # an untrained method (zero-shot) does not depend on the training seed: one cell, seed 0
+        return [Cell(m, t, s) for t in tasks for m in methods for s in (seeds if spec_for(m).trains else [0])]
     if table == "layers":
         return [Cell("fedsp", t, s, (("aux_layer_choice", c),) if c != "bottom" else ())
                 for t in tasks for c in ("bottom", "middle", "top") for s in seeds]  # fmt: skip
@@ -151,7 +152,7 @@ def build_cells(table: str, tasks: Sequence[str], methods: Sequence[str], seeds:
         return [Cell("fedsp", t, s, (("aux_layers", n),) if n != 1 else ())
                 for t in tasks for n in (1, 2, 3, 4) for s in seeds]  # fmt: skip
     if table == "efficiency":
-        return [Cell(m, t, seeds[0]) for t in tasks[:1] for m in methods if m != "zero-shot"]
+        return [Cell(m, t, seeds[0]) for t in tasks[:1] for m in methods if spec_for(m).trains]
     raise FedSPError(f"unknown table {table!r}; choose methods, layers, depth or efficiency")
 
 

@@ -1,23 +1,30 @@
-"""Centralised full fine-tuning (the paper's FINETUNE upper bound): every weight of the global model trained.
+"""The centralised baselines: prefix-tuning and full fine-tuning on the union of all shards, no clients.
 
-No prefix and no clients: the "server" holds the union of all training shards
-and trains the whole model, ``steps`` steps per round. The best weights (by
-validation loss) are kept in memory and restored for the final evaluation.
+- prefix-tuning: FedSP's server (:class:`~fedsp.methods.fedsp.FedSPServer`)
+  with no clients, tuning the prefix on every shard;
+- fine-tuning (the paper's FINETUNE upper bound, :class:`FinetuneServer`):
+  every weight of the global model trained, no prefix. The best weights (by
+  validation loss) are kept in memory and restored for the final evaluation.
+Budget of both: (K + 1) * T steps per round, the batches the whole federation
+trains on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from transformers import PreTrainedModel
 
+from fedsp.config import RunConfig
 from fedsp.data.batching import BatchStream, Encoded, fixed_batches
-from fedsp.methods.base import ClientUpdate
-from fedsp.methods.fedsp import mean_answer_loss
+from fedsp.data.shards import RunData
+from fedsp.methods.base import ClientUpdate, Course
+from fedsp.methods.fedsp import prefix_server
 from fedsp.methods.optim import OptimConfig, Phase, set_trainable
-from fedsp.models.forward import answer_loss
+from fedsp.models.forward import answer_loss, mean_answer_loss
+from fedsp.models.loading import LoadedModel
 from fedsp.models.prefix import Prefix
 
 
@@ -90,3 +97,30 @@ class FinetuneServer:
         self.stream.load_state_dict(state["stream"])
         self.best_val_loss = state["best_val_loss"]
         self.best_state = state["best_state"]
+
+
+def _all_rows(data: RunData) -> list[Encoded]:
+    return data.server_rows + [row for shard in data.client_rows for row in shard]
+
+
+def _budget(config: RunConfig, data: RunData) -> int:
+    return (len(data.client_rows) + 1) * config.local_steps
+
+
+def _no_clients(k: int) -> NoReturn:
+    raise RuntimeError("a centralised method has no clients")
+
+
+def prefix_tuning_course(config: RunConfig, loaded: LoadedModel, data: RunData) -> Course:
+    """Prefix-tuning of the frozen global model on all shards."""
+    server = prefix_server(config, loaded, data, _all_rows(data), _budget(config, data))
+    return Course(server, _no_clients, 0, None)
+
+
+def finetune_course(config: RunConfig, loaded: LoadedModel, data: RunData) -> Course:
+    """Full fine-tuning of the global model on all shards (learning rate: ``--align-lr``)."""
+    optim = OptimConfig(config.align_lr, config.weight_decay, config.warmup_ratio)
+    server = FinetuneServer(loaded.model, _all_rows(data), data.val_rows, _budget(config, data), config.batch_size,
+                            optim, config.rounds, loaded.tokenizer.pad_token_id, config.seed,
+                            config.eval_batch_size)  # fmt: skip
+    return Course(server, _no_clients, 0, None)

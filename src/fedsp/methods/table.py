@@ -1,0 +1,162 @@
+"""The table of methods: one entry per method, as data, read by everything that needs to know a method.
+
+An entry (:class:`MethodSpec`) says:
+  - how its parties are built: ``build``, the ``module:function`` that turns
+    ``(config, loaded model, run data)`` into a :class:`~fedsp.methods.base.Course`
+    (``None``: the method trains nothing);
+  - what its clients hold (:class:`ClientShape`; ``None``: no clients, a
+    centralised method): the auxiliary model and how it is trained, the whole
+    global model, or SFPrompt's split head. The model-privacy audit, the
+    efficiency table and the Flower client side read it;
+  - the options it reads (the others are reported as ignored), the engines it
+    runs on, and where the experiment grid lists it.
+
+``config.py`` (which methods exist, which engines each allows), ``runtime/audit.py``
+(which layers a client may hold), ``experiments/grid.py`` (default method lists),
+``cli.py`` and ``runtime/flower/client_side.py`` read this table; no module tests
+a method's name. The table imports nothing heavy (builders are named, imported
+when a run builds its course), so the configuration can read it.
+
+Adding a method: one module under ``methods/`` with its server, client and
+builder, plus one entry below.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from fedsp.config import RunConfig
+    from fedsp.data.shards import RunData
+    from fedsp.methods.base import Course
+    from fedsp.models.loading import LoadedModel
+
+# Options by what reads them; an option in no group is read by every method.
+TRAINING = frozenset({"rounds", "local_steps", "batch_size", "weight_decay", "warmup_ratio", "val_limit",
+                      "eval_every_round", "clients"})  # fmt: skip
+FEDERATION = frozenset({"partition", "alpha", "server_steps"})
+PREFIX = frozenset({"lr", "prefix_len", "prefix_projection", "prefix_dropout", "prefix_init"})
+MODEL_LR = frozenset({"align_lr"})
+AUX = frozenset({"aux_layers", "aux_layer_choice"})
+KD = frozenset({"kd_steps", "kd_lr", "kd_batch_size", "kd_projection"})
+SPLIT = frozenset({"split_layer", "prune_gamma", "local_loss_steps"})  # SFPrompt
+GROUPS = (TRAINING, FEDERATION, PREFIX, MODEL_LR, AUX, KD, SPLIT)
+SPECIFIC = frozenset().union(*GROUPS)
+
+# What a client holds of the global model.
+AUXILIARY = "auxiliary"  # an auxiliary model made from a few global layers (FedSP and its relatives)
+GLOBAL = "global"  # the whole global model, frozen (FedPrompt: no model privacy)
+SPLIT_HEAD = "split-head"  # embeddings, layers 0..c-1 and the tail (SFPrompt; the server keeps the body)
+
+# How a client trains (FedSP's client, fedsp.methods.fedsp.ClientPlan).
+ALTERNATE, JOINT, PROMPT_ONLY = "alternate", "joint", "prompt-only"
+
+ENGINES = ("inprocess", "flower")
+# Where the experiment grid lists a method: in every default list ("main"), in the full default list
+# ("all"), or only when named ("opt-in").
+GRID_LISTS = ("main", "all", "opt-in")
+
+Builder = Callable[["RunConfig", "LoadedModel", "RunData"], "Course"]
+
+
+@dataclass(frozen=True)
+class ClientShape:
+    """What a method's client holds and how it trains it."""
+
+    holds: str  # AUXILIARY, GLOBAL or SPLIT_HEAD
+    mode: str = ALTERNATE  # ALTERNATE (FedSP), JOINT (w/o AT) or PROMPT_ONLY (FedPrompt)
+    share: bool = True  # auxiliary layers shared across the global depth (False: each applied once)
+    kd: bool = True  # the auxiliary model is distilled (False: the raw global layers)
+    layers: tuple[int, ...] | None = None  # fixed global layers; None: --aux-layers / --aux-layer-choice
+
+    def __post_init__(self) -> None:
+        if self.holds not in (AUXILIARY, GLOBAL, SPLIT_HEAD) or self.mode not in (ALTERNATE, JOINT, PROMPT_ONLY):
+            raise ValueError(f"unknown client shape {self}")
+
+    @property
+    def trains_model(self) -> bool:
+        return self.mode != PROMPT_ONLY
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    summary: str
+    reads: frozenset[str]  # method-specific options it uses (see the groups above)
+    build: str | None  # "module:function" of its builder; None: nothing is trained
+    client: ClientShape | None  # None: no clients (centralised or untrained)
+    engines: tuple[str, ...] = ENGINES
+    grid: str = "all"
+
+    @property
+    def federated(self) -> bool:
+        return self.client is not None
+
+    @property
+    def trains(self) -> bool:
+        return self.build is not None
+
+    def builder(self) -> Builder:
+        """The function that builds this method's course (imported now, not when the table is read)."""
+        if self.build is None:
+            raise RuntimeError(f"method {self.name!r} trains nothing")
+        module, _, function = self.build.partition(":")
+        return cast(Builder, getattr(importlib.import_module(module), function))
+
+    def ignored_options(self, config: RunConfig) -> dict[str, Any]:
+        """Options set away from their defaults that this method does not read."""
+        defaults = type(config)()
+        return {name: getattr(config, name) for name in sorted(SPECIFIC - self.reads)
+                if getattr(config, name) != getattr(defaults, name)}  # fmt: skip
+
+
+_ALL = TRAINING | FEDERATION | PREFIX | MODEL_LR | AUX | KD
+_PROMPT_ONLY = TRAINING | FEDERATION | PREFIX
+_FEDSP = "fedsp.methods.fedsp:fedsp_course"
+_TABLE = [
+    MethodSpec("zero-shot", "the global model as it is, no training", frozenset(), None, None, grid="main"),
+    MethodSpec("fedsp", "FedSP: distilled auxiliary model shared across depth, alternating training", _ALL,
+               _FEDSP, ClientShape(AUXILIARY), grid="main"),  # fmt: skip
+    MethodSpec("fedprompt", "FedPrompt: clients hold the full global model (no model privacy), tune the prefix",
+               _PROMPT_ONLY, _FEDSP, ClientShape(GLOBAL, PROMPT_ONLY), grid="main"),  # fmt: skip
+    MethodSpec("fedprompt-single", "FedPrompt-Single: clients hold layer 0 alone (no sharing, no KD), tune "
+               "the prefix", _PROMPT_ONLY, _FEDSP,
+               ClientShape(AUXILIARY, PROMPT_ONLY, share=False, kd=False, layers=(0,)), grid="main"),  # fmt: skip
+    MethodSpec("fedsp-no-kd", "FedSP without knowledge distillation (auxiliary model from the raw layers)",
+               _ALL - KD, _FEDSP, ClientShape(AUXILIARY, kd=False)),  # fmt: skip
+    MethodSpec("fedsp-no-cs", "FedSP without cross-layer sharing (the selected layers, each applied once)", _ALL,
+               _FEDSP, ClientShape(AUXILIARY, share=False)),  # fmt: skip
+    MethodSpec("fedsp-no-at", "FedSP without alternating training (model and prefix trained in one phase)",
+               _ALL, _FEDSP, ClientShape(AUXILIARY, JOINT)),  # fmt: skip
+    MethodSpec("prefix-tuning", "centralised prefix-tuning of the frozen global model on all shards",
+               TRAINING | PREFIX, "fedsp.methods.centralised:prefix_tuning_course", None),  # fmt: skip
+    MethodSpec("finetune", "centralised full fine-tuning of the global model on all shards (lr: --align-lr)",
+               TRAINING | MODEL_LR, "fedsp.methods.centralised:finetune_course", None),  # fmt: skip
+    # In no default grid list: it scores every local example (EL2N, through the client's head) every round;
+    # with tiny-llama at --scale cpu its cell took 190 s, FedSP's 35 s.
+    MethodSpec("sfprompt", "SFPrompt: split model (client head + tail, server body), input prompts, EL2N "
+               "pruning, local-loss steps; P = --prefix-len",
+               TRAINING | SPLIT | frozenset({"partition", "alpha", "lr", "prefix_len", "prefix_init"}),
+               "fedsp.methods.sfprompt:sfprompt_course", ClientShape(SPLIT_HEAD), engines=("inprocess",),
+               grid="opt-in"),  # fmt: skip
+]
+METHOD_SPECS: dict[str, MethodSpec] = {spec.name: spec for spec in _TABLE}
+METHODS = tuple(METHOD_SPECS)
+
+
+def spec_for(method: str) -> MethodSpec:
+    """The table entry of ``method`` (the configuration has already refused unknown names)."""
+    return METHOD_SPECS[method]
+
+
+def grid_methods(*lists: str) -> tuple[str, ...]:
+    """The methods the experiment grid lists in ``lists`` (of :data:`GRID_LISTS`), in table order."""
+    return tuple(spec.name for spec in _TABLE if spec.grid in lists)
+
+
+def build_course(config: RunConfig, loaded: LoadedModel, data: RunData) -> Course:
+    """The parties of a run of ``config.method``, built by the method's own builder."""
+    return spec_for(config.method).builder()(config, loaded, data)

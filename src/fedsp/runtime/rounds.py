@@ -1,0 +1,234 @@
+"""One round driver for every engine: the server's half and the client's half of a round, written once.
+
+Server side, round ``r`` (:class:`RoundDriver`):
+  1. sample the partitions taking part (:func:`~fedsp.runtime.participation.sample_clients`,
+     seeded by (seed, r));
+  2. broadcast: ``server.broadcast()``, encoded once (:mod:`fedsp.wire`) for
+     every sampled client; the audit records it;
+  3. exchange: the engine delivers one :class:`Order` per sampled partition and
+     returns their :class:`Reply`; the client model goes along the first time
+     (or again, once, to a client that says it lost it);
+  4. check the updates (NaN/Inf, names, shapes, dtypes, outlier norm) and count
+     the bytes that came up; fewer accepted than ``--min-replies`` stops the run;
+  5. ``Session.finish_round``: aggregate, tune, validate, evaluate, checkpoint, metrics.
+Which partitions hold the client model and a trained state (``shipped``,
+``trained``) is checkpointed with the server, so a resumed run knows it too.
+
+Client side, in every engine (:func:`client_round`): take the client model if
+it came, else find it and the previous round's state in the client's store
+(or say ``need-aux`` / ``lost-state``); build the client, load its state, run
+``client.fit`` under the round's per-client seed, write the new state to the
+store, send the encoded update.
+
+An engine (:class:`Engine`) supplies only the exchange: in one process
+(:class:`InProcessEngine`: clients called in turn, each built when its order
+comes and dropped after it, its state on disk, so memory does not grow with
+the number of clients) or over Flower messages
+(:class:`fedsp.runtime.flower.server_app.FlowerEngine`).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from fedsp import wire
+from fedsp.errors import FedSPError
+from fedsp.methods.base import Client, ClientUpdate
+from fedsp.runtime import participation
+from fedsp.runtime.checkpoint import ClientStore
+from fedsp.runtime.messages import FAILED, NEED_AUX, OK, LOST_STATE, Engine, Order, Reply
+from fedsp.runtime.session import Session
+
+log = logging.getLogger("fedsp.rounds")
+
+def client_round(
+    order: Order,
+    prefix: bytes,
+    store: ClientStore,
+    build: Callable[[], Client],
+    seed: int,
+    shipped: Mapping[str, torch.Tensor] | None = None,
+    has_model: bool = True,
+) -> Reply:
+    """The client's half of a round, the same in every engine.
+
+    ``build`` makes the client from the model it holds; ``shipped`` is the client
+    model when it came with the order and the engine keeps it in the store (Flower);
+    ``has_model`` says whether the client holds one from an earlier round.
+    """
+    saved = None
+    if order.ship:  # a (new) client model: forget every earlier state
+        store.reset()
+        if shipped is not None:
+            store.save_aux(dict(shipped))
+    elif not has_model:
+        return Reply(order.partition, NEED_AUX)
+    else:
+        saved = store.load_before(order.rnd)
+        if saved is None and order.expects_state:
+            log.warning("partition %d: client state lost; asking for the client model", order.partition)
+            return Reply(order.partition, LOST_STATE)
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG is untouched
+        client = build()
+        if saved is not None:
+            client.load_state_dict(saved[1])
+        torch.manual_seed(participation.client_rng_seed(seed, order.rnd, order.partition))
+        update = client.fit(wire.decode(prefix))
+    store.save(order.rnd, client.state_dict())
+    metrics = {name: float(value) for name, value in update.metrics.items()}
+    return Reply(order.partition, OK, wire.encode(update.state), update.num_examples, metrics)
+
+
+class RoundDriver:
+    """Rounds ``session.first_round..rounds`` of a session over one engine."""
+
+    def __init__(self, session: Session, engine: Engine) -> None:
+        if session.course is None:
+            raise RuntimeError("a method that trains nothing has no rounds")
+        self.session, self.engine = session, engine
+        self.shipped = set(session.runtime_state.get("shipped", []))  # partitions holding the client model
+        self.trained = set(session.runtime_state.get("trained", []))  # partitions holding a trained state
+
+    def run(self) -> None:
+        config = self.session.config
+        for rnd in tqdm(range(self.session.first_round, config.rounds + 1), desc="rounds", unit="round",
+                        disable=not config.progress):  # fmt: skip
+            self.play(rnd)
+
+    def play(self, rnd: int) -> dict[str, Any]:
+        """One round, steps 1-5; the record appended to metrics.jsonl."""
+        t0 = time.perf_counter()
+        session, config = self.session, self.session.config
+        assert session.course is not None
+        # 1-2) who takes part, and what they all receive
+        sampled = participation.sample_clients(session.course.num_clients, config.fraction_fit, config.seed, rnd)
+        sent = session.course.server.broadcast()
+        session.record_sent(rnd, "prefix", sent, sampled)
+        down = wire.encode(sent)
+        # 3) the exchange
+        replies, failed, bytes_up = self.exchange(rnd, sampled, down)
+        # 4) which updates count
+        accepted, rejected = participation.check_updates(sent, replies)
+        if sampled:
+            why = [f"client {k}: {reason}" for k, reason in failed.items()] + [r.reason for r in rejected]
+            needed = participation.required_replies(config.min_replies, len(sampled))
+            participation.check_enough(len(accepted), needed, rnd, why)
+        # 5) the server's half
+        session.runtime_state = {"shipped": sorted(self.shipped), "trained": sorted(self.trained)}
+        return session.finish_round(rnd, sent, len(down) * len(sampled), [bytes_up[k] for k, _ in accepted],
+                                    [u for _, u in accepted], time.perf_counter() - t0,
+                                    extra=round_extra(sampled, sorted(failed), rejected))  # fmt: skip
+
+    def exchange(
+        self, rnd: int, sampled: list[int], down: bytes
+    ) -> tuple[list[tuple[int, ClientUpdate]], dict[int, str], dict[int, int]]:
+        """Orders out, replies in: (partition, update) sorted by partition, failures, bytes up per partition."""
+        session = self.session
+        assert session.course is not None
+        updates: dict[int, ClientUpdate] = {}
+        failed: dict[int, str] = {}
+        bytes_up: dict[int, int] = {}
+        pending = {k: k not in self.shipped for k in sampled}  # partition -> the client model goes along
+        for attempt in range(2):
+            shipping = sorted(k for k, ship in pending.items() if ship)
+            if shipping:
+                session.record_sent(rnd, "shipped_once", session.course.shipped_once, shipping)
+            orders = [Order(rnd, k, ship, k in self.trained and not ship) for k, ship in pending.items()]
+            replies = {r.partition: r for r in self.engine.exchange(orders, down) if r.partition in pending}
+            retry: dict[int, bool] = {}
+            for k, ship in pending.items():
+                reply = replies.get(k)
+                if reply is None:
+                    failed[k] = "no reply within --client-timeout"
+                elif reply.status == FAILED:
+                    failed[k] = reply.reason or "unknown error"
+                    log.warning("client %d failed in round %d: %s", k, rnd, failed[k])
+                elif reply.status != OK:  # it lacks the client model or its state: sent again, once
+                    self.shipped.discard(k)
+                    self.trained.discard(k)
+                    if attempt == 0:
+                        retry[k] = True
+                    else:
+                        failed[k] = f"said {reply.status} after the client model was sent again"
+                else:
+                    if ship:
+                        self.shipped.add(k)
+                    self.trained.add(k)
+                    try:
+                        state = wire.decode(reply.payload)
+                    except FedSPError as err:
+                        failed[k] = f"malformed reply ({err})"
+                        continue
+                    updates[k] = ClientUpdate(state, reply.num_examples, dict(reply.metrics))
+                    bytes_up[k] = len(reply.payload)
+            pending = retry
+            if not pending:
+                break
+        return sorted(updates.items()), dict(sorted(failed.items())), bytes_up
+
+
+def round_extra(
+    sampled: list[int], failed: list[int], rejected: list[participation.Rejection]
+) -> dict[str, Any]:
+    """What metrics.jsonl records about participation: who was asked, who failed, whose update was rejected."""
+    return {
+        "sampled_clients": sampled,
+        "failed_clients": failed,
+        "rejected_updates": len(rejected),
+        "rejections": [{"client": r.partition, "reason": r.reason} for r in rejected],
+    }
+
+
+class InProcessEngine:
+    """Clients called in turn in this process, each built when its order comes and dropped after its round.
+
+    A client's state lives in ``<results folder>/clients/partition-K`` between
+    rounds (as on a Flower node), so the process holds one client at a time.
+    The client model is the course's (one copy in memory, the server's): a
+    client that is "shipped" it starts afresh.
+    """
+
+    def __init__(self, session: Session) -> None:
+        assert session.course is not None
+        self.course, self.config = session.course, session.config
+        self.root = session.out_dir / "clients"
+
+    def store(self, partition: int) -> ClientStore:
+        return ClientStore(self.root / f"partition-{partition}")
+
+    def exchange(self, orders: Sequence[Order], prefix: bytes) -> list[Reply]:
+        replies = []
+        rnd = orders[0].rnd if orders else 0
+        for order in tqdm(orders, desc=f"round {rnd} clients", unit="client", leave=False,
+                          disable=not self.config.progress):  # fmt: skip
+            k = order.partition
+            try:
+                reply = client_round(order, prefix, self.store(k), lambda k=k: self.course.make_client(k),
+                                     self.config.seed)  # fmt: skip
+            except Exception as err:  # one client's failure never stops the round
+                reply = Reply.failed(k, one_line(f"{type(err).__name__}: {err}"))
+            replies.append(reply)
+            # The client is gone; free it now (optimisers and modules hold reference cycles, which Python
+            # collects by object counts, not bytes: a few SmolLM2 clients could pile up before that).
+            gc.collect()
+        return replies
+
+
+def one_line(text: str) -> str:
+    """The most telling line of an error text (the last one that names an error), at most 300 characters."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    useful = [line for line in lines if "Error" in line or "error" in line] or lines or ["unknown error"]
+    return useful[-1][:300]
+
+
+def clients_folder(out_dir: Path) -> Path:
+    """Where an engine keeps its clients' states for a run (a finished run removes it)."""
+    return out_dir / "clients"
