@@ -33,8 +33,12 @@ def common_args(parser: argparse.ArgumentParser, name: str) -> None:
 
 def attention_arg(parser: argparse.ArgumentParser) -> None:
     """--attention: the kernel the loaded models use."""
-    parser.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
-                        help="attention kernel (auto: eager for bfloat16 on a CPU, else sdpa)")  # fmt: skip
+    parser.add_argument(
+        "--attention",
+        default="auto",
+        choices=ATTENTION_CHOICES,
+        help="attention kernel (auto: eager for bfloat16 on a CPU, else sdpa)",
+    )
 
 
 def synchronize(device: torch.device) -> None:

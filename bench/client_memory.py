@@ -1,7 +1,7 @@
 """Peak memory of an in-process run against the number of clients: it must not grow with the federation.
 
     .venv/bin/python bench/client_memory.py                      # tiny-llama: 10 vs 500 clients, 10 a round
-    .venv/bin/python bench/client_memory.py --preset smollm2     # SmolLM2: 10 vs 50 clients, 5 a round, 1 round
+    .venv/bin/python bench/client_memory.py --preset smollm2     # SmolLM2: 10 vs 50 clients, 5 a round
 
 Each run is a fresh ``python`` process (``fedsp.runtime.inprocess.run``) that reports its own peak
 resident memory (``getrusage`` ``ru_maxrss``) and wall time; the in-process engine builds a client
@@ -38,15 +38,23 @@ print("RESULT", json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SE
 # (label, options shared by the runs, [(clients, fraction_fit)]): each pair samples the same number a round
 PRESETS: dict[str, tuple[dict[str, Any], list[tuple[int, float]]]] = {
     "tiny": (
-        dict(model="tiny-llama", rounds=3, local_steps=1, kd_steps=2, eval_limit=20, val_limit=20, prefix_len=4,
-             max_length=96),
+        dict(
+            model="tiny-llama",
+            rounds=3,
+            local_steps=1,
+            kd_steps=2,
+            eval_limit=20,
+            val_limit=20,
+            prefix_len=4,
+            max_length=96,
+        ),
         [(10, 1.0), (500, 0.02)],
     ),
     "smollm2": (
         dict(model="smollm2", rounds=1, local_steps=1, kd_steps=2, eval_limit=20, val_limit=20),
         [(10, 0.5), (50, 0.1)],
     ),
-}  # fmt: skip
+}
 
 
 def measure(keys: dict[str, Any]) -> dict[str, Any]:
@@ -58,7 +66,9 @@ def measure(keys: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--out", default=str(RESULTS / "client_memory.json"))
     args = parser.parse_args()
@@ -66,14 +76,30 @@ def main() -> None:
     rows, records = [], []
     with tempfile.TemporaryDirectory() as work:
         for clients, fraction in federations:
-            keys = {**shared, "clients": clients, "fraction_fit": fraction, "zero_shot_eval": False,
-                    "eval_every_round": False, "progress": False, "out": str(Path(work) / f"run-{clients}")}  # fmt: skip
+            keys = {
+                **shared,
+                "clients": clients,
+                "fraction_fit": fraction,
+                "zero_shot_eval": False,
+                "eval_every_round": False,
+                "progress": False,
+                "out": str(Path(work) / f"run-{clients}"),
+            }
             result = measure(keys)
             records.append({"clients": clients, "fraction_fit": fraction, **result, "options": keys})
             base = records[0]["peak_rss_mb"]
             per_round = result["clients_per_round"][0]
-            rows.append([shared["model"], clients, per_round, shared["rounds"], f"{result['peak_rss_mb']:.0f}",
-                         f"{result['peak_rss_mb'] / base:.3f}", f"{result['wall_seconds']:.0f}"])  # fmt: skip
+            rows.append(
+                [
+                    shared["model"],
+                    clients,
+                    per_round,
+                    shared["rounds"],
+                    f"{result['peak_rss_mb']:.0f}",
+                    f"{result['peak_rss_mb'] / base:.3f}",
+                    f"{result['wall_seconds']:.0f}",
+                ]
+            )
     print_table(["model", "clients", "a round", "rounds", "peak RSS MB", "vs smallest", "wall s"], rows)
     write_json(args.out, {"preset": args.preset, "runs": records})
 

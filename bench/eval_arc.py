@@ -55,24 +55,60 @@ def main() -> None:
             with PeakMemory(device) as memory:
                 start = time.perf_counter()
                 result = evaluate_multiple_choice(
-                    loaded.model, loaded.tokenizer, examples, prefix=prefix, batch_size=args.batch_size,
-                    progress=False, cached=path == "cached",
-                )  # fmt: skip
+                    loaded.model,
+                    loaded.tokenizer,
+                    examples,
+                    prefix=prefix,
+                    batch_size=args.batch_size,
+                    progress=False,
+                    cached=path == "cached",
+                )
                 seconds = time.perf_counter() - start
             reference = reference or result.predictions
             agree = sum(a == b for a, b in zip(result.predictions, reference, strict=True)) / len(examples)
-            rows.append({
-                "dtype": dtype, "path": path, "questions": len(examples), "seconds": seconds,
-                "questions_per_s": len(examples) / seconds, "acc": result.acc, "acc_norm": result.acc_norm,
-                "same_pick_as_first": agree, "peak_rss_mb": memory.peak_rss, "peak_cuda_mb": memory.peak_cuda,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "dtype": dtype,
+                    "path": path,
+                    "questions": len(examples),
+                    "seconds": seconds,
+                    "questions_per_s": len(examples) / seconds,
+                    "acc": result.acc,
+                    "acc_norm": result.acc_norm,
+                    "same_pick_as_first": agree,
+                    "peak_rss_mb": memory.peak_rss,
+                    "peak_cuda_mb": memory.peak_cuda,
+                }
+            )
             print(f"{dtype} {path}: {seconds:.1f} s, acc {100 * result.acc:.1f}", flush=True)
         del loaded
     print_table(
-        ["dtype", "path", "questions", "seconds", "questions/s", "acc %", "acc_norm %", "same pick", "peak RSS MB"],
-        [[r["dtype"], r["path"], r["questions"], r["seconds"], r["questions_per_s"], 100 * r["acc"],
-          100 * r["acc_norm"], r["same_pick_as_first"], r["peak_rss_mb"]] for r in rows],
-    )  # fmt: skip
+        [
+            "dtype",
+            "path",
+            "questions",
+            "seconds",
+            "questions/s",
+            "acc %",
+            "acc_norm %",
+            "same pick",
+            "peak RSS MB",
+        ],
+        [
+            [
+                r["dtype"],
+                r["path"],
+                r["questions"],
+                r["seconds"],
+                r["questions_per_s"],
+                100 * r["acc"],
+                100 * r["acc_norm"],
+                r["same_pick_as_first"],
+                r["peak_rss_mb"],
+            ]
+            for r in rows
+        ],
+    )
     write_json(args.out, {"machine": machine(device), "args": vars(args), "rows": rows})
 
 

@@ -1,4 +1,4 @@
-"""Per-round time and peak memory: in-process runner vs Flower simulation vs loopback deployment, same tiny run.
+"""Per-round time and peak memory: in-process vs Flower simulation vs loopback deployment, same tiny run.
 
     .venv/bin/python bench/flower_overhead.py --clients 3 --per-round 3 --rounds 3   # all three engines
     .venv/bin/python bench/flower_overhead.py --clients 10 --per-round 10 --engines inprocess,flower
@@ -86,20 +86,44 @@ class TreeMemory:
 
 def measure(engine: str, clients: int, per_round: int, rounds: int) -> dict[str, object]:
     out = Path(tempfile.mkdtemp(prefix="fedsp-bench-")) / engine
-    keys = {"model": "tiny-llama", "clients": clients, "rounds": rounds, "local_steps": 1, "kd_steps": 2,
-            "eval_limit": 8, "val_limit": 8, "prefix_len": 4, "max_length": 96, "eval_every_round": False,
-            "zero_shot_eval": False, "progress": False, "fraction_fit": per_round / clients, "out": str(out)}  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(keys), engine],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    keys = {
+        "model": "tiny-llama",
+        "clients": clients,
+        "rounds": rounds,
+        "local_steps": 1,
+        "kd_steps": 2,
+        "eval_limit": 8,
+        "val_limit": 8,
+        "prefix_len": 4,
+        "max_length": 96,
+        "eval_every_round": False,
+        "zero_shot_eval": False,
+        "progress": False,
+        "fraction_fit": per_round / clients,
+        "out": str(out),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, json.dumps(keys), engine],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     memory = TreeMemory(proc.pid)
     stdout, stderr = proc.communicate(timeout=600)
     memory.stop()
     lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.exit(f"{engine} failed:\n{stderr[-3000:]}")
-    return {"engine": engine, "clients": clients, "per_round": per_round, "rounds": rounds,
-            **json.loads(lines[-1][len("RESULT ") :]), "peak_tree_rss_mb": round(memory.peak_rss, 1),
-            "peak_tree_pss_mb": round(memory.peak_pss, 1), "processes": len(memory.processes_seen)}  # fmt: skip
+    return {
+        "engine": engine,
+        "clients": clients,
+        "per_round": per_round,
+        "rounds": rounds,
+        **json.loads(lines[-1][len("RESULT ") :]),
+        "peak_tree_rss_mb": round(memory.peak_rss, 1),
+        "peak_tree_pss_mb": round(memory.peak_pss, 1),
+        "processes": len(memory.processes_seen),
+    }
 
 
 def main() -> None:

@@ -17,8 +17,12 @@ import argparse
 from benchlib import DTYPES, common_args, machine, matmul_peak, matmul_rate, print_table, resolve, write_json
 
 # SmolLM2-135M's linear layers as (k, n): attention q/o, k/v, MLP gate/up, MLP down
-STEP_SHAPES = {"576x576 (q, o)": (576, 576), "576x192 (k, v)": (576, 192), "576x1536 (gate, up)": (576, 1536),
-               "1536x576 (down)": (1536, 576)}  # fmt: skip
+STEP_SHAPES = {
+    "576x576 (q, o)": (576, 576),
+    "576x192 (k, v)": (576, 192),
+    "576x1536 (gate, up)": (576, 1536),
+    "1536x576 (down)": (1536, 576),
+}
 
 
 def measure_peaks(device, sizes=(512, 1024, 2048), repeats: int = 10, max_seconds: float = 5.0) -> dict:
@@ -41,8 +45,13 @@ def measure_peaks(device, sizes=(512, 1024, 2048), repeats: int = 10, max_second
 def measure_step_shapes(device, tokens: int, repeats: int = 20) -> dict[str, dict[str, float]]:
     """Per dtype: GFLOP/s of (tokens x k) @ (k x n) for SmolLM2's layer shapes: what a training step's
     matmuls can reach at that many tokens per call, against the square-matmul peak."""
-    return {name: {shape: matmul_rate(dtype, device, tokens, k, n, repeats, budget_s=5.0)[0]
-                   for shape, (k, n) in STEP_SHAPES.items()} for name, dtype in DTYPES.items()}  # fmt: skip
+    return {
+        name: {
+            shape: matmul_rate(dtype, device, tokens, k, n, repeats, budget_s=5.0)[0]
+            for shape, (k, n) in STEP_SHAPES.items()
+        }
+        for name, dtype in DTYPES.items()
+    }
 
 
 def main() -> None:
@@ -69,9 +78,13 @@ def main() -> None:
     shapes = {str(t): measure_step_shapes(device, t) for t in args.step_tokens}
     for tokens, per_dtype in shapes.items():
         print(f"\n{tokens} tokens per call, GFLOP/s (% of the dtype's square peak)")
-        print_table(["dtype", *STEP_SHAPES],
-                    [[name, *(f"{v:.0f} ({100 * v / peaks[name]['peak']:.0f}%)" for v in rates.values())]
-                     for name, rates in per_dtype.items()])  # fmt: skip
+        print_table(
+            ["dtype", *STEP_SHAPES],
+            [
+                [name, *(f"{v:.0f} ({100 * v / peaks[name]['peak']:.0f}%)" for v in rates.values())]
+                for name, rates in per_dtype.items()
+            ],
+        )
     write_json(args.out, {"machine": machine(device), "gflops": peaks, "step_shapes": shapes})
 
 

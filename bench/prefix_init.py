@@ -1,6 +1,7 @@
 """Round-0 accuracy of the global model with each prefix initialisation (no training).
 
-    .venv/bin/python bench/prefix_init.py [--model smollm2] [--task arc_easy] [--eval-limit 100] [--out FILE.json]
+    .venv/bin/python bench/prefix_init.py [--model smollm2] [--task arc_easy] [--eval-limit 100]
+                                          [--out FILE.json]
 
 Compares, on the same evaluation examples: no prefix (zero-shot); the default
 (keys/values of whole server-shard examples, at positions -P..-1 on rotary
@@ -17,11 +18,10 @@ import time
 import torch
 
 from fedsp.config import RunConfig
+from fedsp.data.shards import prepare_data
 from fedsp.evaluation.multiple_choice import evaluate_multiple_choice
 from fedsp.models.loading import load_global_model
-from fedsp.models.prefix import init_prefix_from_tokens
-from fedsp.data.shards import prepare_data
-from fedsp.models.prefix import initial_prefix
+from fedsp.models.prefix import init_prefix_from_tokens, initial_prefix
 
 
 def main() -> None:
@@ -47,6 +47,7 @@ def main() -> None:
         return result.acc
 
     rows = {"zero-shot (no prefix)": acc(None)}
+
     def start(init: str = "tokens"):
         return initial_prefix(loaded.model, loaded.tokenizer, data.server_rows, config.prefix_len, init=init)
 
@@ -58,13 +59,20 @@ def main() -> None:
     torch.manual_seed(0)
     rows["random N(0,1)"] = acc(start("random"))
     print(
-        f"{args.model} / {args.task}, first {len(data.eval_examples)} {data.eval_split} examples, P={args.prefix_len}"
+        f"{args.model} / {args.task}, first {len(data.eval_examples)} {data.eval_split} examples, "
+        f"P={args.prefix_len}"
     )
     for name, value in rows.items():
         print(f"  {name:<34}{100 * value:6.1f}%")
     if args.out:
-        record = {"model": args.model, "task": args.task, "n": len(data.eval_examples), "prefix_len": args.prefix_len,
-                  "acc": rows, "time": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+        record = {
+            "model": args.model,
+            "task": args.task,
+            "n": len(data.eval_examples),
+            "prefix_len": args.prefix_len,
+            "acc": rows,
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         with open(args.out, "w") as handle:
             json.dump(record, handle, indent=2)
 

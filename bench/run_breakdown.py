@@ -98,9 +98,16 @@ def main() -> None:
     )[: args.top]
     print(f"\ntop {args.top} fedsp functions by inclusive time")
     print_table(["function", "calls", "seconds"], [list(t) for t in top])
-    write_json(args.out, {"machine": machine(resolve("auto")), "command": ["fedsp", *command[:1], *run_args],
-                          "wall_seconds_profiled": wall, "stages": rows,
-                          "top": [{"function": f, "calls": c, "seconds": s} for f, c, s in top]})  # fmt: skip
+    write_json(
+        args.out,
+        {
+            "machine": machine(resolve("auto")),
+            "command": ["fedsp", *command[:1], *run_args],
+            "wall_seconds_profiled": wall,
+            "stages": rows,
+            "top": [{"function": f, "calls": c, "seconds": s} for f, c, s in top],
+        },
+    )
 
 
 if __name__ == "__main__":

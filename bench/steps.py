@@ -1,7 +1,8 @@
 """Every FedSP step kind on SmolLM2 with ARC-Easy batches, against the plain PEFT way, alternating.
 
     .venv/bin/python bench/steps.py [--dtypes float32] [--kinds server align prompt kd eval]
-                                    [--batch-size 8] [--reps 3] [--profile server] [--device auto] [--out FILE]
+                                    [--batch-size 8] [--reps 3] [--profile server] [--device auto]
+                                    [--out FILE]
 
 Step kinds (one optimiser step each, AdamW + clipping as in the runs):
   server  prefix tuning on the frozen global model;
@@ -45,7 +46,7 @@ from benchlib import (
     resolve,
     synchronize,
     write_json,
-)  # fmt: skip
+)
 from peak import measure_peaks
 from peft import PrefixTuningConfig, get_peft_model
 
@@ -106,8 +107,13 @@ class Setup:
         )
         self.n_mm = sum(p.numel() for p in decoder_layers(self.model).parameters() if p.dim() == 2)
         cfg = self.model.config
-        self.geometry = (cfg.num_hidden_layers, cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size,
-                         cfg.vocab_size, P)  # fmt: skip
+        self.geometry = (
+            cfg.num_hidden_layers,
+            cfg.num_attention_heads * cfg.head_dim,
+            cfg.hidden_size,
+            cfg.vocab_size,
+            P,
+        )
 
 
 def _prefix_params(peft_model) -> list[torch.nn.Parameter]:
@@ -196,8 +202,11 @@ def run_plain(s: Setup, kind: str, i: int) -> None:
         with torch.no_grad(), s.peft_global.disable_adapter():
             target = s.model(**inputs, output_hidden_states=True).hidden_states[-1].float()  # (B, T, H)
         student = s.student_plain(**inputs, output_hidden_states=True).hidden_states[-1]
-        _step(masked_mse(student, target, batch["attention_mask"]), list(s.student_plain.parameters()),
-              s.opt_student_plain)  # fmt: skip
+        _step(
+            masked_mse(student, target, batch["attention_mask"]),
+            list(s.student_plain.parameters()),
+            s.opt_student_plain,
+        )
     elif kind == "eval":
         _eval_plain(s, i)
 
@@ -284,22 +293,59 @@ def main() -> None:
         ]
         del s
     later = measure_peaks(device, (512, 1024, 2048), repeats=5)  # the load may have changed: keep the best
-    peaks = {name: {"start": peaks[name], "end": later[name], "peak": max(peaks[name]["peak"], later[name]["peak"])}
-             for name in peaks}  # fmt: skip
+    peaks = {
+        name: {
+            "start": peaks[name],
+            "end": later[name],
+            "peak": max(peaks[name]["peak"], later[name]["peak"]),
+        }
+        for name in peaks
+    }
     for r in results:
         r["fraction_of_peak"] = r["gflops_best"] / peaks[r["dtype"]]["peak"]
         r["fraction_of_fp32_peak"] = r["gflops_best"] / peaks["float32"]["peak"]
     print_table(
-        ["dtype", "kind", "path", "s/step best", "s/step median", "tokens/s", "GFLOP/s", "% peak",
-         "ours x faster", "peak RSS MB"],
-        [[r["dtype"], r["kind"], r["path"], r["seconds_best"], r["seconds_median"], r["tokens_per_s"],
-          r["gflops_best"], 100 * r["fraction_of_peak"], r["speedup_of_ours"], r["peak_rss_mb"]] for r in results],
-    )  # fmt: skip
+        [
+            "dtype",
+            "kind",
+            "path",
+            "s/step best",
+            "s/step median",
+            "tokens/s",
+            "GFLOP/s",
+            "% peak",
+            "ours x faster",
+            "peak RSS MB",
+        ],
+        [
+            [
+                r["dtype"],
+                r["kind"],
+                r["path"],
+                r["seconds_best"],
+                r["seconds_median"],
+                r["tokens_per_s"],
+                r["gflops_best"],
+                100 * r["fraction_of_peak"],
+                r["speedup_of_ours"],
+                r["peak_rss_mb"],
+            ]
+            for r in results
+        ],
+    )
     print("peak GFLOP/s: " + ", ".join(f"{name} {v['peak']:.0f}" for name, v in peaks.items()))
     for name, table in profiles.items():
         print(f"\nprofile {name} (ours, one step; top operators by self CPU time)\n{table}")
-    write_json(args.out, {"machine": machine(device), "peaks_gflops": peaks, "args": vars(args), "rows": results,
-                          "profiles": profiles})  # fmt: skip
+    write_json(
+        args.out,
+        {
+            "machine": machine(device),
+            "peaks_gflops": peaks,
+            "args": vars(args),
+            "rows": results,
+            "profiles": profiles,
+        },
+    )
 
 
 def summarise(s: Setup, dtype: str, kind: str, path: str, times: dict, args: argparse.Namespace) -> dict:
@@ -310,15 +356,21 @@ def summarise(s: Setup, dtype: str, kind: str, path: str, times: dict, args: arg
     ours = [t[0] for t in times.get((kind, "ours"), [])] or runs
     best = min(range(len(runs)), key=runs.__getitem__)
     return {
-        "dtype": dtype, "kind": kind, "path": path, "seconds_per_rep": runs,
-        "seconds_best": runs[best], "seconds_median": median(runs),
-        "tokens": work[best][0], "tokens_per_s": work[best][0] / runs[best],
-        "gflop_per_step": work[best][1] / 1e9, "gflops_best": work[best][1] / runs[best] / 1e9,
+        "dtype": dtype,
+        "kind": kind,
+        "path": path,
+        "seconds_per_rep": runs,
+        "seconds_best": runs[best],
+        "seconds_median": median(runs),
+        "tokens": work[best][0],
+        "tokens_per_s": work[best][0] / runs[best],
+        "gflop_per_step": work[best][1] / 1e9,
+        "gflops_best": work[best][1] / runs[best] / 1e9,
         "gflops_median": median([w[1] / t for w, t in zip(work, runs, strict=True)]) / 1e9,
         "speedup_of_ours": median([t / o for t, o in zip(runs, ours, strict=True)]),
         "peak_rss_mb": max(t[1] for t in times[(kind, path)]),
         "step_rss_growth_mb": max(t[2] for t in times[(kind, path)]),
-    }  # fmt: skip
+    }
 
 
 def measure(s: Setup, args: argparse.Namespace, device: torch.device, dtype: str) -> dict:

@@ -2,7 +2,8 @@
 
     .venv/bin/python scripts/flower_loopback.py                      # tiny model, 3 SuperNodes, 2 rounds
     .venv/bin/python scripts/flower_loopback.py --config run.toml --nodes 3 --out runs/deployed
-    .venv/bin/python scripts/flower_loopback.py --ca-cert ca.crt --server-cert server.pem --server-key server.key
+    .venv/bin/python scripts/flower_loopback.py --ca-cert ca.crt --server-cert server.pem \
+        --server-key server.key
     .venv/bin/python scripts/flower_loopback.py --data-dir owner0 --data-dir owner1 --data-dir owner2
     .venv/bin/python scripts/flower_loopback.py --write-app ./fedsp-app   # only write the Flower app folder
 
@@ -50,8 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ca-cert", help="use this CA certificate (with --server-cert, --server-key)")
     parser.add_argument("--server-cert", help="the SuperLink's certificate, valid for 127.0.0.1")
     parser.add_argument("--server-key", help="the SuperLink's private key")
-    parser.add_argument("--data-dir", action="append", metavar="DIR",
-                        help="a data owner's folder with train.jsonl; once per SuperNode (default: bundled shards)")  # fmt: skip
+    parser.add_argument(
+        "--data-dir",
+        action="append",
+        metavar="DIR",
+        help="a data owner's folder with train.jsonl; once per SuperNode (default: bundled shards)",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
     parser.add_argument("--write-app", metavar="DIR", help="only write the Flower app folder to DIR")
     args = parser.parse_args(argv)
@@ -86,9 +91,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({**result.__dict__, "out_dir": str(result.out_dir)}))
     else:
         rounds = ", ".join(f"{s:.1f}" for s in result.seconds_per_round)
-        print(f"done: {result.rounds} rounds, clients per round {result.replies}, seconds per round [{rounds}], "
-              f"start-up {result.startup_seconds:.1f} s, wall {result.wall_seconds:.1f} s; "
-              f"results in {result.out_dir}")  # fmt: skip
+        print(
+            f"done: {result.rounds} rounds, clients per round {result.replies}, "
+            f"seconds per round [{rounds}], "
+            f"start-up {result.startup_seconds:.1f} s, wall {result.wall_seconds:.1f} s; "
+            f"results in {result.out_dir}"
+        )
     return 0
 
 

@@ -9,15 +9,25 @@ import torch
 
 from fedsp.cli import main
 from fedsp.config import METHODS, RunConfig
+from fedsp.data.shards import prepare_data
 from fedsp.errors import FedSPError
+from fedsp.methods.table import METHOD_SPECS, build_course
 from fedsp.models.adapters import decoder_layers
 from fedsp.models.loading import load_global_model
 from fedsp.models.prefix import collapse_layers, expand_layers
-from fedsp.methods.table import METHOD_SPECS, build_course
-from fedsp.data.shards import prepare_data
 
-TINY = dict(model="tiny-llama", clients=2, rounds=1, local_steps=1, kd_steps=2, eval_limit=8, val_limit=8,
-            prefix_len=4, max_length=96, progress=False)  # fmt: skip
+TINY = dict(
+    model="tiny-llama",
+    clients=2,
+    rounds=1,
+    local_steps=1,
+    kd_steps=2,
+    eval_limit=8,
+    val_limit=8,
+    prefix_len=4,
+    max_length=96,
+    progress=False,
+)
 
 
 def _course(method: str, **overrides):
@@ -37,8 +47,17 @@ def _changed(before: dict[str, torch.Tensor], module) -> bool:
 
 def test_method_table_matches_the_configuration_choices():
     assert set(METHOD_SPECS) <= set(METHODS)
-    assert {"fedsp", "fedsp-no-kd", "fedsp-no-cs", "fedsp-no-at", "fedprompt", "fedprompt-single",
-            "prefix-tuning", "finetune", "zero-shot"} <= set(METHOD_SPECS)  # fmt: skip
+    assert {
+        "fedsp",
+        "fedsp-no-kd",
+        "fedsp-no-cs",
+        "fedsp-no-at",
+        "fedprompt",
+        "fedprompt-single",
+        "prefix-tuning",
+        "finetune",
+        "zero-shot",
+    } <= set(METHOD_SPECS)
 
 
 def test_unknown_method_lists_the_valid_ones():
@@ -157,9 +176,32 @@ def test_centralised_prefix_tuning_trains_on_all_shards_with_the_federation_budg
 def test_every_method_runs_end_to_end(method, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FEDSP_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / method
-    args = ["run", "--method", method, "--model", "tiny-llama", "--clients", "2", "--rounds", "1",
-            "--local-steps", "1", "--kd-steps", "2", "--eval-limit", "8", "--val-limit", "8", "--prefix-len", "4",
-            "--max-length", "96", "--quiet", "--out", str(out)]  # fmt: skip
+    args = [
+        "run",
+        "--method",
+        method,
+        "--model",
+        "tiny-llama",
+        "--clients",
+        "2",
+        "--rounds",
+        "1",
+        "--local-steps",
+        "1",
+        "--kd-steps",
+        "2",
+        "--eval-limit",
+        "8",
+        "--val-limit",
+        "8",
+        "--prefix-len",
+        "4",
+        "--max-length",
+        "96",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["method"] == method and res["final"]["n"] == 8
@@ -173,9 +215,34 @@ def test_every_method_runs_end_to_end(method, tmp_path, monkeypatch, capsys):
 
 def test_options_a_method_does_not_use_are_reported_as_ignored(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["run", "--method", "fedprompt", "--kd-steps", "5", "--aux-layers", "2", "--model", "tiny-llama",
-            "--clients", "2", "--rounds", "1", "--local-steps", "1", "--eval-limit", "4", "--val-limit", "4",
-            "--prefix-len", "4", "--max-length", "96", "--quiet", "--out", str(out)]  # fmt: skip
+    args = [
+        "run",
+        "--method",
+        "fedprompt",
+        "--kd-steps",
+        "5",
+        "--aux-layers",
+        "2",
+        "--model",
+        "tiny-llama",
+        "--clients",
+        "2",
+        "--rounds",
+        "1",
+        "--local-steps",
+        "1",
+        "--eval-limit",
+        "4",
+        "--val-limit",
+        "4",
+        "--prefix-len",
+        "4",
+        "--max-length",
+        "96",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     err = capsys.readouterr().err
     assert "--kd-steps 5" in err and "--aux-layers 2" in err and "ignored" in err

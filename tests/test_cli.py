@@ -10,8 +10,28 @@ import pytest
 from fedsp.cli import build_parser, main
 from fedsp.runtime.results import plot_curves
 
-TINY = ["run", "--model", "tiny-llama", "--clients", "2", "--rounds", "2", "--local-steps", "1", "--kd-steps", "2",
-        "--eval-limit", "8", "--val-limit", "8", "--prefix-len", "4", "--max-length", "96", "--quiet"]  # fmt: skip
+TINY = [
+    "run",
+    "--model",
+    "tiny-llama",
+    "--clients",
+    "2",
+    "--rounds",
+    "2",
+    "--local-steps",
+    "1",
+    "--kd-steps",
+    "2",
+    "--eval-limit",
+    "8",
+    "--val-limit",
+    "8",
+    "--prefix-len",
+    "4",
+    "--max-length",
+    "96",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +50,18 @@ def test_tiny_run_writes_the_results_folder(tiny_run):
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in metrics] == [0, 1, 2]
     for m in metrics[1:]:
-        for key in ("client_losses", "server_loss", "val_loss", "params_down", "params_up", "bytes_down", "bytes_up",
-                    "seconds", "acc", "acc_norm"):  # fmt: skip
+        for key in (
+            "client_losses",
+            "server_loss",
+            "val_loss",
+            "params_down",
+            "params_up",
+            "bytes_down",
+            "bytes_up",
+            "seconds",
+            "acc",
+            "acc_norm",
+        ):
             assert key in m, key
         assert len(m["client_losses"]) == 2
         assert m["params_down"] == m["params_up"] == 4 * 4 * 2 * 32  # P x L x (k, v) x kv_dim
@@ -134,9 +164,25 @@ def test_help_documents_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--help"])
     text = capsys.readouterr().out
-    for flag in ("--model", "--task", "--data-dir", "--clients", "--rounds", "--local-steps", "--kd-steps",
-                 "--prefix-len", "--aux-layers", "--aux-layer-choice", "--partition", "--alpha", "--eval-limit",
-                 "--dtype", "--seed", "--out", "--config"):  # fmt: skip
+    for flag in (
+        "--model",
+        "--task",
+        "--data-dir",
+        "--clients",
+        "--rounds",
+        "--local-steps",
+        "--kd-steps",
+        "--prefix-len",
+        "--aux-layers",
+        "--aux-layer-choice",
+        "--partition",
+        "--alpha",
+        "--eval-limit",
+        "--dtype",
+        "--seed",
+        "--out",
+        "--config",
+    ):
         assert flag in text, flag
 
 

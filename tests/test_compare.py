@@ -10,16 +10,23 @@ import pytest
 from fedsp.cli import build_parser
 from fedsp.config import SPEED_ONLY
 from fedsp.errors import FedSPError
-from fedsp.runtime.checkpoint import config_differences
 from fedsp.experiments.compare import plan, write_tables
 from fedsp.experiments.grid import ALL_METHODS, Cell, Grid, build_cells, check_comparable
+from fedsp.runtime.checkpoint import config_differences
 from fedsp.runtime.inprocess import run
 
 
 def _arc_rows(n: int, start: int = 0) -> str:
     colours = ["red", "green", "blue", "black"]
-    rows = [{"id": f"q{i}", "question": f"Say {colours[i % 4]}.", "answerKey": "ABCD"[i % 4],
-             "choices": {"text": colours, "label": list("ABCD")}} for i in range(start, start + n)]  # fmt: skip
+    rows = [
+        {
+            "id": f"q{i}",
+            "question": f"Say {colours[i % 4]}.",
+            "answerKey": "ABCD"[i % 4],
+            "choices": {"text": colours, "label": list("ABCD")},
+        }
+        for i in range(start, start + n)
+    ]
     return "\n".join(json.dumps(r) for r in rows) + "\n"
 
 
@@ -38,9 +45,22 @@ def tiny_grid(tmp_path_factory):
     (data / "train.jsonl").write_text(_arc_rows(24))
     (data / "validation.jsonl").write_text(_arc_rows(6, 100))
     (data / "test.jsonl").write_text(_arc_rows(6, 200))
-    base = dict(model="tiny-llama", data_dir=str(data), clients=2, rounds=2, local_steps=1, local_loss_steps=1,
-                kd_steps=2, batch_size=4, prefix_len=4, split_layer=2, eval_limit=6, val_limit=6, max_length=64,
-                eval_every_round=False)  # fmt: skip
+    base = dict(
+        model="tiny-llama",
+        data_dir=str(data),
+        clients=2,
+        rounds=2,
+        local_steps=1,
+        local_loss_steps=1,
+        kd_steps=2,
+        batch_size=4,
+        prefix_len=4,
+        split_layer=2,
+        eval_limit=6,
+        val_limit=6,
+        max_length=64,
+        eval_every_round=False,
+    )
     methods = ["zero-shot", "fedsp", "sfprompt"]
     by_table = {t: build_cells(t, ["arc_easy"], methods, [0]) for t in ("methods", "efficiency")}
     cells = list(dict.fromkeys(c for table in by_table.values() for c in table))
@@ -62,8 +82,19 @@ def _metrics(grid: Grid, method: str) -> list[dict]:
 
 def test_sfprompt_is_opt_in_and_accepted_by_the_grid(tmp_path):
     # Prepare: the compare options with sfprompt named, and the default
-    args = build_parser().parse_args(["compare", "--tables", "methods,efficiency", "--methods", "fedsp,sfprompt",
-                                      "--seeds", "0", "--out", str(tmp_path)])  # fmt: skip
+    args = build_parser().parse_args(
+        [
+            "compare",
+            "--tables",
+            "methods,efficiency",
+            "--methods",
+            "fedsp,sfprompt",
+            "--seeds",
+            "0",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     default = build_parser().parse_args(["compare"])
     # Execute
     grid, by_table = plan(args)
@@ -113,8 +144,12 @@ def test_efficiency_table_puts_split_traffic_and_compute_beside_fedsp(tiny_grid)
     assert sfp["MB per round, all"] == f"{per_round / 1e6:.2f}"
     assert sfp["client GFLOPs per round"] == f"{mean('client_flops') / 1e9:.3g}"
     # Assert: the run total counts every split message of both rounds on top of the runtime's total
-    split_total = sum(sum(m["client_metrics"][k]) for m in _metrics(grid, "sfprompt")[1:]
-                      for k in last if k.startswith("split_"))  # fmt: skip
+    split_total = sum(
+        sum(m["client_metrics"][k])
+        for m in _metrics(grid, "sfprompt")[1:]
+        for k in last
+        if k.startswith("split_")
+    )
     assert comm["split_bytes_total"] == split_total > 0
     federated = sum(m["bytes_down"] + m["bytes_up"] for m in _metrics(grid, "sfprompt")[1:])
     assert comm["total_bytes"] == 2 * comm["model_bytes_once"] + federated + split_total
@@ -153,8 +188,21 @@ def test_resume_compares_every_setting_but_the_speed_only_ones():
 def test_compare_dtype_reaches_every_cell_and_a_float32_grid_is_not_reused_as_bfloat16(tmp_path):
     # Prepare: a finished float32 cell, as docs/results.md's grid was run
     parser = build_parser()
-    args = parser.parse_args(["compare", "--model", "tiny-llama", "--methods", "fedsp", "--seeds", "0",
-                              "--out", str(tmp_path), "--dtype", "float32"])  # fmt: skip
+    args = parser.parse_args(
+        [
+            "compare",
+            "--model",
+            "tiny-llama",
+            "--methods",
+            "fedsp",
+            "--seeds",
+            "0",
+            "--out",
+            str(tmp_path),
+            "--dtype",
+            "float32",
+        ]
+    )
     grid, _ = plan(args)
     cell = grid.cells[0]
     assert cell.config(grid.base, grid.out).dtype == "float32"

@@ -148,8 +148,8 @@ def test_sciq_carved_splits():
     assert with_support.id == "sciq/train/2"
     assert with_support.context.startswith("A frameshift mutation is a deletion or insertion")
     assert with_support.context.endswith(
-        "sequence of bases in RNA:.\nQuestion: A frameshift mutation is a deletion or insertion of one or more "
-        "of what that changes the reading frame of the base sequence?\nAnswer:"
+        "sequence of bases in RNA:.\nQuestion: A frameshift mutation is a deletion or insertion of one "
+        "or more of what that changes the reading frame of the base sequence?\nAnswer:"
     )
     assert with_support.choices == ("proteins", "carotenoids", "genes", "nucleotides")
 

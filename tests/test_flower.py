@@ -1,4 +1,4 @@
-"""FedSP on Flower: handlers with hand-built messages, failures, corrupt updates, equivalence, resume, audit."""
+"""FedSP on Flower: handlers with hand-built messages, failures, corrupt updates, equivalence, resume."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from dataclasses import replace
 import pytest
 import torch
 
+from fedsp import wire
 from fedsp.cli import main
 from fedsp.config import RunConfig
 from fedsp.errors import FedSPError
 from fedsp.methods.base import ClientUpdate
-from fedsp import wire
 from fedsp.runtime import inprocess, participation, rounds
 from fedsp.runtime.checkpoint import CHECKPOINT, ClientStore
 from fedsp.runtime.session import Session
@@ -24,8 +24,19 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from fedsp.runtime.flower import client_app, payload, server_app  # noqa: E402
 
 # float32, where the equivalence is stated to 1e-6 (test_bfloat16_engines_agree covers bfloat16)
-TINY = RunConfig(model="tiny-llama", clients=3, rounds=2, local_steps=1, kd_steps=2, eval_limit=8, val_limit=8,
-                 prefix_len=4, max_length=96, progress=False, dtype="float32")  # fmt: skip
+TINY = RunConfig(
+    model="tiny-llama",
+    clients=3,
+    rounds=2,
+    local_steps=1,
+    kd_steps=2,
+    eval_limit=8,
+    val_limit=8,
+    prefix_len=4,
+    max_length=96,
+    progress=False,
+    dtype="float32",
+)
 
 
 def _prefix(out) -> dict[str, torch.Tensor]:
@@ -52,12 +63,19 @@ def task_identity(monkeypatch):
 
 
 class LocalGrid:
-    """A Grid whose nodes are the real ClientApp handlers called in this process (node id = partition + 100)."""
+    """A Grid whose nodes are the real ClientApp handlers, called here (node id = partition + 100)."""
 
     def __init__(self, num_clients: int, tmp_path, fail=lambda rnd, k: False):
-        self.contexts = {k + 100: Context(run_id=1, node_id=k + 100, node_config={"partition-id": k,
-                                          "state-dir": str(tmp_path / "state")}, state=RecordDict(), run_config={})
-                         for k in range(num_clients)}  # fmt: skip
+        self.contexts = {
+            k + 100: Context(
+                run_id=1,
+                node_id=k + 100,
+                node_config={"partition-id": k, "state-dir": str(tmp_path / "state")},
+                state=RecordDict(),
+                run_config={},
+            )
+            for k in range(num_clients)
+        }
         self.fail = fail
 
     def get_node_ids(self):
@@ -97,10 +115,14 @@ def test_each_corrupt_update_kind_is_rejected(kind):
     gen = torch.Generator().manual_seed(0)
     updates = [(k, ClientUpdate({"table": 0.01 * torch.randn(4, 8, generator=gen)}, 10)) for k in range(5)]
     bad = updates[4][1].state["table"].clone()
-    corrupt = {"nan": {"table": bad.index_fill(0, torch.tensor([1]), float("nan"))},
-               "inf": {"table": bad.index_fill(0, torch.tensor([2]), float("inf"))},
-               "shape": {"table": torch.zeros(4, 9)}, "dtype": {"table": bad.double()},
-               "names": {"other": bad}, "norm": {"table": bad + 100.0}}[kind]  # fmt: skip
+    corrupt = {
+        "nan": {"table": bad.index_fill(0, torch.tensor([1]), float("nan"))},
+        "inf": {"table": bad.index_fill(0, torch.tensor([2]), float("inf"))},
+        "shape": {"table": torch.zeros(4, 9)},
+        "dtype": {"table": bad.double()},
+        "names": {"other": bad},
+        "norm": {"table": bad + 100.0},
+    }[kind]
     updates[4] = (4, ClientUpdate(corrupt, 10))
     # Execute
     accepted, rejected = participation.check_updates(sent, updates)
@@ -114,8 +136,13 @@ def test_client_handler_keeps_state_on_disk_and_reports_a_lost_state(reference, 
     session = Session.start(replace(TINY, out=str(tmp_path / "run")))
     orders = server_app.OrderMaker(session)
     prefix = payload.to_record(wire.encode(session.course.server.broadcast()))
-    context = Context(run_id=1, node_id=5, node_config={"partition-id": 1, "state-dir": str(tmp_path / "s")},
-                      state=RecordDict(), run_config={})  # fmt: skip
+    context = Context(
+        run_id=1,
+        node_id=5,
+        node_config={"partition-id": 1, "state-dir": str(tmp_path / "s")},
+        state=RecordDict(),
+        run_config={},
+    )
 
     def order(rnd, expects, aux=False):
         content = RecordDict(
@@ -150,7 +177,8 @@ def test_bfloat16_engines_agree(tmp_path):
     # Execute
     here = inprocess.run(replace(config, out=str(tmp_path / "inprocess")))
     there = simulation.run(replace(config, out=str(tmp_path / "flower"), engine="flower"))
-    # Assert: the rebuilt Flower clients compute exactly what the in-process ones do, and the run says bfloat16
+    # Assert: the rebuilt Flower clients compute exactly what the in-process ones do, and the run says
+    # bfloat16
     ours, theirs = _prefix(there.out_dir), _prefix(here.out_dir)
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
     assert there.results["final"] == here.results["final"]
@@ -168,7 +196,8 @@ def test_flower_simulation_equals_the_inprocess_run(reference, tmp_path):
     assert all(torch.allclose(ours[k], theirs[k], atol=1e-6, rtol=0) for k in theirs)
     assert outcome.results["final"] == reference.results["final"]
     assert [m["val_loss"] for m in _metrics(outcome.out_dir)] == pytest.approx(
-        [m["val_loss"] for m in _metrics(reference.out_dir)], abs=1e-6)  # fmt: skip
+        [m["val_loss"] for m in _metrics(reference.out_dir)], abs=1e-6
+    )
     assert (
         outcome.results["audit"]["passed"]
         and len(list((outcome.out_dir / "clients").glob("*/partition-*"))) == 3
@@ -177,8 +206,14 @@ def test_flower_simulation_equals_the_inprocess_run(reference, tmp_path):
 
 def test_thirty_percent_of_clients_failing_each_round_completes(tmp_path):
     # Prepare: 10 clients, 3 of them (a different three each round) crash
-    config = replace(TINY, clients=10, out=str(tmp_path / "run"), min_replies=5, eval_every_round=False,
-                     zero_shot_eval=False)  # fmt: skip
+    config = replace(
+        TINY,
+        clients=10,
+        out=str(tmp_path / "run"),
+        min_replies=5,
+        eval_every_round=False,
+        zero_shot_eval=False,
+    )
     session = Session.start(config)
     failing = {rnd: participation.sample_clients(10, 0.3, 99, rnd) for rnd in (1, 2)}
     grid = LocalGrid(10, tmp_path, fail=lambda rnd, k: k in failing[rnd])

@@ -37,8 +37,15 @@ SCRIPT = ROOT / "scripts" / "flower_loopback.py"
 
 def _arc_rows(n: int, start: int) -> str:
     colours = ["red", "green", "blue", "black"]
-    rows = [{"id": f"q{i}", "question": f"Say {colours[i % 4]}.", "answerKey": "ABCD"[i % 4],
-             "choices": {"text": colours, "label": list("ABCD")}} for i in range(start, start + n)]  # fmt: skip
+    rows = [
+        {
+            "id": f"q{i}",
+            "question": f"Say {colours[i % 4]}.",
+            "answerKey": "ABCD"[i % 4],
+            "choices": {"text": colours, "label": list("ABCD")},
+        }
+        for i in range(start, start + n)
+    ]
     return "\n".join(json.dumps(r) for r in rows) + "\n"
 
 
@@ -185,11 +192,13 @@ def test_stop_ends_started_processes_and_their_detached_children(tmp_path):
 
 def test_error_lines_pick_flowers_error_block(tmp_path):
     log = tmp_path / "supernode.log"
-    log.write_text("\x1b[92mINFO \x1b[0m:      Starting Flower SuperNode\n"
-                   "WARNING :   Connection attempt failed, retrying in 2.21 seconds\n"
-                   "ERROR :     SSL/TLS handshake error detected.\nERROR :     Exit Code: 305\n"
-                   "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed\n"
-                   "For more information, visit: <https://flower.ai/docs>\nINFO:     Shutting down\n")  # fmt: skip
+    log.write_text(
+        "\x1b[92mINFO \x1b[0m:      Starting Flower SuperNode\n"
+        "WARNING :   Connection attempt failed, retrying in 2.21 seconds\n"
+        "ERROR :     SSL/TLS handshake error detected.\nERROR :     Exit Code: 305\n"
+        "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed\n"
+        "For more information, visit: <https://flower.ai/docs>\nINFO:     Shutting down\n"
+    )
     assert error_lines(log) == (
         "SSL/TLS handshake error detected. | Exit Code: 305 | "
         "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed"
@@ -199,10 +208,23 @@ def test_error_lines_pick_flowers_error_block(tmp_path):
 def test_script_refuses_certificates_that_do_not_match_in_one_line(tmp_path):
     ours, theirs = make_certificates(tmp_path / "a"), make_certificates(tmp_path / "b")
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--work", str(tmp_path / "work"), "--ca-cert", str(theirs.ca),
-         "--server-cert", str(ours.server_cert), "--server-key", str(ours.server_key)],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--work",
+            str(tmp_path / "work"),
+            "--ca-cert",
+            str(theirs.ca),
+            "--server-cert",
+            str(ours.server_cert),
+            "--server-key",
+            str(ours.server_key),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert done.returncode == 2
     assert done.stderr.strip().startswith("flower_loopback: error: server certificate")
     assert "not signed by the CA" in done.stderr and len(done.stderr.strip().splitlines()) == 1

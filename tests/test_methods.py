@@ -61,8 +61,15 @@ def test_kd_lowers_hidden_state_mse(tiny):
     batches = fixed_batches(rows, 8, tiny.tokenizer.pad_token_id)
     before = kd.mean_kd_loss(tiny.model, student, batches)
     # Execute
-    losses = kd.distill(tiny.model, student, rows, kd.KDConfig(steps=25, lr=3e-3, batch_size=8),
-                        tiny.tokenizer.pad_token_id, seed=0, progress=False)  # fmt: skip
+    losses = kd.distill(
+        tiny.model,
+        student,
+        rows,
+        kd.KDConfig(steps=25, lr=3e-3, batch_size=8),
+        tiny.tokenizer.pad_token_id,
+        seed=0,
+        progress=False,
+    )
     after = kd.mean_kd_loss(tiny.model, student, batches)
     # Assert
     assert len(losses) == 25
@@ -85,8 +92,18 @@ def _parties(tiny, steps=3, clients=2):
     local = LocalConfig(steps, 8, OptimConfig(1e-3), OptimConfig(5e-2, warmup_ratio=0.0))
     shards = [train[20 * k : 20 * (k + 1)] for k in range(clients + 1)]
     aux = build_auxiliary_model(tiny.model, [0])
-    parties = [FedSPClient(build_auxiliary_model(tiny.model, [0]) if k else aux, prefix.config, shards[k + 1], local,
-                           total_rounds=5, pad_id=pad, seed=k) for k in range(clients)]  # fmt: skip
+    parties = [
+        FedSPClient(
+            build_auxiliary_model(tiny.model, [0]) if k else aux,
+            prefix.config,
+            shards[k + 1],
+            local,
+            total_rounds=5,
+            pad_id=pad,
+            seed=k,
+        )
+        for k in range(clients)
+    ]
     server = FedSPServer(tiny.model, prefix, shards[0], val, local, total_rounds=5, pad_id=pad, seed=0)
     return server, parties
 
@@ -197,8 +214,9 @@ def test_distilled_auxiliary_model_is_cached_and_reused(tiny, tmp_path, monkeypa
     # Execute
     first, layers, losses = distilled_auxiliary_model(config, tiny, rows)
     again, _, losses_again = distilled_auxiliary_model(config, tiny, rows)
-    other, _, losses_other = distilled_auxiliary_model(RunConfig(model="tiny-llama", kd_steps=4, kd_batch_size=4,
-                                                                 progress=False), tiny, rows)  # fmt: skip
+    other, _, losses_other = distilled_auxiliary_model(
+        RunConfig(model="tiny-llama", kd_steps=4, kd_batch_size=4, progress=False), tiny, rows
+    )
     # Assert: trained once, reloaded bit-identical; different KD settings train anew
     assert layers == [0] and len(losses) == 3 and losses_again == [] and len(losses_other) == 4
     assert len(list((tmp_path / "aux").glob("*.safetensors"))) == 2

@@ -157,12 +157,26 @@ def test_continuation_logprobs_equal_full_log_softmax(tiny):
 # --- cached evaluation -----------------------------------------------------------------------
 
 EXAMPLES = [
-    MCExample("q1", "Question: What colour is the sky on a clear day?\nAnswer:", ("blue", "green", "red", "black"), 0),
+    MCExample(
+        "q1",
+        "Question: What colour is the sky on a clear day?\nAnswer:",
+        ("blue", "green", "red", "black"),
+        0,
+    ),
     MCExample("q2", "Question: 2+2?\nAnswer:", ("four", "five", "twenty-two"), 0),
-    MCExample("q3", "Q: " + "Which gas do plants take in from the air? " * 2 + "\nA:", ("carbon dioxide", "oxygen"), 0),
-    MCExample("q4", "Question: What melts ice?\nAnswer:", ("heat", "cold", "more ice", "salt water", "nothing"), 0),
-    MCExample("q5", "Question: Where do fish live?\nAnswer:", ("in water", "in trees", "on the moon", "in sand"), 0),
-]  # fmt: skip
+    MCExample(
+        "q3",
+        "Q: " + "Which gas do plants take in from the air? " * 2 + "\nA:",
+        ("carbon dioxide", "oxygen"),
+        0,
+    ),
+    MCExample(
+        "q4", "Question: What melts ice?\nAnswer:", ("heat", "cold", "more ice", "salt water", "nothing"), 0
+    ),
+    MCExample(
+        "q5", "Question: Where do fish live?\nAnswer:", ("in water", "in trees", "on the moon", "in sand"), 0
+    ),
+]
 
 
 @pytest.mark.parametrize("with_prefix", [False, True])
@@ -411,7 +425,8 @@ def test_bfloat16_fedsp_client_trains_its_auxiliary_model_through_masters():
 
 
 def test_bfloat16_casts_weights_but_keeps_float32_buffers():
-    # rotary inv_freq rounded to bfloat16 would shift every position's angle (and make a rebuilt client differ)
+    # rotary inv_freq rounded to bfloat16 would shift every position's angle (and make a rebuilt client
+    # differ)
     from transformers import AutoModelForCausalLM
 
     loaded = load_global_model("tiny-llama", "bfloat16", device="cpu")

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from fedsp.config import RunConfig
+from fedsp.data.shards import prepare_data
 from fedsp.data.tasks import load_task
 from fedsp.evaluation.multiple_choice import evaluate_multiple_choice
 from fedsp.models.auxiliary import build_auxiliary_model, unique_parameter_count
 from fedsp.models.loading import load_global_model
-from fedsp.data.shards import prepare_data
 from fedsp.models.prefix import initial_prefix
 
 pytestmark = pytest.mark.slow
@@ -36,7 +36,9 @@ def test_client_model_and_prefix_sizes(smol):
     aux = build_auxiliary_model(smol.model, [0])
     # offline-assets.md: 31.9 M unique parameters (23.7%); a 40-token prefix over 30 layers is 460,800
     assert unique_parameter_count(aux) == pytest.approx(31.9e6, rel=0.01)
-    prefix = initial_prefix(smol.model, smol.tokenizer, prepare_data(RunConfig(), smol.tokenizer).server_rows, 40)
+    prefix = initial_prefix(
+        smol.model, smol.tokenizer, prepare_data(RunConfig(), smol.tokenizer).server_rows, 40
+    )
     assert sum(p.numel() for p in prefix.parameters()) == 40 * 30 * 2 * 192 == 460_800
 
 

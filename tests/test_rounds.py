@@ -17,9 +17,22 @@ from fedsp.runtime.rounds import InProcessEngine, RoundDriver
 from fedsp.runtime.session import Session
 
 # server_steps 0: the server does not tune, so its prefix after a round is exactly the aggregate
-TINY = RunConfig(model="tiny-llama", clients=4, rounds=2, local_steps=1, server_steps=0, kd_steps=0, eval_limit=4,
-                 val_limit=4, prefix_len=4, max_length=96, progress=False, zero_shot_eval=False,
-                 eval_every_round=False, dtype="float32")  # fmt: skip
+TINY = RunConfig(
+    model="tiny-llama",
+    clients=4,
+    rounds=2,
+    local_steps=1,
+    server_steps=0,
+    kd_steps=0,
+    eval_limit=4,
+    val_limit=4,
+    prefix_len=4,
+    max_length=96,
+    progress=False,
+    zero_shot_eval=False,
+    eval_every_round=False,
+    dtype="float32",
+)
 
 
 class FakeEngine:
@@ -31,7 +44,9 @@ class FakeEngine:
     def exchange(self, orders, prefix):
         self.calls.append(list(orders))
         sent = wire.decode(prefix)
-        return [self.script[(o.rnd, o.partition)](o, sent) for o in orders if (o.rnd, o.partition) in self.script]
+        return [
+            self.script[(o.rnd, o.partition)](o, sent) for o in orders if (o.rnd, o.partition) in self.script
+        ]
 
 
 def _update(shift: float, examples: int):
@@ -59,7 +74,9 @@ def test_driver_aggregates_the_accepted_updates_and_records_the_others(tmp_path)
     # Prepare: four clients; 0 and 1 honest (10 and 30 examples), 2 fails, 3 sends NaN
     session = Session.start(replace(TINY, out=str(tmp_path / "run")))
     sent = session.course.server.broadcast()
-    engine = FakeEngine({(1, 0): _update(0.01, 10), (1, 1): _update(0.03, 30), (1, 2): _crash, (1, 3): _corrupt})
+    engine = FakeEngine(
+        {(1, 0): _update(0.01, 10), (1, 1): _update(0.03, 30), (1, 2): _crash, (1, 3): _corrupt}
+    )
     # Execute
     record = RoundDriver(session, engine).play(1)
     # Assert: the example-weighted mean of the two accepted updates, 0.01 * 10/40 + 0.03 * 30/40 = 0.025
@@ -86,14 +103,18 @@ def test_driver_ships_the_client_model_again_once_to_a_client_that_lost_its_stat
             return Reply(order.partition, LOST_STATE)
         return _update(0.02, 10)(order, sent)
 
-    engine = FakeEngine({(1, 0): _update(0.02, 10), (1, 1): _update(0.02, 10), (2, 0): forgetful,
-                         (2, 1): _update(0.02, 10)})  # fmt: skip
+    engine = FakeEngine(
+        {(1, 0): _update(0.02, 10), (1, 1): _update(0.02, 10), (2, 0): forgetful, (2, 1): _update(0.02, 10)}
+    )
     driver = RoundDriver(session, engine)
     # Execute
     driver.play(1)
     record = driver.play(2)
     # Assert: round 2 asked both (no shipping), then shipped to client 0 alone; both updates count
-    assert [(o.partition, o.ship, o.expects_state) for o in engine.calls[1]] == [(0, False, True), (1, False, True)]
+    assert [(o.partition, o.ship, o.expects_state) for o in engine.calls[1]] == [
+        (0, False, True),
+        (1, False, True),
+    ]
     assert [(o.partition, o.ship, o.expects_state) for o in engine.calls[2]] == [(0, True, False)]
     assert record["num_clients"] == 2 and record["failed_clients"] == []
     shipped = {(e["round"], tuple(e["to"])) for e in session.audit.sent if e["kind"] == "shipped_once"}

@@ -12,16 +12,16 @@ import torch.nn.functional as F
 
 from fedsp.config import RunConfig
 from fedsp.data.batching import collate, encode_gold, encode_pair
+from fedsp.data.shards import RunData
 from fedsp.data.tasks import MCExample
 from fedsp.errors import FedSPError
 from fedsp.methods.sfprompt import answer_positions, el2n, prune_hardest, sfprompt_course
 from fedsp.methods.split_traffic import SPLIT_KEYS
+from fedsp.methods.table import METHOD_SPECS
 from fedsp.models.forward import continuation_logprobs, score_choices
 from fedsp.models.loading import load_global_model
 from fedsp.models.split import Head, PromptedModel, ServerBody, Tail, split_layout
 from fedsp.runtime.audit import Audit, private_weights, promised_layers
-from fedsp.methods.table import METHOD_SPECS
-from fedsp.data.shards import RunData
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +47,19 @@ def _batch(tokenizer, n: int = 3) -> dict[str, torch.Tensor]:
 def _course(loaded, rounds: int = 4, **overrides):
     rows = [encode_gold(loaded.tokenizer, ex, 64) for ex in _examples(40)]
     data = RunData(rows[:8], [rows[8:20], rows[20:32]], rows[32:], _examples(4), "validation")
-    options = dict(method="sfprompt", model="tiny-llama", rounds=rounds, prefix_len=4, split_layer=2, lr=3e-2,
-                   local_steps=3, local_loss_steps=2, batch_size=6, warmup_ratio=0.0, prefix_init="random")  # fmt: skip
+    options = dict(
+        method="sfprompt",
+        model="tiny-llama",
+        rounds=rounds,
+        prefix_len=4,
+        split_layer=2,
+        lr=3e-2,
+        local_steps=3,
+        local_loss_steps=2,
+        batch_size=6,
+        warmup_ratio=0.0,
+        prefix_init="random",
+    )
     return sfprompt_course(RunConfig(**{**options, **overrides}), loaded, data)
 
 
@@ -219,8 +230,15 @@ def test_split_options_are_reported_as_ignored_by_other_methods():
 
 def _arc_rows(n: int, start: int = 0) -> str:
     colours = ["red", "green", "blue", "black"]
-    rows = [{"id": f"q{i}", "question": f"Say {colours[i % 4]}.", "answerKey": "ABCD"[i % 4],
-             "choices": {"text": colours, "label": list("ABCD")}} for i in range(start, start + n)]  # fmt: skip
+    rows = [
+        {
+            "id": f"q{i}",
+            "question": f"Say {colours[i % 4]}.",
+            "answerKey": "ABCD"[i % 4],
+            "choices": {"text": colours, "label": list("ABCD")},
+        }
+        for i in range(start, start + n)
+    ]
     return "\n".join(json.dumps(r) for r in rows) + "\n"
 
 
@@ -233,9 +251,24 @@ def test_tiny_run_end_to_end_writes_split_accounting_and_passes_the_audit(tiny, 
     (data / "train.jsonl").write_text(_arc_rows(18))
     (data / "validation.jsonl").write_text(_arc_rows(6, 100))
     (data / "test.jsonl").write_text(_arc_rows(6, 200))
-    config = RunConfig(method="sfprompt", model="tiny-llama", data_dir=str(data), clients=2, rounds=2, local_steps=1,
-                       local_loss_steps=1, batch_size=4, prefix_len=4, split_layer=2, eval_limit=6, val_limit=6,
-                       max_length=64, out=str(tmp_path / "run"), progress=False, audit=True)  # fmt: skip
+    config = RunConfig(
+        method="sfprompt",
+        model="tiny-llama",
+        data_dir=str(data),
+        clients=2,
+        rounds=2,
+        local_steps=1,
+        local_loss_steps=1,
+        batch_size=4,
+        prefix_len=4,
+        split_layer=2,
+        eval_limit=6,
+        val_limit=6,
+        max_length=64,
+        out=str(tmp_path / "run"),
+        progress=False,
+        audit=True,
+    )
     # Execute
     outcome = run(config)
     # Assert: the client holds layers 0, 1; split traffic per client and round; prompts + tail each way
@@ -246,8 +279,14 @@ def test_tiny_run_end_to_end_writes_split_accounting_and_passes_the_audit(tiny, 
     assert notes["server_layers"] == [2, 3] and notes["prompt_tail_params"] == 4 * 64 + 64
     metrics = [json.loads(line) for line in (outcome.out_dir / "metrics.jsonl").read_text().splitlines()]
     per_client = metrics[-1]["client_metrics"]
-    for key in ("split_act_bytes_up", "split_act_bytes_down", "split_grad_bytes_up", "split_grad_bytes_down",
-                "client_flops", "kept_rows"):  # fmt: skip
+    for key in (
+        "split_act_bytes_up",
+        "split_act_bytes_down",
+        "split_grad_bytes_up",
+        "split_grad_bytes_down",
+        "client_flops",
+        "kept_rows",
+    ):
         assert len(per_client[key]) == 2 and all(v > 0 for v in per_client[key]), key
     assert metrics[-1]["params_up"] == metrics[-1]["params_down"] == 4 * 64 + 64
     # Assert: the traffic report adds every split message of every round to the federated payloads

@@ -16,9 +16,11 @@ from fedsp.errors import FedSPError
 
 _HELP = {
     "method": f"method: {', '.join(METHODS)}",
-    "model": "global model: smollm2 (bundled), a Hugging Face folder or id, a .gguf file, or tiny-llama/tiny-gpt2/tiny-opt",
+    "model": "global model: smollm2 (bundled), a Hugging Face folder or id, a .gguf file, "
+    "or tiny-llama/tiny-gpt2/tiny-opt",
     "task": "task: arc_easy, arc_challenge, openbookqa, piqa, hellaswag, sciq, race",
-    "data_dir": "folder with <split>.jsonl / <split>.json files in the task's Hugging Face schema (instead of bundled data)",
+    "data_dir": "folder with <split>.jsonl / <split>.json files in the task's Hugging Face schema "
+    "(instead of bundled data)",
     "clients": "number of clients K (the train split is cut into K+1 shards; shard 0 is the server's)",
     "rounds": "federated rounds",
     "partition": f"how the train split is shared out: {', '.join(PARTITIONS)}",
@@ -50,7 +52,8 @@ _HELP = {
     "zero_shot_eval": "evaluate the untrained model first, on the same examples (true/false)",
     "eval_batch_size": "evaluation batch size (sequences; speed only, results are the same)",
     "max_length": "maximum tokens per sequence (context truncated from the left)",
-    "dtype": "float32, bfloat16, or auto: bfloat16 where the CPU (AMX/AVX512-BF16) or GPU multiplies it natively",
+    "dtype": "float32, bfloat16, or auto: bfloat16 where the CPU (AMX/AVX512-BF16) or GPU multiplies it "
+    "natively",
     "device": "where the models run: auto (CUDA when present, else CPU), cpu or cuda",
     "seed": "training seed",
     "out": "results folder to create (must not exist; default runs/<method>-<task>-<time>)",
@@ -58,7 +61,8 @@ _HELP = {
     "fraction_fit": "fraction of the clients sampled each round (seeded, the same in both engines)",
     "min_replies": "fewest accepted client updates a round needs; fewer stops the run with an error",
     "client_timeout": "seconds a Flower round waits for client replies; late clients are left out",
-    "audit": "record every tensor sent to clients and check none is a private global-model weight (true/false)",
+    "audit": "record every tensor sent to clients and check none is a private global-model weight "
+    "(true/false)",
 }
 
 
@@ -67,18 +71,26 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fedsp", description="Federated fine-tuning of a private LLM with soft prompts (FedSP)."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a federated course and write a results folder",
-                         description="Run a FedSP course. With no options: SmolLM2-135M on ARC-Easy, 10 clients.",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    run = sub.add_parser(
+        "run",
+        help="run a federated course and write a results folder",
+        description="Run a FedSP course. With no options: SmolLM2-135M on ARC-Easy, 10 clients.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     run.add_argument("--config", help="TOML or YAML file of the same keys (options on the command line win)")
     defaults = RunConfig()
     for name, help_text in _HELP.items():
         default = getattr(defaults, name)
-        run.add_argument("--" + name.replace("_", "-"), default=argparse.SUPPRESS,
-                         help=f"{help_text} (default: {default})")  # fmt: skip
+        run.add_argument(
+            "--" + name.replace("_", "-"), default=argparse.SUPPRESS, help=f"{help_text} (default: {default})"
+        )
     run.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
-    run.add_argument("--resume", metavar="DIR", help="continue the run in results folder DIR after its last "
-                     "completed round (its config.json is the configuration; options given must agree)")  # fmt: skip
+    run.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run in results folder DIR after its last "
+        "completed round (its config.json is the configuration; options given must agree)",
+    )
     from fedsp.experiments import compare
 
     compare.add_parser(sub)
@@ -114,10 +126,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args)
         resume = Path(args.resume) if getattr(args, "resume", None) else None
         if config.engine == "flower":
-            from fedsp.runtime.flower.simulation import run
+            from fedsp.runtime.flower import simulation
+
+            outcome = simulation.run(config, resume=resume)
         else:
-            from fedsp.runtime.inprocess import run
-        outcome = run(config, resume=resume)
+            from fedsp.runtime import inprocess
+
+            outcome = inprocess.run(config, resume=resume)
     except FedSPError as err:
         print(f"fedsp: error: {err}", file=sys.stderr)
         return 2
@@ -130,8 +145,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def format_summary(res: dict, out_dir: str) -> str:
     fin = res["final"]
-    lines = ["", f"{res['method']} on {res['task']} ({res['model']}), {fin['n']} {res['eval_split']} examples:",
-             f"  {'':<28}{'acc':>8}{'acc_norm':>10}"]  # fmt: skip
+    lines = [
+        "",
+        f"{res['method']} on {res['task']} ({res['model']}), {fin['n']} {res['eval_split']} examples:",
+        f"  {'':<28}{'acc':>8}{'acc_norm':>10}",
+    ]
     if res.get("zero_shot") and res["method"] != "zero-shot":
         zs = res["zero_shot"]
         lines.append(f"  {'zero-shot':<28}{100 * zs['acc']:>8.1f}{100 * zs['acc_norm']:>10.1f}")
@@ -140,12 +158,16 @@ def format_summary(res: dict, out_dir: str) -> str:
     client = res.get("client_model")
     if client:
         privacy = "" if client["model_private"] else "; the whole global model: no model privacy"
-        lines.append(f"  client model: {client['params'] / 1e6:.1f} M params "
-                     f"({100 * client['fraction_of_global']:.1f}% of the global model{privacy})")  # fmt: skip
+        lines.append(
+            f"  client model: {client['params'] / 1e6:.1f} M params "
+            f"({100 * client['fraction_of_global']:.1f}% of the global model{privacy})"
+        )
     comm = res.get("comm")
     if comm:
-        lines.append(f"  per client and round: {comm['params_down_per_round']:,} params down / "
-                     f"{comm['params_up_per_round']:,} up ({comm['bytes_down_per_round'] / 1e6:.2f} MB each way)")  # fmt: skip
+        lines.append(
+            f"  per client and round: {comm['params_down_per_round']:,} params down / "
+            f"{comm['params_up_per_round']:,} up ({comm['bytes_down_per_round'] / 1e6:.2f} MB each way)"
+        )
     if res.get("ignored_options"):
         lines.append(f"  ignored options: {res['ignored_options']}")
     lines.append(f"  wall time {res['wall_seconds']:.0f} s; results in {out_dir}")

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from fedsp.errors import FedSPError
-
 from fedsp.methods.table import ENGINES, METHODS, spec_for
 from fedsp.models.precision import DTYPE_CHOICES, resolve_dtype
 
@@ -100,8 +99,17 @@ class RunConfig:
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))
         # a run records the dtype it computed in (config.json, --resume, grid cells), never "auto"
         object.__setattr__(self, "dtype", resolve_dtype(self.dtype, self.device))
-        for name in ("clients", "rounds", "prefix_len", "aux_layers", "batch_size", "kd_batch_size",
-                     "eval_batch_size", "max_length", "split_layer"):  # fmt: skip
+        for name in (
+            "clients",
+            "rounds",
+            "prefix_len",
+            "aux_layers",
+            "batch_size",
+            "kd_batch_size",
+            "eval_batch_size",
+            "max_length",
+            "split_layer",
+        ):
             _check_min(name, getattr(self, name), 1)
         for name in ("local_steps", "kd_steps", "local_loss_steps"):
             _check_min(name, getattr(self, name), 0)
@@ -122,8 +130,10 @@ class RunConfig:
         _check_choice("engine", self.engine, ENGINES)
         engines = spec_for(self.method).engines
         if self.engine not in engines:
-            raise FedSPError(f"--method {self.method} runs with --engine {' or '.join(engines)} only for now, "
-                             f"got --engine {self.engine}")  # fmt: skip
+            raise FedSPError(
+                f"--method {self.method} runs with --engine {' or '.join(engines)} only for now, "
+                f"got --engine {self.engine}"
+            )
         if not 0 < self.fraction_fit <= 1:
             raise FedSPError(f"--fraction-fit must be in (0, 1], got {self.fraction_fit}")
         _check_min("min_replies", self.min_replies, 1)
@@ -144,7 +154,8 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], strict: bool = True, source: str = "configuration") -> RunConfig:
-        """Build from plain keys (dashes or underscores). Unknown keys: an error if ``strict``, else one warning."""
+        """Build from plain keys (dashes or underscores). Unknown keys: an error if ``strict``, else one
+        warning."""
         known = {f.name: f for f in dataclasses.fields(cls)}
         clean: dict[str, Any] = {}
         unknown = []

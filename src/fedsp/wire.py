@@ -25,7 +25,8 @@ Tensors = dict[str, torch.Tensor]
 
 
 def snapshot(named: Iterable[tuple[str, torch.Tensor]], prefix: str = "") -> Tensors:
-    """``{prefix + name: tensor}``: detached, contiguous CPU copies of ``named`` (e.g. ``named_parameters()``)."""
+    """``{prefix + name: tensor}``: detached, contiguous CPU copies of ``named`` (e.g.
+    ``named_parameters()``)."""
     return {prefix + name: t.detach().to("cpu", copy=True).contiguous() for name, t in named}
 
 

@@ -112,7 +112,9 @@ def fixed_batches(rows: Sequence[Encoded], batch_size: int, pad_id: int) -> list
     ]
 
 
-def demonstration_tokens(rows: Sequence[Encoded], length: int, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def demonstration_tokens(
+    rows: Sequence[Encoded], length: int, tokenizer: PreTrainedTokenizerBase
+) -> list[int]:
     """Exactly ``length`` tokens of whole training examples (context + answer), each followed by a blank line.
 
     Examples are taken in shard order while they fit; the rest is left-filled

@@ -30,7 +30,8 @@ def _check_counts(n: int, num_shards: int) -> None:
     _int("num_shards", num_shards, 1)
     if n < num_shards:
         raise FedSPError(
-            f"cannot cut {n} examples into num_shards={num_shards} shards: need at least one example per shard"
+            f"cannot cut {n} examples into num_shards={num_shards} shards: "
+            "need at least one example per shard"
         )
 
 

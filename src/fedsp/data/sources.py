@@ -30,6 +30,7 @@ import re
 import zlib
 from functools import cache, lru_cache
 from pathlib import Path
+from typing import cast
 
 from fedsp.errors import FedSPError
 
@@ -172,4 +173,4 @@ def _read_local_cached(path: str, _mtime_ns: int, _size: int) -> tuple[tuple[int
             raise FedSPError(
                 f"data file {path} row {row_no}: expected a JSON object, got {type(row).__name__}"
             )
-    return tuple(rows)  # type: ignore[return-value]
+    return tuple((row_no, cast(dict, row)) for row_no, row in rows)

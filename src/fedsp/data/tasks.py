@@ -337,7 +337,8 @@ def _load_local(task: str, split: str, data_dir: Path) -> tuple[MCExample, ...]:
     path = sources.local_file(data_dir, split)
     if path is None:
         raise FedSPError(
-            f"no {split} file for {task}: expected {data_dir / (split + '.jsonl')} or {data_dir / (split + '.json')}"
+            f"no {split} file for {task}: expected {data_dir / (split + '.jsonl')} "
+            f"or {data_dir / (split + '.json')}"
         )
     stat = path.stat()
     return _load_local_cached(task, split, str(path), stat.st_mtime_ns, stat.st_size)

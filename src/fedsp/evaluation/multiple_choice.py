@@ -89,8 +89,9 @@ def _score_cached(
         range(0, len(order), per_batch), desc=desc, unit="batch", disable=not progress, leave=False
     ):
         chunk = order[start : start + per_batch]
-        batch_scores = score_choices(model, [contexts[i] for i in chunk], [choices[i] for i in chunk],
-                                     tokenizer.pad_token_id, prefix)  # fmt: skip
+        batch_scores = score_choices(
+            model, [contexts[i] for i in chunk], [choices[i] for i in chunk], tokenizer.pad_token_id, prefix
+        )
         for i, row in zip(chunk, batch_scores, strict=True):
             scores[i] = row
     return scores

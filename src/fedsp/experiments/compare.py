@@ -15,7 +15,6 @@ from pathlib import Path
 
 from fedsp.config import METHODS
 from fedsp.errors import FedSPError
-from fedsp.models.precision import DTYPE_CHOICES
 from fedsp.experiments import tables
 from fedsp.experiments.grid import (
     ALL_METHODS,
@@ -27,26 +26,40 @@ from fedsp.experiments.grid import (
     build_cells,
     check_comparable,
 )
+from fedsp.models.precision import DTYPE_CHOICES
 
 TABLES = ("methods", "layers", "depth", "efficiency")
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("compare", help="run the grid of a paper table/figure and write it (Markdown, CSV, PNG)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
-    p.add_argument("--tables", default="methods",
-                   help=f"comma-separated: {', '.join(TABLES)} (tables 1/2, 3, figure 2, tables 4/5)")  # fmt: skip
+    p = sub.add_parser(
+        "compare",
+        help="run the grid of a paper table/figure and write it (Markdown, CSV, PNG)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--tables",
+        default="methods",
+        help=f"comma-separated: {', '.join(TABLES)} (tables 1/2, 3, figure 2, tables 4/5)",
+    )
     p.add_argument(
         "--tasks", default="arc_easy", help=f"comma-separated tasks ({', '.join(TASKS)}, hellaswag)"
     )
-    p.add_argument("--methods", default=",".join(ALL_METHODS),
-                   help="comma-separated methods for the methods and efficiency tables; "
-                        f"{', '.join(OPT_IN_METHODS)} only when named (e.g. --methods fedsp,fedprompt,sfprompt)")  # fmt: skip
+    p.add_argument(
+        "--methods",
+        default=",".join(ALL_METHODS),
+        help="comma-separated methods for the methods and efficiency tables; "
+        f"{', '.join(OPT_IN_METHODS)} only when named (e.g. --methods fedsp,fedprompt,sfprompt)",
+    )
     p.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
     p.add_argument("--scale", default="cpu", choices=sorted(SCALES), help="preset of run sizes")
     p.add_argument("--model", default="smollm2", help="global model (as for fedsp run)")
-    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES,
-                   help="as for fedsp run (auto: bfloat16 where native)")  # fmt: skip
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=DTYPE_CHOICES,
+        help="as for fedsp run (auto: bfloat16 where native)",
+    )
     p.add_argument("--out", default="results/paper", help="grid folder (cells and tables); reused if present")
     p.add_argument(
         "--tables-only", action="store_true", help="write the tables from finished cells, run nothing"
@@ -103,15 +116,31 @@ def write_tables(grid: Grid, by_table: dict[str, list[Cell]]) -> list[Path]:
     for table, cells in by_table.items():
         if table == "methods":
             labels = list(dict.fromkeys(c.method for c in cells))
-            written.append(tables.accuracy_table(grid, cells, lambda c: c.method, labels, "table12_methods",
-                                                 "Accuracy (%) by method and task, mean ± sd over seeds (n)"))  # fmt: skip
+            written.append(
+                tables.accuracy_table(
+                    grid,
+                    cells,
+                    lambda c: c.method,
+                    labels,
+                    "table12_methods",
+                    "Accuracy (%) by method and task, mean ± sd over seeds (n)",
+                )
+            )
         elif table == "layers":
 
             def choice(cell: Cell) -> str:
                 return str(dict(cell.overrides).get("aux_layer_choice", "bottom"))
 
-            written.append(tables.accuracy_table(grid, cells, choice, ["bottom", "middle", "top"],
-                                                 "table3_layers", "FedSP accuracy (%) by auxiliary layer choice"))  # fmt: skip
+            written.append(
+                tables.accuracy_table(
+                    grid,
+                    cells,
+                    choice,
+                    ["bottom", "middle", "top"],
+                    "table3_layers",
+                    "FedSP accuracy (%) by auxiliary layer choice",
+                )
+            )
         elif table == "depth":
             written.append(tables.depth_figure(grid, cells))
         else:

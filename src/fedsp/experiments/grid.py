@@ -31,7 +31,7 @@ from fedsp.methods.table import grid_methods, spec_for
 SCALES: dict[str, dict[str, Any]] = {
     "cpu": dict(
         clients=3, rounds=2, local_steps=2, kd_steps=10, val_limit=50, eval_limit=500, eval_every_round=False
-    ),  # fmt: skip
+    ),
     "paper": dict(
         clients=10,
         rounds=20,
@@ -43,7 +43,7 @@ SCALES: dict[str, dict[str, Any]] = {
         eval_limit=None,
         val_limit=None,
         eval_every_round=True,
-    ),  # fmt: skip
+    ),
 }
 TASKS = ("arc_easy", "arc_challenge", "openbookqa", "piqa", "sciq")
 # The default method lists, from the method table (its ``grid`` field): "opt-in" methods run only when
@@ -68,8 +68,15 @@ class Cell:
         return f"{self.task}__{self.method}{extra}__s{self.seed}"
 
     def config(self, base: dict[str, Any], out: Path) -> RunConfig:
-        values = {**base, **dict(self.overrides), "method": self.method, "task": self.task, "seed": self.seed,
-                  "out": str(out / "cells" / self.name), "progress": False}  # fmt: skip
+        values = {
+            **base,
+            **dict(self.overrides),
+            "method": self.method,
+            "task": self.task,
+            "seed": self.seed,
+            "out": str(out / "cells" / self.name),
+            "progress": False,
+        }
         if spec_for(self.method).trains:
             values["zero_shot_eval"] = False  # the zero-shot cell of the task gives that row
         return RunConfig.from_dict(values, source=f"grid cell {self.name}")
@@ -94,8 +101,10 @@ class Grid:
         wanted = cell.config(self.base, self.out).to_dict()
         differs = sorted(k for k in wanted if k not in SPEED_ONLY and saved.get(k) != wanted[k])
         if differs:
-            raise FedSPError(f"grid cell {folder} was run with other settings ({', '.join(differs)}); "
-                             "use another --out or remove that folder")  # fmt: skip
+            raise FedSPError(
+                f"grid cell {folder} was run with other settings ({', '.join(differs)}); "
+                "use another --out or remove that folder"
+            )
         return json.loads((folder / "results.json").read_text())
 
     def run(self, runner: Callable[[RunConfig], Any], say: Callable[[str], None] = print) -> None:
@@ -108,7 +117,8 @@ class Grid:
             else:
                 todo.append(cell)
         say(
-            f"grid: {len(self.cells)} cells, {len(self.cells) - len(todo)} reused, {len(todo)} to run in {self.out}"
+            f"grid: {len(self.cells)} cells, {len(self.cells) - len(todo)} reused, "
+            f"{len(todo)} to run in {self.out}"
         )
         started = time.perf_counter()
         for i, cell in enumerate(todo, 1):
@@ -120,8 +130,10 @@ class Grid:
             self.results[cell.name] = outcome.results
             elapsed = time.perf_counter() - started
             eta = elapsed / i * (len(todo) - i)
-            say(f"[{i}/{len(todo)}] {cell.name}: acc {100 * outcome.results['final']['acc']:.1f} "
-                f"({time.perf_counter() - t0:.0f} s; about {eta / 60:.0f} min left)")  # fmt: skip
+            say(
+                f"[{i}/{len(todo)}] {cell.name}: acc {100 * outcome.results['final']['acc']:.1f} "
+                f"({time.perf_counter() - t0:.0f} s; about {eta / 60:.0f} min left)"
+            )
 
 
 def check_comparable(grid: Grid) -> None:
@@ -136,8 +148,10 @@ def check_comparable(grid: Grid) -> None:
         by_task.setdefault(cell.task, set()).add(key)
     for task, keys in by_task.items():
         if len(keys) > 1:
-            raise FedSPError(f"grid cells for {task!r} disagree on the evaluation examples or settings "
-                             f"({sorted(map(str, keys))}); rerun them with the same options")  # fmt: skip
+            raise FedSPError(
+                f"grid cells for {task!r} disagree on the evaluation examples or settings "
+                f"({sorted(map(str, keys))}); rerun them with the same options"
+            )
 
 
 def build_cells(table: str, tasks: Sequence[str], methods: Sequence[str], seeds: Sequence[int]) -> list[Cell]:
@@ -146,11 +160,19 @@ def build_cells(table: str, tasks: Sequence[str], methods: Sequence[str], seeds:
         # an untrained method (zero-shot) does not depend on the training seed: one cell, seed 0
         return [Cell(m, t, s) for t in tasks for m in methods for s in (seeds if spec_for(m).trains else [0])]
     if table == "layers":
-        return [Cell("fedsp", t, s, (("aux_layer_choice", c),) if c != "bottom" else ())
-                for t in tasks for c in ("bottom", "middle", "top") for s in seeds]  # fmt: skip
+        return [
+            Cell("fedsp", t, s, (("aux_layer_choice", c),) if c != "bottom" else ())
+            for t in tasks
+            for c in ("bottom", "middle", "top")
+            for s in seeds
+        ]
     if table == "depth":
-        return [Cell("fedsp", t, s, (("aux_layers", n),) if n != 1 else ())
-                for t in tasks for n in (1, 2, 3, 4) for s in seeds]  # fmt: skip
+        return [
+            Cell("fedsp", t, s, (("aux_layers", n),) if n != 1 else ())
+            for t in tasks
+            for n in (1, 2, 3, 4)
+            for s in seeds
+        ]
     if table == "efficiency":
         return [Cell(m, t, seeds[0]) for t in tasks[:1] for m in methods if spec_for(m).trains]
     raise FedSPError(f"unknown table {table!r}; choose methods, layers, depth or efficiency")

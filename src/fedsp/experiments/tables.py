@@ -56,8 +56,9 @@ def _grouped(grid: Grid, label_of, cells: Sequence[Cell]) -> dict[tuple[str, str
     return groups
 
 
-def accuracy_table(grid: Grid, cells: Sequence[Cell], label_of, labels: Sequence[str], stem: str,
-                   title: str) -> Path:  # fmt: skip
+def accuracy_table(
+    grid: Grid, cells: Sequence[Cell], label_of, labels: Sequence[str], stem: str, title: str
+) -> Path:
     """Rows: labels (methods or variants); columns: tasks; cells: acc mean ± sd over seeds (and n)."""
     tasks = list(dict.fromkeys(c.task for c in cells))
     groups = _grouped(grid, label_of, cells)
@@ -123,15 +124,27 @@ def depth_figure(grid: Grid, cells: Sequence[Cell], stem: str = "fig2_depth") ->
 
 
 def efficiency_table(grid: Grid, cells: Sequence[Cell], stem: str = "table45_efficiency") -> Path:
-    """Client model size, traffic and compute per client and round, as counts, % of the global model, and bytes.
+    """Client model size, traffic and compute per client and round: counts, % of the global model, bytes.
 
     Split learning (SFPrompt) adds the activations and gradients exchanged with the
     server body (``method_notes.split_traffic``): they are in the split column, in the
     per-round sum and in the run total; the other columns keep their meaning for every method.
     """
-    header = ["method", "client params", "% of global", "global layers held", "params down / up per round",
-              "% of global", "MB down / up per round", "split MB down / up per round", "MB per round, all",
-              "client GFLOPs per round", "MB sent once", "MB in total (run)", "model private"]  # fmt: skip
+    header = [
+        "method",
+        "client params",
+        "% of global",
+        "global layers held",
+        "params down / up per round",
+        "% of global",
+        "MB down / up per round",
+        "split MB down / up per round",
+        "MB per round, all",
+        "client GFLOPs per round",
+        "MB sent once",
+        "MB in total (run)",
+        "model private",
+    ]
     rows: list[list[str]] = []
     for cell in cells:
         res: dict[str, Any] | None = grid.results.get(cell.name)
@@ -145,14 +158,23 @@ def efficiency_table(grid: Grid, cells: Sequence[Cell], stem: str = "table45_eff
         split = _split_traffic(res)
         down, up = comm["bytes_down_per_round"], comm["bytes_up_per_round"]
         flops = split["flops"]
-        rows.append([
-            cell.method, f"{client['params']:,}", f"{100 * client['fraction_of_global']:.1f}",
-            _ranges(client["layers"]), f"{comm['params_down_per_round']:,} / {comm['params_up_per_round']:,}",
-            f"{100 * comm['params_up_per_round'] / glob:.2f}", f"{_mb(down)} / {_mb(up)}",
-            f"{_mb(split['down'])} / {_mb(split['up'])}", _mb(down + up + split["down"] + split["up"]),
-            "–" if flops is None else f"{flops / 1e9:.3g}", f"{comm.get('model_bytes_once', 0) / 1e6:.1f}",
-            f"{comm['total_bytes'] / 1e6:.1f}", "yes" if client["model_private"] else "no",
-        ])  # fmt: skip
+        rows.append(
+            [
+                cell.method,
+                f"{client['params']:,}",
+                f"{100 * client['fraction_of_global']:.1f}",
+                _ranges(client["layers"]),
+                f"{comm['params_down_per_round']:,} / {comm['params_up_per_round']:,}",
+                f"{100 * comm['params_up_per_round'] / glob:.2f}",
+                f"{_mb(down)} / {_mb(up)}",
+                f"{_mb(split['down'])} / {_mb(split['up'])}",
+                _mb(down + up + split["down"] + split["up"]),
+                "–" if flops is None else f"{flops / 1e9:.3g}",
+                f"{comm.get('model_bytes_once', 0) / 1e6:.1f}",
+                f"{comm['total_bytes'] / 1e6:.1f}",
+                "yes" if client["model_private"] else "no",
+            ]
+        )
     title = "What a client holds, exchanges and computes (per client and round)"
     return _write(grid.out, stem, header, rows, title)
 
@@ -163,8 +185,11 @@ def _split_traffic(res: dict[str, Any]) -> dict[str, Any]:
     if not report:  # no split learning: nothing crosses a cut, compute not estimated
         return {"down": 0, "up": 0, "flops": None}
     mean = report["last_round_mean_per_client"]
-    return {"down": mean["split_act_bytes_down"] + mean["split_grad_bytes_down"],
-            "up": mean["split_act_bytes_up"] + mean["split_grad_bytes_up"], "flops": mean["client_flops"]}  # fmt: skip
+    return {
+        "down": mean["split_act_bytes_down"] + mean["split_grad_bytes_down"],
+        "up": mean["split_act_bytes_up"] + mean["split_grad_bytes_up"],
+        "flops": mean["client_flops"],
+    }
 
 
 def _mb(n: float) -> str:

@@ -120,7 +120,16 @@ def prefix_tuning_course(config: RunConfig, loaded: LoadedModel, data: RunData) 
 def finetune_course(config: RunConfig, loaded: LoadedModel, data: RunData) -> Course:
     """Full fine-tuning of the global model on all shards (learning rate: ``--align-lr``)."""
     optim = OptimConfig(config.align_lr, config.weight_decay, config.warmup_ratio)
-    server = FinetuneServer(loaded.model, _all_rows(data), data.val_rows, _budget(config, data), config.batch_size,
-                            optim, config.rounds, loaded.tokenizer.pad_token_id, config.seed,
-                            config.eval_batch_size)  # fmt: skip
+    server = FinetuneServer(
+        loaded.model,
+        _all_rows(data),
+        data.val_rows,
+        _budget(config, data),
+        config.batch_size,
+        optim,
+        config.rounds,
+        loaded.tokenizer.pad_token_id,
+        config.seed,
+        config.eval_batch_size,
+    )
     return Course(server, _no_clients, 0, None)

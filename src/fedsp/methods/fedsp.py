@@ -50,7 +50,14 @@ from fedsp.methods.table import ALTERNATE, AUXILIARY, GLOBAL, JOINT, PROMPT_ONLY
 from fedsp.models.auxiliary import build_auxiliary_model, depth_plan, unique_parameter_count
 from fedsp.models.forward import answer_loss, mean_answer_loss
 from fedsp.models.loading import LoadedModel
-from fedsp.models.prefix import Prefix, PrefixConfig, collapse_layers, expand_layers, initial_prefix, prefix_for
+from fedsp.models.prefix import (
+    Prefix,
+    PrefixConfig,
+    collapse_layers,
+    expand_layers,
+    initial_prefix,
+    prefix_for,
+)
 
 StateMap = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -116,7 +123,7 @@ class FedSPClient:
         self.aux_model.train(self.plan.trains_model)
         self.prefix.train()
         metrics: dict[str, float] = {}
-        if self.plan.mode == ALTERNATE:
+        if self.align is not None:  # ALTERNATE
             # 1) global-model alignment: auxiliary model trained, prefix frozen
             set_trainable(self.prefix, False)
             set_trainable(self.aux_model, True)
@@ -206,8 +213,10 @@ class FedSPServer:
             return float("nan")
         self.prefix.train()
         set_trainable(self.prefix, True)
-        losses = [self.phase.step(answer_loss(self.global_model, next(self.stream), self.prefix))
-                  for _ in range(self.config.steps)]  # fmt: skip
+        losses = [
+            self.phase.step(answer_loss(self.global_model, next(self.stream), self.prefix))
+            for _ in range(self.config.steps)
+        ]
         set_trainable(self.prefix, False)
         return _mean(losses)
 
@@ -247,8 +256,10 @@ class FedSPServer:
 
 def _joint_phase(model: PreTrainedModel, prompt_params: list, config: LocalConfig, total: int) -> Phase:
     """One optimiser for "w/o AT": the model at the alignment learning rate, the prefix at the prompt one."""
-    groups = [{"params": list(model.parameters()), "lr": config.align.lr},
-              {"params": prompt_params, "lr": config.prompt.lr}]  # fmt: skip
+    groups = [
+        {"params": list(model.parameters()), "lr": config.align.lr},
+        {"params": prompt_params, "lr": config.prompt.lr},
+    ]
     return Phase(groups, config.prompt, total)
 
 
@@ -274,7 +285,9 @@ def client_seed(config: RunConfig, partition: int) -> int:
     return config.seed * 1000 + partition + 1
 
 
-def client_model_from(shape: ClientShape, skeleton: PreTrainedModel, layers: Sequence[int]) -> PreTrainedModel:
+def client_model_from(
+    shape: ClientShape, skeleton: PreTrainedModel, layers: Sequence[int]
+) -> PreTrainedModel:
     """The structure of what a client holds, built from the global architecture ``skeleton``.
 
     Its weights are then replaced by the ones the server shipped (a Flower node
@@ -299,22 +312,50 @@ def make_client(
     plan = ClientPlan(shape.mode)
     if shape.holds == AUXILIARY and not shape.share:  # one prefix layer per kept layer, mapped to L
         blocks = depth_plan(num_global_layers, len(layers))
-        plan = ClientPlan(shape.mode, receive=partial(collapse_layers, plan=blocks),
-                          send=partial(expand_layers, plan=blocks))  # fmt: skip
-    prefix_config = prefix_for(model, config.prefix_len, config.prefix_projection, config.prefix_dropout).config
-    return FedSPClient(model, prefix_config, rows, local_config(config), config.rounds, pad_id,
-                       seed=client_seed(config, partition), plan=plan)  # fmt: skip
+        plan = ClientPlan(
+            shape.mode,
+            receive=partial(collapse_layers, plan=blocks),
+            send=partial(expand_layers, plan=blocks),
+        )
+    prefix_config = prefix_for(
+        model, config.prefix_len, config.prefix_projection, config.prefix_dropout
+    ).config
+    return FedSPClient(
+        model,
+        prefix_config,
+        rows,
+        local_config(config),
+        config.rounds,
+        pad_id,
+        seed=client_seed(config, partition),
+        plan=plan,
+    )
 
 
 def prefix_server(
     config: RunConfig, loaded: LoadedModel, data: RunData, rows: Sequence[Encoded], steps: int
 ) -> FedSPServer:
     """The model owner with its round-0 prefix, tuning ``steps`` steps a round on ``rows``."""
-    prefix = initial_prefix(loaded.model, loaded.tokenizer, data.server_rows, config.prefix_len,
-                            config.prefix_projection, config.prefix_dropout, config.prefix_init)  # fmt: skip
-    return FedSPServer(loaded.model, prefix, rows, data.val_rows, local_config(config, steps), config.rounds,
-                       loaded.tokenizer.pad_token_id, seed=config.seed,
-                       eval_batch_size=config.eval_batch_size)  # fmt: skip
+    prefix = initial_prefix(
+        loaded.model,
+        loaded.tokenizer,
+        data.server_rows,
+        config.prefix_len,
+        config.prefix_projection,
+        config.prefix_dropout,
+        config.prefix_init,
+    )
+    return FedSPServer(
+        loaded.model,
+        prefix,
+        rows,
+        data.val_rows,
+        local_config(config, steps),
+        config.rounds,
+        loaded.tokenizer.pad_token_id,
+        seed=config.seed,
+        eval_batch_size=config.eval_batch_size,
+    )
 
 
 def fedsp_course(config: RunConfig, loaded: LoadedModel, data: RunData) -> Course:
@@ -332,9 +373,13 @@ def fedsp_course(config: RunConfig, loaded: LoadedModel, data: RunData) -> Cours
         notes = {"model_private": False}
     else:
         template, layers, kd_losses = distilled_auxiliary_model(
-            config, loaded, data.server_rows, share=shape.share, kd_steps=None if shape.kd else 0,
+            config,
+            loaded,
+            data.server_rows,
+            share=shape.share,
+            kd_steps=None if shape.kd else 0,
             layers=list(shape.layers) if shape.layers else None,
-        )  # fmt: skip
+        )
         params = unique_parameter_count(template)
         info = ClientModelInfo(params, params / global_params, tuple(layers), model_private=True)
         notes = {"kd_losses": kd_losses, "aux_layers": layers, "shared_across_depth": shape.share}
@@ -345,5 +390,5 @@ def fedsp_course(config: RunConfig, loaded: LoadedModel, data: RunData) -> Cours
         model = copy.deepcopy(template) if shape.trains_model else template
         return make_client(config, shape, model, data.client_rows[k], k, pad, num_layers, layers)
 
-    shipped = dict(template.named_parameters())
+    shipped: dict[str, torch.Tensor] = dict(template.named_parameters())
     return Course(server, make, len(data.client_rows), info, shipped, notes=notes)

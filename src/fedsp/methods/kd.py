@@ -133,12 +133,25 @@ def mean_kd_loss(
     return total / count
 
 
-def cache_key(model_name: str, model_config: dict, layers: Sequence[int], share: bool, config: KDConfig,
-              rows: Sequence[Encoded], seed: int) -> str:  # fmt: skip
+def cache_key(
+    model_name: str,
+    model_config: dict,
+    layers: Sequence[int],
+    share: bool,
+    config: KDConfig,
+    rows: Sequence[Encoded],
+    seed: int,
+) -> str:
     """A digest of everything the distilled weights depend on."""
     digest = hashlib.sha256()
-    meta = {"model": model_name, "config": model_config, "layers": list(layers), "share": share,
-            "kd": config.fingerprint(), "seed": seed}  # fmt: skip
+    meta = {
+        "model": model_name,
+        "config": model_config,
+        "layers": list(layers),
+        "share": share,
+        "kd": config.fingerprint(),
+        "seed": seed,
+    }
     digest.update(json.dumps(meta, sort_keys=True, default=str).encode())
     for row in rows:
         digest.update(str(row.ids).encode())
@@ -183,15 +196,28 @@ def distilled_auxiliary_model(
     steps = config.kd_steps if kd_steps is None else kd_steps
     if steps == 0:
         return aux, selected, []
-    kd_config = KDConfig(steps, config.kd_lr, config.weight_decay, config.warmup_ratio,
-                            config.kd_batch_size, config.kd_projection)  # fmt: skip
+    kd_config = KDConfig(
+        steps,
+        config.kd_lr,
+        config.weight_decay,
+        config.warmup_ratio,
+        config.kd_batch_size,
+        config.kd_projection,
+    )
     model_config = {**loaded.model.config.to_dict(), "weights_dtype": str(loaded.model.dtype)}
     key = cache_key(loaded.name, model_config, selected, share, kd_config, server_rows, config.seed)
     path = cache_dir() / "aux" / f"{key}.safetensors"
     if path.is_file():
         load_student(aux, path)
         return aux, selected, []
-    losses = distill(loaded.model, aux, server_rows, kd_config, loaded.tokenizer.pad_token_id, config.seed,
-                        progress=config.progress)  # fmt: skip
+    losses = distill(
+        loaded.model,
+        aux,
+        server_rows,
+        kd_config,
+        loaded.tokenizer.pad_token_id,
+        config.seed,
+        progress=config.progress,
+    )
     save_student(aux, path)
     return aux, selected, losses

@@ -31,11 +31,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PreTrainedModel
 
 from fedsp import wire
 from fedsp.config import RunConfig
@@ -46,7 +47,7 @@ from fedsp.methods.aggregation import weighted_average
 from fedsp.methods.base import ClientModelInfo, ClientUpdate, Course
 from fedsp.methods.optim import OptimConfig, Phase
 from fedsp.methods.split_traffic import SPLIT_KEYS, FlopModel, SplitLink, add_round, new_report
-from fedsp.models.adapters import decoder_layers
+from fedsp.models.adapters import decoder_layers, embedding_weight, model_device, output_weight
 from fedsp.models.forward import mean_answer_loss
 from fedsp.models.loading import LoadedModel
 from fedsp.models.split import (
@@ -93,7 +94,7 @@ def answer_positions(labels: torch.Tensor, num_prompts: int) -> tuple[torch.Tens
 
 
 def el2n(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per token || softmax(logits) - onehot(target) ||_2 = sqrt(sum p^2 - 2 p_y + 1): (n, V), (n,) -> (n,)."""
+    """Per token || softmax(logits) - onehot(target) ||_2 = sqrt(sum p^2 - 2 p_y + 1): (n, V), (n,) -> (n,)"""
     probs = logits.softmax(-1)
     gold = probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return (probs.pow(2).sum(-1) - 2 * gold + 1).clamp(min=0).sqrt()
@@ -115,11 +116,22 @@ def _load_wire_state(prompts: nn.Parameter, tail: Tail, state: dict[str, torch.T
 class SFPromptClient:
     """A data owner: shared frozen head, its own prompts and tail, its rows, a link to the server body."""
 
-    def __init__(self, head: Head, tail: Tail, num_prompts: int, rows: Sequence[Encoded], config: SFPromptConfig,
-                 total_rounds: int, pad_id: int, seed: int, link: SplitLink, flops: FlopModel) -> None:  # fmt: skip
+    def __init__(
+        self,
+        head: Head,
+        tail: Tail,
+        num_prompts: int,
+        rows: Sequence[Encoded],
+        config: SFPromptConfig,
+        total_rounds: int,
+        pad_id: int,
+        seed: int,
+        link: SplitLink,
+        flops: FlopModel,
+    ) -> None:
         self.head, self.tail, self.link, self.flops = head, tail, link, flops
-        device = head.view.get_input_embeddings().weight.device
-        width = head.view.get_input_embeddings().embedding_dim
+        device = model_device(head.view)
+        width = embedding_weight(head.view).shape[1]
         self.prompts = nn.Parameter(torch.zeros(num_prompts, width, device=device))  # (P, E)
         self.tail.to(device)
         self.rows, self.config, self.pad_id, self.seed = list(rows), config, pad_id, seed
@@ -160,7 +172,7 @@ class SFPromptClient:
 
     # -- split training, one message at a time
     def split_forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Run the head; the message to the server: activations (B, P+T, H), mask, positions, wanted (B, P+T)."""
+        """Run the head; the message to the server: activations (B, P+T, H), mask, positions, wanted."""
         cut = self.head(self.prompts, batch["input_ids"], batch["attention_mask"])
         wanted, targets = answer_positions(batch["labels"], self.prompts.shape[0])
         self.pending = (cut["activations"], targets)
@@ -170,15 +182,19 @@ class SFPromptClient:
 
     def split_backward(self, reply: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
         """Tail and loss on the body's outputs (n, H); the message back: the loss gradient of the outputs."""
+        assert self.pending is not None, "split_backward before split_forward"
         activations, targets = self.pending
         outputs = reply["outputs"].to(activations.device).requires_grad_(True)  # (n, H)
         loss = F.cross_entropy(self.tail(outputs), targets.to(outputs.device))
         loss.backward()  # gradients of the tail's norm, and of the outputs
         self.client_flops += 2 * self.flops.head_logits(len(targets))
+        assert outputs.grad is not None
         return {"grad_outputs": outputs.grad}, float(loss.detach())
 
     def split_update(self, reply: dict[str, torch.Tensor]) -> None:
-        """Backward through the head to the prompts with the server's (B, P+T, H) gradient; one optimiser step."""
+        """Backward through the head to the prompts with the server's (B, P+T, H) gradient; one optimiser
+        step."""
+        assert self.pending is not None, "split_update before split_forward"
         activations, _ = self.pending
         self.pending = None
         # d/d(activations) of sum(activations * g) is g: the prompts get exactly the chain-rule gradient.
@@ -207,13 +223,19 @@ class SFPromptClient:
         # 2) split training on the kept rows
         split_losses = [self.split_step(next(stream)) for _ in range(self.config.split_steps)]
         # 3) upload prompts + tail
-        metrics = {"prompt_loss": _mean(split_losses), "local_loss": _mean(local_losses),
-                   "el2n_mean": float(scores.mean()), "kept_rows": float(len(kept)),
-                   "client_flops": float(self.client_flops), **{f"split_{k}": float(v) for k, v in self.link.bytes.items()}}  # fmt: skip
+        metrics = {
+            "prompt_loss": _mean(split_losses),
+            "local_loss": _mean(local_losses),
+            "el2n_mean": float(scores.mean()),
+            "kept_rows": float(len(kept)),
+            "client_flops": float(self.client_flops),
+            **{f"split_{k}": float(v) for k, v in self.link.bytes.items()},
+        }
         return ClientUpdate(_wire_state(self.prompts, self.tail), len(self.rows), metrics)
 
     def state_dict(self) -> dict[str, Any]:
-        """Kept between rounds: optimiser states and the round counter (prompts and tail come down each round)."""
+        """Kept between rounds: optimiser states and the round counter (prompts and tail come down each
+        round)."""
         return {
             "local": self.local_phase.state_dict(),
             "split": self.split_phase.state_dict(),
@@ -227,10 +249,17 @@ class SFPromptClient:
 
 
 class SFPromptServer:
-    """The model owner: the body (driven by the clients' messages), the averaged prompts + tail, validation."""
+    """The model owner: the body (driven by the clients' messages), the averaged prompts + tail."""
 
-    def __init__(self, model: nn.Module, body: ServerBody, prompts: nn.Parameter, val_rows: Sequence[Encoded],
-                 pad_id: int, eval_batch_size: int = 128) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        body: ServerBody,
+        prompts: nn.Parameter,
+        val_rows: Sequence[Encoded],
+        pad_id: int,
+        eval_batch_size: int = 128,
+    ) -> None:
         self.body, self.prompts, self.tail = body, prompts, Tail(model)
         self.full = PromptedModel(model, prompts, self.tail)  # head -> body -> tail in one stack
         self.val_batches = fixed_batches(val_rows, eval_batch_size, pad_id)
@@ -254,7 +283,7 @@ class SFPromptServer:
 
     @torch.no_grad()
     def validation_loss(self) -> float:
-        loss = mean_answer_loss(self.full, self.val_batches, None)
+        loss = mean_answer_loss(cast(PreTrainedModel, self.full), self.val_batches, None)  # quacks like one
         if loss < self.best_val_loss:
             self.best_val_loss, self.best_state = loss, self.broadcast()
         return loss
@@ -266,8 +295,12 @@ class SFPromptServer:
         return self.full, None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"state": self.broadcast(), "best_val_loss": self.best_val_loss, "best_state": self.best_state,
-                "report": dict(self.report)}  # fmt: skip
+        return {
+            "state": self.broadcast(),
+            "best_val_loss": self.best_val_loss,
+            "best_state": self.best_state,
+            "report": dict(self.report),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         _load_wire_state(self.prompts, self.tail, state["state"])
@@ -283,15 +316,15 @@ def _mean(values: Sequence[float]) -> float:
 def initial_prompts(config: RunConfig, loaded: LoadedModel, server_rows: list[Encoded]) -> nn.Parameter:
     """Round-0 prompts (P, E): embeddings of whole server-shard examples (``tokens``) or random."""
     embeddings = loaded.model.get_input_embeddings()
+    weight = embedding_weight(loaded.model)
     with torch.no_grad():
         if config.prefix_init == "random":
-            weight = embeddings.weight
             values = (
                 torch.randn(config.prefix_len, weight.shape[1], device=weight.device) * weight.float().std()
             )
         else:
             tokens = demonstration_tokens(server_rows, config.prefix_len, loaded.tokenizer)
-            values = embeddings(torch.tensor(tokens, device=embeddings.weight.device)).float()
+            values = embeddings(torch.tensor(tokens, device=weight.device)).float()
     return nn.Parameter(values)
 
 
@@ -301,22 +334,44 @@ def sfprompt_course(config: RunConfig, loaded: LoadedModel, data: RunData) -> Co
     split_layout(model)  # an unknown family fails here, with the known ones
     num_layers = len(decoder_layers(model))
     check_split_layer(c, num_layers)
-    local = SFPromptConfig(c, config.prune_gamma, config.local_loss_steps, config.local_steps, config.batch_size,
-                           OptimConfig(config.lr, config.weight_decay, config.warmup_ratio))  # fmt: skip
+    local = SFPromptConfig(
+        c,
+        config.prune_gamma,
+        config.local_loss_steps,
+        config.local_steps,
+        config.batch_size,
+        OptimConfig(config.lr, config.weight_decay, config.warmup_ratio),
+    )
     head, body = Head(model, c), ServerBody(model, c)
-    server = SFPromptServer(model, body, initial_prompts(config, loaded, data.server_rows), data.val_rows,
-                            loaded.tokenizer.pad_token_id, config.eval_batch_size)  # fmt: skip
+    server = SFPromptServer(
+        model,
+        body,
+        initial_prompts(config, loaded, data.server_rows),
+        data.val_rows,
+        loaded.tokenizer.pad_token_id,
+        config.eval_batch_size,
+    )
     flops, pad = FlopModel.of(model), loaded.tokenizer.pad_token_id
 
     def make_client(k: int) -> SFPromptClient:
-        return SFPromptClient(head, Tail(model), config.prefix_len, data.client_rows[k], local, config.rounds, pad,
-                              config.seed * 1000 + k + 1, SplitLink(body, k), flops)  # fmt: skip
+        return SFPromptClient(
+            head,
+            Tail(model),
+            config.prefix_len,
+            data.client_rows[k],
+            local,
+            config.rounds,
+            pad,
+            config.seed * 1000 + k + 1,
+            SplitLink(body, k),
+            flops,
+        )
 
     held = client_modules(model, c)
     held_ids = {id(p) for m in held for p in m.parameters()}
     # sent once, before round 1
-    shipped = {name: p for name, p in model.named_parameters() if id(p) in held_ids}
-    tied = "tied" if model.get_output_embeddings().weight is model.get_input_embeddings().weight else "untied"
+    shipped: dict[str, torch.Tensor] = {name: p for name, p in model.named_parameters() if id(p) in held_ids}
+    tied = "tied" if output_weight(model) is embedding_weight(model) else "untied"
     exchanged = server.broadcast()
     params = unique_params(held) + server.prompts.numel()
     info = ClientModelInfo(params, params / unique_params([model]), tuple(range(c)), model_private=True)
@@ -326,7 +381,8 @@ def sfprompt_course(config: RunConfig, loaded: LoadedModel, data: RunData) -> Co
         "split_layer": c,
         "client_layers": list(range(c)),
         "server_layers": list(range(c, num_layers)),
-        "client_holds": f"embeddings (+ position tables), layers 0..{c - 1}, final norm, LM head ({tied}), prompts",
+        "client_holds": f"embeddings (+ position tables), layers 0..{c - 1}, final norm, LM head ({tied}), "
+        "prompts",
         "prompt_len": config.prefix_len,
         "prompt_tail_params": wire.num_params(exchanged),
         "prompt_tail_bytes": state_bytes,

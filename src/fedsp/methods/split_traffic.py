@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from transformers import PreTrainedModel
 
 from fedsp import wire
 from fedsp.methods.base import ClientUpdate
-from fedsp.models.adapters import decoder_layers
+from fedsp.models.adapters import decoder_layers, output_weight
 from fedsp.models.split import ServerBody
 
 # Bytes per client and round, by direction: activations up, body outputs down, their gradient up,
@@ -46,10 +46,10 @@ class FlopModel:
     lm_head: int  # V * E
 
     @classmethod
-    def of(cls, model: nn.Module) -> FlopModel:
+    def of(cls, model: PreTrainedModel) -> FlopModel:
         layer = decoder_layers(model)[0]
         weights = sum(p.numel() for p in layer.parameters() if p.dim() >= 2)
-        return cls(weights, model.config.hidden_size, model.get_output_embeddings().weight.numel())
+        return cls(weights, int(model.config.hidden_size), output_weight(model).numel())
 
     def layers(self, num_layers: int, batch: int, seq: int) -> int:
         return num_layers * batch * seq * (2 * self.layer_weights + 4 * seq * self.hidden)
@@ -82,7 +82,8 @@ class SplitLink:
 def new_report() -> dict[str, Any]:
     """The report before round 1: no split message yet."""
     return {
-        "per": "per_round figures: mean per client over the last round's clients; totals: all rounds and clients",
+        "per": "per_round figures: mean per client over the last round's clients; "
+        "totals: all rounds and clients",
         "split_bytes_total": 0,
     }
 

@@ -35,8 +35,18 @@ if TYPE_CHECKING:
     from fedsp.models.loading import LoadedModel
 
 # Options by what reads them; an option in no group is read by every method.
-TRAINING = frozenset({"rounds", "local_steps", "batch_size", "weight_decay", "warmup_ratio", "val_limit",
-                      "eval_every_round", "clients"})  # fmt: skip
+TRAINING = frozenset(
+    {
+        "rounds",
+        "local_steps",
+        "batch_size",
+        "weight_decay",
+        "warmup_ratio",
+        "val_limit",
+        "eval_every_round",
+        "clients",
+    }
+)
 FEDERATION = frozenset({"partition", "alpha", "server_steps"})
 PREFIX = frozenset({"lr", "prefix_len", "prefix_projection", "prefix_dropout", "prefix_init"})
 MODEL_LR = frozenset({"align_lr"})
@@ -73,7 +83,11 @@ class ClientShape:
     layers: tuple[int, ...] | None = None  # fixed global layers; None: --aux-layers / --aux-layer-choice
 
     def __post_init__(self) -> None:
-        if self.holds not in (AUXILIARY, GLOBAL, SPLIT_HEAD) or self.mode not in (ALTERNATE, JOINT, PROMPT_ONLY):
+        if self.holds not in (AUXILIARY, GLOBAL, SPLIT_HEAD) or self.mode not in (
+            ALTERNATE,
+            JOINT,
+            PROMPT_ONLY,
+        ):
             raise ValueError(f"unknown client shape {self}")
 
     @property
@@ -109,8 +123,11 @@ class MethodSpec:
     def ignored_options(self, config: RunConfig) -> dict[str, Any]:
         """Options set away from their defaults that this method does not read."""
         defaults = type(config)()
-        return {name: getattr(config, name) for name in sorted(SPECIFIC - self.reads)
-                if getattr(config, name) != getattr(defaults, name)}  # fmt: skip
+        return {
+            name: getattr(config, name)
+            for name in sorted(SPECIFIC - self.reads)
+            if getattr(config, name) != getattr(defaults, name)
+        }
 
 
 _ALL = TRAINING | FEDERATION | PREFIX | MODEL_LR | AUX | KD
@@ -118,30 +135,77 @@ _PROMPT_ONLY = TRAINING | FEDERATION | PREFIX
 _FEDSP = "fedsp.methods.fedsp:fedsp_course"
 _TABLE = [
     MethodSpec("zero-shot", "the global model as it is, no training", frozenset(), None, None, grid="main"),
-    MethodSpec("fedsp", "FedSP: distilled auxiliary model shared across depth, alternating training", _ALL,
-               _FEDSP, ClientShape(AUXILIARY), grid="main"),  # fmt: skip
-    MethodSpec("fedprompt", "FedPrompt: clients hold the full global model (no model privacy), tune the prefix",
-               _PROMPT_ONLY, _FEDSP, ClientShape(GLOBAL, PROMPT_ONLY), grid="main"),  # fmt: skip
-    MethodSpec("fedprompt-single", "FedPrompt-Single: clients hold layer 0 alone (no sharing, no KD), tune "
-               "the prefix", _PROMPT_ONLY, _FEDSP,
-               ClientShape(AUXILIARY, PROMPT_ONLY, share=False, kd=False, layers=(0,)), grid="main"),  # fmt: skip
-    MethodSpec("fedsp-no-kd", "FedSP without knowledge distillation (auxiliary model from the raw layers)",
-               _ALL - KD, _FEDSP, ClientShape(AUXILIARY, kd=False)),  # fmt: skip
-    MethodSpec("fedsp-no-cs", "FedSP without cross-layer sharing (the selected layers, each applied once)", _ALL,
-               _FEDSP, ClientShape(AUXILIARY, share=False)),  # fmt: skip
-    MethodSpec("fedsp-no-at", "FedSP without alternating training (model and prefix trained in one phase)",
-               _ALL, _FEDSP, ClientShape(AUXILIARY, JOINT)),  # fmt: skip
-    MethodSpec("prefix-tuning", "centralised prefix-tuning of the frozen global model on all shards",
-               TRAINING | PREFIX, "fedsp.methods.centralised:prefix_tuning_course", None),  # fmt: skip
-    MethodSpec("finetune", "centralised full fine-tuning of the global model on all shards (lr: --align-lr)",
-               TRAINING | MODEL_LR, "fedsp.methods.centralised:finetune_course", None),  # fmt: skip
+    MethodSpec(
+        "fedsp",
+        "FedSP: distilled auxiliary model shared across depth, alternating training",
+        _ALL,
+        _FEDSP,
+        ClientShape(AUXILIARY),
+        grid="main",
+    ),
+    MethodSpec(
+        "fedprompt",
+        "FedPrompt: clients hold the full global model (no model privacy), tune the prefix",
+        _PROMPT_ONLY,
+        _FEDSP,
+        ClientShape(GLOBAL, PROMPT_ONLY),
+        grid="main",
+    ),
+    MethodSpec(
+        "fedprompt-single",
+        "FedPrompt-Single: clients hold layer 0 alone (no sharing, no KD), tune the prefix",
+        _PROMPT_ONLY,
+        _FEDSP,
+        ClientShape(AUXILIARY, PROMPT_ONLY, share=False, kd=False, layers=(0,)),
+        grid="main",
+    ),
+    MethodSpec(
+        "fedsp-no-kd",
+        "FedSP without knowledge distillation (auxiliary model from the raw layers)",
+        _ALL - KD,
+        _FEDSP,
+        ClientShape(AUXILIARY, kd=False),
+    ),
+    MethodSpec(
+        "fedsp-no-cs",
+        "FedSP without cross-layer sharing (the selected layers, each applied once)",
+        _ALL,
+        _FEDSP,
+        ClientShape(AUXILIARY, share=False),
+    ),
+    MethodSpec(
+        "fedsp-no-at",
+        "FedSP without alternating training (model and prefix trained in one phase)",
+        _ALL,
+        _FEDSP,
+        ClientShape(AUXILIARY, JOINT),
+    ),
+    MethodSpec(
+        "prefix-tuning",
+        "centralised prefix-tuning of the frozen global model on all shards",
+        TRAINING | PREFIX,
+        "fedsp.methods.centralised:prefix_tuning_course",
+        None,
+    ),
+    MethodSpec(
+        "finetune",
+        "centralised full fine-tuning of the global model on all shards (lr: --align-lr)",
+        TRAINING | MODEL_LR,
+        "fedsp.methods.centralised:finetune_course",
+        None,
+    ),
     # In no default grid list: it scores every local example (EL2N, through the client's head) every round;
     # with tiny-llama at --scale cpu its cell took 190 s, FedSP's 35 s.
-    MethodSpec("sfprompt", "SFPrompt: split model (client head + tail, server body), input prompts, EL2N "
-               "pruning, local-loss steps; P = --prefix-len",
-               TRAINING | SPLIT | frozenset({"partition", "alpha", "lr", "prefix_len", "prefix_init"}),
-               "fedsp.methods.sfprompt:sfprompt_course", ClientShape(SPLIT_HEAD), engines=("inprocess",),
-               grid="opt-in"),  # fmt: skip
+    MethodSpec(
+        "sfprompt",
+        "SFPrompt: split model (client head + tail, server body), input prompts, EL2N "
+        "pruning, local-loss steps; P = --prefix-len",
+        TRAINING | SPLIT | frozenset({"partition", "alpha", "lr", "prefix_len", "prefix_init"}),
+        "fedsp.methods.sfprompt:sfprompt_course",
+        ClientShape(SPLIT_HEAD),
+        engines=("inprocess",),
+        grid="opt-in",
+    ),
 ]
 METHOD_SPECS: dict[str, MethodSpec] = {spec.name: spec for spec in _TABLE}
 METHODS = tuple(METHOD_SPECS)

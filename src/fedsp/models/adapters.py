@@ -13,7 +13,9 @@ generically through ``model.base_model`` and ``model.get_output_embeddings()``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
+import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
@@ -22,7 +24,7 @@ from fedsp.errors import FedSPError
 
 @dataclass(frozen=True)
 class FamilyAdapter:
-    """Where one model family keeps its decoder stack and the modules around it (paths from ``*ForCausalLM``)."""
+    """Where a model family keeps its decoder stack and the modules around it (paths from its LM class)."""
 
     layers_path: str  # attribute path from the *ForCausalLM object to its ModuleList of layers
     rotary: bool  # relative (rotary) positions: a prefix can be computed at negative positions
@@ -101,3 +103,22 @@ def set_decoder_layers(model: PreTrainedModel, layers: nn.ModuleList) -> None:
     path = adapter_for(model.config).layers_path
     parent_path, _, name = path.rpartition(".")
     setattr(_resolve(model, parent_path), name, layers)
+
+
+def embedding_weight(model: nn.Module) -> torch.Tensor:
+    """The input embedding matrix (V, E) of a causal LM (or of a view of one)."""
+    return cast(torch.Tensor, cast(PreTrainedModel, model).get_input_embeddings().weight)
+
+
+def output_weight(model: nn.Module) -> torch.Tensor:
+    """The LM head's matrix (V, E); the embedding matrix itself when they are tied."""
+    return cast(torch.Tensor, cast(PreTrainedModel, model).get_output_embeddings().weight)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's weights live (batches and prefixes follow it)."""
+    return embedding_weight(model).device
+
+
+def weights_dtype(model: nn.Module) -> torch.dtype:
+    return embedding_weight(model).dtype

@@ -98,7 +98,7 @@ def _tied_view(source: nn.Module, depth: int) -> nn.Module:
     view = copy.deepcopy(source, memo=shared)
     for module in view.modules():
         if hasattr(module, "layer_idx"):
-            module.layer_idx = depth
+            setattr(module, "layer_idx", depth)  # noqa: B010  (not every module declares it)
     return view
 
 

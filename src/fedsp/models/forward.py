@@ -14,17 +14,15 @@ here, so callers never place tensors themselves.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
 from fedsp.data.batching import IGNORE
+from fedsp.models.adapters import model_device, weights_dtype
 from fedsp.models.prefix import Prefix
-
-
-def model_device(model: PreTrainedModel) -> torch.device:
-    return model.get_input_embeddings().weight.device
 
 
 def hidden_states(
@@ -41,7 +39,7 @@ def hidden_states(
     if prefix is None:
         out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
         return out.last_hidden_state
-    dtype = model.get_input_embeddings().weight.dtype
+    dtype = weights_dtype(model)
     cache = prefix.follow(model).cache(batch, dtype=dtype)
     prefix_mask = attention_mask.new_ones(batch, prefix.config.num_tokens)
     out = model.base_model(
@@ -57,7 +55,8 @@ def hidden_states(
 def _answer_logits(
     model: PreTrainedModel, batch: dict[str, torch.Tensor], prefix: Prefix | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits at the positions that predict a labelled token: (n, V) float32, their targets (n,), the mask (B, T-1)."""
+    """Logits at the positions that predict a labelled token: (n, V) float32, their targets (n,), the mask (B,
+    T-1)."""
     hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"], prefix)  # (B, T, H)
     targets = batch["labels"][:, 1:].to(hidden.device)  # (B, T-1): position t predicts token t+1
     keep = targets != IGNORE
@@ -75,7 +74,8 @@ def head_logits(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     if hidden.dtype == torch.float32:
         return head(hidden)
     bias = getattr(head, "bias", None)
-    return F.linear(hidden.float(), head.weight.float(), None if bias is None else bias.float())
+    weight = cast(torch.Tensor, head.weight)
+    return F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
 
 
 def answer_loss(
@@ -94,14 +94,16 @@ def answer_loss(
     steps on an AMX CPU 12-16% slower (docs/performance.md, section 7).
     """
     # bfloat16 runs whole batches: AMX matmuls want many tokens per call, and buckets cost 12-16% there
-    bucket = bucket and model.get_input_embeddings().weight.dtype == torch.float32
+    bucket = bucket and weights_dtype(model) == torch.float32
     groups = length_buckets(batch["attention_mask"].sum(-1).tolist()) if bucket else [None]
-    total, count = None, 0
+    total: torch.Tensor | None = None
+    count = 0
     for rows in groups:
         logits, targets, _ = _answer_logits(model, _rows(batch, rows), prefix)
         part = F.cross_entropy(logits, targets, reduction="sum")
         total = part if total is None else total + part
         count += targets.numel()
+    assert total is not None
     return total / count
 
 
@@ -183,7 +185,7 @@ def score_choices(
     num_q = len(contexts)
     P = prefix.config.num_tokens if prefix is not None else 0
     cache = (
-        prefix.follow(model).cache(num_q, dtype=model.get_input_embeddings().weight.dtype)
+        prefix.follow(model).cache(num_q, dtype=weights_dtype(model))
         if prefix is not None
         else DynamicCache()
     )
@@ -202,8 +204,9 @@ def score_choices(
     scores: list[list[float]] = [[] for _ in choices]
     packed = [sum(len(c) for c in options) for options in choices]
     for group in length_buckets(packed):
-        rows = _packed_choice_logprobs(model, out.past_key_values, ctx_last, ctx_len, prior_mask, group,
-                                       choices, pad_id)  # fmt: skip
+        rows = _packed_choice_logprobs(
+            model, out.past_key_values, ctx_last, ctx_len, prior_mask, group, choices, pad_id
+        )
         for q, row in zip(group, rows, strict=True):
             scores[q] = row
     return scores
@@ -214,7 +217,7 @@ def _custom_mask(model: PreTrainedModel, allowed: torch.Tensor) -> torch.Tensor:
     eager, which adds a custom 4D mask to the scores as it is (a boolean one would mask nothing)."""
     if model.config._attn_implementation != "eager":
         return allowed
-    dtype = model.get_input_embeddings().weight.dtype
+    dtype = weights_dtype(model)
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
         ~allowed, torch.finfo(dtype).min
     )
@@ -258,7 +261,7 @@ def _packed_choice_logprobs(
     prior = prior_mask.index_select(0, index).bool().unsqueeze(1).expand(-1, width, -1)  # (G, L, P+Tc)
     cache = DynamicCache()
     for layer in range(len(context_cache.layers)):
-        kv = context_cache.layers[layer]
+        kv = cast(Any, context_cache.layers[layer])  # a full-attention layer: keys and values
         cache.update(kv.keys.index_select(0, index), kv.values.index_select(0, index), layer)
     hidden = model.base_model(
         input_ids=ids,

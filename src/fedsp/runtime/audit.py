@@ -57,7 +57,8 @@ def promised_layers(config: RunConfig, num_layers: int) -> set[int]:
 
 
 def private_weights(model: PreTrainedModel, config: RunConfig) -> dict[str, str]:
-    """Fingerprints of the global weights clients must never receive: decoder layers outside the promised ones."""
+    """Fingerprints of the global weights clients must never receive: decoder layers outside the promised
+    ones."""
     layers = decoder_layers(model)
     allowed = promised_layers(config, len(layers))
     private, shared = {}, set()
@@ -86,16 +87,30 @@ class Audit:
     def record(self, rnd: int, kind: str, tensors: dict[str, torch.Tensor], partitions: list[int]) -> None:
         for name, tensor in tensors.items():
             digest = fingerprint(tensor)
-            self.sent.append({"round": rnd, "kind": kind, "name": name, "shape": list(tensor.shape),
-                              "dtype": str(tensor.dtype), "sha256": digest, "to": partitions})  # fmt: skip
+            self.sent.append(
+                {
+                    "round": rnd,
+                    "kind": kind,
+                    "name": name,
+                    "shape": list(tensor.shape),
+                    "dtype": str(tensor.dtype),
+                    "sha256": digest,
+                    "to": partitions,
+                }
+            )
             self._seen.add(digest)
 
     def report(self, model: PreTrainedModel, config: RunConfig, path: Path) -> dict[str, Any]:
         private = private_weights(model, config)
-        violations = [{**entry, "equals": private[entry["sha256"]]} for entry in self.sent
-                      if entry["sha256"] in private]  # fmt: skip
-        summary = {"passed": not violations, "tensors_sent": len(self.sent), "violations": len(violations),
-                   "private_weights_checked": len(private)}  # fmt: skip
+        violations = [
+            {**entry, "equals": private[entry["sha256"]]} for entry in self.sent if entry["sha256"] in private
+        ]
+        summary = {
+            "passed": not violations,
+            "tensors_sent": len(self.sent),
+            "violations": len(violations),
+            "private_weights_checked": len(private),
+        }
         results.write_json(path, {**summary, "violation_list": violations, "sent": self.sent})
         return summary
 

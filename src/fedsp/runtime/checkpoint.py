@@ -72,15 +72,18 @@ def load_checkpoint(out_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
         raise FedSPError(f"--resume {str(out_dir)!r}: {CHECKPOINT} cannot be read ({err})") from err
     differ = config_differences(state["config"], config)
     if differ:
-        raise FedSPError(f"--resume {str(out_dir)!r} was made by a different configuration ({differ}); "
-                         "resume with the same options or start a new run")  # fmt: skip
+        raise FedSPError(
+            f"--resume {str(out_dir)!r} was made by a different configuration ({differ}); "
+            "resume with the same options or start a new run"
+        )
     return state
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> str:
     keys = sorted((set(saved) | set(current)) - set(_NOT_COMPARED))
-    return ", ".join(f"{k}: {saved.get(k)!r} then, {current.get(k)!r} now" for k in keys
-                     if saved.get(k) != current.get(k))  # fmt: skip
+    return ", ".join(
+        f"{k}: {saved.get(k)!r} then, {current.get(k)!r} now" for k in keys if saved.get(k) != current.get(k)
+    )
 
 
 class ClientStore:

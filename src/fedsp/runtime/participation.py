@@ -56,7 +56,8 @@ def check_enough(accepted: int, needed: int, rnd: int, why: Sequence[str]) -> No
     if accepted < needed:
         reasons = "; ".join(why) if why else "no reply"
         raise FedSPError(
-            f"round {rnd}: only {accepted} usable client updates, fewer than --min-replies {needed} ({reasons})"
+            f"round {rnd}: only {accepted} usable client updates, "
+            f"fewer than --min-replies {needed} ({reasons})"
         )
 
 
@@ -93,8 +94,13 @@ def check_updates(
             others = distances[:i] + distances[i + 1 :]
             median = float(np.median(others))
             if distances[i] > norm_factor * max(median, 1e-12):
-                rejected.append(Rejection(partition, f"update norm {distances[i]:.3g} is more than "
-                                                     f"{norm_factor:g}x the median {median:.3g}"))  # fmt: skip
+                rejected.append(
+                    Rejection(
+                        partition,
+                        f"update norm {distances[i]:.3g} is more than "
+                        f"{norm_factor:g}x the median {median:.3g}",
+                    )
+                )
             else:
                 kept.append((partition, update))
         accepted = kept

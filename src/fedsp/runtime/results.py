@@ -91,8 +91,12 @@ def plot_curves(metrics: list[dict[str, Any]], zero_shot_acc: float | None, path
         ax_acc.plot(
             [m["round"] for m in with_acc], [100 * m["acc"] for m in with_acc], marker="o", label="acc"
         )
-        ax_acc.plot([m["round"] for m in with_acc], [100 * m["acc_norm"] for m in with_acc], marker="s",
-                    label="acc_norm")  # fmt: skip
+        ax_acc.plot(
+            [m["round"] for m in with_acc],
+            [100 * m["acc_norm"] for m in with_acc],
+            marker="s",
+            label="acc_norm",
+        )
     if zero_shot_acc is not None:
         ax_acc.axhline(100 * zero_shot_acc, color="grey", linestyle="--", label="zero-shot acc")
     ax_acc.set_xlabel("round")
@@ -100,8 +104,14 @@ def plot_curves(metrics: list[dict[str, Any]], zero_shot_acc: float | None, path
     if ax_acc.lines:
         ax_acc.legend()
     else:  # the run evaluated only its final prefix (eval_every_round off, no zero-shot evaluation)
-        ax_acc.text(0.5, 0.5, "accuracy evaluated once, at the end:\nsee results.json", ha="center",
-                    va="center", transform=ax_acc.transAxes)  # fmt: skip
+        ax_acc.text(
+            0.5,
+            0.5,
+            "accuracy evaluated once, at the end:\nsee results.json",
+            ha="center",
+            va="center",
+            transform=ax_acc.transAxes,
+        )
     from matplotlib.ticker import MaxNLocator
 
     for ax in (ax_loss, ax_acc):

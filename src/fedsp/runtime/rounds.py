@@ -33,6 +33,7 @@ import gc
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +45,11 @@ from fedsp.errors import FedSPError
 from fedsp.methods.base import Client, ClientUpdate
 from fedsp.runtime import participation
 from fedsp.runtime.checkpoint import ClientStore
-from fedsp.runtime.messages import FAILED, NEED_AUX, OK, LOST_STATE, Engine, Order, Reply
+from fedsp.runtime.messages import FAILED, LOST_STATE, NEED_AUX, OK, Engine, Order, Reply
 from fedsp.runtime.session import Session
 
 log = logging.getLogger("fedsp.rounds")
+
 
 def client_round(
     order: Order,
@@ -99,8 +101,12 @@ class RoundDriver:
 
     def run(self) -> None:
         config = self.session.config
-        for rnd in tqdm(range(self.session.first_round, config.rounds + 1), desc="rounds", unit="round",
-                        disable=not config.progress):  # fmt: skip
+        for rnd in tqdm(
+            range(self.session.first_round, config.rounds + 1),
+            desc="rounds",
+            unit="round",
+            disable=not config.progress,
+        ):
             self.play(rnd)
 
     def play(self, rnd: int) -> dict[str, Any]:
@@ -109,7 +115,9 @@ class RoundDriver:
         session, config = self.session, self.session.config
         assert session.course is not None
         # 1-2) who takes part, and what they all receive
-        sampled = participation.sample_clients(session.course.num_clients, config.fraction_fit, config.seed, rnd)
+        sampled = participation.sample_clients(
+            session.course.num_clients, config.fraction_fit, config.seed, rnd
+        )
         sent = session.course.server.broadcast()
         session.record_sent(rnd, "prefix", sent, sampled)
         down = wire.encode(sent)
@@ -123,14 +131,20 @@ class RoundDriver:
             participation.check_enough(len(accepted), needed, rnd, why)
         # 5) the server's half
         session.runtime_state = {"shipped": sorted(self.shipped), "trained": sorted(self.trained)}
-        return session.finish_round(rnd, sent, len(down) * len(sampled), [bytes_up[k] for k, _ in accepted],
-                                    [u for _, u in accepted], time.perf_counter() - t0,
-                                    extra=round_extra(sampled, sorted(failed), rejected))  # fmt: skip
+        return session.finish_round(
+            rnd,
+            sent,
+            len(down) * len(sampled),
+            [bytes_up[k] for k, _ in accepted],
+            [u for _, u in accepted],
+            time.perf_counter() - t0,
+            extra=round_extra(sampled, sorted(failed), rejected),
+        )
 
     def exchange(
         self, rnd: int, sampled: list[int], down: bytes
     ) -> tuple[list[tuple[int, ClientUpdate]], dict[int, str], dict[int, int]]:
-        """Orders out, replies in: (partition, update) sorted by partition, failures, bytes up per partition."""
+        """Orders out, replies in: (partition, update) by partition, failures, bytes up per partition."""
         session = self.session
         assert session.course is not None
         updates: dict[int, ClientUpdate] = {}
@@ -178,7 +192,7 @@ class RoundDriver:
 def round_extra(
     sampled: list[int], failed: list[int], rejected: list[participation.Rejection]
 ) -> dict[str, Any]:
-    """What metrics.jsonl records about participation: who was asked, who failed, whose update was rejected."""
+    """What metrics.jsonl records of participation: who was asked, who failed, whose update was rejected."""
     return {
         "sampled_clients": sampled,
         "failed_clients": failed,
@@ -207,12 +221,14 @@ class InProcessEngine:
     def exchange(self, orders: Sequence[Order], prefix: bytes) -> list[Reply]:
         replies = []
         rnd = orders[0].rnd if orders else 0
-        for order in tqdm(orders, desc=f"round {rnd} clients", unit="client", leave=False,
-                          disable=not self.config.progress):  # fmt: skip
+        for order in tqdm(
+            orders, desc=f"round {rnd} clients", unit="client", leave=False, disable=not self.config.progress
+        ):
             k = order.partition
             try:
-                reply = client_round(order, prefix, self.store(k), lambda k=k: self.course.make_client(k),
-                                     self.config.seed)  # fmt: skip
+                reply = client_round(
+                    order, prefix, self.store(k), partial(self.course.make_client, k), self.config.seed
+                )
             except Exception as err:  # one client's failure never stops the round
                 reply = Reply.failed(k, one_line(f"{type(err).__name__}: {err}"))
             replies.append(reply)

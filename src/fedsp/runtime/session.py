@@ -90,9 +90,11 @@ class Session:
         loaded = load_global_model(config.model, config.dtype, config.seed, device=config.device)
         data = prepare_data(config, loaded.tokenizer)
         session = cls(config, spec, out_dir, loaded, data, None, None, started)
-        session.say(f"fedsp: {config.method}, {config.model} on {config.task}: {len(data.server_rows)} server "
-                    f"rows, {len(data.client_rows)} clients x ~{len(data.client_rows[0])} rows, "
-                    f"{len(data.eval_examples)} {data.eval_split} examples for evaluation")  # fmt: skip
+        session.say(
+            f"fedsp: {config.method}, {config.model} on {config.task}: {len(data.server_rows)} server "
+            f"rows, {len(data.client_rows)} clients x ~{len(data.client_rows[0])} rows, "
+            f"{len(data.eval_examples)} {data.eval_split} examples for evaluation"
+        )
         session.ignored = ignored
         session.audit = Audit() if config.audit else None
         if saved is not None:
@@ -100,8 +102,10 @@ class Session:
             return session
         if config.zero_shot_eval or not spec.trains:
             session.zero_shot = session.evaluate(loaded.model, None, "zero-shot eval")
-            session.say(f"zero-shot: acc {100 * session.zero_shot.acc:.1f}  "
-                        f"acc_norm {100 * session.zero_shot.acc_norm:.1f}")  # fmt: skip
+            session.say(
+                f"zero-shot: acc {100 * session.zero_shot.acc:.1f}  "
+                f"acc_norm {100 * session.zero_shot.acc_norm:.1f}"
+            )
         if spec.trains:
             session.course = spec.builder()(config, loaded, data)
             session.once_bytes = wire.num_bytes(session.course.shipped_once)
@@ -146,11 +150,19 @@ class Session:
     def save_checkpoint(self, rnd: int) -> None:
         """Server state after round ``rnd`` (called by ``finish_round``; runtimes add ``runtime_state``)."""
         assert self.course is not None
-        checkpoint.save_checkpoint(self.out_dir, {
-            "round": rnd, "config": self.config.to_dict(), "server": self.course.server.state_dict(),
-            "history": self.history, "zero_shot": self.zero_shot, "last_eval": self.last_eval,
-            "audit": self.audit.state_dict() if self.audit else None, "runtime": self.runtime_state,
-        })  # fmt: skip
+        checkpoint.save_checkpoint(
+            self.out_dir,
+            {
+                "round": rnd,
+                "config": self.config.to_dict(),
+                "server": self.course.server.state_dict(),
+                "history": self.history,
+                "zero_shot": self.zero_shot,
+                "last_eval": self.last_eval,
+                "audit": self.audit.state_dict() if self.audit else None,
+                "runtime": self.runtime_state,
+            },
+        )
 
     def say(self, text: str) -> None:
         if self.config.progress:
@@ -158,13 +170,27 @@ class Session:
 
     def evaluate(self, model, prefix, desc: str) -> MCResult:
         c = self.config
-        return evaluate_multiple_choice(model, self.loaded.tokenizer, self.data.eval_examples, prefix,
-                                        c.eval_batch_size, c.max_length, desc=desc, progress=c.progress)  # fmt: skip
+        return evaluate_multiple_choice(
+            model,
+            self.loaded.tokenizer,
+            self.data.eval_examples,
+            prefix,
+            c.eval_batch_size,
+            c.max_length,
+            desc=desc,
+            progress=c.progress,
+        )
 
     def finish_round(
-        self, rnd: int, sent: dict[str, torch.Tensor], bytes_down: int, bytes_up: Sequence[int],
-        updates: Sequence[ClientUpdate], seconds_before: float, extra: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:  # fmt: skip
+        self,
+        rnd: int,
+        sent: dict[str, torch.Tensor],
+        bytes_down: int,
+        bytes_up: Sequence[int],
+        updates: Sequence[ClientUpdate],
+        seconds_before: float,
+        extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """Aggregate ``updates``, tune on the server, validate, evaluate; append the round to metrics.jsonl.
 
         ``bytes_down`` is the total sent to all the round's clients, ``bytes_up`` one entry per update.
@@ -197,8 +223,14 @@ class Session:
         results.append_metrics(self.out_dir / "metrics.jsonl", record)
         self.history.append(record)
         self.save_checkpoint(rnd)
-        self.say(f"round {rnd}: val_loss {val_loss:.4f}  server_loss {server_loss:.4f}"
-                 + (f"  acc {100 * self.last_eval.acc:.1f}" if self.config.eval_every_round else ""))  # fmt: skip
+        self.say(
+            f"round {rnd}: val_loss {val_loss:.4f}  server_loss {server_loss:.4f}"
+            + (
+                f"  acc {100 * self.last_eval.acc:.1f}"
+                if self.last_eval and self.config.eval_every_round
+                else ""
+            )
+        )
         return record
 
     def finish(self) -> dict[str, Any]:
@@ -227,8 +259,12 @@ class Session:
         summary["wall_seconds"] = time.perf_counter() - self.started
         results.write_json(self.out_dir / "results.json", summary)
         if self.history:
-            results.plot_curves(self.history, self.zero_shot.acc if self.zero_shot else None,
-                                self.out_dir / "curves.png", f"{config.method} on {config.task} ({config.model})")  # fmt: skip
+            results.plot_curves(
+                self.history,
+                self.zero_shot.acc if self.zero_shot else None,
+                self.out_dir / "curves.png",
+                f"{config.method} on {config.task} ({config.model})",
+            )
         return summary
 
     def _trained_summary(self, global_params: int) -> dict[str, Any]:
@@ -240,8 +276,12 @@ class Session:
         else:
             course.server.use_best()
             final = self.evaluate(*course.server.evaluation_target(), "final eval")
-        out: dict[str, Any] = {"final": final.summary(), "best_round": best_round, "rounds": config.rounds,
-                               "federated": self.spec.federated}  # fmt: skip
+        out: dict[str, Any] = {
+            "final": final.summary(),
+            "best_round": best_round,
+            "rounds": config.rounds,
+            "federated": self.spec.federated,
+        }
         rounds = [h for h in self.history if h["round"] > 0]
         if self.spec.federated and rounds:
             last = rounds[-1]
@@ -268,8 +308,12 @@ class Session:
             }
         if course.client_model is not None:
             info = course.client_model
-            out["client_model"] = {"params": info.params, "fraction_of_global": info.fraction_of_global,
-                                   "layers": list(info.global_layers), "model_private": info.model_private}  # fmt: skip
+            out["client_model"] = {
+                "params": info.params,
+                "fraction_of_global": info.fraction_of_global,
+                "layers": list(info.global_layers),
+                "model_private": info.model_private,
+            }
         notes = {k: v for k, v in course.notes.items() if k != "kd_losses"}
         if notes:
             out["method_notes"] = notes

@@ -52,8 +52,11 @@ def partition_of(context: Context) -> int:
 def store_for(context: Context, run_key: str, partition: int) -> ClientStore:
     from fedsp.runtime.checkpoint import ClientStore
 
-    root = (context.node_config.get("state-dir") or os.environ.get("FEDSP_FLOWER_STATE_DIR")
-            or configure_environment() / "client-state")  # fmt: skip
+    root = (
+        context.node_config.get("state-dir")
+        or os.environ.get("FEDSP_FLOWER_STATE_DIR")
+        or configure_environment() / "client-state"
+    )
     return ClientStore(Path(str(root)) / run_key / f"partition-{partition}")
 
 
@@ -86,7 +89,9 @@ def train(msg: Message, context: Context) -> Message:
         rows = client_rows(config, order.partition, _data_dir(context))
         pad_id = tokenizer_for(config.model).pad_token_id
         weights = shipped if shipped is not None else store.load_aux()
-        return build_client(config, order.model_config, order.client_layers, weights, rows, order.partition, pad_id)
+        return build_client(
+            config, order.model_config, order.client_layers, weights, rows, order.partition, pad_id
+        )
 
     # 3-4) the round, the state to disk, the update to the server: the same client half as in-process
     step = Order(order.rnd, order.partition, ship=shipped is not None, expects_state=order.expects_state)

@@ -41,17 +41,25 @@ from fedsp.models.precision import pick_attention
 
 
 def build_client(
-    config: RunConfig, model_config: str, layers: tuple[int, ...], shipped: dict[str, torch.Tensor],
-    rows: list[Encoded], partition: int, pad_id: int,
-) -> Client:  # fmt: skip
-    """The method's client for ``partition`` (its shape from the method table), holding the ``shipped`` weights."""
+    config: RunConfig,
+    model_config: str,
+    layers: tuple[int, ...],
+    shipped: dict[str, torch.Tensor],
+    rows: list[Encoded],
+    partition: int,
+    pad_id: int,
+) -> Client:
+    """The method's client for ``partition`` (its shape from the method table), holding the ``shipped``
+    weights."""
     shape = spec_for(config.method).client
     if shape is None or shape.holds not in (AUXILIARY, GLOBAL):
         raise FedSPError(f"method {config.method!r} has no clients this node can build")
     skeleton = _skeleton(model_config, config.dtype)
     model = client_model_from(shape, skeleton, layers)
     _load_exact(model, shipped)
-    return make_client(config, shape, model, rows, partition, pad_id, skeleton.config.num_hidden_layers, layers)
+    return make_client(
+        config, shape, model, rows, partition, pad_id, skeleton.config.num_hidden_layers, layers
+    )
 
 
 def _skeleton(model_config: str, dtype: str) -> PreTrainedModel:
@@ -67,13 +75,17 @@ def _load_exact(model: PreTrainedModel, shipped: dict[str, torch.Tensor]) -> Non
     own = dict(model.named_parameters())
     if set(own) != set(shipped):
         missing, extra = sorted(set(own) - set(shipped))[:3], sorted(set(shipped) - set(own))[:3]
-        raise FedSPError(f"the shipped client model does not fit this client's architecture "
-                         f"(missing {missing}, unexpected {extra})")  # fmt: skip
+        raise FedSPError(
+            f"the shipped client model does not fit this client's architecture "
+            f"(missing {missing}, unexpected {extra})"
+        )
     with torch.no_grad():
         for name, param in own.items():
             if param.shape != shipped[name].shape:
-                raise FedSPError(f"shipped tensor {name} has shape {tuple(shipped[name].shape)}, "
-                                 f"expected {tuple(param.shape)}")  # fmt: skip
+                raise FedSPError(
+                    f"shipped tensor {name} has shape {tuple(shipped[name].shape)}, "
+                    f"expected {tuple(param.shape)}"
+                )
             param.copy_(shipped[name])
 
 
@@ -87,7 +99,7 @@ def tokenizer_for(model: str) -> PreTrainedTokenizerBase:
     if folder.is_dir():
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(folder)
     else:  # no tokenizer files on disk: the model loader is the only way to it
         tokenizer = load_global_model(model, device="cpu").tokenizer
     if tokenizer.pad_token_id is None:
@@ -101,7 +113,7 @@ def _partitioned_rows(config: RunConfig) -> tuple[list[Encoded], ...]:
 
 
 def client_rows(config: RunConfig, partition: int, data_dir: str | None) -> list[Encoded]:
-    """This client's training rows: ``<data_dir>/train.jsonl`` when the node has its own data, else its shard."""
+    """This client's training rows: ``<data_dir>/train.jsonl`` when the node has its data, else its shard."""
     tokenizer = tokenizer_for(config.model)
     if data_dir:
         folder = Path(data_dir)

@@ -1,4 +1,4 @@
-"""A real Flower deployment on this machine: one SuperLink and K SuperNodes over TLS, SuperNodes authenticated.
+"""A real Flower deployment on this machine: a SuperLink and K SuperNodes over TLS, SuperNodes authenticated.
 
 :func:`run_loopback` (``scripts/flower_loopback.py`` on the command line) does, within one time bound:
   1. write into a throwaway work folder: a CA and the SuperLink's certificate (or check given ones),
@@ -46,9 +46,17 @@ CONNECTED = "SuperNode ID:"  # what flower-supernode logs once the SuperLink acc
 REFUSED = "Failed to activate SuperNode"  # ... and what it logs when the SuperLink refuses its key
 # A tiny-llama run that downloads nothing (the configuration of bench/flower_overhead.py)
 TINY_RUN: dict[str, object] = {
-    "model": "tiny-llama", "rounds": 2, "local_steps": 1, "kd_steps": 2, "eval_limit": 8, "val_limit": 8,
-    "prefix_len": 4, "max_length": 96, "eval_every_round": False, "zero_shot_eval": False,
-}  # fmt: skip
+    "model": "tiny-llama",
+    "rounds": 2,
+    "local_steps": 1,
+    "kd_steps": 2,
+    "eval_limit": 8,
+    "val_limit": 8,
+    "prefix_len": 4,
+    "max_length": 96,
+    "eval_every_round": False,
+    "zero_shot_eval": False,
+}
 
 APP_PYPROJECT = """\
 [build-system]
@@ -117,8 +125,15 @@ class Loopback:
     bounded by ``connect_s`` and by the overall ``timeout_s`` counted from construction.
     """
 
-    def __init__(self, work: Path, nodes: int = 3, timeout_s: float = 240.0, connect_s: float = 60.0,
-                 certificates: Certificates | None = None, data_dirs: list[Path] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        work: Path,
+        nodes: int = 3,
+        timeout_s: float = 240.0,
+        connect_s: float = 60.0,
+        certificates: Certificates | None = None,
+        data_dirs: list[Path] | None = None,
+    ) -> None:
         if nodes < 1:
             raise FedSPError(f"a deployment needs at least one SuperNode, got {nodes}")
         if data_dirs is not None and len(data_dirs) != nodes:
@@ -138,10 +153,16 @@ class Loopback:
         self.port = free_port(self.host)
         self.home = self.work / "home"
         self.home.mkdir(parents=True, exist_ok=True)
-        (self.home / "config.toml").write_text(tomli_w.dumps({"superlink": {
-            "default": CONNECTION,
-            CONNECTION: {"address": self.address, "root-certificates": str(self.certs.ca)},
-        }}))  # fmt: skip
+        (self.home / "config.toml").write_text(
+            tomli_w.dumps(
+                {
+                    "superlink": {
+                        "default": CONNECTION,
+                        CONNECTION: {"address": self.address, "root-certificates": str(self.certs.ca)},
+                    }
+                }
+            )
+        )
         self.app = write_app(self.work / "app")
         self.processes = Processes(self._environment(), self.work / "logs")
         self.node_ids: dict[int, int] = {}
@@ -168,27 +189,56 @@ class Loopback:
 
     # 2) the SuperLink
     def start_superlink(self) -> None:
-        proc = self.processes.start("superlink", [
-            self._tool("flower-superlink"), "--ssl-ca-certfile", str(self.certs.ca),
-            "--ssl-certfile", str(self.certs.server_cert), "--ssl-keyfile", str(self.certs.server_key),
-            "--enable-supernode-auth", "--host", self.host, "--port", str(self.port),
-            "--disable-runtime-dependency-installation"])  # fmt: skip
+        proc = self.processes.start(
+            "superlink",
+            [
+                self._tool("flower-superlink"),
+                "--ssl-ca-certfile",
+                str(self.certs.ca),
+                "--ssl-certfile",
+                str(self.certs.server_cert),
+                "--ssl-keyfile",
+                str(self.certs.server_key),
+                "--enable-supernode-auth",
+                "--host",
+                self.host,
+                "--port",
+                str(self.port),
+                "--disable-runtime-dependency-installation",
+            ],
+        )
         bound = self._bound(self.connect_s)
         if not wait_until(lambda: proc.poll() is not None or _listening(self.host, self.port), bound):
-            raise FedSPError(f"the SuperLink did not listen on {self.address} within {bound:.0f} s; "
-                             f"its log ends: {log_tail(self.processes.log('superlink'))}")  # fmt: skip
+            raise FedSPError(
+                f"the SuperLink did not listen on {self.address} within {bound:.0f} s; "
+                f"its log ends: {log_tail(self.processes.log('superlink'))}"
+            )
         if proc.poll() is not None:
-            raise FedSPError(f"the SuperLink exited with code {proc.returncode}; "
-                             f"its log says: {error_lines(self.processes.log('superlink'))}")  # fmt: skip
+            raise FedSPError(
+                f"the SuperLink exited with code {proc.returncode}; "
+                f"its log says: {error_lines(self.processes.log('superlink'))}"
+            )
 
     # 3) SuperNode authentication: the SuperLink accepts the registered public keys only
     def register(self, which: list[int] | None = None) -> dict[int, int]:
         """Register the public keys of SuperNodes ``which`` (default: all); {node index: Flower node id}."""
         which = list(range(self.nodes)) if which is None else which
         probe_superlink(self.address, self.certs.ca)
-        procs = {k: self.processes.start(f"register-{k}", [
-            self._tool("flwr"), "supernode", "register", str(self.keys[k][1]), CONNECTION, "--format", "json"])
-            for k in which}  # fmt: skip
+        procs = {
+            k: self.processes.start(
+                f"register-{k}",
+                [
+                    self._tool("flwr"),
+                    "supernode",
+                    "register",
+                    str(self.keys[k][1]),
+                    CONNECTION,
+                    "--format",
+                    "json",
+                ],
+            )
+            for k in which
+        }
         bound = self._bound(self.connect_s)
         for k, proc in procs.items():
             if not wait_until(lambda p=proc: p.poll() is not None, bound):
@@ -196,9 +246,11 @@ class Loopback:
             log = self.processes.log(f"register-{k}")
             reply = _json_in(log.read_text(errors="replace"))
             if proc.returncode != 0 or not reply.get("success"):
-                raise FedSPError(f"the SuperLink at {self.address} did not register SuperNode {k}'s key: "
-                                 f"{log_tail(log, lines=1)}")  # fmt: skip
-            self.node_ids[k] = int(reply["node-id"])
+                raise FedSPError(
+                    f"the SuperLink at {self.address} did not register SuperNode {k}'s key: "
+                    f"{log_tail(log, lines=1)}"
+                )
+            self.node_ids[k] = int(str(reply["node-id"]))
         return dict(self.node_ids)
 
     # 4) the SuperNodes: partition k of K, their own state folder and private key
@@ -212,10 +264,24 @@ class Loopback:
             node_config = f'partition-id={k} num-partitions={self.nodes} state-dir="{state}"'
             if self.data_dirs:
                 node_config += f' data-dir="{self.data_dirs[k]}"'
-            procs[k] = self.processes.start(f"supernode-{k}", [
-                self._tool("flower-supernode"), "--superlink", target, "--root-certificates", str(self.certs.ca),
-                "--auth-supernode-private-key", str(self.keys[k][0]), "--host", self.host,
-                "--port", str(free_port(self.host)), "--node-config", node_config])  # fmt: skip
+            procs[k] = self.processes.start(
+                f"supernode-{k}",
+                [
+                    self._tool("flower-supernode"),
+                    "--superlink",
+                    target,
+                    "--root-certificates",
+                    str(self.certs.ca),
+                    "--auth-supernode-private-key",
+                    str(self.keys[k][0]),
+                    "--host",
+                    self.host,
+                    "--port",
+                    str(free_port(self.host)),
+                    "--node-config",
+                    node_config,
+                ],
+            )
         bound = self._bound(self.connect_s)
         until = time.monotonic() + bound  # one bound for all of them: they connect in parallel
         for k, proc in procs.items():
@@ -227,14 +293,21 @@ class Loopback:
             connected = wait_until(settled, max(0.0, until - time.monotonic()))
             text = log.read_text(errors="replace")
             if proc.poll() is not None and CONNECTED not in text:
-                why = ("the SuperLink refused its key (is it registered? flwr supernode register)"
-                       if REFUSED in text else f"it exited with code {proc.returncode}")  # fmt: skip
-                raise FedSPError(f"SuperNode {k} could not join the SuperLink at {target}: {why}; "
-                                 f"its log says: {error_lines(log)}")  # fmt: skip
+                why = (
+                    "the SuperLink refused its key (is it registered? flwr supernode register)"
+                    if REFUSED in text
+                    else f"it exited with code {proc.returncode}"
+                )
+                raise FedSPError(
+                    f"SuperNode {k} could not join the SuperLink at {target}: {why}; "
+                    f"its log says: {error_lines(log)}"
+                )
             if not connected:
-                raise FedSPError(f"SuperNode {k} did not connect to the SuperLink at {target} within "
-                                 f"{bound:.0f} s (is the SuperLink running there, with a certificate "
-                                 f"from {self.certs.ca.name}?); its log ends: {log_tail(log)}")  # fmt: skip
+                raise FedSPError(
+                    f"SuperNode {k} did not connect to the SuperLink at {target} within "
+                    f"{bound:.0f} s (is the SuperLink running there, with a certificate "
+                    f"from {self.certs.ca.name}?); its log ends: {log_tail(log)}"
+                )
 
     # 5) the run
     def run_app(self, run_keys: dict[str, object], out: Path) -> LoopbackResult:
@@ -247,22 +320,33 @@ class Loopback:
         run_file = self.work / "run.json"
         run_file.write_text(json.dumps({**run_keys, "clients": self.nodes, "progress": False}))
         settings = self.work / "run-config.toml"
-        settings.write_text(tomli_w.dumps({"config": str(run_file), "out": str(out),
-                                           "wait-seconds": int(self.connect_s)}))  # fmt: skip
-        proc = self.processes.start("flwr-run", [self._tool("flwr"), "run", str(self.app), CONNECTION,
-                                                 "--stream", "--run-config", str(settings)])  # fmt: skip
+        settings.write_text(
+            tomli_w.dumps({"config": str(run_file), "out": str(out), "wait-seconds": int(self.connect_s)})
+        )
+        proc = self.processes.start(
+            "flwr-run",
+            [self._tool("flwr"), "run", str(self.app), CONNECTION, "--stream", "--run-config", str(settings)],
+        )
         bound = self._bound(self.timeout_s)
         if not wait_until(lambda: proc.poll() is not None, bound, poll_s=0.5):
-            raise FedSPError(f"the run did not finish within the deployment's {self.timeout_s:.0f} s; "
-                             f"the last round logged: {log_tail(self.processes.log('flwr-run'), lines=1)}")  # fmt: skip
+            raise FedSPError(
+                f"the run did not finish within the deployment's {self.timeout_s:.0f} s; "
+                f"the last round logged: {log_tail(self.processes.log('flwr-run'), lines=1)}"
+            )
         if not (out / "results.json").is_file():
             raise FedSPError(
                 f"the run ended without results in {out}: {_error_line(self.processes.log('flwr-run'))}"
             )
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
-        return LoopbackResult(out, len(metrics), [int(m["num_clients"]) for m in metrics],
-                              [float(m["seconds"]) for m in metrics], startup,
-                              time.monotonic() - self.started, [])  # fmt: skip
+        return LoopbackResult(
+            out,
+            len(metrics),
+            [int(m["num_clients"]) for m in metrics],
+            [float(m["seconds"]) for m in metrics],
+            startup,
+            time.monotonic() - self.started,
+            [],
+        )
 
     def stop(self) -> list[int]:
         return self.processes.stop()
@@ -274,9 +358,16 @@ class Loopback:
         self.stop()
 
 
-def run_loopback(run_keys: dict[str, object], out: Path, work: Path, nodes: int = 3, timeout_s: float = 240.0,
-                 connect_s: float = 60.0, certificates: Certificates | None = None,
-                 data_dirs: list[Path] | None = None) -> LoopbackResult:  # fmt: skip
+def run_loopback(
+    run_keys: dict[str, object],
+    out: Path,
+    work: Path,
+    nodes: int = 3,
+    timeout_s: float = 240.0,
+    connect_s: float = 60.0,
+    certificates: Certificates | None = None,
+    data_dirs: list[Path] | None = None,
+) -> LoopbackResult:
     """Steps 1-6 of the module docstring; every process started is stopped before this returns."""
     with Loopback(work, nodes, timeout_s, connect_s, certificates, data_dirs) as deployment:
         try:

@@ -13,20 +13,28 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedsp.config import RunConfig
-
 from fedsp.runtime.messages import LOST_STATE, NEED_AUX, OK, Reply
 
 if TYPE_CHECKING:  # torch is imported when tensors are (de)coded: a ``query`` never needs it
     import torch
 
 PREFIX, AUX, UPDATE, META, METRICS = "prefix", "aux", "update", "fedsp", "metrics"
-__all__ = ["LOST_STATE", "NEED_AUX", "OK", "TrainOrder", "from_record", "parse_reply", "reply_content", "to_record"]
+__all__ = [
+    "LOST_STATE",
+    "NEED_AUX",
+    "OK",
+    "TrainOrder",
+    "from_record",
+    "parse_reply",
+    "reply_content",
+    "to_record",
+]
 
 
 def to_record(payload: bytes) -> ArrayRecord:
@@ -61,12 +69,14 @@ def reply_content(reply: Reply) -> RecordDict:
 def parse_reply(partition: int, content: RecordDict) -> Reply:
     """The :class:`~fedsp.runtime.messages.Reply` in a message's content; a malformed one is a failure."""
     try:
-        meta = content[META]
-        status = str(meta["status"])  # type: ignore[index]
+        meta: Any = content[META]
+        status = str(meta["status"])
         if status != OK:
             return Reply(partition, status)
-        metrics = {name: float(v) for name, v in content[METRICS].items()}  # type: ignore[union-attr, arg-type]
-        return Reply(partition, OK, record_bytes(content[UPDATE]), int(meta["num-examples"]), metrics)  # type: ignore[index, arg-type, call-overload]
+        metrics: Any = content[METRICS]
+        update: Any = content[UPDATE]
+        values = {str(name): float(v) for name, v in metrics.items()}
+        return Reply(partition, OK, record_bytes(update), int(meta["num-examples"]), values)
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         return Reply.failed(partition, f"malformed reply (missing or bad {err})")
 
@@ -84,15 +94,28 @@ class TrainOrder:
     client_layers: tuple[int, ...]  # the global layers the client model is built from
 
     def to_record(self) -> ConfigRecord:
-        return ConfigRecord({
-            "run-config": json.dumps(self.config.to_dict()), "run-key": self.run_key, "round": self.rnd,
-            "partition": self.partition, "expects-state": self.expects_state,
-            "model-config": self.model_config, "client-layers": list(self.client_layers),
-        })  # fmt: skip
+        return ConfigRecord(
+            {
+                "run-config": json.dumps(self.config.to_dict()),
+                "run-key": self.run_key,
+                "round": self.rnd,
+                "partition": self.partition,
+                "expects-state": self.expects_state,
+                "model-config": self.model_config,
+                "client-layers": list(self.client_layers),
+            }
+        )
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> TrainOrder:
-        config = RunConfig.from_dict(json.loads(str(record["run-config"])), strict=False, source="server")
-        return cls(config, str(record["run-key"]), int(record["round"]), int(record["partition"]),  # type: ignore[arg-type]
-                   bool(record["expects-state"]), str(record["model-config"]),
-                   tuple(int(i) for i in record["client-layers"]))  # type: ignore[union-attr]  # fmt: skip
+        fields: Any = record  # values typed by Flower as any record value; checked by the conversions
+        config = RunConfig.from_dict(json.loads(str(fields["run-config"])), strict=False, source="server")
+        return cls(
+            config,
+            str(fields["run-key"]),
+            int(fields["round"]),
+            int(fields["partition"]),
+            bool(fields["expects-state"]),
+            str(fields["model-config"]),
+            tuple(int(i) for i in fields["client-layers"]),
+        )

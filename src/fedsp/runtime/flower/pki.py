@@ -57,15 +57,30 @@ def make_certificates(folder: Path, hosts: tuple[str, ...] = LOOPBACK_NAMES, day
     # 1) the CA: self-signed, allowed to sign certificates only
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_cert = (
-        x509.CertificateBuilder().subject_name(_name("fedsp loopback CA")).issuer_name(_name("fedsp loopback CA"))
-        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(start).not_valid_after(end)
+        x509.CertificateBuilder()
+        .subject_name(_name("fedsp loopback CA"))
+        .issuer_name(_name("fedsp loopback CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .sign(ca_key, hashes.SHA256())
-    )  # fmt: skip
+    )
     # 2) the server: its names as subject alternative names, signed by the CA
     alt_names: list[x509.GeneralName] = []
     for host in hosts:
@@ -75,14 +90,18 @@ def make_certificates(folder: Path, hosts: tuple[str, ...] = LOOPBACK_NAMES, day
             alt_names.append(x509.DNSName(host))
     server_key = ec.generate_private_key(ec.SECP384R1())
     server_cert = (
-        x509.CertificateBuilder().subject_name(_name(hosts[0])).issuer_name(ca_cert.subject)
-        .public_key(server_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(start).not_valid_after(end)
+        x509.CertificateBuilder()
+        .subject_name(_name(hosts[0]))
+        .issuer_name(ca_cert.subject)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
         .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA256())
-    )  # fmt: skip
+    )
     certs = Certificates(folder / "ca.crt", folder / "server.pem", folder / "server.key")
     certs.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     certs.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
@@ -92,8 +111,11 @@ def make_certificates(folder: Path, hosts: tuple[str, ...] = LOOPBACK_NAMES, day
 
 def check_certificates(certs: Certificates, host: str = "127.0.0.1") -> Certificates:
     """Given TLS files, checked before any process starts: they exist, parse, match, and name ``host``."""
-    for label, path in (("CA certificate", certs.ca), ("server certificate", certs.server_cert),
-                        ("server key", certs.server_key)):  # fmt: skip
+    for label, path in (
+        ("CA certificate", certs.ca),
+        ("server certificate", certs.server_cert),
+        ("server key", certs.server_key),
+    ):
         if not Path(path).is_file():
             raise FedSPError(f"{label} file {str(path)!r} does not exist")
     ca = _load(certs.ca, "CA certificate", x509.load_pem_x509_certificate)
@@ -102,11 +124,15 @@ def check_certificates(certs: Certificates, host: str = "127.0.0.1") -> Certific
     try:
         server.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature):
-        raise FedSPError(f"server certificate {str(certs.server_cert)!r} is not signed by the CA in "
-                         f"{str(certs.ca)!r}: SuperNodes would refuse the SuperLink") from None  # fmt: skip
-    if key.public_key().public_numbers() != server.public_key().public_numbers():  # type: ignore[union-attr]
-        raise FedSPError(f"server key {str(certs.server_key)!r} does not belong to the certificate "
-                         f"{str(certs.server_cert)!r}")  # fmt: skip
+        raise FedSPError(
+            f"server certificate {str(certs.server_cert)!r} is not signed by the CA in "
+            f"{str(certs.ca)!r}: SuperNodes would refuse the SuperLink"
+        ) from None
+    if key.public_key().public_numbers() != server.public_key().public_numbers():
+        raise FedSPError(
+            f"server key {str(certs.server_key)!r} does not belong to the certificate "
+            f"{str(certs.server_cert)!r}"
+        )
     try:
         names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -115,10 +141,13 @@ def check_certificates(certs: Certificates, host: str = "127.0.0.1") -> Certific
         names.get_values_for_type(x509.DNSName)
     )
     if host not in valid:
-        raise FedSPError(f"server certificate {str(certs.server_cert)!r} is not valid for {host} "
-                         f"(it names {sorted(valid) or 'no host'})")  # fmt: skip
-    return Certificates(Path(certs.ca).resolve(), Path(certs.server_cert).resolve(),
-                        Path(certs.server_key).resolve())  # fmt: skip
+        raise FedSPError(
+            f"server certificate {str(certs.server_cert)!r} is not valid for {host} "
+            f"(it names {sorted(valid) or 'no host'})"
+        )
+    return Certificates(
+        Path(certs.ca).resolve(), Path(certs.server_cert).resolve(), Path(certs.server_key).resolve()
+    )
 
 
 def _load(path: Path, label: str, parse):  # noqa: ANN001, ANN202
@@ -159,15 +188,21 @@ def probe_superlink(address: str, ca: Path, timeout_s: float = 5.0) -> None:
             with context.wrap_socket(sock, server_hostname=host):
                 return
     except ssl.SSLCertVerificationError as err:
-        raise FedSPError(f"the SuperLink at {address} presented a certificate that the CA in {str(ca)!r} "
-                         f"does not accept ({err.verify_message}): wrong CA certificate?") from None  # fmt: skip
+        raise FedSPError(
+            f"the SuperLink at {address} presented a certificate that the CA in {str(ca)!r} "
+            f"does not accept ({err.verify_message}): wrong CA certificate?"
+        ) from None
     except ssl.SSLError as err:
-        raise FedSPError(f"the SuperLink at {address} did not complete a TLS handshake ({err.reason}): "
-                         f"is it running with --insecure?") from None  # fmt: skip
+        raise FedSPError(
+            f"the SuperLink at {address} did not complete a TLS handshake ({err.reason}): "
+            f"is it running with --insecure?"
+        ) from None
     except TimeoutError:
         raise FedSPError(
             f"cannot reach the SuperLink at {address}: no answer within {timeout_s:.0f} s"
         ) from None
     except OSError as err:
-        raise FedSPError(f"cannot reach the SuperLink at {address} ({err.strerror or err}): "
-                         f"is flower-superlink running there?") from None  # fmt: skip
+        raise FedSPError(
+            f"cannot reach the SuperLink at {address} ({err.strerror or err}): "
+            f"is flower-superlink running there?"
+        ) from None

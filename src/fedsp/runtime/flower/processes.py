@@ -92,9 +92,16 @@ class Processes:
     def start(self, name: str, argv: list[str], cwd: Path | None = None) -> subprocess.Popen[bytes]:
         """Start ``argv`` in a session of its own, stdout and stderr to ``<logs>/<name>.log``."""
         with self.log(name).open("ab") as log:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    env=self.env, cwd=cwd, start_new_session=True,
-                                    preexec_fn=_die_with_parent)  # fmt: skip
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=cwd,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
         self.started[name] = proc
         return proc
 

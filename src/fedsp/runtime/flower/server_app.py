@@ -48,8 +48,11 @@ def discover(grid: Grid, num_clients: int, wait_s: float) -> dict[int, int]:
             for reply in grid.send_and_receive(queries, timeout=max(1.0, deadline - time.monotonic())):
                 asked.add(reply.metadata.src_node_id)
                 if reply.has_error():
-                    log.warning("node %d did not say its partition: %s", reply.metadata.src_node_id,
-                                one_line(str(reply.error.reason)))  # fmt: skip
+                    log.warning(
+                        "node %d did not say its partition: %s",
+                        reply.metadata.src_node_id,
+                        one_line(str(reply.error.reason)),
+                    )
                     continue
                 try:
                     partition = int(reply.content[payload.META]["partition"])  # type: ignore[arg-type]
@@ -62,13 +65,15 @@ def discover(grid: Grid, num_clients: int, wait_s: float) -> dict[int, int]:
             return found
         if time.monotonic() > deadline:
             missing = sorted(set(range(num_clients)) - set(found))
-            raise FedSPError(f"only {len(found)} of {num_clients} clients connected within {wait_s:.0f} s "
-                             f"(partitions missing: {missing[:10]})")  # fmt: skip
+            raise FedSPError(
+                f"only {len(found)} of {num_clients} clients connected within {wait_s:.0f} s "
+                f"(partitions missing: {missing[:10]})"
+            )
         time.sleep(0.2)
 
 
 class OrderMaker:
-    """The ``fedsp`` record of a train message: the run configuration, the architecture, the client's layers."""
+    """The ``fedsp`` record of a train message: run configuration, architecture, the client's layers."""
 
     def __init__(self, session: Session) -> None:
         assert session.course is not None and session.course.client_model is not None
@@ -78,12 +83,14 @@ class OrderMaker:
         self.layers = session.course.client_model.global_layers
 
     def order(self, rnd: int, partition: int, expects_state: bool) -> payload.TrainOrder:
-        return payload.TrainOrder(self.config, self.run_key, rnd, partition, expects_state, self.model_config,
-                                  self.layers)  # fmt: skip
+        return payload.TrainOrder(
+            self.config, self.run_key, rnd, partition, expects_state, self.model_config, self.layers
+        )
 
 
 class FlowerEngine:
-    """The round driver's exchange over Flower's Grid: one ``train`` message per order, replies until the timeout."""
+    """The round driver's exchange over Flower's Grid: one ``train`` message per order, replies until the
+    timeout."""
 
     def __init__(self, grid: Grid, session: Session, wait_s: float = 120.0) -> None:
         assert session.course is not None
@@ -100,8 +107,14 @@ class FlowerEngine:
             content = RecordDict({payload.PREFIX: prefix_record, payload.META: meta})
             if order.ship:
                 content[payload.AUX] = self.aux_record
-            messages.append(Message(content, dst_node_id=self.nodes[order.partition], message_type="train",
-                                    group_id=f"round-{order.rnd}"))  # fmt: skip
+            messages.append(
+                Message(
+                    content,
+                    dst_node_id=self.nodes[order.partition],
+                    message_type="train",
+                    group_id=f"round-{order.rnd}",
+                )
+            )
         by_node = {node: k for k, node in self.nodes.items()}
         replies = []
         for message in self.grid.send_and_receive(messages, timeout=self.config.client_timeout):

@@ -43,8 +43,12 @@ def run(config: RunConfig, resume: Path | None = None, actors: int | None = None
         actors = actors or max(1, min(2, os.cpu_count() or 1))
         os.environ["FEDSP_FLOWER_STATE_DIR"] = str(clients_folder(session.out_dir.resolve()))
         logging.getLogger("flwr").setLevel(logging.WARNING if not config.progress else logging.INFO)
-        run_simulation(server_app, client_app, num_supernodes=session.course.num_clients,
-                       backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": actors}})  # fmt: skip
+        run_simulation(
+            server_app,
+            client_app,
+            num_supernodes=session.course.num_clients,
+            backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": actors}},
+        )
         if failure:
             raise failure[0]
         if len(session.history) - 1 < config.rounds:
