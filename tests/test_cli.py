@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import fields
 
 import pytest
 
 from fedsp.cli import build_parser, main
+from fedsp.config import RunConfig
 from fedsp.runtime.results import plot_curves
 
 TINY = [
@@ -161,29 +163,20 @@ def test_config_file_keys_and_unknown_key(tmp_path, capsys):
 
 
 def test_help_documents_every_option(capsys):
+    # Every configuration key (but progress, which --quiet sets) is an option with its help and default
+    keys = [f.name for f in fields(RunConfig) if f.name != "progress"]
     with pytest.raises(SystemExit):
         main(["run", "--help"])
-    text = capsys.readouterr().out
-    for flag in (
-        "--model",
-        "--task",
-        "--data-dir",
-        "--clients",
-        "--rounds",
-        "--local-steps",
-        "--kd-steps",
-        "--prefix-len",
-        "--aux-layers",
-        "--aux-layer-choice",
-        "--partition",
-        "--alpha",
-        "--eval-limit",
-        "--dtype",
-        "--seed",
-        "--out",
-        "--config",
-    ):
+    text = " ".join(capsys.readouterr().out.split())
+    for key in keys:
+        flag = "--" + key.replace("_", "-")
+        assert f"{flag} {key.upper()} " in text, flag
+        assert (
+            f"(default: {getattr(RunConfig(), key)})" in text.split(f"{flag} {key.upper()} ", 1)[1][:400]
+        ), flag
+    for flag in ("--config", "--quiet", "--resume"):
         assert flag in text, flag
+    assert len(keys) == len(set(keys)) >= 40
 
 
 def test_curves_without_per_round_accuracy_plot_cleanly(tmp_path):

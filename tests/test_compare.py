@@ -16,20 +16,6 @@ from fedsp.runtime.checkpoint import config_differences
 from fedsp.runtime.inprocess import run
 
 
-def _arc_rows(n: int, start: int = 0) -> str:
-    colours = ["red", "green", "blue", "black"]
-    rows = [
-        {
-            "id": f"q{i}",
-            "question": f"Say {colours[i % 4]}.",
-            "answerKey": "ABCD"[i % 4],
-            "choices": {"text": colours, "label": list("ABCD")},
-        }
-        for i in range(start, start + n)
-    ]
-    return "\n".join(json.dumps(r) for r in rows) + "\n"
-
-
 def _table(path) -> dict[str, dict[str, str]]:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -37,14 +23,14 @@ def _table(path) -> dict[str, dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def tiny_grid(tmp_path_factory):
+def tiny_grid(tmp_path_factory, arc_rows):
     """zero-shot, FedSP and SFPrompt on a tiny ARC-style task, run as a grid; both tables written."""
     root = tmp_path_factory.mktemp("grid")
     data = root / "data"
     data.mkdir()
-    (data / "train.jsonl").write_text(_arc_rows(24))
-    (data / "validation.jsonl").write_text(_arc_rows(6, 100))
-    (data / "test.jsonl").write_text(_arc_rows(6, 200))
+    (data / "train.jsonl").write_text(arc_rows(24))
+    (data / "validation.jsonl").write_text(arc_rows(6, 100))
+    (data / "test.jsonl").write_text(arc_rows(6, 200))
     base = dict(
         model="tiny-llama",
         data_dir=str(data),

@@ -35,20 +35,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "flower_loopback.py"
 
 
-def _arc_rows(n: int, start: int) -> str:
-    colours = ["red", "green", "blue", "black"]
-    rows = [
-        {
-            "id": f"q{i}",
-            "question": f"Say {colours[i % 4]}.",
-            "answerKey": "ABCD"[i % 4],
-            "choices": {"text": colours, "label": list("ABCD")},
-        }
-        for i in range(start, start + n)
-    ]
-    return "\n".join(json.dumps(r) for r in rows) + "\n"
-
-
 def _one_line(err: pytest.ExceptionInfo) -> str:
     message = str(err.value)
     assert "\n" not in message and message
@@ -250,13 +236,13 @@ def test_unregistered_node_key_is_refused_in_one_line(tmp_path):
 
 
 @pytest.mark.deploy
-def test_loopback_deployment_with_tls_and_node_auth_runs_two_rounds_and_stops_everything(tmp_path):
+def test_loopback_deployment_with_tls_and_node_auth_runs_two_rounds_and_stops_everything(tmp_path, arc_rows):
     """SuperLink + 3 SuperNodes (own keys, partitions and data folders), tiny model, 2 rounds."""
     owners = []
     for k in range(3):
         owners.append(tmp_path / f"owner{k}")
         owners[-1].mkdir()
-        (owners[-1] / "train.jsonl").write_text(_arc_rows(6 + k, start=10 * k))
+        (owners[-1] / "train.jsonl").write_text(arc_rows(6 + k, start=10 * k))
     work, out = tmp_path / "work", tmp_path / "out"
     argv = [sys.executable, str(SCRIPT), "--work", str(work), "--out", str(out), "--json", "--timeout", "200"]
     for owner in owners:

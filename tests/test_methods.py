@@ -20,22 +20,6 @@ from fedsp.models.loading import load_global_model
 from fedsp.models.prefix import init_prefix_from_tokens, prefix_for
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return load_global_model("tiny-llama", seed=0)
-
-
-def _examples(n: int, seed: int = 0) -> list[MCExample]:
-    """A learnable toy task: the answer is always the colour named in the question."""
-    colours = ["red", "green", "blue", "black"]
-    rng = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        gold = int(torch.randint(0, 4, (1,), generator=rng))
-        out.append(MCExample(f"toy/{i}", f"Question: say {colours[gold]}\nAnswer:", tuple(colours), gold))
-    return out
-
-
 def test_weighted_average_equals_hand_computed_mean():
     # Prepare: three clients with unequal shard sizes 1, 2, 7
     a = {"table": torch.tensor([[1.0, 2.0]])}
@@ -54,9 +38,9 @@ def test_weighted_average_rejects_empty_and_mismatched_updates():
         weighted_average([({"a": torch.zeros(1)}, 1), ({"b": torch.zeros(1)}, 1)])
 
 
-def test_kd_lowers_hidden_state_mse(tiny):
+def test_kd_lowers_hidden_state_mse(tiny, toy_examples):
     # Prepare
-    rows = [encode_gold(tiny.tokenizer, ex, 64) for ex in _examples(24)]
+    rows = [encode_gold(tiny.tokenizer, ex, 64) for ex in toy_examples(24)]
     student = build_auxiliary_model(tiny.model, [0])
     batches = fixed_batches(rows, 8, tiny.tokenizer.pad_token_id)
     before = kd.mean_kd_loss(tiny.model, student, batches)
@@ -83,10 +67,10 @@ def test_kd_masked_mse_ignores_padding():
     assert float(kd.masked_mse(student, teacher, mask)) == pytest.approx(1.0)
 
 
-def _parties(tiny, steps=3, clients=2):
+def _parties(tiny, toy_examples, steps=3, clients=2):
     pad = tiny.tokenizer.pad_token_id
-    train = [encode_gold(tiny.tokenizer, ex, 64) for ex in _examples(60)]
-    val = [encode_gold(tiny.tokenizer, ex, 64) for ex in _examples(16, seed=9)]
+    train = [encode_gold(tiny.tokenizer, ex, 64) for ex in toy_examples(60)]
+    val = [encode_gold(tiny.tokenizer, ex, 64) for ex in toy_examples(16, seed=9)]
     prefix = prefix_for(tiny.model, 4)
     init_prefix_from_tokens(prefix, tiny.model, torch.tensor(train[0].ids[:4]))
     local = LocalConfig(steps, 8, OptimConfig(1e-3), OptimConfig(5e-2, warmup_ratio=0.0))
@@ -108,9 +92,9 @@ def _parties(tiny, steps=3, clients=2):
     return server, parties
 
 
-def test_client_update_alternates_aux_then_prefix(tiny):
+def test_client_update_alternates_aux_then_prefix(tiny, toy_examples):
     # Prepare
-    server, (client, _) = _parties(tiny, steps=2)
+    server, (client, _) = _parties(tiny, toy_examples, steps=2)
     sent = server.broadcast()
     aux_before = {k: v.clone() for k, v in client.aux_model.state_dict().items()}
     # Execute
@@ -122,27 +106,41 @@ def test_client_update_alternates_aux_then_prefix(tiny):
     assert math.isfinite(update.metrics["align_loss"]) and math.isfinite(update.metrics["prompt_loss"])
 
 
-def test_prefix_phase_does_not_touch_aux_model(tiny):
-    # Prepare: no alignment steps can run if the align lr is zero-like; check the prompt phase alone
-    server, (client, _) = _parties(tiny, steps=1)
-    client.fit(server.broadcast())  # first round: both phases
-    snapshot = {k: v.clone() for k, v in client.aux_model.state_dict().items()}
-    client.config = LocalConfig(0, 8, client.config.align, client.config.prompt)
-    # Execute: a round with zero alignment steps, then a manual prompt step
-    client.prefix.train()
-    for p in client.prompt.params:
-        p.requires_grad_(True)
-    from fedsp.models.forward import answer_loss
+def test_each_phase_of_fit_trains_only_its_own_part(tiny, toy_examples):
+    # Prepare: watch every optimiser step of a real client round (2 alignment steps, then 2 prompt steps)
+    server, (client, _) = _parties(tiny, toy_examples, steps=2)
+    steps = []
 
-    client.prompt.step(answer_loss(client.aux_model, next(client.stream), client.prefix))
-    # Assert
-    assert all(torch.equal(v, client.aux_model.state_dict()[k]) for k, v in snapshot.items())
+    def watched(phase_name, phase):
+        step = phase.step
+
+        def step_and_record(loss):
+            aux_before = {k: v.clone() for k, v in client.aux_model.state_dict().items()}
+            prefix_before = {k: v.clone() for k, v in client.prefix.state_dict().items()}
+            out = step(loss)
+            aux_moved = any(
+                not torch.equal(v, client.aux_model.state_dict()[k]) for k, v in aux_before.items()
+            )
+            prefix_moved = any(
+                not torch.equal(v, client.prefix.state_dict()[k]) for k, v in prefix_before.items()
+            )
+            steps.append((phase_name, aux_moved, prefix_moved))
+            return out
+
+        phase.step = step_and_record
+
+    watched("align", client.align)
+    watched("prompt", client.prompt)
+    # Execute: the client's own round
+    client.fit(server.broadcast())
+    # Assert: alignment moves the auxiliary model and never the prefix; prompt tuning the reverse
+    assert steps == [("align", True, False)] * 2 + [("prompt", False, True)] * 2
 
 
-def test_answer_loss_falls_over_rounds_and_global_model_is_bit_identical(tiny):
+def test_answer_loss_falls_over_rounds_and_global_model_is_bit_identical(tiny, toy_examples):
     # Prepare
     snapshot = {k: v.clone() for k, v in tiny.model.state_dict().items()}
-    server, clients = _parties(tiny, steps=4)
+    server, clients = _parties(tiny, toy_examples, steps=4)
     first = server.validation_loss()
     # Execute: five FedSP rounds
     for _ in range(5):
@@ -180,10 +178,10 @@ def test_evaluation_scores_a_hand_built_example(tiny):
 
 @pytest.mark.parametrize("family", ["tiny-llama", "tiny-gpt2", "tiny-opt"])
 @pytest.mark.parametrize("with_prefix", [False, True])
-def test_context_once_scoring_equals_full_sequence_scoring(family, with_prefix):
+def test_context_once_scoring_equals_full_sequence_scoring(family, with_prefix, toy_examples):
     # Prepare: examples with contexts of different lengths and choices of 1..4 words
     loaded = load_global_model(family, seed=3)
-    examples = _examples(10) + [
+    examples = toy_examples(10) + [
         MCExample("x/1", "A much longer context about the sky.\nAnswer:", ("blue", "not sure at all"), 0)
     ]
     prefix = None
@@ -203,13 +201,13 @@ def test_context_once_scoring_equals_full_sequence_scoring(family, with_prefix):
         assert max(range(len(a)), key=a.__getitem__) == max(range(len(b)), key=b.__getitem__)
 
 
-def test_distilled_auxiliary_model_is_cached_and_reused(tiny, tmp_path, monkeypatch):
+def test_distilled_auxiliary_model_is_cached_and_reused(tiny, tmp_path, monkeypatch, toy_examples):
     # Prepare
     from fedsp.config import RunConfig
     from fedsp.methods.kd import distilled_auxiliary_model
 
     monkeypatch.setenv("FEDSP_CACHE_DIR", str(tmp_path))
-    rows = [encode_gold(tiny.tokenizer, ex, 64) for ex in _examples(12)]
+    rows = [encode_gold(tiny.tokenizer, ex, 64) for ex in toy_examples(12)]
     config = RunConfig(model="tiny-llama", kd_steps=3, kd_batch_size=4, progress=False)
     # Execute
     first, layers, losses = distilled_auxiliary_model(config, tiny, rows)

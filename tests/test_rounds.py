@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import weakref
 from dataclasses import replace
 
 import pytest
@@ -66,11 +66,7 @@ def _crash(order: Order, sent: dict[str, torch.Tensor]) -> Reply:
     return Reply.failed(order.partition, "RuntimeError: client crashed")
 
 
-def _metrics(out) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def test_driver_aggregates_the_accepted_updates_and_records_the_others(tmp_path):
+def test_driver_aggregates_the_accepted_updates_and_records_the_others(tmp_path, read_metrics):
     # Prepare: four clients; 0 and 1 honest (10 and 30 examples), 2 fails, 3 sends NaN
     session = Session.start(replace(TINY, out=str(tmp_path / "run")))
     sent = session.course.server.broadcast()
@@ -89,7 +85,7 @@ def test_driver_aggregates_the_accepted_updates_and_records_the_others(tmp_path)
     assert "NaN" in record["rejections"][0]["reason"]
     down = len(wire.encode(sent))
     assert record["bytes_down"] == 4 * down and record["bytes_up"] == 2 * len(wire.encode(sent))
-    assert _metrics(session.out_dir)[-1]["round"] == 1
+    assert read_metrics(session.out_dir)[-1]["round"] == 1
     assert session.runtime_state == {"shipped": [0, 1, 3], "trained": [0, 1, 3]}
 
 
@@ -145,25 +141,21 @@ def test_inprocess_engine_keeps_one_client_at_a_time_and_its_state_on_disk(tmp_p
     config = replace(TINY, clients=3, out=str(tmp_path / "run"))
     session = Session.start(config)
     engine = InProcessEngine(session)
-    built, alive = [], []
+    built, alive, refs = [], [], []
     make = session.course.make_client
 
     def counted(k):
         client = make(k)
         built.append(k)
+        refs.append(weakref.ref(client))
         fit = client.fit
 
         def fit_and_count(state):
-            alive.append(sum(1 for c in gc_clients() if c is not client) + 1)
+            alive.append(sum(1 for ref in refs if ref() is not None))  # this engine's clients still alive
             return fit(state)
 
         client.fit = fit_and_count
         return client
-
-    def gc_clients():
-        import gc
-
-        return [o for o in gc.get_objects() if type(o).__name__ == "FedSPClient"]
 
     monkeypatch.setattr(session.course, "make_client", counted)
     driver = RoundDriver(session, engine)

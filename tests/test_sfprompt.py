@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from fedsp.config import RunConfig
 from fedsp.data.batching import collate, encode_gold, encode_pair
 from fedsp.data.shards import RunData
-from fedsp.data.tasks import MCExample
 from fedsp.errors import FedSPError
 from fedsp.methods.sfprompt import answer_positions, el2n, prune_hardest, sfprompt_course
 from fedsp.methods.split_traffic import SPLIT_KEYS
@@ -24,29 +23,13 @@ from fedsp.models.split import Head, PromptedModel, ServerBody, Tail, split_layo
 from fedsp.runtime.audit import Audit, private_weights, promised_layers
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return load_global_model("tiny-llama", seed=0)
+def _batch(tokenizer, toy_examples, n: int = 3) -> dict[str, torch.Tensor]:
+    return collate([encode_gold(tokenizer, ex, 64) for ex in toy_examples(n)], tokenizer.pad_token_id)
 
 
-def _examples(n: int, seed: int = 0) -> list[MCExample]:
-    """A learnable toy task: the answer is always the colour named in the question."""
-    colours = ["red", "green", "blue", "black"]
-    rng = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        gold = int(torch.randint(0, 4, (1,), generator=rng))
-        out.append(MCExample(f"toy/{i}", f"Question: say {colours[gold]}\nAnswer:", tuple(colours), gold))
-    return out
-
-
-def _batch(tokenizer, n: int = 3) -> dict[str, torch.Tensor]:
-    return collate([encode_gold(tokenizer, ex, 64) for ex in _examples(n)], tokenizer.pad_token_id)
-
-
-def _course(loaded, rounds: int = 4, **overrides):
-    rows = [encode_gold(loaded.tokenizer, ex, 64) for ex in _examples(40)]
-    data = RunData(rows[:8], [rows[8:20], rows[20:32]], rows[32:], _examples(4), "validation")
+def _course(loaded, toy_examples, rounds: int = 4, **overrides):
+    rows = [encode_gold(loaded.tokenizer, ex, 64) for ex in toy_examples(40)]
+    data = RunData(rows[:8], [rows[8:20], rows[20:32]], rows[32:], toy_examples(4), "validation")
     options = dict(
         method="sfprompt",
         model="tiny-llama",
@@ -64,7 +47,7 @@ def _course(loaded, rounds: int = 4, **overrides):
 
 
 @pytest.mark.parametrize("family", ["tiny-llama", "tiny-gpt2", "tiny-opt"])
-def test_head_body_tail_equals_the_full_model_exactly(family):
+def test_head_body_tail_equals_the_full_model_exactly(family, toy_examples):
     # Prepare: random prompts, a tail norm moved away from the global one, right padding in the batch
     loaded = load_global_model(family, seed=0)
     model = loaded.model
@@ -74,7 +57,7 @@ def test_head_body_tail_equals_the_full_model_exactly(family):
     with torch.no_grad():
         tail.norm.weight.mul_(1.3)
     head, body, full = Head(model, 2), ServerBody(model, 2), PromptedModel(model, prompts, tail)
-    batch = _batch(loaded.tokenizer)
+    batch = _batch(loaded.tokenizer, toy_examples)
     wanted, _ = answer_positions(batch["labels"], 5)  # (B, 5+T)
     # Execute: head -> body (through its message API) -> tail, and the full model in one stack
     with torch.no_grad():
@@ -88,7 +71,7 @@ def test_head_body_tail_equals_the_full_model_exactly(family):
 
 
 @pytest.mark.parametrize("family", ["tiny-llama", "tiny-gpt2"])
-def test_prompts_of_token_embeddings_equal_the_plain_model_reading_those_tokens(family):
+def test_prompts_of_token_embeddings_equal_the_plain_model_reading_those_tokens(family, toy_examples):
     # Prepare: prompts = the input embeddings of P real tokens; the tail is the global model's own norm
     loaded = load_global_model(family, seed=0)
     model = loaded.model
@@ -96,7 +79,7 @@ def test_prompts_of_token_embeddings_equal_the_plain_model_reading_those_tokens(
     with torch.no_grad():
         prompts = torch.nn.Parameter(model.get_input_embeddings()(tokens))
     full = PromptedModel(model, prompts, Tail(model))
-    batch = _batch(loaded.tokenizer, 2)
+    batch = _batch(loaded.tokenizer, toy_examples, 2)
     ids = torch.cat([tokens.expand(2, -1), batch["input_ids"]], dim=1)  # (B, P+T)
     mask = torch.cat([torch.ones(2, len(tokens), dtype=torch.long), batch["attention_mask"]], dim=1)
     # Execute
@@ -108,13 +91,13 @@ def test_prompts_of_token_embeddings_equal_the_plain_model_reading_those_tokens(
     assert torch.allclose(prompted[real], plain[real], atol=1e-5)
 
 
-def test_cached_choice_scoring_of_the_prompted_model_equals_full_sequences(tiny):
+def test_cached_choice_scoring_of_the_prompted_model_equals_full_sequences(tiny, toy_examples):
     # Prepare: the evaluation code's two paths, on the wrapper with non-trivial prompts
     torch.manual_seed(1)
     prompts = torch.nn.Parameter(torch.randn(3, tiny.model.config.hidden_size) * 0.1)
     full = PromptedModel(tiny.model, prompts, Tail(tiny.model))
     tok = tiny.tokenizer
-    examples = _examples(3)
+    examples = toy_examples(3)
     contexts = [list(tok(ex.context, add_special_tokens=False)["input_ids"]) for ex in examples]
     choices = [
         [list(tok(" " + c, add_special_tokens=False)["input_ids"]) for c in ex.choices] for ex in examples
@@ -150,9 +133,9 @@ def test_pruning_keeps_exactly_the_ceil_gamma_n_highest_scores(gamma, expected):
     assert kept == expected and len(kept) == math.ceil(gamma * 10)
 
 
-def test_client_prunes_by_its_own_shortcut_model_scores(tiny):
+def test_client_prunes_by_its_own_shortcut_model_scores(tiny, toy_examples):
     # Prepare
-    course = _course(tiny, prune_gamma=0.25)
+    course = _course(tiny, toy_examples, prune_gamma=0.25)
     client = course.make_client(0)
     client.fit(course.server.broadcast())  # loads the state; the kept count is in the metrics
     # Execute
@@ -162,14 +145,14 @@ def test_client_prunes_by_its_own_shortcut_model_scores(tiny):
     assert scores.shape == (12,) and update.metrics["kept_rows"] == 3.0
 
 
-def test_gradient_reaches_the_prompts_through_the_body_and_body_weights_stay(tiny):
+def test_gradient_reaches_the_prompts_through_the_body_and_body_weights_stay(tiny, toy_examples):
     # Prepare: one client; snapshot of the body's weights
-    course = _course(tiny)
+    course = _course(tiny, toy_examples)
     client = course.make_client(0)
     client.prompts.data.normal_(0.0, 0.5)
     body = client.link.body
     before = {k: v.clone() for k, v in body.view.named_parameters()}
-    batch = _batch(tiny.tokenizer, 4)
+    batch = _batch(tiny.tokenizer, toy_examples, 4)
     # Execute: the four messages of one split step, then the backward through the head
     grad_message, loss = client.split_backward(client.link.forward(client.split_forward(batch)))
     grad_inputs = client.link.backward(grad_message)["grad_inputs"]  # (B, P+T, H)
@@ -190,9 +173,9 @@ def test_gradient_reaches_the_prompts_through_the_body_and_body_weights_stay(tin
     assert client.link.bytes["act_bytes_up"] > 4 * batch["input_ids"].numel() * tiny.model.config.hidden_size
 
 
-def test_loss_falls_over_rounds_and_global_model_is_unchanged(tiny):
+def test_loss_falls_over_rounds_and_global_model_is_unchanged(tiny, toy_examples):
     # Prepare
-    course = _course(tiny, rounds=5)
+    course = _course(tiny, toy_examples, rounds=5)
     server = course.server
     clients = [course.make_client(k) for k in range(course.num_clients)]
     weights = {k: v.clone() for k, v in tiny.model.named_parameters()}
@@ -208,16 +191,16 @@ def test_loss_falls_over_rounds_and_global_model_is_unchanged(tiny):
     assert server.report["last_round_mean_per_client"]["split_act_bytes_up"] > 0
 
 
-def test_bad_inputs_get_clear_errors(tiny):
+def test_bad_inputs_get_clear_errors(tiny, toy_examples):
     with pytest.raises(FedSPError, match=r"--split-layer 4 is outside 1\.\.3"):
-        _course(tiny, split_layer=4)
+        _course(tiny, toy_examples, split_layer=4)
     with pytest.raises(FedSPError, match="--split-layer"):
         RunConfig(method="sfprompt", split_layer=0)
     for gamma in (0.0, 1.5):
         with pytest.raises(FedSPError, match=r"--prune-gamma must be in \(0, 1\], got " + str(gamma)):
             RunConfig(method="sfprompt", prune_gamma=gamma)
     with pytest.raises(FedSPError, match="--engine inprocess only"):
-        _course(tiny, engine="flower")
+        _course(tiny, toy_examples, engine="flower")
     with pytest.raises(FedSPError, match="'falcon'.*gpt2, llama"):
         split_layout(SimpleNamespace(config=SimpleNamespace(model_type="falcon")))
 
@@ -228,29 +211,15 @@ def test_split_options_are_reported_as_ignored_by_other_methods():
     assert METHOD_SPECS["sfprompt"].ignored_options(RunConfig(method="sfprompt", split_layer=3)) == {}
 
 
-def _arc_rows(n: int, start: int = 0) -> str:
-    colours = ["red", "green", "blue", "black"]
-    rows = [
-        {
-            "id": f"q{i}",
-            "question": f"Say {colours[i % 4]}.",
-            "answerKey": "ABCD"[i % 4],
-            "choices": {"text": colours, "label": list("ABCD")},
-        }
-        for i in range(start, start + n)
-    ]
-    return "\n".join(json.dumps(r) for r in rows) + "\n"
-
-
-def test_tiny_run_end_to_end_writes_split_accounting_and_passes_the_audit(tiny, tmp_path):
+def test_tiny_run_end_to_end_writes_split_accounting_and_passes_the_audit(tiny, tmp_path, arc_rows):
     # Prepare: a small ARC-style data folder; clients hold layers 0 and 1 of 4
     from fedsp.runtime.inprocess import run
 
     data = tmp_path / "data"
     data.mkdir()
-    (data / "train.jsonl").write_text(_arc_rows(18))
-    (data / "validation.jsonl").write_text(_arc_rows(6, 100))
-    (data / "test.jsonl").write_text(_arc_rows(6, 200))
+    (data / "train.jsonl").write_text(arc_rows(18))
+    (data / "validation.jsonl").write_text(arc_rows(6, 100))
+    (data / "test.jsonl").write_text(arc_rows(6, 200))
     config = RunConfig(
         method="sfprompt",
         model="tiny-llama",
@@ -308,10 +277,10 @@ def test_tiny_run_end_to_end_writes_split_accounting_and_passes_the_audit(tiny, 
     assert "model.layers.1.self_attn.q_proj.weight" in {e["name"] for e in audit["sent"]}
 
 
-def test_audit_holds_sfprompt_to_its_split_and_flags_a_body_weight(tiny, tmp_path):
+def test_audit_holds_sfprompt_to_its_split_and_flags_a_body_weight(tiny, tmp_path, toy_examples):
     # Prepare: what the course says clients hold, and one head and one body weight sent to a client
     config = RunConfig(method="sfprompt", model="tiny-llama", split_layer=2)
-    course = _course(tiny, split_layer=2)
+    course = _course(tiny, toy_examples, split_layer=2)
     layers = tiny.model.model.layers
     audit = Audit()
     audit.record(1, "prefix", course.server.broadcast(), [0])

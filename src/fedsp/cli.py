@@ -11,8 +11,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedsp.config import METHODS, PARTITIONS, RunConfig, load_config_file
+from fedsp.config import PARTITIONS, RunConfig, load_config_file
 from fedsp.errors import FedSPError
+from fedsp.methods.table import METHODS, spec_for
 
 _HELP = {
     "method": f"method: {', '.join(METHODS)}",
@@ -150,7 +151,7 @@ def format_summary(res: dict, out_dir: str) -> str:
         f"{res['method']} on {res['task']} ({res['model']}), {fin['n']} {res['eval_split']} examples:",
         f"  {'':<28}{'acc':>8}{'acc_norm':>10}",
     ]
-    if res.get("zero_shot") and res["method"] != "zero-shot":
+    if res.get("zero_shot") and spec_for(res["method"]).trains:
         zs = res["zero_shot"]
         lines.append(f"  {'zero-shot':<28}{100 * zs['acc']:>8.1f}{100 * zs['acc_norm']:>10.1f}")
     label = res["method"] + (f" (best round {res['best_round']})" if res.get("rounds") else "")
