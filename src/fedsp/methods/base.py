@@ -1,4 +1,4 @@
-"""What every method's parties look like to a runtime (in-process loop or Flower app).
+"""What every method's parties look like to the round driver (:mod:`fedsp.runtime.rounds`), in any engine.
 
 A round, for any federated method:
   1. ``server.broadcast()`` -> the tensors sent down to each sampled client;
@@ -9,8 +9,8 @@ Centralised methods are a course without clients: only steps 3-4 happen.
 
 Clients are stateful across rounds; ``state_dict`` / ``load_state_dict`` hold
 everything a client keeps between rounds (its model weights where it trains
-them, optimiser and schedule states, the position of its data stream), so a
-runtime can keep that state on disk instead of in memory.
+them, optimiser and schedule states, the position of its data stream), so an
+engine keeps that state on disk between rounds, not in memory.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Who takes part in a round and which updates are accepted: runtime-independent rules.
 
-Both runtimes (in-process and Flower) call these, so that with the same seed
-they sample the same clients, seed each client's randomness the same way, and
-reject the same updates:
+The round driver (:mod:`fedsp.runtime.rounds`) calls these for every engine,
+so that with the same seed the engines sample the same clients, seed each
+client's randomness the same way, and reject the same updates:
   1. :func:`sample_clients` picks ``max(1, round(fraction * K))`` partition ids
      with an RNG derived from (seed, round): no RNG state to checkpoint;
   2. :func:`client_rng_seed` is the torch seed a client's round runs under

@@ -1,4 +1,4 @@
-"""FedSP on Flower: a ServerApp with its own round loop and a ClientApp, thin glue around the methods.
+"""fedsp on Flower: the round driver's exchange as Flower messages, and a ClientApp; glue around the methods.
 
 Importing this package sets the Flower environment every run needs (values
 already in the environment win): no telemetry, no update check, no runtime

@@ -1,7 +1,7 @@
 """``fedsp run --engine flower``: the course as a Flower simulation on one machine.
 
-The ServerApp's loop (:func:`~fedsp.runtime.flower.server_app.serve`) drives
-a :class:`~fedsp.runtime.session.Session` started here, so the results folder
+The round driver over the Flower engine (:func:`~fedsp.runtime.flower.server_app.serve`)
+drives a :class:`~fedsp.runtime.session.Session` started here, so the results folder
 is the in-process runner's; the ClientApp runs in a pool of Ray actors (one per
 core, at most 2 on this machine's 2 cores), one virtual SuperNode per client.
 Client states go to ``<results folder>/clients`` (one directory per partition).
