@@ -221,21 +221,33 @@ class InProcessEngine:
     def exchange(self, orders: Sequence[Order], prefix: bytes) -> list[Reply]:
         replies = []
         rnd = orders[0].rnd if orders else 0
-        for order in tqdm(
-            orders, desc=f"round {rnd} clients", unit="client", leave=False, disable=not self.config.progress
-        ):
-            k = order.partition
-            try:
-                reply = client_round(
-                    order, prefix, self.store(k), partial(self.course.make_client, k), self.config.seed
-                )
-            except Exception as err:  # one client's failure never stops the round
-                reply = Reply.failed(k, one_line(f"{type(err).__name__}: {err}"))
-            replies.append(reply)
-            # The client is gone; free it now (optimisers and modules hold reference cycles, which Python
-            # collects by object counts, not bytes: a few SmolLM2 clients could pile up before that).
-            gc.collect()
+        # Each client is freed as soon as its round ends: optimisers and modules hold reference cycles,
+        # which Python's collector reaches by object counts, not bytes (a few SmolLM2 clients could pile
+        # up first). What lived before this round is frozen, so each collection scans only the client's
+        # objects (a full collection of the ~350 k objects of a loaded model and torch takes 0.2 s).
+        gc.freeze()
+        try:
+            for order in tqdm(
+                orders,
+                desc=f"round {rnd} clients",
+                unit="client",
+                leave=False,
+                disable=not self.config.progress,
+            ):
+                replies.append(self._one(order, prefix))
+                gc.collect()
+        finally:
+            gc.unfreeze()
         return replies
+
+    def _one(self, order: Order, prefix: bytes) -> Reply:
+        k = order.partition
+        try:
+            return client_round(
+                order, prefix, self.store(k), partial(self.course.make_client, k), self.config.seed
+            )
+        except Exception as err:  # one client's failure never stops the round
+            return Reply.failed(k, one_line(f"{type(err).__name__}: {err}"))
 
 
 def one_line(text: str) -> str:
