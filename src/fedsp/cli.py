@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedsp.config import PARTITIONS, RunConfig, load_config_file
-from fedsp.errors import FedSPError
+from fedsp.errors import FedSPError, RunFinished
 from fedsp.methods.table import METHODS, spec_for
 
 _HELP = {
@@ -134,6 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fedsp.runtime import inprocess
 
             outcome = inprocess.run(config, resume=resume)
+    except RunFinished as done:
+        print(f"fedsp: {done}", file=sys.stderr)
+        return 0
     except FedSPError as err:
         print(f"fedsp: error: {err}", file=sys.stderr)
         return 2

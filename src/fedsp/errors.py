@@ -9,3 +9,7 @@ status 2; it never shows a traceback for these.
 
 class FedSPError(ValueError):
     """A problem with the user's input, reported as one line."""
+
+
+class RunFinished(FedSPError):
+    """``--resume`` on a run that completed: nothing to do (the CLI says so and exits 0)."""

@@ -16,18 +16,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from fedsp.config import RunConfig
 from fedsp.data.batching import BatchStream, Encoded, collate
+from fedsp.files import atomic_write
 from fedsp.methods.optim import OptimConfig, Phase
 from fedsp.models.auxiliary import build_auxiliary_model, select_layers
 from fedsp.models.forward import hidden_states
@@ -160,10 +162,7 @@ def cache_key(
 
 def save_student(student: PreTrainedModel, path: Path) -> None:
     """Save the unique parameters (shared ones once), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({name: p.detach().contiguous() for name, p in student.named_parameters()}, str(tmp))
-    tmp.replace(path)
+    atomic_write(path, save({name: p.detach().contiguous().cpu() for name, p in student.named_parameters()}))
 
 
 def load_student(student: PreTrainedModel, path: Path) -> None:
@@ -208,8 +207,15 @@ def distilled_auxiliary_model(
     key = cache_key(loaded.name, model_config, selected, share, kd_config, server_rows, config.seed)
     path = cache_dir() / "aux" / f"{key}.safetensors"
     if path.is_file():
-        load_student(aux, path)
-        return aux, selected, []
+        try:
+            load_student(aux, path)
+            return aux, selected, []
+        except Exception as err:  # truncated or foreign: say which file, then distil it again
+            warnings.warn(
+                f"cached auxiliary model {path} cannot be read ({err}); distilling it again", stacklevel=2
+            )
+            path.unlink(missing_ok=True)
+            aux = build_auxiliary_model(loaded.model, selected, share=share)
     losses = distill(
         loaded.model,
         aux,

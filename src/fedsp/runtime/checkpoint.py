@@ -12,10 +12,8 @@ round from the clients' previous states.
 
 from __future__ import annotations
 
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ import torch
 from fedsp import wire
 from fedsp.config import SPEED_ONLY
 from fedsp.errors import FedSPError
+from fedsp.files import atomic_write
 
 CHECKPOINT = "checkpoint.pt"
 _NOT_COMPARED = (*SPEED_ONLY, "out")  # may differ between the first run and its resume
@@ -32,17 +31,7 @@ _NOT_COMPARED = (*SPEED_ONLY, "out")  # may differ between the first run and its
 
 def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def rng_states() -> dict[str, Any]:
@@ -98,11 +87,7 @@ class ClientStore:
         return (self.root / self.AUX).is_file()
 
     def save_aux(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".aux.")
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(wire.encode(tensors))
-        os.replace(tmp, self.root / self.AUX)
+        atomic_write(self.root / self.AUX, wire.encode(tensors))
 
     def load_aux(self) -> dict[str, torch.Tensor]:
         return wire.decode((self.root / self.AUX).read_bytes())

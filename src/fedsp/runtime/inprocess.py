@@ -23,16 +23,14 @@ from pathlib import Path
 
 from fedsp.config import RunConfig
 from fedsp.runtime.rounds import InProcessEngine, RoundDriver, clients_folder
-from fedsp.runtime.session import RunOutcome, Session
+from fedsp.runtime.session import RunOutcome, run_course
 
 __all__ = ["RunOutcome", "run"]
 
 
 def run(config: RunConfig, resume: Path | None = None) -> RunOutcome:
-    session = Session.start(config, resume=resume)  # steps 1-3
-    if session.course is not None:
-        RoundDriver(session, InProcessEngine(session)).run()  # step 4
-    summary = session.finish()  # steps 5-6
+    """Steps 1-3 and 5-6 in :func:`~fedsp.runtime.session.run_course`, step 4 by the in-process engine."""
+    outcome = run_course(config, resume, lambda session: RoundDriver(session, InProcessEngine(session)).run())
     # Client states are kept on disk only so that an interrupted run can resume; a finished run drops them.
-    shutil.rmtree(clients_folder(session.out_dir), ignore_errors=True)
-    return RunOutcome(session.out_dir, summary)
+    shutil.rmtree(clients_folder(outcome.out_dir), ignore_errors=True)
+    return outcome

@@ -9,6 +9,7 @@ flushed per round, so an interrupted run keeps every completed round.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -17,16 +18,21 @@ from pathlib import Path
 from typing import Any
 
 from fedsp.errors import FedSPError
+from fedsp.files import atomic_write, io_reason
 
 
 def create_run_dir(out: str | None, method: str, task: str, root: str | Path = "runs") -> Path:
+    """A new results folder (``out``, or a fresh ``runs/<method>-<task>-<time>``); never an existing one."""
     if out is not None:
         path = Path(out)
-        if path.exists():
+        try:
+            path.mkdir(parents=True)
+        except FileExistsError:
             raise FedSPError(
                 f"--out folder {str(path)!r} already exists; choose a new folder (nothing was changed)"
-            )
-        path.mkdir(parents=True)
+            ) from None
+        except OSError as err:
+            raise FedSPError(f"--out folder {str(path)!r} cannot be created: {io_reason(err)}") from None
         return path
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = Path(root) / f"{method}-{task}-{stamp}"
@@ -38,6 +44,41 @@ def create_run_dir(out: str | None, method: str, task: str, root: str | Path = "
         except FileExistsError:
             n += 1
             path = base.with_name(f"{base.name}-{n}")
+        except OSError as err:
+            raise FedSPError(f"results folder {str(path)!r} cannot be created: {io_reason(err)}") from None
+
+
+class RunLock:
+    """An exclusive lock on a results folder, held while a process runs in it (``.lock`` holds its PID).
+
+    A second run, or ``--resume``, on a folder whose run is alive is refused, naming that PID. The lock
+    is the kernel's (``flock``): it goes with the process, even one killed with SIGKILL.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, folder: Path) -> None:
+        self.path = Path(folder) / self.NAME
+        self.handle = self.path.open("a+")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.seek(0)
+            pid = self.handle.read().strip() or "unknown"
+            self.handle.close()
+            raise FedSPError(
+                f"results folder {str(folder)!r} is in use by a running fedsp process (PID {pid}); "
+                "wait for it to finish or stop it first"
+            ) from None
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(f"{os.getpid()}\n")
+        self.handle.flush()
+
+    def release(self) -> None:
+        if not self.handle.closed:
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
 
 
 def _clean(value: Any) -> Any:
@@ -52,9 +93,8 @@ def _clean(value: Any) -> Any:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_clean(data), indent=2) + "\n")
-    os.replace(tmp, path)
+    """Write ``data`` as JSON through a uniquely named temporary file in the same folder, then rename."""
+    atomic_write(path, (json.dumps(_clean(data), indent=2) + "\n").encode())
 
 
 def append_metrics(path: Path, record: dict[str, Any]) -> None:

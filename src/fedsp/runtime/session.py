@@ -19,10 +19,10 @@ against the global model's private weights at the end (``audit.json``).
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,9 @@ import torch
 from fedsp import wire
 from fedsp.config import RunConfig
 from fedsp.data.shards import RunData, prepare_data
+from fedsp.errors import RunFinished
 from fedsp.evaluation.multiple_choice import MCResult, evaluate_multiple_choice
+from fedsp.files import atomic_write, remove_stale_temporaries
 from fedsp.methods.base import ClientUpdate, Course
 from fedsp.methods.table import MethodSpec, spec_for
 from fedsp.models.auxiliary import unique_parameter_count
@@ -66,30 +68,63 @@ class Session:
     first_round: int = 1  # > 1 when resumed
     audit: Audit | None = None
     runtime_state: dict[str, Any] = field(default_factory=dict)  # what a runtime checkpoints with the server
+    lock: results.RunLock | None = None  # held while this process runs in out_dir
+    created: bool = False  # out_dir was made by this session (removed if the run fails before round 1)
 
     @classmethod
-    def start(cls, config: RunConfig, out_dir: Path | None = None, resume: Path | None = None) -> Session:
-        """Everything before round 1; with ``resume`` (a results folder) the state after its last round."""
+    def start(cls, config: RunConfig, resume: Path | None = None) -> Session:
+        """Everything before round 1; with ``resume`` (a results folder) the state after its last round.
+
+        The session holds its folder's lock until :meth:`release`. A new run's folder is created
+        here; if anything fails before the session exists, the folder is removed again.
+        """
         if resume is not None:
-            saved = checkpoint.load_checkpoint(Path(resume), config.to_dict())
-            return cls._start(config, Path(resume), saved)
-        return cls._start(config, out_dir, None)
+            folder = Path(resume)
+            lock = results.RunLock(folder) if folder.is_dir() else None  # a live run's folder: refused
+            try:
+                saved = checkpoint.load_checkpoint(folder, config.to_dict())
+                if saved["round"] >= config.rounds and (folder / "results.json").is_file():
+                    raise RunFinished(
+                        f"--resume {str(folder)!r}: this run finished all its {config.rounds} "
+                        "rounds already (see results.json); nothing was changed"
+                    )
+                remove_stale_temporaries(folder)  # what a killed writer left behind
+                assert lock is not None
+                return cls._start(config, folder, saved, lock, created=False)
+            except BaseException:
+                if lock is not None:
+                    lock.release()
+                raise
+        folder = results.create_run_dir(config.out, config.method, config.task)
+        lock = results.RunLock(folder)
+        try:
+            return cls._start(config, folder, None, lock, created=True)
+        except BaseException:  # nothing of this run is worth keeping: no round completed
+            lock.release()
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
 
     @classmethod
-    def _start(cls, config: RunConfig, out_dir: Path | None, saved: dict[str, Any] | None) -> Session:
+    def _start(
+        cls,
+        config: RunConfig,
+        out_dir: Path,
+        saved: dict[str, Any] | None,
+        lock: results.RunLock,
+        created: bool,
+    ) -> Session:
         started = time.perf_counter()
         spec = spec_for(config.method)
         ignored = spec.ignored_options(config)
         if ignored:
             listed = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in ignored.items())
             print(f"fedsp: note: --method {config.method} does not use {listed}; ignored", file=sys.stderr)
-        out_dir = out_dir or results.create_run_dir(config.out, config.method, config.task)
         if saved is None:
             results.write_json(out_dir / "config.json", config.to_dict())
         torch.manual_seed(config.seed)
         loaded = load_global_model(config.model, config.dtype, config.seed, device=config.device)
         data = prepare_data(config, loaded.tokenizer)
-        session = cls(config, spec, out_dir, loaded, data, None, None, started)
+        session = cls(config, spec, out_dir, loaded, data, None, None, started, lock=lock, created=created)
         session.say(
             f"fedsp: {config.method}, {config.model} on {config.task}: {len(data.server_rows)} server "
             f"rows, {len(data.client_rows)} clients x ~{len(data.client_rows[0])} rows, "
@@ -117,6 +152,17 @@ class Session:
             session.history.append(record0)
         return session
 
+    def release(self) -> None:
+        """Let go of the results folder's lock (another process may resume the run from now on)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def abandon(self) -> None:
+        """After a failure: a folder this session made and no round completed in is removed; then release."""
+        self.release()
+        if self.created and not any(h["round"] > 0 for h in self.history):
+            shutil.rmtree(self.out_dir, ignore_errors=True)
+
     def _restore(self, saved: dict[str, Any]) -> None:
         """Continue after the checkpointed round: server state, metrics, RNG states, runtime state."""
         self.zero_shot, self.last_eval, self.history = (
@@ -134,9 +180,7 @@ class Session:
         self.first_round = saved["round"] + 1
         # metrics.jsonl may hold a round that finished after the checkpoint was written: keep the checkpoint's
         lines = "".join(json.dumps(results._clean(h)) + "\n" for h in self.history)
-        tmp = self.out_dir / "metrics.jsonl.tmp"
-        tmp.write_text(lines)
-        os.replace(tmp, self.out_dir / "metrics.jsonl")
+        atomic_write(self.out_dir / "metrics.jsonl", lines.encode())
         checkpoint.set_rng_states(saved["rng"])
         self.say(f"fedsp: resuming {self.out_dir} after round {saved['round']}")
 
@@ -220,9 +264,10 @@ class Session:
             self.last_eval = self.evaluate(*server.evaluation_target(), f"round {rnd} eval")
             record.update(acc=self.last_eval.acc, acc_norm=self.last_eval.acc_norm)
         record["seconds"] = seconds_before + time.perf_counter() - t0
-        results.append_metrics(self.out_dir / "metrics.jsonl", record)
         self.history.append(record)
+        # the checkpoint first: metrics.jsonl never holds a round that a resume could not continue from
         self.save_checkpoint(rnd)
+        results.append_metrics(self.out_dir / "metrics.jsonl", record)
         self.say(
             f"round {rnd}: val_loss {val_loss:.4f}  server_loss {server_loss:.4f}"
             + (
@@ -318,3 +363,21 @@ class Session:
         if notes:
             out["method_notes"] = notes
         return out
+
+
+def run_course(config: RunConfig, resume: Path | None, drive: Callable[[Session], None]) -> RunOutcome:
+    """A whole run with any engine: start, ``drive`` the rounds, finish; on failure nothing half-made stays.
+
+    A failure before any round completed removes the folder this run created; the folder's lock is
+    released whatever happens, so the run can be resumed (or retried) at once.
+    """
+    session = Session.start(config, resume=resume)
+    try:
+        if session.course is not None:
+            drive(session)
+        summary = session.finish()
+    except BaseException:
+        session.abandon()
+        raise
+    session.release()
+    return RunOutcome(session.out_dir, summary)

@@ -28,7 +28,7 @@ from fedsp.errors import FedSPError
 from fedsp.runtime.flower import payload
 from fedsp.runtime.messages import Order, Reply
 from fedsp.runtime.rounds import RoundDriver, one_line
-from fedsp.runtime.session import Session
+from fedsp.runtime.session import Session, run_course
 
 log = logging.getLogger("fedsp.flower.server")
 app = ServerApp()
@@ -144,8 +144,8 @@ def main(grid: Grid, context: Context) -> None:
         values["out"] = str(settings["out"])
     config = RunConfig.from_dict({**values, "progress": False}, source=str(settings["config"]))
     resume = Path(str(settings["resume"])) if settings.get("resume") else None
-    session = Session.start(config, resume=resume)
-    if session.course is not None:
-        serve(grid, session, wait_s=float(settings.get("wait-seconds", 120)))
-    summary = session.finish()
-    log.warning("fedsp: done: final acc %.3f, results in %s", summary["final"]["acc"], session.out_dir)
+    wait_s = float(settings.get("wait-seconds", 120))
+    outcome = run_course(config, resume, lambda session: serve(grid, session, wait_s=wait_s))
+    log.warning(
+        "fedsp: done: final acc %.3f, results in %s", outcome.results["final"]["acc"], outcome.out_dir
+    )

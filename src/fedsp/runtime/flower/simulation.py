@@ -16,7 +16,7 @@ from pathlib import Path
 from fedsp.config import RunConfig
 from fedsp.runtime.flower import configure_environment
 from fedsp.runtime.rounds import clients_folder
-from fedsp.runtime.session import RunOutcome, Session
+from fedsp.runtime.session import RunOutcome, Session, run_course
 
 
 def run(config: RunConfig, resume: Path | None = None, actors: int | None = None) -> RunOutcome:
@@ -28,8 +28,8 @@ def run(config: RunConfig, resume: Path | None = None, actors: int | None = None
     from fedsp.runtime.flower.client_app import app as client_app
     from fedsp.runtime.flower.server_app import serve
 
-    session = Session.start(config, resume=resume)
-    if session.course is not None:
+    def drive(session: Session) -> None:
+        assert session.course is not None
         failure: list[BaseException] = []
         server_app = ServerApp()
 
@@ -40,18 +40,18 @@ def run(config: RunConfig, resume: Path | None = None, actors: int | None = None
             except BaseException as err:  # re-raised in this thread, after the simulation stops
                 failure.append(err)
 
-        actors = actors or max(1, min(2, os.cpu_count() or 1))
         os.environ["FEDSP_FLOWER_STATE_DIR"] = str(clients_folder(session.out_dir.resolve()))
         logging.getLogger("flwr").setLevel(logging.WARNING if not config.progress else logging.INFO)
         run_simulation(
             server_app,
             client_app,
             num_supernodes=session.course.num_clients,
-            backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": actors}},
+            backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": workers}},
         )
         if failure:
             raise failure[0]
         if len(session.history) - 1 < config.rounds:
             raise RuntimeError(f"the Flower simulation stopped after round {len(session.history) - 1}")
-    summary = session.finish()
-    return RunOutcome(session.out_dir, summary)
+
+    workers = actors or max(1, min(2, os.cpu_count() or 1))
+    return run_course(config, resume, drive)
