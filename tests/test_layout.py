@@ -96,3 +96,52 @@ def test_a_configuration_from_another_version_loads(tmp_path):
 def test_the_same_configuration_with_an_unknown_key_is_refused_where_strict():
     with pytest.raises(Exception, match="unknown keys \\['quantum_shards'\\]"):
         RunConfig.from_dict({"quantum_shards": 7})
+
+
+def test_a_run_written_by_another_version_resumes(tmp_path, monkeypatch, read_metrics):
+    # Prepare: a run killed in round 2, whose config.json and checkpoint another version wrote
+    # (a key this version does not know, and without one this version has)
+    import torch
+
+    from fedsp.cli import main
+    from fedsp.runtime import inprocess, rounds
+    from fedsp.runtime.checkpoint import CHECKPOINT
+
+    out = tmp_path / "run"
+    config = RunConfig(
+        model="tiny-llama",
+        clients=2,
+        rounds=2,
+        local_steps=1,
+        kd_steps=0,
+        eval_limit=4,
+        val_limit=4,
+        prefix_len=4,
+        max_length=96,
+        progress=False,
+        out=str(out),
+    )
+    fit = rounds.client_round
+
+    def killing(order, *args, **kwargs):
+        if order.rnd == 2:
+            raise KeyboardInterrupt
+        return fit(order, *args, **kwargs)
+
+    monkeypatch.setattr(rounds, "client_round", killing)
+    with pytest.raises(KeyboardInterrupt):
+        inprocess.run(config)
+    monkeypatch.setattr(rounds, "client_round", fit)
+    written = json.loads((out / "config.json").read_text())
+    written["quantum_shards"] = 7
+    del written["max_client_weight"]
+    (out / "config.json").write_text(json.dumps(written))
+    state = torch.load(out / CHECKPOINT, weights_only=False)
+    state["config"] = written
+    torch.save(state, out / CHECKPOINT)
+    # Execute
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = main(["run", "--resume", str(out), "--quiet"])
+    # Assert: it continued after round 1 and finished
+    assert code == 0 and [m["round"] for m in read_metrics(out)] == [0, 1, 2]

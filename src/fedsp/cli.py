@@ -61,6 +61,8 @@ _HELP = {
     "engine": "federation engine: inprocess (one process, clients in turn) or flower (Flower simulation)",
     "fraction_fit": "fraction of the clients sampled each round (seeded, the same in both engines)",
     "min_replies": "fewest accepted client updates a round needs; fewer stops the run with an error",
+    "max_client_weight": "largest example count (FedAvg weight) a client's update counts with; larger "
+    "claims are cut to it and recorded (a deployed server cannot check a client's count)",
     "client_timeout": "seconds a Flower round waits for client replies; late clients are left out",
     "audit": "record every tensor sent to clients and check none is a private global-model weight "
     "(true/false)",
@@ -104,7 +106,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         saved = Path(args.resume) / "config.json"
         if not saved.is_file():
             raise FedSPError(f"--resume {args.resume!r} is not a results folder (no config.json there)")
-        values = {**load_config_file(saved), **values}
+        # written by this or another version: unknown keys dropped (one warning), missing ones defaulted
+        written = RunConfig.from_dict(load_config_file(saved), strict=False, source=str(saved))
+        values = {**written.to_dict(), **values}
     given = {k: v for k, v in vars(args).items() if k in _HELP}
     for key in ("eval_limit", "val_limit"):  # 0 on the command line means "all"
         if str(given.get(key, values.get(key, ""))) == "0":

@@ -19,11 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from fedsp.errors import FedSPError
+from fedsp.files import io_reason
 from fedsp.methods.table import ENGINES, METHODS, spec_for
 from fedsp.models.precision import DTYPE_CHOICES, resolve_dtype
 
 PARTITIONS = ("iid", "dirichlet")
+MAX_PREFIX_LEN = 4096  # a sane bound, checked before any work (the paper's prefixes are 40 tokens)
 PREFIX_INITS = ("tokens", "random")
 
 
@@ -88,6 +92,7 @@ class RunConfig:
     engine: str = "inprocess"
     fraction_fit: float = 1.0  # fraction of the K clients sampled per round
     min_replies: int = 1  # fewer accepted updates than this stops the run
+    max_client_weight: int | None = None  # a client's example count (FedAvg weight) is cut to this
     client_timeout: float | None = None  # seconds a round waits for replies (Flower); None: no limit
     audit: bool = False  # record every tensor sent to clients (audit.json in the results folder)
 
@@ -115,6 +120,12 @@ class RunConfig:
             _check_min(name, getattr(self, name), 0)
         if self.server_steps is not None:
             _check_min("server_steps", self.server_steps, 0)
+        if self.max_length < 2:  # one context token and one answer token at the least
+            raise FedSPError(f"--max-length {self.max_length} is too short for a context plus its answer")
+        if self.prefix_len > MAX_PREFIX_LEN:
+            raise FedSPError(
+                f"--prefix-len {self.prefix_len} is beyond the sane bound of {MAX_PREFIX_LEN} tokens"
+            )
         for name in ("eval_limit", "val_limit"):
             if getattr(self, name) is not None:
                 _check_min(name, getattr(self, name), 1)
@@ -137,6 +148,8 @@ class RunConfig:
         if not 0 < self.fraction_fit <= 1:
             raise FedSPError(f"--fraction-fit must be in (0, 1], got {self.fraction_fit}")
         _check_min("min_replies", self.min_replies, 1)
+        if self.max_client_weight is not None:
+            _check_min("max_client_weight", self.max_client_weight, 1)
         if self.client_timeout is not None and not self.client_timeout > 0:
             raise FedSPError(f"--client-timeout must be positive seconds, got {self.client_timeout}")
         if isinstance(self.aux_layer_choice, list):
@@ -179,22 +192,28 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FedSPError(f"config file {str(path)!r} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise FedSPError(
+            f"config file {str(path)!r} is not UTF-8 text (byte {err.start}); save it as UTF-8"
+        ) from None
+    except OSError as err:
+        raise FedSPError(f"config file {str(path)!r} cannot be read: {io_reason(err)}") from None
     try:
         if path.suffix == ".toml":
             data = tomllib.loads(text)
         elif path.suffix in (".yaml", ".yml"):
-            import yaml
-
             data = yaml.safe_load(text) or {}
         elif path.suffix == ".json":
             data = json.loads(text)
         else:
             raise FedSPError(f"config file {str(path)!r} must end in .toml, .yaml, .yml or .json")
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, ValueError) as err:
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, ValueError, yaml.YAMLError) as err:
         if isinstance(err, FedSPError):
             raise
-        raise FedSPError(f"config file {str(path)!r} cannot be parsed: {err}") from err
+        where = " ".join(str(err).split())  # parsers' messages span lines: one line here
+        raise FedSPError(f"config file {str(path)!r} cannot be parsed: {where[:300]}") from None
     if not isinstance(data, dict):
         raise FedSPError(f"config file {str(path)!r} must hold a table of keys, got {type(data).__name__}")
     return data
@@ -215,7 +234,17 @@ def parse_layer_choice(text: str) -> str | tuple[int, ...]:
 def _coerce(name: str, value: Any, annotation: Any, source: str) -> Any:
     text = str(annotation)
     if name == "aux_layer_choice":
-        return parse_layer_choice(value) if isinstance(value, str) else tuple(int(v) for v in value)
+        if isinstance(value, str):
+            return parse_layer_choice(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return (value,)  # one layer index
+        if isinstance(value, (list, tuple)) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
+            return tuple(value)
+        raise FedSPError(
+            f"{source}: aux_layer_choice = {value!r} is not valid: bottom, middle, top, or layer indices"
+        )
     if value is None:
         return None
     try:

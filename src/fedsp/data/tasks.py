@@ -267,13 +267,24 @@ def _no_bundle(task: str) -> FedSPError:
     )
 
 
-def _build(task: str, split: str, rows: Sequence[tuple[str, int, dict]]) -> tuple[MCExample, ...]:
-    """``rows`` are ``(where, position, HF row)``; position is the id fallback."""
+def _build(
+    task: str, split: str, rows: Sequence[tuple[str, int, dict]], strict: bool = True
+) -> tuple[MCExample, ...]:
+    """``rows`` are ``(where, position, HF row)``; position is the id fallback.
+
+    A question needs two or more choices; duplicated choices are an error in a user's file
+    (``strict``) and kept in the bundled data (a few rows have them; scoring compares choice texts).
+    """
     spec = _task(task)
     seen: dict[str, int] = {}
     out = []
     for where, position, row in rows:
         context, choices, gold = spec.build(row, where)
+        if len(choices) < 2:
+            raise FedSPError(f"{where}: a question needs at least two choices, got {len(choices)}")
+        if strict and len(set(choices)) < len(choices):
+            twice = sorted({c for c in choices if choices.count(c) > 1})
+            raise FedSPError(f"{where}: duplicated choices {twice} (the question could not be answered)")
         native = row.get(spec.id_field) if spec.id_field else None
         native = str(position) if native is None or native == "" else str(native)
         seen[native] = seen.get(native, 0) + 1
@@ -307,7 +318,7 @@ def _load_bundled(task: str, split: str) -> tuple[MCExample, ...]:
             rows.append((where, doc_id, spec.bundled(doc, where)))
         except (KeyError, TypeError) as exc:
             raise FedSPError(f"{where}: unexpected row layout ({exc})") from exc
-    return _build(task, split, rows)
+    return _build(task, split, rows, strict=False)
 
 
 @lru_cache(maxsize=1)

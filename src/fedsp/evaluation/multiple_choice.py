@@ -65,8 +65,9 @@ def evaluate_multiple_choice(
         best = max(range(len(row)), key=row.__getitem__)
         best_norm = max(range(len(row)), key=lambda c: row[c] / max(1, len(ex.choices[c])))
         predictions.append(best)
-        correct += best == ex.gold
-        correct_norm += best_norm == ex.gold
+        # by text: a duplicated gold choice scores the same as its copy, and either copy is right
+        correct += ex.choices[best] == ex.choices[ex.gold]
+        correct_norm += ex.choices[best_norm] == ex.choices[ex.gold]
     n = len(examples)
     return MCResult(correct / n, correct_norm / n, n, tuple(predictions))
 

@@ -97,7 +97,8 @@ class Grid:
         folder = self.cell_dir(cell)
         if not (folder / "results.json").is_file():
             return None
-        saved = json.loads((folder / "config.json").read_text())
+        written = json.loads((folder / "config.json").read_text())
+        saved = RunConfig.from_dict(written, strict=False, source=str(folder / "config.json")).to_dict()
         wanted = cell.config(self.base, self.out).to_dict()
         differs = sorted(k for k in wanted if k not in SPEED_ONLY and saved.get(k) != wanted[k])
         if differs:

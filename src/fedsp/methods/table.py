@@ -186,6 +186,7 @@ _TABLE = [
         TRAINING | PREFIX,
         "fedsp.methods.centralised:prefix_tuning_course",
         None,
+        engines=("inprocess",),  # no clients: nothing to federate
     ),
     MethodSpec(
         "finetune",
@@ -193,6 +194,7 @@ _TABLE = [
         TRAINING | MODEL_LR,
         "fedsp.methods.centralised:finetune_course",
         None,
+        engines=("inprocess",),
     ),
     # In no default grid list: it scores every local example (EL2N, through the client's head) every round;
     # with tiny-llama at --scale cpu its cell took 190 s, FedSP's 35 s.

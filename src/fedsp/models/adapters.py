@@ -122,3 +122,26 @@ def model_device(model: nn.Module) -> torch.device:
 
 def weights_dtype(model: nn.Module) -> torch.dtype:
     return embedding_weight(model).dtype
+
+
+def check_lengths(
+    config: PretrainedConfig, prefix_len: int, max_length: int, prompts_take_positions: bool
+) -> None:
+    """Refuse a prefix or a sequence longer than the model can place (before any work is done).
+
+    A prefix is computed at positions 0..P-1 (absolute families) or -P..-1 (rotary) and real
+    tokens sit at 0..T-1; SFPrompt's prompts are input tokens, so they take positions 0..P-1 and
+    push the real tokens to P..P+T-1.
+    """
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not limit:
+        return
+    family = getattr(config, "model_type", "model")
+    if prompts_take_positions and prefix_len + max_length > limit:
+        raise FedSPError(
+            f"--prefix-len {prefix_len} + --max-length {max_length} needs {prefix_len + max_length} "
+            f"positions; this {family} model has {limit}"
+        )
+    for flag, value in (("--prefix-len", prefix_len), ("--max-length", max_length)):
+        if value > limit:
+            raise FedSPError(f"{flag} {value} is beyond the {limit} positions of this {family} model")

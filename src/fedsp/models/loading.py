@@ -120,9 +120,14 @@ def _load_pretrained(spec: str, dtype: torch.dtype) -> tuple[PreTrainedModel, Pr
             f"{kind} {spec!r} does not exist; use 'smollm2', one of {', '.join(TINY_MODELS)}, "
             "a local model folder, a .gguf file, or a Hugging Face id like owner/name"
         )
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise FedSPError(f"model folder {spec!r} has no model files (config.json and weights)")
     try:
         model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(spec)
+    except ValueError as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise FedSPError(f"cannot load model {spec!r}: {first[:200]}") from None
     except OSError as err:
         raise FedSPError(
             f"cannot load model {spec!r}: not a model folder, and not available from the hub ({err})"
@@ -138,8 +143,12 @@ def _is_hub_id(spec: str) -> bool:
 def _load_gguf(
     folder: Path, name: str, dtype: torch.dtype
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except (ValueError, OSError, KeyError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise FedSPError(f"GGUF file {str(folder / name)!r} cannot be read ({first[:200]})") from None
     # A GGUF-loaded model is marked quantised; it is plain float weights after de-quantisation.
     model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):

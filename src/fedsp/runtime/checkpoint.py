@@ -12,6 +12,7 @@ round from the clients' previous states.
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 from pathlib import Path
@@ -21,11 +22,12 @@ import numpy as np
 import torch
 
 from fedsp import wire
-from fedsp.config import SPEED_ONLY
+from fedsp.config import SPEED_ONLY, RunConfig
 from fedsp.errors import FedSPError
 from fedsp.files import atomic_write
 
 CHECKPOINT = "checkpoint.pt"
+log = logging.getLogger("fedsp.checkpoint")
 _NOT_COMPARED = (*SPEED_ONLY, "out")  # may differ between the first run and its resume
 
 
@@ -58,8 +60,13 @@ def load_checkpoint(out_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
     try:
         state = torch.load(path, weights_only=False)
     except Exception as err:  # a truncated or foreign file
-        raise FedSPError(f"--resume {str(out_dir)!r}: {CHECKPOINT} cannot be read ({err})") from err
-    differ = config_differences(state["config"], config)
+        first = " ".join(str(err).split())[:200]
+        raise FedSPError(f"--resume {str(out_dir)!r}: {CHECKPOINT} cannot be read ({first})") from None
+    needed = {"round", "config", "server", "history", "rng"}
+    if not isinstance(state, dict) or not needed <= set(state):
+        raise FedSPError(f"--resume {str(out_dir)!r}: {CHECKPOINT} cannot be read (not a fedsp checkpoint)")
+    written = RunConfig.from_dict(state["config"], strict=False, source=str(path)).to_dict()  # any version
+    differ = config_differences(written, config)
     if differ:
         raise FedSPError(
             f"--resume {str(out_dir)!r} was made by a different configuration ({differ}); "
@@ -104,10 +111,16 @@ class ClientStore:
         return sorted(int(m.group(1)) for m in found if m)
 
     def save(self, rnd: int, state: dict[str, Any]) -> None:
-        """Keep the state produced by round ``rnd`` and the one before it; older ones are deleted."""
+        """Keep the state produced by round ``rnd`` and the latest one before it; the others are deleted.
+
+        The one before is what a server that crashed in round ``rnd`` resumes this client from (with
+        partial participation it can be many rounds older than ``rnd - 1``).
+        """
         atomic_save(state, self.root / f"state-{rnd}.pt")
+        earlier = [r for r in self.rounds() if r < rnd]
+        keep = {rnd, earlier[-1]} if earlier else {rnd}
         for old in self.rounds():
-            if old < rnd - 1 or old > rnd:  # later ones belong to a round the server never completed
+            if old not in keep:  # older ones, and later ones of a round the server never completed
                 (self.root / f"state-{old}.pt").unlink(missing_ok=True)
 
     def load_before(self, rnd: int) -> tuple[int, dict[str, Any]] | None:
@@ -115,4 +128,11 @@ class ClientStore:
         earlier = [r for r in self.rounds() if r < rnd]
         if not earlier:
             return None
-        return earlier[-1], torch.load(self.root / f"state-{earlier[-1]}.pt", weights_only=False)
+        path = self.root / f"state-{earlier[-1]}.pt"
+        try:
+            return earlier[-1], torch.load(path, weights_only=False)
+        except Exception as err:  # truncated or foreign: as good as lost (the server ships the model again)
+            log.warning(
+                "client state %s cannot be read (%s); treated as lost", path, str(err).splitlines()[0]
+            )
+            return None

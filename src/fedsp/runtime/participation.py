@@ -109,10 +109,38 @@ def check_updates(
     return accepted, rejected
 
 
+def cap_weights(
+    updates: Sequence[tuple[int, ClientUpdate]], max_weight: int | None
+) -> tuple[list[tuple[int, ClientUpdate]], list[dict[str, int]]]:
+    """Example counts (FedAvg weights) above ``max_weight`` cut to it; the cut ones, as metrics records them.
+
+    A client reports its own count and the server cannot check it in a deployment:
+    ``--max-client-weight`` bounds how far one client can pull the average by claiming
+    more data than it has. ``None``: counts are used as reported.
+    """
+    if max_weight is None:
+        return list(updates), []
+    out, capped = [], []
+    for partition, update in updates:
+        if update.num_examples > max_weight:
+            capped.append({"client": partition, "claimed": update.num_examples, "used": max_weight})
+            log.warning(
+                "client %d claimed %d examples; weighted as %d (--max-client-weight)",
+                partition,
+                update.num_examples,
+                max_weight,
+            )
+            update = ClientUpdate(update.state, max_weight, update.metrics)
+        out.append((partition, update))
+    return out, capped
+
+
 def _shape_problem(sent: dict[str, torch.Tensor], update: ClientUpdate) -> str | None:
     if set(update.state) != set(sent):
         missing, extra = sorted(set(sent) - set(update.state)), sorted(set(update.state) - set(sent))
         return f"tensor names differ from what was sent (missing {missing}, unexpected {extra})"
+    if isinstance(update.num_examples, bool) or not isinstance(update.num_examples, int):
+        return f"example count {update.num_examples!r} is not a whole number"
     if not update.num_examples > 0:
         return f"example count {update.num_examples} is not positive"
     for name, expected in sent.items():

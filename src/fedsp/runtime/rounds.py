@@ -32,61 +32,23 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 from fedsp import wire
 from fedsp.errors import FedSPError
-from fedsp.methods.base import Client, ClientUpdate
+from fedsp.methods.base import ClientUpdate
 from fedsp.runtime import participation
 from fedsp.runtime.checkpoint import ClientStore
-from fedsp.runtime.messages import FAILED, LOST_STATE, NEED_AUX, OK, Engine, Order, Reply
+from fedsp.runtime.clients import client_round
+from fedsp.runtime.messages import FAILED, OK, Engine, Order, Reply
 from fedsp.runtime.session import Session
 
 log = logging.getLogger("fedsp.rounds")
-
-
-def client_round(
-    order: Order,
-    prefix: bytes,
-    store: ClientStore,
-    build: Callable[[], Client],
-    seed: int,
-    shipped: Mapping[str, torch.Tensor] | None = None,
-    has_model: bool = True,
-) -> Reply:
-    """The client's half of a round, the same in every engine.
-
-    ``build`` makes the client from the model it holds; ``shipped`` is the client
-    model when it came with the order and the engine keeps it in the store (Flower);
-    ``has_model`` says whether the client holds one from an earlier round.
-    """
-    saved = None
-    if order.ship:  # a (new) client model: forget every earlier state
-        store.reset()
-        if shipped is not None:
-            store.save_aux(dict(shipped))
-    elif not has_model:
-        return Reply(order.partition, NEED_AUX)
-    else:
-        saved = store.load_before(order.rnd)
-        if saved is None and order.expects_state:
-            log.warning("partition %d: client state lost; asking for the client model", order.partition)
-            return Reply(order.partition, LOST_STATE)
-    with torch.random.fork_rng(devices=[]):  # the caller's RNG is untouched
-        client = build()
-        if saved is not None:
-            client.load_state_dict(saved[1])
-        torch.manual_seed(participation.client_rng_seed(seed, order.rnd, order.partition))
-        update = client.fit(wire.decode(prefix))
-    store.save(order.rnd, client.state_dict())
-    metrics = {name: float(value) for name, value in update.metrics.items()}
-    return Reply(order.partition, OK, wire.encode(update.state), update.num_examples, metrics)
 
 
 class RoundDriver:
@@ -98,6 +60,15 @@ class RoundDriver:
         self.session, self.engine = session, engine
         self.shipped = set(session.runtime_state.get("shipped", []))  # partitions holding the client model
         self.trained = set(session.runtime_state.get("trained", []))  # partitions holding a trained state
+        self.ignored_replies = 0  # replies not asked for, or second replies, in the current round
+        self.bytes_shipped = 0  # bytes of the client model sent in the current round (first time, or again)
+        if "shipped" not in session.runtime_state and session.first_round > 1:
+            # a checkpoint of an older version (in-process, every client built at the start): every
+            # client holds the model; one that never trained finds no state and is sent it again
+            self.shipped, self.trained = (
+                set(range(session.course.num_clients)),
+                set(range(session.course.num_clients)),
+            )
 
     def run(self) -> None:
         config = self.session.config
@@ -112,6 +83,7 @@ class RoundDriver:
     def play(self, rnd: int) -> dict[str, Any]:
         """One round, steps 1-5; the record appended to metrics.jsonl."""
         t0 = time.perf_counter()
+        self.ignored_replies = self.bytes_shipped = 0
         session, config = self.session, self.session.config
         assert session.course is not None
         # 1-2) who takes part, and what they all receive
@@ -123,14 +95,19 @@ class RoundDriver:
         down = wire.encode(sent)
         # 3) the exchange
         replies, failed, bytes_up = self.exchange(rnd, sampled, down)
-        # 4) which updates count
+        # 4) which updates count, and with what weight
         accepted, rejected = participation.check_updates(sent, replies)
+        accepted, capped = participation.cap_weights(accepted, config.max_client_weight)
         if sampled:
             why = [f"client {k}: {reason}" for k, reason in failed.items()] + [r.reason for r in rejected]
             needed = participation.required_replies(config.min_replies, len(sampled))
             participation.check_enough(len(accepted), needed, rnd, why)
         # 5) the server's half
         session.runtime_state = {"shipped": sorted(self.shipped), "trained": sorted(self.trained)}
+        extra = round_extra(sampled, sorted(failed), rejected)
+        extra.update(
+            capped_weights=capped, ignored_replies=self.ignored_replies, bytes_shipped=self.bytes_shipped
+        )
         return session.finish_round(
             rnd,
             sent,
@@ -138,7 +115,7 @@ class RoundDriver:
             [bytes_up[k] for k, _ in accepted],
             [u for _, u in accepted],
             time.perf_counter() - t0,
-            extra=round_extra(sampled, sorted(failed), rejected),
+            extra=extra,
         )
 
     def exchange(
@@ -155,8 +132,18 @@ class RoundDriver:
             shipping = sorted(k for k, ship in pending.items() if ship)
             if shipping:
                 session.record_sent(rnd, "shipped_once", session.course.shipped_once, shipping)
+                self.bytes_shipped += session.once_bytes * len(shipping)
             orders = [Order(rnd, k, ship, k in self.trained and not ship) for k, ship in pending.items()]
-            replies = {r.partition: r for r in self.engine.exchange(orders, down) if r.partition in pending}
+            replies: dict[int, Reply] = {}
+            for answer in self.engine.exchange(orders, down):
+                if (
+                    answer.partition not in pending or answer.partition in replies
+                ):  # not asked, or a second one
+                    what = "a second reply" if answer.partition in replies else "a reply it was not asked for"
+                    log.warning("round %d: client %s sent %s; ignored", rnd, answer.partition, what)
+                    self.ignored_replies += 1
+                    continue
+                replies[answer.partition] = answer
             retry: dict[int, bool] = {}
             for k, ship in pending.items():
                 reply = replies.get(k)
@@ -173,14 +160,14 @@ class RoundDriver:
                     else:
                         failed[k] = f"said {reply.status} after the client model was sent again"
                 else:
+                    try:
+                        state = wire.decode(reply.payload)
+                    except FedSPError as err:  # as a reply Flower cannot parse: a failure, sent again
+                        failed[k] = f"malformed reply ({err})"
+                        continue
                     if ship:
                         self.shipped.add(k)
                     self.trained.add(k)
-                    try:
-                        state = wire.decode(reply.payload)
-                    except FedSPError as err:
-                        failed[k] = f"malformed reply ({err})"
-                        continue
                     updates[k] = ClientUpdate(state, reply.num_examples, dict(reply.metrics))
                     bytes_up[k] = len(reply.payload)
             pending = retry
@@ -213,7 +200,7 @@ class InProcessEngine:
     def __init__(self, session: Session) -> None:
         assert session.course is not None
         self.course, self.config = session.course, session.config
-        self.root = session.out_dir / "clients"
+        self.root = clients_folder(session.out_dir)
 
     def store(self, partition: int) -> ClientStore:
         return ClientStore(self.root / f"partition-{partition}")

@@ -36,7 +36,8 @@ from fedsp.errors import RunFinished
 from fedsp.evaluation.multiple_choice import MCResult, evaluate_multiple_choice
 from fedsp.files import atomic_write, remove_stale_temporaries
 from fedsp.methods.base import ClientUpdate, Course
-from fedsp.methods.table import MethodSpec, spec_for
+from fedsp.methods.table import SPLIT_HEAD, MethodSpec, spec_for
+from fedsp.models.adapters import check_lengths
 from fedsp.models.auxiliary import unique_parameter_count
 from fedsp.models.loading import LoadedModel, load_global_model
 from fedsp.runtime import checkpoint, results
@@ -123,6 +124,13 @@ class Session:
             results.write_json(out_dir / "config.json", config.to_dict())
         torch.manual_seed(config.seed)
         loaded = load_global_model(config.model, config.dtype, config.seed, device=config.device)
+        shape = spec.client
+        check_lengths(
+            loaded.model.config,
+            config.prefix_len,
+            config.max_length,
+            prompts_take_positions=shape is not None and shape.holds == SPLIT_HEAD,
+        )
         data = prepare_data(config, loaded.tokenizer)
         session = cls(config, spec, out_dir, loaded, data, None, None, started, lock=lock, created=created)
         session.say(
@@ -338,8 +346,10 @@ class Session:
                 "bytes_up_per_round": last["bytes_up"] // per_client,
                 "per": "client and round",
                 "model_bytes_once": self.once_bytes,
-                "total_bytes": self.once_bytes * course.num_clients
-                + sum(h.get("bytes_down", 0) + h.get("bytes_up", 0) for h in rounds),
+                # everything sent: the client model each time it was shipped, and every round's payloads
+                "total_bytes": sum(
+                    h.get("bytes_shipped", 0) + h.get("bytes_down", 0) + h.get("bytes_up", 0) for h in rounds
+                ),
             }
             split = course.notes.get("split_traffic")
             if split:  # split learning (SFPrompt): activations and gradients crossed the wire too

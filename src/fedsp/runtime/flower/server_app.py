@@ -119,7 +119,11 @@ class FlowerEngine:
         replies = []
         for message in self.grid.send_and_receive(messages, timeout=self.config.client_timeout):
             k = by_node.get(message.metadata.src_node_id)
-            if k is None:
+            if k is None:  # the driver counts it as a reply it did not ask for
+                log.warning(
+                    "a reply from node %d, which holds no partition of this run", message.metadata.src_node_id
+                )
+                replies.append(Reply.failed(-1, "reply from an unknown node"))
                 continue
             if message.has_error():
                 replies.append(Reply.failed(k, one_line(str(message.error.reason))))

@@ -1,0 +1,148 @@
+"""The bad-input corpus: each case is a command (and the files it names) with the one line it must get.
+
+Every case exits with status 2, prints exactly one line on stderr (``fedsp: error: ...``), no
+traceback, and leaves nothing behind: no results folder, nothing overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedsp.cli import main
+
+TINY = [
+    "--model",
+    "tiny-llama",
+    "--clients",
+    "2",
+    "--rounds",
+    "1",
+    "--local-steps",
+    "1",
+    "--kd-steps",
+    "0",
+    "--eval-limit",
+    "4",
+    "--val-limit",
+    "4",
+    "--prefix-len",
+    "4",
+    "--max-length",
+    "96",
+    "--quiet",
+]
+
+
+def _arc_row(i: int, choices=("red", "green", "blue", "black"), answer: str = "A") -> dict:
+    return {
+        "id": f"q{i}",
+        "question": f"Say {choices[0]}.",
+        "answerKey": answer,
+        "choices": {"text": list(choices), "label": list("ABCD"[: len(choices)])},
+    }
+
+
+def _data_dir(tmp_path, bad_row: dict | None = None):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rows = [_arc_row(i) for i in range(12)] + ([bad_row] if bad_row else [])
+    for split in ("train", "validation", "test"):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def _file(tmp_path, name: str, content: bytes) -> str:
+    path = tmp_path / name
+    path.write_bytes(content)
+    return str(path)
+
+
+# (case id, function of tmp_path -> extra CLI arguments, fragment of the one line)
+CASES = [
+    (
+        "yaml-malformed",
+        lambda p: ["--config", _file(p, "c.yaml", b"rounds: [1, 2\nmodel: x\n")],
+        "cannot be parsed",
+    ),
+    (
+        "config-layer-choice-int",
+        lambda p: ["--config", _file(p, "c.toml", b"aux_layer_choice = 5\n")],
+        "indices [5] outside 0..3",
+    ),
+    (
+        "config-layer-choice-float",
+        lambda p: ["--config", _file(p, "c.toml", b"aux_layer_choice = 1.5\n")],
+        "aux_layer_choice = 1.5 is not valid",
+    ),
+    (
+        "toml-utf16",
+        lambda p: ["--config", _file(p, "c.toml", "rounds = 2\n".encode("utf-16"))],
+        "not UTF-8 text",
+    ),
+    ("toml-binary", lambda p: ["--config", _file(p, "c.toml", bytes(range(256)))], "not UTF-8 text"),
+    ("toml-bad-value", lambda p: ["--config", _file(p, "c.toml", b'alpha = "lots"\n')], "alpha"),
+    ("out-parent-is-a-file", lambda p: ["--out", _file(p, "f.txt", b"x") + "/run"], "not a folder"),
+    ("model-fake-gguf", lambda p: ["--model", _file(p, "m.gguf", b"not a gguf file")], "cannot be read"),
+    ("model-empty-folder", lambda p: ["--model", str(p)], "no model files"),
+    ("prefix-len-huge", lambda p: ["--prefix-len", "100000"], "--prefix-len 100000"),
+    (
+        "prefix-and-length-beyond-gpt2-positions",
+        lambda p: ["--model", "tiny-gpt2", "--prefix-len", "2000"],
+        "positions",
+    ),
+    (
+        "max-length-beyond-opt-positions",
+        lambda p: ["--model", "tiny-opt", "--max-length", "4000"],
+        "positions",
+    ),
+    ("max-length-1", lambda p: ["--max-length", "1"], "--max-length 1 is too short"),
+    (
+        "duplicated-choices",
+        lambda p: [
+            "--task",
+            "arc_easy",
+            "--data-dir",
+            str(_data_dir(p, _arc_row(99, ("red", "red", "blue", "black")))),
+        ],
+        "duplicated choices",
+    ),
+    (
+        "one-choice",
+        lambda p: ["--task", "arc_easy", "--data-dir", str(_data_dir(p, _arc_row(99, ("red",))))],
+        "at least two choices",
+    ),
+    ("resume-foreign-checkpoint", lambda p: _foreign_run(p, b"garbage, not a checkpoint"), "cannot be read"),
+]
+
+
+def _foreign_run(tmp_path, checkpoint: bytes) -> list[str]:
+    run = tmp_path / "oldrun"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": "tiny-llama", "rounds": 1}))
+    (run / "checkpoint.pt").write_bytes(checkpoint)
+    return ["--resume", str(run)]
+
+
+@pytest.mark.parametrize("case,extra,fragment", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gets_one_line_and_leaves_nothing(case, extra, fragment, tmp_path, capsys, monkeypatch):
+    # Prepare: run in a fresh folder so that any results folder it made would show
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FEDSP_CACHE_DIR", str(tmp_path / "cache"))
+    args = extra(tmp_path)
+    out = tmp_path / "out-of-this-run"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    command = ["run", *TINY, *args] if "--resume" in args else ["run", *TINY, "--out", str(out), *args]
+    if "--out" in args:
+        command = ["run", *TINY, *args]
+    # Execute
+    code = main(command)
+    # Assert
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, (case, err)
+    assert len(err) == 1 and err[0].startswith("fedsp: error: "), err
+    assert fragment in err[0], err[0]
+    assert not out.exists() and "Traceback" not in err[0]
+    after = sorted(p.name for p in tmp_path.iterdir() if p.name != "cache")
+    assert after == [n for n in before if n != "cache"], "the run left something behind"
