@@ -1,0 +1,126 @@
+"""Run folders and caches that cannot be corrupted: finished runs stay as they are, leftovers are cleaned,
+a truncated cache entry or client state is noticed and rebuilt, and scoring is by choice text."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import replace
+
+import pytest
+
+from fedsp.cli import main
+from fedsp.config import RunConfig
+from fedsp.data.tasks import MCExample
+from fedsp.evaluation.multiple_choice import evaluate_multiple_choice
+from fedsp.files import atomic_write
+from fedsp.runtime import inprocess, rounds
+from fedsp.runtime.checkpoint import CHECKPOINT
+
+TINY = RunConfig(
+    model="tiny-llama",
+    clients=2,
+    rounds=2,
+    local_steps=1,
+    kd_steps=2,
+    eval_limit=4,
+    val_limit=4,
+    prefix_len=4,
+    max_length=96,
+    progress=False,
+    dtype="float32",
+)
+
+
+def _killed_in_round_2(tmp_path, monkeypatch, name: str = "run"):
+    """A run interrupted in round 2 (its clients' round-1 states on disk)."""
+    out = tmp_path / name
+    fit = rounds.client_round
+
+    def killing(order, *args, **kwargs):
+        if order.rnd == 2:
+            raise KeyboardInterrupt
+        return fit(order, *args, **kwargs)
+
+    monkeypatch.setattr(rounds, "client_round", killing)
+    with pytest.raises(KeyboardInterrupt):
+        inprocess.run(replace(TINY, out=str(out)))
+    monkeypatch.setattr(rounds, "client_round", fit)
+    return out
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):
+    # Prepare
+    outcome = inprocess.run(replace(TINY, out=str(tmp_path / "run")))
+    before = {p.name: p.read_bytes() for p in outcome.out_dir.iterdir() if p.is_file()}
+    # Execute
+    code = main(["run", "--resume", str(outcome.out_dir), "--quiet"])
+    # Assert: exit 0, one line saying so, every file byte-identical
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 0 and len(err) == 1 and "finished all its 2 rounds already" in err[0]
+    assert {p.name: p.read_bytes() for p in outcome.out_dir.iterdir() if p.is_file()} == before
+
+
+def test_leftover_temporaries_of_a_killed_writer_are_removed_on_resume(tmp_path, monkeypatch):
+    # Prepare: a killed run, and the half-written temporary file a SIGKILL during a checkpoint leaves
+    out = _killed_in_round_2(tmp_path, monkeypatch)
+    (out / f".{CHECKPOINT}.abc123.tmp").write_bytes(b"")
+    # Execute
+    code = main(["run", "--resume", str(out), "--quiet"])
+    # Assert
+    assert code == 0 and not list(out.glob(".*.tmp"))
+
+
+def test_a_truncated_client_state_is_treated_as_lost_and_the_run_completes(
+    tmp_path, monkeypatch, read_metrics
+):
+    # Prepare: client 1's round-1 state cut in half
+    out = _killed_in_round_2(tmp_path, monkeypatch)
+    state = out / "clients" / "partition-1" / "state-1.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    # Execute
+    code = main(["run", "--resume", str(out), "--quiet"])
+    # Assert: both clients count in round 2 (client 1 got the model again and started afresh)
+    assert code == 0 and read_metrics(out)[-1]["num_clients"] == 2
+
+
+def test_a_truncated_kd_cache_entry_is_named_and_rebuilt(tmp_path, monkeypatch):
+    # Prepare: a distilled auxiliary model in the cache, then the entry cut short
+    monkeypatch.setenv("FEDSP_CACHE_DIR", str(tmp_path / "cache"))
+    first = inprocess.run(replace(TINY, rounds=1, out=str(tmp_path / "first")))
+    (entry,) = (tmp_path / "cache" / "aux").glob("*.safetensors")
+    entry.write_bytes(entry.read_bytes()[:100])
+    # Execute
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        second = inprocess.run(replace(TINY, rounds=1, out=str(tmp_path / "second")))
+    # Assert: a warning names the file, the entry is whole again, the run is the same as the first
+    assert any(str(entry) in str(w.message) and "distilling it again" in str(w.message) for w in caught)
+    assert entry.stat().st_size > 1000
+    assert second.results["final"] == first.results["final"]
+
+
+def test_concurrent_writers_of_one_file_never_collide_on_a_temporary_name(tmp_path):
+    # Two writers of the same target: each through its own temporary file; the last complete one wins
+    target = tmp_path / "results.json"
+    atomic_write(target, lambda handle: (handle.write(b'{"a": 1}'), atomic_write(target, b'{"b": 2}')))
+    assert json.loads(target.read_text()) == {"a": 1} and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_duplicated_gold_choice_scores_as_its_copy(tmp_path):
+    # Prepare: the gold answer (index 2) is also choice 0; both copies score alike, the first wins argmax
+    from fedsp.models.loading import load_global_model
+
+    loaded = load_global_model("tiny-llama", seed=0)
+    question = MCExample("dup/0", "Question: say red\nAnswer:", ("red", "green", "red", "blue"), 2)
+    # Execute
+    result = evaluate_multiple_choice(loaded.model, loaded.tokenizer, [question], None, progress=False)
+    # Assert: whichever copy the model picks, the answer's text is right or wrong as a whole
+    picked = question.choices[result.predictions[0]]
+    assert result.acc == (1.0 if picked == "red" else 0.0)
+
+
+def test_an_out_path_that_cannot_be_made_is_one_line_naming_it(tmp_path, capsys):
+    code = main(["run", "--model", "tiny-llama", "--out", "/proc/fedsp-no-such/run", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "'/proc/fedsp-no-such/run' cannot be created" in err[0]
