@@ -70,13 +70,15 @@ def _prefix(out) -> dict[str, torch.Tensor]:
 def test_failing_malformed_and_nan_clients_are_left_out_and_recorded(
     engine, tmp_path, monkeypatch, read_metrics
 ):
-    # Prepare: of 6 clients, in round 1 client 0 fails, 1 replies garbage, 2 sends NaN; in round 2 two fail
-    config = replace(TINY, clients=6, out=str(tmp_path / "run"), engine=engine, min_replies=3)
+    # Prepare: of 6 clients, in round 1 client 0 fails, 1 replies garbage, 2 sends NaN, 3 claims -5
+    # examples; in round 2 two fail
+    config = replace(TINY, clients=6, out=str(tmp_path / "run"), engine=engine, min_replies=2)
     _plan(
         monkeypatch,
         {"client": 0, "round": 1, "kind": "fail"},
         {"client": 1, "round": 1, "kind": "malformed"},
         {"client": 2, "round": 1, "kind": "nan"},
+        {"client": 3, "round": 1, "kind": "claim", "value": -5},
         {"client": 4, "round": 2, "kind": "fail"},
         {"client": 5, "round": 2, "kind": "fail"},
     )
@@ -84,8 +86,9 @@ def test_failing_malformed_and_nan_clients_are_left_out_and_recorded(
     outcome = _run(config)
     # Assert: each misbehaving client is out of its round, with its reason; the others count
     first, second = read_metrics(outcome.out_dir)[1:]
-    assert first["failed_clients"] == [0, 1] and first["num_clients"] == 3
-    assert [r["client"] for r in first["rejections"]] == [2] and "NaN" in first["rejections"][0]["reason"]
+    assert first["failed_clients"] == [0, 1] and first["num_clients"] == 2
+    assert [r["client"] for r in first["rejections"]] == [2, 3] and "NaN" in first["rejections"][0]["reason"]
+    assert "not positive" in first["rejections"][1]["reason"]
     assert second["failed_clients"] == [4, 5] and second["num_clients"] == 4
     assert outcome.results["rounds"] == 2
 

@@ -145,3 +145,25 @@ def test_a_run_written_by_another_version_resumes(tmp_path, monkeypatch, read_me
         code = main(["run", "--resume", str(out), "--quiet"])
     # Assert: it continued after round 1 and finished
     assert code == 0 and [m["round"] for m in read_metrics(out)] == [0, 1, 2]
+
+
+def test_shared_top_level_modules_import_only_leaves():
+    # config, errors, files and wire are read by every layer: they may import each other and two
+    # leaf modules (the method table, pure data; the dtype rules), nothing else of the package
+    allowed = {
+        "fedsp",
+        "fedsp.errors",
+        "fedsp.files",
+        "fedsp.wire",
+        "fedsp.config",
+        "fedsp.methods.table",
+        "fedsp.models.precision",
+    }
+    for name in ("config", "errors", "files", "wire"):
+        imported = {m for m in _imports(PACKAGE / f"{name}.py") if m.count(".") <= 2}
+        assert {m.rsplit(".", 1)[0] if m not in allowed else m for m in imported} <= allowed, name
+    for leaf in ("methods/table.py", "models/precision.py"):
+        tree = ast.parse((PACKAGE / leaf).read_text())
+        runtime = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        modules = {n.module for n in runtime if isinstance(n, ast.ImportFrom) and n.module}
+        assert not {m for m in modules if m.startswith("fedsp") and m != "fedsp.errors"}, leaf

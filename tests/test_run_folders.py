@@ -124,3 +124,63 @@ def test_an_out_path_that_cannot_be_made_is_one_line_naming_it(tmp_path, capsys)
     code = main(["run", "--model", "tiny-llama", "--out", "/proc/fedsp-no-such/run", "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "'/proc/fedsp-no-such/run' cannot be created" in err[0]
+
+
+def test_a_full_disk_mid_run_is_one_line_and_the_run_resumes(tmp_path, monkeypatch, capsys, read_metrics):
+    # Prepare: the disk fills up when round 2's checkpoint is written
+    import errno
+
+    from fedsp.runtime import checkpoint
+
+    out = tmp_path / "run"
+    write = checkpoint.atomic_write
+
+    def full_disk(path, content):
+        if path.name == CHECKPOINT and torch_round(content) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return write(path, content)
+
+    def torch_round(content):
+        import io
+
+        import torch
+
+        buffer = io.BytesIO()
+        content(buffer)
+        buffer.seek(0)
+        return torch.load(buffer, weights_only=False)["round"]
+
+    monkeypatch.setattr(checkpoint, "atomic_write", full_disk)
+    args = [
+        "run",
+        "--model",
+        "tiny-llama",
+        "--clients",
+        "2",
+        "--rounds",
+        "2",
+        "--local-steps",
+        "1",
+        "--kd-steps",
+        "2",
+        "--eval-limit",
+        "4",
+        "--val-limit",
+        "4",
+        "--prefix-len",
+        "4",
+        "--max-length",
+        "96",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
+    # Execute: the run stops in one line; with room again, it resumes
+    code = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    monkeypatch.setattr(checkpoint, "atomic_write", write)
+    resumed = main(["run", "--resume", str(out), "--quiet"])
+    # Assert: round 1 was kept, round 2 ran again, no temporary file is left
+    assert code == 2 and len(err) == 1 and "no space left on the device" in err[0] and CHECKPOINT in err[0]
+    assert resumed == 0 and [m["round"] for m in read_metrics(out)] == [0, 1, 2]
+    assert not list(out.glob(".*.tmp"))

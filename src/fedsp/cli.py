@@ -13,6 +13,7 @@ from pathlib import Path
 
 from fedsp.config import PARTITIONS, RunConfig, load_config_file
 from fedsp.errors import FedSPError, RunFinished
+from fedsp.files import io_reason
 from fedsp.methods.table import METHODS, spec_for
 
 _HELP = {
@@ -143,6 +144,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except FedSPError as err:
         print(f"fedsp: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # disk full, permissions...: completed rounds stay (every write is atomic)
+        where = f"{err.filename}: " if err.filename else ""
+        print(
+            f"fedsp: error: {where}{io_reason(err)}; completed rounds are kept (--resume continues)",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("fedsp: interrupted; completed rounds are in the results folder", file=sys.stderr)
