@@ -194,3 +194,29 @@ def test_a_second_process_on_a_live_folder_is_refused_naming_the_pid(tmp_path, c
     # Assert
     assert resumed == 2 and len(resume_err) == 1 and f"(PID {proc.pid})" in resume_err[0]
     assert again == 2 and "already exists" in again_err[0]
+
+
+def test_kill_9_of_a_flower_simulation_then_resume_gives_the_uninterrupted_prefix(tmp_path):
+    # Prepare: the uninterrupted simulation, and two killed after 1 and after 3 completed rounds
+    from fedsp.runtime.flower import simulation
+
+    config = replace(TINY, rounds=4, engine="flower")
+    expected = _prefix(simulation.run(replace(config, out=str(tmp_path / "reference"))).out_dir)
+    child = (
+        "import json, sys; from fedsp.config import RunConfig; from fedsp.runtime.flower import simulation; "
+        "simulation.run(RunConfig.from_dict(json.loads(sys.argv[1])))"
+    )
+    for after_rounds in (1, 3):
+        out = tmp_path / f"killed-after-{after_rounds}"
+        keys = json.dumps(replace(config, out=str(out)).to_dict())
+        proc = subprocess.Popen([sys.executable, "-c", child, keys], stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline and _completed(out) < after_rounds:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        # Execute
+        code = main(["run", "--resume", str(out), "--quiet"])
+        # Assert: the resumed simulation ends exactly where the uninterrupted one did
+        got = _prefix(out)
+        assert code == 0 and all(torch.allclose(got[k], expected[k], atol=1e-6, rtol=0) for k in expected)

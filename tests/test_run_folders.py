@@ -184,3 +184,22 @@ def test_a_full_disk_mid_run_is_one_line_and_the_run_resumes(tmp_path, monkeypat
     assert code == 2 and len(err) == 1 and "no space left on the device" in err[0] and CHECKPOINT in err[0]
     assert resumed == 0 and [m["round"] for m in read_metrics(out)] == [0, 1, 2]
     assert not list(out.glob(".*.tmp"))
+
+
+def test_a_full_disk_at_the_start_is_one_line_and_leaves_no_folder(tmp_path, monkeypatch, capsys):
+    # Prepare: no room for the run's first file, config.json
+    import errno
+
+    from fedsp.runtime import results
+
+    def full_disk(path, content):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(results, "atomic_write", full_disk)
+    out = tmp_path / "run"
+    # Execute
+    code = main(["run", "--model", "tiny-llama", "--out", str(out), "--quiet"])
+    # Assert
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "config.json: no space left on the device" in err[0]
+    assert not out.exists()
