@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -26,6 +26,8 @@ class Encoded:
 
     ids: tuple[int, ...]
     num_answer: int
+    context_cut: int = field(default=0, compare=False)  # context tokens dropped on the left to fit
+    answer_cut: int = field(default=0, compare=False)  # continuation tokens that did not fit
 
 
 def encode_pair(
@@ -41,7 +43,11 @@ def encode_pair(
     if not answer:  # the tokenizer merged across the boundary: score the continuation alone
         answer = tokenizer(continuation, add_special_tokens=False)["input_ids"]
     ids = (head + answer)[-max_length:]
-    return Encoded(tuple(ids), min(len(answer), len(ids) - 1))
+    num_answer = min(len(answer), len(ids) - 1)
+    cut = max(0, len(head) + len(answer) - max_length)
+    return Encoded(
+        tuple(ids), num_answer, context_cut=min(cut, len(head)), answer_cut=len(answer) - num_answer
+    )
 
 
 def encode_gold(tokenizer: PreTrainedTokenizerBase, example: MCExample, max_length: int) -> Encoded:

@@ -7,12 +7,12 @@ Shard 0 is the server's (KD, prefix initialisation, server tuning), shards
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
 from fedsp.config import RunConfig
-from fedsp.data.batching import Encoded, encode_gold
+from fedsp.data.batching import Encoded, encode_gold, encode_pair
 from fedsp.data.partition import partition_dirichlet, partition_iid
 from fedsp.data.tasks import MCExample, eval_split, load_task, task_splits
 from fedsp.errors import FedSPError
@@ -25,6 +25,7 @@ class RunData:
     val_rows: list[Encoded]
     eval_examples: list[MCExample]
     eval_split: str
+    truncation: dict[str, int] = field(default_factory=dict)  # what --max-length cut (results.json)
 
 
 def prepare_data(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> RunData:
@@ -47,10 +48,31 @@ def prepare_data(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> RunDa
     if split == "validation":  # no labelled test split: keep the evaluated examples out of validation
         val_examples = val_examples[config.eval_limit or len(val_examples) :] or val_examples
     val_examples = val_examples[: config.val_limit] if config.val_limit else val_examples
+    evaluated = eval_examples[: config.eval_limit] if config.eval_limit else eval_examples
     return RunData(
         server_rows=[encoded[i] for i in shards[0]],
         client_rows=[[encoded[i] for i in shard] for shard in shards[1:]],
         val_rows=[encode_gold(tokenizer, ex, config.max_length) for ex in val_examples],
-        eval_examples=eval_examples[: config.eval_limit] if config.eval_limit else eval_examples,
+        eval_examples=evaluated,
         eval_split=split,
+        truncation=truncation_counts(tokenizer, encoded, evaluated, config.max_length),
     )
+
+
+def truncation_counts(
+    tokenizer: PreTrainedTokenizerBase, train: list[Encoded], evaluated: list[MCExample], max_length: int
+) -> dict[str, int]:
+    """How many training rows and evaluated questions ``--max-length`` cuts (context, or answer too)."""
+    scored = [
+        [encode_pair(tokenizer, ex.context, " " + c, max_length) for c in ex.choices] for ex in evaluated
+    ]
+    return {
+        "max_length": max_length,
+        "train_rows": len(train),
+        "train_contexts_cut": sum(1 for r in train if r.context_cut),
+        "train_answers_cut": sum(1 for r in train if r.answer_cut),
+        "eval_questions": len(evaluated),
+        "eval_contexts_cut": sum(1 for rows in scored if any(r.context_cut for r in rows)),
+        # scoring keeps every choice whole (its context cut to make room); these are longer than max_length
+        "eval_choices_over_max_length": sum(1 for rows in scored if any(r.answer_cut for r in rows)),
+    }

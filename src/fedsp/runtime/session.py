@@ -158,6 +158,16 @@ class Session:
                 record0.update(kd_first_loss=kd_losses[0], kd_last_loss=kd_losses[-1])
             results.append_metrics(out_dir / "metrics.jsonl", record0)
             session.history.append(record0)
+        cut = data.truncation  # said once the run is set up: an error before it stays one line
+        if cut.get("train_contexts_cut") or cut.get("eval_contexts_cut"):
+            rows, lose = f"{cut['train_contexts_cut']} of {cut['train_rows']}", cut["train_answers_cut"]
+            questions = f"{cut['eval_contexts_cut']} of {cut['eval_questions']}"
+            print(
+                f"fedsp: note: --max-length {config.max_length} cuts the context of {rows} training rows "
+                f"({lose} lose answer tokens) and of {questions} evaluated questions (results.json: "
+                "truncation)",
+                file=sys.stderr,
+            )
         return session
 
     def release(self) -> None:
@@ -300,6 +310,7 @@ class Session:
             "seed": config.seed,
             "zero_shot": self.zero_shot.summary() if self.zero_shot else None,
             "ignored_options": self.ignored,
+            "truncation": self.data.truncation,
             "global_model": {"params": global_params},
         }
         if self.course is None:  # nothing trained: the zero-shot accuracy is the result
