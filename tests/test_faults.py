@@ -118,6 +118,22 @@ def test_a_client_that_hangs_past_the_timeout_is_left_out(tmp_path, monkeypatch,
     assert record["failed_clients"] == [1] and record["num_clients"] == 1
 
 
+def test_an_inprocess_client_that_hangs_past_the_timeout_is_left_out(tmp_path, monkeypatch, read_metrics):
+    # Prepare: client 1 sleeps 6 s in round 1, the round waits 3 s for each client
+    import threading
+
+    _plan(monkeypatch, {"client": 1, "round": 1, "kind": "hang", "value": 6})
+    config = replace(TINY, clients=2, rounds=1, out=str(tmp_path / "run"), client_timeout=3.0)
+    # Execute
+    outcome = inprocess.run(config)
+    for worker in threading.enumerate():  # the late client finishes on its own; let it, before the next test
+        if worker.name.startswith("client-"):
+            worker.join()
+    # Assert
+    record = read_metrics(outcome.out_dir)[1]
+    assert record["failed_clients"] == [1] and record["num_clients"] == 1
+
+
 def test_a_huge_example_claim_is_cut_to_the_cap_and_recorded(tmp_path, monkeypatch, read_metrics):
     # Prepare: client 0 claims a billion examples and scales its update 9.5x (no server tuning: the
     # final prefix is the aggregate); once without a weight cap, once with --max-client-weight 800

@@ -64,7 +64,7 @@ _HELP = {
     "min_replies": "fewest accepted client updates a round needs; fewer stops the run with an error",
     "max_client_weight": "largest example count (FedAvg weight) a client's update counts with; larger "
     "claims are cut to it and recorded (a deployed server cannot check a client's count)",
-    "client_timeout": "seconds a Flower round waits for client replies; late clients are left out",
+    "client_timeout": "seconds a round waits for a client's reply (both engines); late clients are left out",
     "audit": "record every tensor sent to clients and check none is a private global-model weight "
     "(true/false)",
 }

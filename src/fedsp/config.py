@@ -93,7 +93,7 @@ class RunConfig:
     fraction_fit: float = 1.0  # fraction of the K clients sampled per round
     min_replies: int = 1  # fewer accepted updates than this stops the run
     max_client_weight: int | None = None  # a client's example count (FedAvg weight) is cut to this
-    client_timeout: float | None = None  # seconds a round waits for replies (Flower); None: no limit
+    client_timeout: float | None = None  # seconds a round waits for a client's reply; None: no limit
     audit: bool = False  # record every tensor sent to clients (audit.json in the results folder)
 
     def __post_init__(self) -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from functools import partial
@@ -228,6 +229,28 @@ class InProcessEngine:
         return replies
 
     def _one(self, order: Order, prefix: bytes) -> Reply:
+        if self.config.client_timeout is None:
+            return self._call(order, prefix)
+        # With --client-timeout the client runs in a thread the round stops waiting for: a client that
+        # hangs is left out, as on Flower (its thread finishes on its own; what it writes is its state).
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                outcome["reply"] = self._call(order, prefix)
+            except BaseException as err:  # e.g. KeyboardInterrupt: raised again in the round's thread
+                outcome["error"] = err
+
+        worker = threading.Thread(target=work, name=f"client-{order.partition}", daemon=True)
+        worker.start()
+        worker.join(self.config.client_timeout)
+        if worker.is_alive():
+            return Reply.failed(order.partition, "no reply within --client-timeout")
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["reply"]
+
+    def _call(self, order: Order, prefix: bytes) -> Reply:
         k = order.partition
         try:
             return client_round(
