@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedsp.config import RunConfig
 from fedsp.data.batching import collate, encode_pair
 from fedsp.data.tasks import MCExample
 from fedsp.models.loading import LoadedModel, load_global_model
@@ -111,3 +112,27 @@ def _random_prefix(model, num_tokens: int = 4, seed: int = 0) -> Prefix:
 def random_prefix() -> Callable[..., Prefix]:
     """``random_prefix(model, num_tokens=4, seed=0)``: a prefix of N(0, 0.5) values, no dropout."""
     return _random_prefix
+
+
+@pytest.fixture
+def interrupted_run(monkeypatch) -> Callable[[RunConfig, int], Path]:
+    """``interrupted_run(config, rnd)``: an in-process run stopped (KeyboardInterrupt) as round ``rnd``
+    starts its clients, its earlier rounds checkpointed; the results folder."""
+    from fedsp.runtime import inprocess, rounds
+
+    def run(config: RunConfig, rnd: int) -> Path:
+        fit = rounds.client_round
+
+        def killing(order, *args, **kwargs):
+            if order.rnd == rnd:
+                raise KeyboardInterrupt
+            return fit(order, *args, **kwargs)
+
+        monkeypatch.setattr(rounds, "client_round", killing)
+        with pytest.raises(KeyboardInterrupt):
+            inprocess.run(config)
+        monkeypatch.setattr(rounds, "client_round", fit)
+        assert config.out is not None
+        return Path(config.out)
+
+    return run

@@ -98,13 +98,12 @@ def test_the_same_configuration_with_an_unknown_key_is_refused_where_strict():
         RunConfig.from_dict({"quantum_shards": 7})
 
 
-def test_a_run_written_by_another_version_resumes(tmp_path, monkeypatch, read_metrics):
+def test_a_run_written_by_another_version_resumes(tmp_path, interrupted_run, read_metrics):
     # Prepare: a run killed in round 2, whose config.json and checkpoint another version wrote
     # (a key this version does not know, and without one this version has)
     import torch
 
     from fedsp.cli import main
-    from fedsp.runtime import inprocess, rounds
     from fedsp.runtime.checkpoint import CHECKPOINT
 
     out = tmp_path / "run"
@@ -121,17 +120,7 @@ def test_a_run_written_by_another_version_resumes(tmp_path, monkeypatch, read_me
         progress=False,
         out=str(out),
     )
-    fit = rounds.client_round
-
-    def killing(order, *args, **kwargs):
-        if order.rnd == 2:
-            raise KeyboardInterrupt
-        return fit(order, *args, **kwargs)
-
-    monkeypatch.setattr(rounds, "client_round", killing)
-    with pytest.raises(KeyboardInterrupt):
-        inprocess.run(config)
-    monkeypatch.setattr(rounds, "client_round", fit)
+    interrupted_run(config, 2)
     written = json.loads((out / "config.json").read_text())
     written["quantum_shards"] = 7
     del written["max_client_weight"]

@@ -7,14 +7,12 @@ import json
 import warnings
 from dataclasses import replace
 
-import pytest
-
 from fedsp.cli import main
 from fedsp.config import RunConfig
 from fedsp.data.tasks import MCExample
 from fedsp.evaluation.multiple_choice import evaluate_multiple_choice
 from fedsp.files import atomic_write
-from fedsp.runtime import inprocess, rounds
+from fedsp.runtime import inprocess
 from fedsp.runtime.checkpoint import CHECKPOINT
 
 TINY = RunConfig(
@@ -32,23 +30,6 @@ TINY = RunConfig(
 )
 
 
-def _killed_in_round_2(tmp_path, monkeypatch, name: str = "run"):
-    """A run interrupted in round 2 (its clients' round-1 states on disk)."""
-    out = tmp_path / name
-    fit = rounds.client_round
-
-    def killing(order, *args, **kwargs):
-        if order.rnd == 2:
-            raise KeyboardInterrupt
-        return fit(order, *args, **kwargs)
-
-    monkeypatch.setattr(rounds, "client_round", killing)
-    with pytest.raises(KeyboardInterrupt):
-        inprocess.run(replace(TINY, out=str(out)))
-    monkeypatch.setattr(rounds, "client_round", fit)
-    return out
-
-
 def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):
     # Prepare
     outcome = inprocess.run(replace(TINY, out=str(tmp_path / "run")))
@@ -62,9 +43,9 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in outcome.out_dir.iterdir() if p.is_file()} == before
 
 
-def test_leftover_temporaries_of_a_killed_writer_are_removed_on_resume(tmp_path, monkeypatch):
+def test_leftover_temporaries_of_a_killed_writer_are_removed_on_resume(tmp_path, interrupted_run):
     # Prepare: a killed run, and the half-written temporary file a SIGKILL during a checkpoint leaves
-    out = _killed_in_round_2(tmp_path, monkeypatch)
+    out = interrupted_run(replace(TINY, out=str(tmp_path / "run")), 2)
     (out / f".{CHECKPOINT}.abc123.tmp").write_bytes(b"")
     # Execute
     code = main(["run", "--resume", str(out), "--quiet"])
@@ -73,10 +54,10 @@ def test_leftover_temporaries_of_a_killed_writer_are_removed_on_resume(tmp_path,
 
 
 def test_a_truncated_client_state_is_treated_as_lost_and_the_run_completes(
-    tmp_path, monkeypatch, read_metrics
+    tmp_path, interrupted_run, read_metrics
 ):
     # Prepare: client 1's round-1 state cut in half
-    out = _killed_in_round_2(tmp_path, monkeypatch)
+    out = interrupted_run(replace(TINY, out=str(tmp_path / "run")), 2)
     state = out / "clients" / "partition-1" / "state-1.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     # Execute

@@ -16,7 +16,7 @@ A fault without ``round`` applies to every round. Kinds:
   - ``nan``: the update holds NaN;
   - ``empty-reply`` (Flower only): the reply message carries no records at all.
 Every engine runs the client half of a round through
-:func:`fedsp.runtime.rounds.client_round`, which calls :func:`before_fit` and
+:func:`fedsp.runtime.clients.client_round`, which calls :func:`before_fit` and
 :func:`after_fit`; the Flower ClientApp also asks :func:`wants` for ``empty-reply``.
 """
 

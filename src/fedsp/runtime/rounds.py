@@ -1,4 +1,4 @@
-"""One round driver for every engine: the server's half and the client's half of a round, written once.
+"""One round driver for every engine: the server's half of a round, written once, and the in-process engine.
 
 Server side, round ``r`` (:class:`RoundDriver`):
   1. sample the partitions taking part (:func:`~fedsp.runtime.participation.sample_clients`,
@@ -14,11 +14,8 @@ Server side, round ``r`` (:class:`RoundDriver`):
 Which partitions hold the client model and a trained state (``shipped``,
 ``trained``) is checkpointed with the server, so a resumed run knows it too.
 
-Client side, in every engine (:func:`client_round`): take the client model if
-it came, else find it and the previous round's state in the client's store
-(or say ``need-aux`` / ``lost-state``); build the client, load its state, run
-``client.fit`` under the round's per-client seed, write the new state to the
-store, send the encoded update.
+The client's half, the same in every engine, is
+:func:`fedsp.runtime.clients.client_round`.
 
 An engine (:class:`Engine`) supplies only the exchange: in one process
 (:class:`InProcessEngine`: clients called in turn, each built when its order
@@ -66,10 +63,8 @@ class RoundDriver:
         if "shipped" not in session.runtime_state and session.first_round > 1:
             # a checkpoint of an older version (in-process, every client built at the start): every
             # client holds the model; one that never trained finds no state and is sent it again
-            self.shipped, self.trained = (
-                set(range(session.course.num_clients)),
-                set(range(session.course.num_clients)),
-            )
+            everyone = range(session.course.num_clients)
+            self.shipped, self.trained = set(everyone), set(everyone)
 
     def run(self) -> None:
         config = self.session.config
@@ -137,9 +132,7 @@ class RoundDriver:
             orders = [Order(rnd, k, ship, k in self.trained and not ship) for k, ship in pending.items()]
             replies: dict[int, Reply] = {}
             for answer in self.engine.exchange(orders, down):
-                if (
-                    answer.partition not in pending or answer.partition in replies
-                ):  # not asked, or a second one
+                if answer.partition not in pending or answer.partition in replies:  # not asked, or again
                     what = "a second reply" if answer.partition in replies else "a reply it was not asked for"
                     log.warning("round %d: client %s sent %s; ignored", rnd, answer.partition, what)
                     self.ignored_replies += 1
@@ -195,7 +188,7 @@ class InProcessEngine:
     A client's state lives in ``<results folder>/clients/partition-K`` between
     rounds (as on a Flower node), so the process holds one client at a time.
     The client model is the course's (one copy in memory, the server's): a
-    client that is "shipped" it starts afresh.
+    client it is "shipped" to starts afresh.
     """
 
     def __init__(self, session: Session) -> None:

@@ -36,7 +36,7 @@ from fedsp.errors import RunFinished
 from fedsp.evaluation.multiple_choice import MCResult, evaluate_multiple_choice
 from fedsp.files import atomic_write, remove_stale_temporaries
 from fedsp.methods.base import ClientUpdate, Course
-from fedsp.methods.table import SPLIT_HEAD, MethodSpec, spec_for
+from fedsp.methods.table import SPLIT_HEAD, MethodSpec, build_course, spec_for
 from fedsp.models.adapters import check_lengths
 from fedsp.models.auxiliary import unique_parameter_count
 from fedsp.models.loading import LoadedModel, load_global_model
@@ -150,7 +150,7 @@ class Session:
                 f"acc_norm {100 * session.zero_shot.acc_norm:.1f}"
             )
         if spec.trains:
-            session.course = spec.builder()(config, loaded, data)
+            session.course = build_course(config, loaded, data)
             session.once_bytes = wire.num_bytes(session.course.shipped_once)
             record0 = {"round": 0, "val_loss": session.course.server.validation_loss()}
             kd_losses = session.course.notes.get("kd_losses")
@@ -189,7 +189,7 @@ class Session:
             saved["history"],
         )
         if saved["server"] is not None:
-            self.course = self.course or self.spec.builder()(self.config, self.loaded, self.data)
+            self.course = self.course or build_course(self.config, self.loaded, self.data)
             self.once_bytes = wire.num_bytes(self.course.shipped_once)
             self.course.server.load_state_dict(saved["server"])
         if self.audit is not None and saved.get("audit") is not None:

@@ -8,7 +8,7 @@
      (``need-aux`` when it never had the model) and the server ships again;
   3. ``client.fit(prefix)`` under the round's seed;
   4. write the client's state atomically, reply with the update.
-Steps 2-4 are :func:`fedsp.runtime.rounds.client_round`, the client half the
+Steps 2-4 are :func:`fedsp.runtime.clients.client_round`, the client half the
 in-process engine runs too.
 ``query`` tells the server which partition this node holds.
 
