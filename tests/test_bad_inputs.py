@@ -125,6 +125,79 @@ def _foreign_run(tmp_path, checkpoint: bytes) -> list[str]:
     return ["--resume", str(run)]
 
 
+# The privacy and robustness options (TINY has 2 clients, all sampled each round)
+CASES += [
+    (
+        "dp-clip-zero",
+        lambda p: ["--dp-noise-multiplier", "1", "--dp-clip", "0"],
+        "--dp-clip must be a positive",
+    ),
+    ("dp-clip-negative", lambda p: ["--dp-epsilon", "4", "--dp-clip", "-1"], "got -1.0"),
+    (
+        "dp-noise-negative",
+        lambda p: ["--dp-noise-multiplier", "-0.5", "--dp-clip", "1"],
+        "0 or more, got -0.5",
+    ),
+    ("dp-epsilon-zero", lambda p: ["--dp-epsilon", "0", "--dp-clip", "1"], "--dp-epsilon must be positive"),
+    (
+        "dp-delta-one",
+        lambda p: ["--dp-epsilon", "4", "--dp-clip", "1", "--dp-delta", "1"],
+        "in (0, 1), got 1.0",
+    ),
+    ("dp-delta-zero", lambda p: ["--dp-epsilon", "4", "--dp-clip", "1", "--dp-delta", "0"], "--dp-delta"),
+    ("dp-without-clip", lambda p: ["--dp-epsilon", "4"], "needs --dp-clip C"),
+    ("dp-clip-without-noise", lambda p: ["--dp-clip", "1"], "clipped-mean:C"),
+    (
+        "dp-with-median",
+        lambda p: ["--dp-epsilon", "4", "--dp-clip", "1", "--aggregation", "median"],
+        "use mean",
+    ),
+    (
+        "dp-adaptive-too-few-clients",
+        lambda p: ["--dp-noise-multiplier", "1", "--dp-clip", "1", "--dp-clip-quantile", "0.5"],
+        "needs more than 10 clients a round",
+    ),
+    (
+        "dp-quantile-one",
+        lambda p: ["--dp-epsilon", "4", "--dp-clip", "1", "--dp-clip-quantile", "1"],
+        "(0, 1)",
+    ),
+    ("aggregation-unknown", lambda p: ["--aggregation", "mode"], "--aggregation 'mode' is not valid"),
+    ("trimmed-mean-no-f", lambda p: ["--aggregation", "trimmed-mean"], "trimmed-mean:F"),
+    ("trimmed-mean-fraction", lambda p: ["--aggregation", "trimmed-mean:0.2"], "is not valid"),
+    ("trimmed-mean-too-large", lambda p: ["--aggregation", "trimmed-mean:1"], "leaves none of the 2 clients"),
+    ("clipped-mean-negative", lambda p: ["--aggregation", "clipped-mean:-3"], "clipped-mean:C (C > 0)"),
+    ("attack-unknown", lambda p: ["--attack", "flip", "--attackers", "1"], "--attack 'flip' is not valid"),
+    ("attack-without-attackers", lambda p: ["--attack", "sign-flip"], "go together"),
+    (
+        "attackers-not-partitions",
+        lambda p: ["--attack", "sign-flip", "--attackers", "1,5"],
+        "[5] are not partitions",
+    ),
+    ("attackers-not-numbers", lambda p: ["--attack", "sign-flip", "--attackers", "a,b"], "partition ids"),
+    ("secagg-inprocess", lambda p: ["--secure-aggregation", "true"], "--engine flower only"),
+    (
+        "secagg-too-few-clients",
+        lambda p: ["--secure-aggregation", "true", "--engine", "flower"],
+        "needs at least 3 clients a round",
+    ),
+    (
+        "secagg-with-median",
+        lambda p: [
+            "--secure-aggregation",
+            "true",
+            "--engine",
+            "flower",
+            "--clients",
+            "4",
+            "--aggregation",
+            "median",
+        ],
+        "needs each update",
+    ),
+]
+
+
 @pytest.mark.parametrize("case,extra,fragment", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_gets_one_line_and_leaves_nothing(case, extra, fragment, tmp_path, capsys, monkeypatch):
     # Prepare: run in a fresh folder so that any results folder it made would show

@@ -12,6 +12,7 @@ from fedsp.cli import main
 from fedsp.config import METHODS, RunConfig
 from fedsp.data.shards import prepare_data
 from fedsp.errors import FedSPError
+from fedsp.methods.aggregation import weighted_average
 from fedsp.methods.table import METHOD_SPECS, build_course
 from fedsp.models.adapters import decoder_layers
 from fedsp.models.loading import load_global_model
@@ -174,7 +175,9 @@ def test_only_finetune_changes_global_weights(method, changes, tmp_path, monkeyp
     loaded, course = _course(method)
     before = _params(loaded.model)
     clients = [course.make_client(k) for k in range(course.num_clients)]
-    course.server.aggregate([c.fit(course.server.broadcast()) for c in clients])
+    updates = [c.fit(course.server.broadcast()) for c in clients]
+    state = weighted_average([(u.state, u.num_examples) for u in updates]) if updates else None
+    course.server.aggregate(state, updates)
     course.server.tune()
     assert _changed(before, loaded.model) == changes
 

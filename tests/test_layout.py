@@ -137,18 +137,19 @@ def test_a_run_written_by_another_version_resumes(tmp_path, interrupted_run, rea
 
 
 def test_shared_top_level_modules_import_only_leaves():
-    # config, errors, files and wire are read by every layer: they may import each other and two
-    # leaf modules (the method table, pure data; the dtype rules), nothing else of the package
+    # config, errors, files, wire and protection are read by every layer: they may import each other and
+    # two leaf modules (the method table, pure data; the dtype rules), nothing else of the package
     allowed = {
         "fedsp",
         "fedsp.errors",
         "fedsp.files",
         "fedsp.wire",
         "fedsp.config",
+        "fedsp.protection",
         "fedsp.methods.table",
         "fedsp.models.precision",
     }
-    for name in ("config", "errors", "files", "wire"):
+    for name in ("config", "errors", "files", "wire", "protection"):
         imported = {m for m in _imports(PACKAGE / f"{name}.py") if m.count(".") <= 2}
         assert {m.rsplit(".", 1)[0] if m not in allowed else m for m in imported} <= allowed, name
     for leaf in ("methods/table.py", "models/precision.py"):

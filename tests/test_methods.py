@@ -145,7 +145,8 @@ def test_answer_loss_falls_over_rounds_and_global_model_is_bit_identical(tiny, t
     # Execute: five FedSP rounds
     for _ in range(5):
         sent = server.broadcast()
-        server.aggregate([c.fit({k: v.clone() for k, v in sent.items()}) for c in clients])
+        updates = [c.fit({k: v.clone() for k, v in sent.items()}) for c in clients]
+        server.aggregate(weighted_average([(u.state, u.num_examples) for u in updates]), updates)
         server.tune()
         last = server.validation_loss()
     # Assert

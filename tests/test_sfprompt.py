@@ -14,6 +14,7 @@ from fedsp.config import RunConfig
 from fedsp.data.batching import collate, encode_gold, encode_pair
 from fedsp.data.shards import RunData
 from fedsp.errors import FedSPError
+from fedsp.methods.aggregation import weighted_average
 from fedsp.methods.sfprompt import answer_positions, el2n, prune_hardest, sfprompt_course
 from fedsp.methods.split_traffic import SPLIT_KEYS
 from fedsp.methods.table import METHOD_SPECS
@@ -183,7 +184,8 @@ def test_loss_falls_over_rounds_and_global_model_is_unchanged(tiny, toy_examples
     # Execute: five rounds of broadcast -> fit -> FedAvg
     for _ in range(5):
         state = server.broadcast()
-        server.aggregate([c.fit({k: v.clone() for k, v in state.items()}) for c in clients])
+        updates = [c.fit({k: v.clone() for k, v in state.items()}) for c in clients]
+        server.aggregate(weighted_average([(u.state, u.num_examples) for u in updates]), updates)
     last = server.validation_loss()
     # Assert
     assert last < first - 0.1, (first, last)

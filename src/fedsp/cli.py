@@ -10,11 +10,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from fedsp.config import PARTITIONS, RunConfig, load_config_file
 from fedsp.errors import FedSPError, RunFinished
 from fedsp.files import io_reason
 from fedsp.methods.table import METHODS, spec_for
+from fedsp.protection import ATTACK_FORMS, RULE_FORMS
 
 _HELP = {
     "method": f"method: {', '.join(METHODS)}",
@@ -67,6 +69,21 @@ _HELP = {
     "client_timeout": "seconds a round waits for a client's reply (both engines); late clients are left out",
     "audit": "record every tensor sent to clients and check none is a private global-model weight "
     "(true/false)",
+    "aggregation": f"how the round's updates are combined: {RULE_FORMS}",
+    "dp_noise_multiplier": "client-level differential privacy: Gaussian noise of Z x clip on the sum of the "
+    "clipped updates (needs --dp-clip)",
+    "dp_clip": "client-level DP: each update (prefix minus broadcast) clipped to this L2 norm (the initial "
+    "clip with --dp-clip-quantile)",
+    "dp_epsilon": "client-level DP budget: without --dp-noise-multiplier, the noise is chosen for the "
+    "planned rounds; with it, a round that would exceed it is not started",
+    "dp_delta": "client-level DP: the delta epsilon is reported at",
+    "dp_clip_quantile": "client-level DP: adapt the clip each round towards this fraction of unclipped "
+    "updates (Andrew et al. 2021)",
+    "dp_clip_lr": "client-level DP: learning rate of the adaptive clip",
+    "secure_aggregation": "Flower's SecAgg+: the server sees only the sum of the updates (--engine flower, "
+    "aggregation mean; true/false)",
+    "attack": f"evaluation only: what --attackers send instead of their update: {ATTACK_FORMS}",
+    "attackers": "evaluation only: the partitions that send --attack, like 1,4",
 }
 
 
@@ -184,6 +201,24 @@ def format_summary(res: dict, out_dir: str) -> str:
             f"  per client and round: {comm['params_down_per_round']:,} params down / "
             f"{comm['params_up_per_round']:,} up ({comm['bytes_down_per_round'] / 1e6:.2f} MB each way)"
         )
+    dp: dict[str, Any] = res.get("privacy") or {}
+    if dp:
+        stopped = (
+            f"; stopped before round {dp['stopped_before_round']} (budget)"
+            if "stopped_before_round" in dp
+            else ""
+        )
+        lines.append(
+            f"  client-level DP: epsilon {dp['epsilon']:.3g} at delta {dp['delta']:g} "
+            f"(noise multiplier {dp['noise_multiplier']:.3g}, clip {dp['clip']:g}){stopped}"
+        )
+    protection: dict[str, Any] = res.get("protection") or {}
+    if protection.get("aggregation", "mean") != "mean" or protection.get("secure_aggregation"):
+        secure = ", secure aggregation (SecAgg+)" if protection.get("secure_aggregation") else ""
+        lines.append(f"  aggregation: {protection['aggregation']}{secure}")
+    if protection.get("attack"):
+        attackers = ",".join(map(str, protection["attackers"]))
+        lines.append(f"  SIMULATED ATTACK: partitions {attackers} sent {protection['attack']}")
     if res.get("ignored_options"):
         lines.append(f"  ignored options: {res['ignored_options']}")
     lines.append(f"  wall time {res['wall_seconds']:.0f} s; results in {out_dir}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import warnings
 from dataclasses import dataclass, field
@@ -25,6 +26,14 @@ from fedsp.errors import FedSPError
 from fedsp.files import io_reason
 from fedsp.methods.table import ENGINES, METHODS, spec_for
 from fedsp.models.precision import DTYPE_CHOICES, resolve_dtype
+from fedsp.protection import (
+    MEAN,
+    SECAGG_MIN_CLIENTS,
+    clients_per_round,
+    parse_attack,
+    parse_partitions,
+    parse_rule,
+)
 
 PARTITIONS = ("iid", "dirichlet")
 MAX_PREFIX_LEN = 4096  # a sane bound, checked before any work (the paper's prefixes are 40 tokens)
@@ -95,6 +104,17 @@ class RunConfig:
     max_client_weight: int | None = None  # a client's example count (FedAvg weight) is cut to this
     client_timeout: float | None = None  # seconds a round waits for a client's reply; None: no limit
     audit: bool = False  # record every tensor sent to clients (audit.json in the results folder)
+    # the data owners' protection (fedsp.protection; README "Privacy and robustness")
+    aggregation: str = "mean"  # mean, median, trimmed-mean:F, clipped-mean:C
+    dp_noise_multiplier: float | None = None  # client-level DP: Gaussian noise Z * clip on the sum
+    dp_clip: float | None = None  # client-level DP: each update's L2 norm clipped to this (initial, adaptive)
+    dp_epsilon: float | None = None  # the privacy budget (Z chosen for the planned rounds when Z is not set)
+    dp_delta: float = 1e-5
+    dp_clip_quantile: float | None = None  # adaptive clip: the fraction of updates left unclipped it aims for
+    dp_clip_lr: float = 0.2  # adaptive clip: geometric learning rate (Flower's default)
+    secure_aggregation: bool = False  # Flower's SecAgg+: the server sees only the sum of the updates
+    attack: str | None = None  # evaluation only: what --attackers send instead of their update
+    attackers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _check_choice("method", self.method, METHODS)
@@ -154,6 +174,96 @@ class RunConfig:
             raise FedSPError(f"--client-timeout must be positive seconds, got {self.client_timeout}")
         if isinstance(self.aux_layer_choice, list):
             object.__setattr__(self, "aux_layer_choice", tuple(self.aux_layer_choice))
+        self._check_protection()
+
+    @property
+    def dp(self) -> bool:
+        """Client-level differential privacy is on (a noise multiplier or a budget was given)."""
+        return self.dp_noise_multiplier is not None or self.dp_epsilon is not None
+
+    @property
+    def clients_per_round(self) -> int:
+        return clients_per_round(self.clients, self.fraction_fit)
+
+    def _check_protection(self) -> None:
+        """The privacy and robustness options: each value, then how they combine (one-line errors)."""
+        object.__setattr__(self, "aggregation", str(parse_rule(self.aggregation)))  # canonical spelling
+        rule = parse_rule(self.aggregation)
+        per_round = self.clients_per_round
+        if rule.trim and 2 * rule.trim >= per_round:
+            raise FedSPError(
+                f"--aggregation {rule} drops the {rule.trim} largest and {rule.trim} smallest values of "
+                f"each coordinate, which leaves none of the {per_round} clients a round "
+                f"(--clients {self.clients}, --fraction-fit {self.fraction_fit:g}); F must be below "
+                f"{per_round / 2:g}"
+            )
+        if self.dp_clip is not None and not (math.isfinite(self.dp_clip) and self.dp_clip > 0):
+            raise FedSPError(f"--dp-clip must be a positive L2 norm, got {self.dp_clip}")
+        if self.dp_noise_multiplier is not None and not (
+            math.isfinite(self.dp_noise_multiplier) and self.dp_noise_multiplier >= 0
+        ):
+            raise FedSPError(f"--dp-noise-multiplier must be 0 or more, got {self.dp_noise_multiplier}")
+        if self.dp_epsilon is not None and not (math.isfinite(self.dp_epsilon) and self.dp_epsilon > 0):
+            raise FedSPError(f"--dp-epsilon must be positive, got {self.dp_epsilon}")
+        if not 0 < self.dp_delta < 1:
+            raise FedSPError(f"--dp-delta must be in (0, 1), got {self.dp_delta}")
+        if self.dp_clip_quantile is not None and not 0 < self.dp_clip_quantile < 1:
+            raise FedSPError(f"--dp-clip-quantile must be in (0, 1), got {self.dp_clip_quantile}")
+        if not (math.isfinite(self.dp_clip_lr) and self.dp_clip_lr > 0):
+            raise FedSPError(f"--dp-clip-lr must be positive, got {self.dp_clip_lr}")
+        if self.dp and self.dp_clip is None:
+            raise FedSPError("differential privacy (--dp-noise-multiplier or --dp-epsilon) needs --dp-clip C")
+        if not self.dp and (self.dp_clip is not None or self.dp_clip_quantile is not None):
+            given = "--dp-clip" if self.dp_clip is not None else "--dp-clip-quantile"
+            raise FedSPError(
+                f"{given} needs --dp-noise-multiplier Z or --dp-epsilon E (for clipping without noise: "
+                "--aggregation clipped-mean:C)"
+            )
+        if self.dp and rule.name != MEAN:
+            raise FedSPError(
+                f"differential privacy aggregates with its own clipped uniform mean; --aggregation {rule} "
+                "cannot be combined with it (use mean)"
+            )
+        if self.secure_aggregation:
+            if self.engine != "flower":
+                raise FedSPError(
+                    f"--secure-aggregation runs with --engine flower only (Flower's SecAgg+), "
+                    f"got --engine {self.engine}"
+                )
+            if rule.name != MEAN:
+                raise FedSPError(
+                    f"--secure-aggregation shows the server only the sum of the updates; --aggregation "
+                    f"{rule} needs each update (use mean)"
+                )
+            if self.dp_clip_quantile is not None:
+                raise FedSPError(
+                    "--dp-clip-quantile needs each update's norm, which --secure-aggregation hides; "
+                    "use a fixed --dp-clip"
+                )
+            if self.max_client_weight is not None:
+                raise FedSPError(
+                    "--max-client-weight needs each client's example count, which --secure-aggregation "
+                    "hides (counts are summed inside the masked vectors)"
+                )
+            if per_round < SECAGG_MIN_CLIENTS:
+                raise FedSPError(
+                    f"--secure-aggregation needs at least {SECAGG_MIN_CLIENTS} clients a round "
+                    f"(SecAgg+ shares each client's mask among the others); --clients {self.clients} "
+                    f"--fraction-fit {self.fraction_fit:g} gives {per_round}"
+                )
+        if self.attack is not None:
+            object.__setattr__(self, "attack", str(parse_attack(self.attack)))
+        object.__setattr__(self, "attackers", parse_partitions(self.attackers) if self.attackers else ())
+        if (self.attack is None) != (not self.attackers):
+            raise FedSPError(
+                "--attack and --attackers go together: an attack and the partitions that send it"
+            )
+        outside = [k for k in self.attackers if not 0 <= k < self.clients]
+        if outside:
+            raise FedSPError(
+                f"--attackers {','.join(map(str, self.attackers))}: {outside} are not partitions of this run "
+                f"(0..{self.clients - 1} with --clients {self.clients})"
+            )
 
     @property
     def effective_server_steps(self) -> int:
@@ -163,6 +273,7 @@ class RunConfig:
         data = dataclasses.asdict(self)
         if isinstance(self.aux_layer_choice, tuple):
             data["aux_layer_choice"] = list(self.aux_layer_choice)
+        data["attackers"] = list(self.attackers)
         return data
 
     @classmethod
@@ -245,6 +356,8 @@ def _coerce(name: str, value: Any, annotation: Any, source: str) -> Any:
         raise FedSPError(
             f"{source}: aux_layer_choice = {value!r} is not valid: bottom, middle, top, or layer indices"
         )
+    if name == "attackers":
+        return parse_partitions(value) if value not in (None, "", []) else ()
     if value is None:
         return None
     try:

@@ -72,3 +72,21 @@ def num_params(tensors: Mapping[str, torch.Tensor]) -> int:
 def num_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
     """Bytes of the encoded message (0 for an empty one: nothing is sent)."""
     return len(encode(tensors)) if tensors else 0
+
+
+def flatten(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """One float64 vector of ``tensors``' values, by sorted name (what secure aggregation sums)."""
+    return torch.cat([tensors[name].detach().double().reshape(-1).cpu() for name in sorted(tensors)])
+
+
+def unflatten(vector: torch.Tensor, like: Mapping[str, torch.Tensor]) -> Tensors:
+    """``flatten``'s inverse: float64 tensors shaped as ``like``'s (a vector of another length: refused)."""
+    size = sum(t.numel() for t in like.values())
+    if vector.numel() != size:
+        raise FedSPError(f"a summed vector of {vector.numel()} values cannot hold {size} values")
+    out, start = {}, 0
+    for name in sorted(like):
+        count = like[name].numel()
+        out[name] = vector[start : start + count].double().reshape(like[name].shape)
+        start += count
+    return out

@@ -3,7 +3,9 @@
 A round, for any federated method:
   1. ``server.broadcast()`` -> the tensors sent down to each sampled client;
   2. ``client.fit(state)`` on each client -> a :class:`ClientUpdate` sent up;
-  3. ``server.aggregate(updates)``, then ``server.tune()`` on the server's own data;
+  3. ``server.aggregate(state, updates)`` with the round's aggregate of the updates (made by the
+     runtime's one aggregation rule, :mod:`fedsp.runtime.privacy`), then ``server.tune()`` on the
+     server's own data;
   4. ``server.validation_loss()`` (the server keeps the best state it has seen).
 Centralised methods are a course without clients: only steps 3-4 happen.
 
@@ -45,7 +47,9 @@ class Client(Protocol):
 class Server(Protocol):
     def broadcast(self) -> dict[str, torch.Tensor]: ...
 
-    def aggregate(self, updates: Sequence[ClientUpdate]) -> None: ...
+    def aggregate(self, state: dict[str, torch.Tensor] | None, updates: Sequence[ClientUpdate]) -> None:
+        """Take ``state``, the round's aggregate (None: no client took part); ``updates`` for reports."""
+        ...
 
     def tune(self) -> float: ...
 

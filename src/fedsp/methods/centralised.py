@@ -53,8 +53,8 @@ class FinetuneServer:
     def broadcast(self) -> dict[str, torch.Tensor]:
         return {}
 
-    def aggregate(self, updates: Sequence[ClientUpdate]) -> None:
-        if updates:
+    def aggregate(self, state: dict[str, torch.Tensor] | None, updates: Sequence[ClientUpdate]) -> None:
+        if updates or state:
             raise RuntimeError("centralised fine-tuning has no clients")
 
     def tune(self) -> float:

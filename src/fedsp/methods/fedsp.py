@@ -8,7 +8,7 @@ Client round (method notes, "A round", step 2):
   2. global-model alignment: T steps on the auxiliary model, prefix frozen;
   3. local knowledge capturing: T steps on the prefix, auxiliary model frozen;
   4. return the prefix and the number of local examples.
-Server round (step 4): weighted average of the prefixes (N_k / N), T steps of
+Server round (step 4): the round's aggregate of the prefixes (FedAvg, N_k / N, by default), T steps of
 prefix tuning on the frozen global model with its own shard, validation loss,
 keep the best prefix.
 
@@ -42,7 +42,6 @@ from fedsp.config import RunConfig
 from fedsp.data.batching import BatchStream, Encoded, fixed_batches
 from fedsp.data.shards import RunData
 from fedsp.errors import FedSPError
-from fedsp.methods.aggregation import weighted_average
 from fedsp.methods.base import ClientModelInfo, ClientUpdate, Course
 from fedsp.methods.kd import distilled_auxiliary_model
 from fedsp.methods.optim import OptimConfig, Phase, set_trainable
@@ -203,9 +202,9 @@ class FedSPServer:
         """The prefix sent to clients this round."""
         return self.prefix.wire_state()
 
-    def aggregate(self, updates: Sequence[ClientUpdate]) -> None:
-        if updates:
-            self.prefix.load_wire_state(weighted_average([(u.state, u.num_examples) for u in updates]))
+    def aggregate(self, state: dict[str, torch.Tensor] | None, updates: Sequence[ClientUpdate]) -> None:
+        if state is not None:
+            self.prefix.load_wire_state(state)
 
     def tune(self) -> float:
         """T steps of prefix tuning on the frozen global model; mean training loss (nan without a shard)."""

@@ -43,7 +43,6 @@ from fedsp.config import RunConfig
 from fedsp.data.batching import IGNORE, BatchStream, Encoded, collate, demonstration_tokens, fixed_batches
 from fedsp.data.shards import RunData
 from fedsp.errors import FedSPError
-from fedsp.methods.aggregation import weighted_average
 from fedsp.methods.base import ClientModelInfo, ClientUpdate, Course
 from fedsp.methods.optim import OptimConfig, Phase
 from fedsp.methods.split_traffic import SPLIT_KEYS, FlopModel, SplitLink, add_round, new_report
@@ -270,12 +269,10 @@ class SFPromptServer:
     def broadcast(self) -> dict[str, torch.Tensor]:
         return _wire_state(self.prompts, self.tail)
 
-    def aggregate(self, updates: Sequence[ClientUpdate]) -> None:
-        if not updates:
+    def aggregate(self, state: dict[str, torch.Tensor] | None, updates: Sequence[ClientUpdate]) -> None:
+        if state is None:
             return
-        _load_wire_state(
-            self.prompts, self.tail, weighted_average([(u.state, u.num_examples) for u in updates])
-        )
+        _load_wire_state(self.prompts, self.tail, state)
         add_round(self.report, updates)
 
     def tune(self) -> float:

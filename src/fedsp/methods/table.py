@@ -53,7 +53,22 @@ MODEL_LR = frozenset({"align_lr"})
 AUX = frozenset({"aux_layers", "aux_layer_choice"})
 KD = frozenset({"kd_steps", "kd_lr", "kd_batch_size", "kd_projection"})
 SPLIT = frozenset({"split_layer", "prune_gamma", "local_loss_steps"})  # SFPrompt
-GROUPS = (TRAINING, FEDERATION, PREFIX, MODEL_LR, AUX, KD, SPLIT)
+# how clients' updates are combined and protected (fedsp.protection): every federated method reads these
+PROTECTION = frozenset(
+    {
+        "aggregation",
+        "dp_noise_multiplier",
+        "dp_clip",
+        "dp_epsilon",
+        "dp_delta",
+        "dp_clip_quantile",
+        "dp_clip_lr",
+        "secure_aggregation",
+        "attack",
+        "attackers",
+    }
+)
+GROUPS = (TRAINING, FEDERATION, PREFIX, MODEL_LR, AUX, KD, SPLIT, PROTECTION)
 SPECIFIC = frozenset().union(*GROUPS)
 
 # What a client holds of the global model.
@@ -130,8 +145,8 @@ class MethodSpec:
         }
 
 
-_ALL = TRAINING | FEDERATION | PREFIX | MODEL_LR | AUX | KD
-_PROMPT_ONLY = TRAINING | FEDERATION | PREFIX
+_ALL = TRAINING | FEDERATION | PREFIX | MODEL_LR | AUX | KD | PROTECTION
+_PROMPT_ONLY = TRAINING | FEDERATION | PREFIX | PROTECTION
 _FEDSP = "fedsp.methods.fedsp:fedsp_course"
 _TABLE = [
     MethodSpec("zero-shot", "the global model as it is, no training", frozenset(), None, None, grid="main"),
@@ -202,7 +217,7 @@ _TABLE = [
         "sfprompt",
         "SFPrompt: split model (client head + tail, server body), input prompts, EL2N "
         "pruning, local-loss steps; P = --prefix-len",
-        TRAINING | SPLIT | frozenset({"partition", "alpha", "lr", "prefix_len", "prefix_init"}),
+        TRAINING | SPLIT | PROTECTION | frozenset({"partition", "alpha", "lr", "prefix_len", "prefix_init"}),
         "fedsp.methods.sfprompt:sfprompt_course",
         ClientShape(SPLIT_HEAD),
         engines=("inprocess",),

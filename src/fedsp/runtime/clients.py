@@ -18,7 +18,9 @@ import torch
 
 from fedsp import wire
 from fedsp.methods.base import Client
+from fedsp.protection import Attack
 from fedsp.runtime import faults, participation
+from fedsp.runtime.attacks import attacked
 from fedsp.runtime.checkpoint import ClientStore
 from fedsp.runtime.messages import LOST_STATE, NEED_AUX, OK, Order, Reply
 
@@ -33,12 +35,15 @@ def client_round(
     seed: int,
     shipped: Mapping[str, torch.Tensor] | None = None,
     has_model: bool = True,
+    attack: Attack | None = None,
 ) -> Reply:
     """The client's half of a round, the same in every engine.
 
     ``build`` makes the client from the model it holds; ``shipped`` is the client
     model when it came with the order and the engine keeps it in the store (Flower);
-    ``has_model`` says whether the client holds one from an earlier round.
+    ``has_model`` says whether the client holds one from an earlier round. With ``attack`` (an
+    evaluation of robust aggregation, ``--attack``) the client keeps its honest state and sends the
+    attacked one.
     """
     saved = None
     if order.ship:  # a (new) client model: forget every earlier state
@@ -58,8 +63,10 @@ def client_round(
         if saved is not None:
             client.load_state_dict(saved[1])
         torch.manual_seed(participation.client_rng_seed(seed, order.rnd, order.partition))
-        update = client.fit(wire.decode(prefix))
+        sent = wire.decode(prefix)
+        update = client.fit({name: t.clone() for name, t in sent.items()})
+        sends = update.state if attack is None else attacked(attack, sent, update.state)
     store.save(order.rnd, client.state_dict())
     metrics = {name: float(value) for name, value in update.metrics.items()}
-    reply = Reply(order.partition, OK, wire.encode(update.state), update.num_examples, metrics)
+    reply = Reply(order.partition, OK, wire.encode(sends), update.num_examples, metrics)
     return faults.after_fit(order, prefix, reply)

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -41,9 +43,11 @@ from fedsp import wire
 from fedsp.errors import FedSPError
 from fedsp.methods.base import ClientUpdate
 from fedsp.runtime import participation
+from fedsp.runtime.attacks import attack_for
 from fedsp.runtime.checkpoint import ClientStore
 from fedsp.runtime.clients import client_round
 from fedsp.runtime.messages import FAILED, OK, Engine, Order, Reply
+from fedsp.runtime.privacy import Summed
 from fedsp.runtime.session import Session
 
 log = logging.getLogger("fedsp.rounds")
@@ -60,6 +64,7 @@ class RoundDriver:
         self.trained = set(session.runtime_state.get("trained", []))  # partitions holding a trained state
         self.ignored_replies = 0  # replies not asked for, or second replies, in the current round
         self.bytes_shipped = 0  # bytes of the client model sent in the current round (first time, or again)
+        self.summed: Summed | None = None  # the current round's sum, under secure aggregation
         if "shipped" not in session.runtime_state and session.first_round > 1:
             # a checkpoint of an older version (in-process, every client built at the start): every
             # client holds the model; one that never trained finds no state and is sent it again
@@ -74,6 +79,15 @@ class RoundDriver:
             unit="round",
             disable=not config.progress,
         ):
+            aggregator = self.session.aggregator
+            if aggregator is not None and not aggregator.fits(rnd):
+                print(
+                    f"fedsp: note: round {rnd} would spend more than --dp-epsilon {config.dp_epsilon:g} "
+                    f"(epsilon {aggregator.epsilon():.3g} at delta {config.dp_delta:g} after round "
+                    f"{rnd - 1}); stopping here, results are written",
+                    file=sys.stderr,
+                )
+                break
             self.play(rnd)
 
     def play(self, rnd: int) -> dict[str, Any]:
@@ -91,9 +105,19 @@ class RoundDriver:
         down = wire.encode(sent)
         # 3) the exchange
         replies, failed, bytes_up = self.exchange(rnd, sampled, down)
-        # 4) which updates count, and with what weight
-        accepted, rejected = participation.check_updates(sent, replies)
-        accepted, capped = participation.cap_weights(accepted, config.max_client_weight)
+        summed, self.summed = self.summed, None
+        # 4) which updates count, and with what weight (under secure aggregation the server sees no
+        # update, so it can check none: it gets their sum)
+        rejected: list[participation.Rejection] = []
+        capped: list[dict[str, int]] = []
+        accepted = replies
+        if summed is None:
+            # under DP every update is clipped: none is too long, and dropping one by the others' norms
+            # would make who counts depend on the other clients' data
+            accepted, rejected = participation.check_updates(
+                sent, replies, math.inf if config.dp else participation.NORM_FACTOR
+            )
+            accepted, capped = participation.cap_weights(accepted, config.max_client_weight)
         if sampled:
             why = [f"client {k}: {reason}" for k, reason in failed.items()] + [r.reason for r in rejected]
             needed = participation.required_replies(config.min_replies, len(sampled))
@@ -104,15 +128,36 @@ class RoundDriver:
         extra.update(
             capped_weights=capped, ignored_replies=self.ignored_replies, bytes_shipped=self.bytes_shipped
         )
+        if config.attack is not None:  # an attacked run never passes for a clean one
+            extra.update(
+                attack=config.attack, attackers_sampled=[k for k in sampled if k in config.attackers]
+            )
+        if summed is not None:  # every message of the secure round, counted by the engine
+            extra["secure_aggregation"] = True
+            # (the client model, when shipped, travelled in them and is counted in bytes_shipped)
+            bytes_down, up = max(0, summed.bytes_down - self.bytes_shipped), [summed.bytes_up]
+        else:
+            bytes_down, up = len(down) * len(sampled), [bytes_up[k] for k, _ in accepted]
         return session.finish_round(
             rnd,
             sent,
-            len(down) * len(sampled),
-            [bytes_up[k] for k, _ in accepted],
+            bytes_down,
+            up,
             [u for _, u in accepted],
             time.perf_counter() - t0,
             extra=extra,
+            summed=summed,
         )
+
+    def deliver(self, orders: list[Order], down: bytes) -> list[Reply]:
+        """The engine's exchange; under secure aggregation its summed one (the sum kept in ``summed``)."""
+        if not self.session.config.secure_aggregation:
+            return self.engine.exchange(orders, down)
+        exchange_summed = getattr(self.engine, "exchange_summed", None)
+        if exchange_summed is None:  # the configuration refuses this; a guard for engines used directly
+            raise FedSPError("this engine cannot aggregate securely (--secure-aggregation needs Flower)")
+        replies, self.summed = exchange_summed(orders, down)
+        return replies
 
     def exchange(
         self, rnd: int, sampled: list[int], down: bytes
@@ -131,7 +176,7 @@ class RoundDriver:
                 self.bytes_shipped += session.once_bytes * len(shipping)
             orders = [Order(rnd, k, ship, k in self.trained and not ship) for k, ship in pending.items()]
             replies: dict[int, Reply] = {}
-            for answer in self.engine.exchange(orders, down):
+            for answer in self.deliver(orders, down):
                 if answer.partition not in pending or answer.partition in replies:  # not asked, or again
                     what = "a second reply" if answer.partition in replies else "a reply it was not asked for"
                     log.warning("round %d: client %s sent %s; ignored", rnd, answer.partition, what)
@@ -149,10 +194,18 @@ class RoundDriver:
                 elif reply.status != OK:  # it lacks the client model or its state: sent again, once
                     self.shipped.discard(k)
                     self.trained.discard(k)
-                    if attempt == 0:
+                    if self.summed is not None:  # a secure round is not repeated for one client
+                        failed[k] = f"said {reply.status}; the client model goes with its next order"
+                    elif attempt == 0:
                         retry[k] = True
                     else:
                         failed[k] = f"said {reply.status} after the client model was sent again"
+                elif self.summed is not None:  # its update is in the sum, nowhere else
+                    if ship:
+                        self.shipped.add(k)
+                    self.trained.add(k)
+                    updates[k] = ClientUpdate({}, reply.num_examples, dict(reply.metrics))
+                    bytes_up[k] = 0
                 else:
                     try:
                         state = wire.decode(reply.payload)
@@ -247,7 +300,12 @@ class InProcessEngine:
         k = order.partition
         try:
             return client_round(
-                order, prefix, self.store(k), partial(self.course.make_client, k), self.config.seed
+                order,
+                prefix,
+                self.store(k),
+                partial(self.course.make_client, k),
+                self.config.seed,
+                attack=attack_for(self.config, k),
             )
         except Exception as err:  # one client's failure never stops the round
             return Reply.failed(k, one_line(f"{type(err).__name__}: {err}"))

@@ -42,6 +42,7 @@ from fedsp.models.auxiliary import unique_parameter_count
 from fedsp.models.loading import LoadedModel, load_global_model
 from fedsp.runtime import checkpoint, results
 from fedsp.runtime.audit import Audit
+from fedsp.runtime.privacy import Aggregator, Summed
 
 
 @dataclass
@@ -71,6 +72,7 @@ class Session:
     runtime_state: dict[str, Any] = field(default_factory=dict)  # what a runtime checkpoints with the server
     lock: results.RunLock | None = None  # held while this process runs in out_dir
     created: bool = False  # out_dir was made by this session (removed if the run fails before round 1)
+    aggregator: Aggregator | None = None  # the round's aggregate: rule or DP, adaptive clip, accountant
 
     @classmethod
     def start(cls, config: RunConfig, resume: Path | None = None) -> Session:
@@ -151,6 +153,7 @@ class Session:
             )
         if spec.trains:
             session.course = build_course(config, loaded, data)
+            session.aggregator = Aggregator(config, session.course.num_clients)
             session.once_bytes = wire.num_bytes(session.course.shipped_once)
             record0 = {"round": 0, "val_loss": session.course.server.validation_loss()}
             kd_losses = session.course.notes.get("kd_losses")
@@ -192,6 +195,9 @@ class Session:
             self.course = self.course or build_course(self.config, self.loaded, self.data)
             self.once_bytes = wire.num_bytes(self.course.shipped_once)
             self.course.server.load_state_dict(saved["server"])
+            self.aggregator = Aggregator(self.config, self.course.num_clients)
+            if saved.get("aggregator") is not None:  # absent in checkpoints of older versions
+                self.aggregator.load_state_dict(saved["aggregator"])
         if self.audit is not None and saved.get("audit") is not None:
             self.audit.load_state_dict(saved["audit"])
         self.runtime_state = saved.get("runtime", {})
@@ -223,6 +229,7 @@ class Session:
                 "last_eval": self.last_eval,
                 "audit": self.audit.state_dict() if self.audit else None,
                 "runtime": self.runtime_state,
+                "aggregator": self.aggregator.state_dict() if self.aggregator else None,
             },
         )
 
@@ -252,24 +259,36 @@ class Session:
         updates: Sequence[ClientUpdate],
         seconds_before: float,
         extra: dict[str, Any] | None = None,
+        summed: Summed | None = None,
     ) -> dict[str, Any]:
         """Aggregate ``updates``, tune on the server, validate, evaluate; append the round to metrics.jsonl.
 
         ``bytes_down`` is the total sent to all the round's clients, ``bytes_up`` one entry per update.
+        Under secure aggregation the updates carry only their metrics and example counts, and
+        ``summed`` is the sum the server may see.
         """
-        assert self.course is not None
+        assert self.course is not None and self.aggregator is not None
         t0 = time.perf_counter()
         server = self.course.server
-        server.aggregate(updates)
+        aggregate: dict[str, torch.Tensor] | None = None
+        protection: dict[str, Any] = {}
+        if summed is not None:
+            aggregate, protection = self.aggregator.combine_sum(
+                rnd, sent, summed.total, summed.count, summed.weight
+            )
+        elif updates:
+            aggregate, protection = self.aggregator.combine(rnd, sent, updates)
+        server.aggregate(aggregate, updates)
         server_loss = server.tune()
         val_loss = server.validation_loss()
         record: dict[str, Any] = {"round": rnd, "server_loss": server_loss, "val_loss": val_loss}
+        record.update(protection)
         if self.spec.federated:
             record.update(
                 client_losses=[u.metrics.get("prompt_loss") for u in updates],
                 client_align_losses=[u.metrics.get("align_loss") for u in updates],
                 params_down=sum(t.numel() for t in sent.values()),
-                params_up=sum(t.numel() for t in updates[0].state.values()) if updates else 0,
+                params_up=sum(t.numel() for t in sent.values()) if updates else 0,
                 bytes_down=bytes_down,
                 bytes_up=sum(bytes_up),
                 num_clients=len(updates),
@@ -313,6 +332,17 @@ class Session:
             "truncation": self.data.truncation,
             "global_model": {"params": global_params},
         }
+        if spec.federated:  # how updates were combined and protected, and any simulated attack
+            summary["protection"] = {
+                "aggregation": config.aggregation,
+                "secure_aggregation": config.secure_aggregation,
+                "attack": config.attack,
+                "attackers": list(config.attackers),
+            }
+            rounds_done = sum(1 for h in self.history if h["round"] > 0)
+            privacy = self.aggregator.summary(rounds_done) if self.aggregator else None
+            if privacy is not None:
+                summary["privacy"] = privacy
         if self.course is None:  # nothing trained: the zero-shot accuracy is the result
             assert self.zero_shot is not None
             summary.update(final=self.zero_shot.summary(), best_round=0, rounds=0)
@@ -344,6 +374,7 @@ class Session:
             "final": final.summary(),
             "best_round": best_round,
             "rounds": config.rounds,
+            "rounds_completed": sum(1 for h in self.history if h["round"] > 0),
             "federated": self.spec.federated,
         }
         rounds = [h for h in self.history if h["round"] > 0]

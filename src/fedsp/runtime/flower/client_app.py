@@ -33,14 +33,14 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsp.errors import FedSPError
-from fedsp.runtime.flower import configure_environment, payload
+from fedsp.runtime.flower import configure_environment, payload, secagg
 
 if TYPE_CHECKING:
     from fedsp.methods.base import Client
     from fedsp.runtime.checkpoint import ClientStore
 
 log = logging.getLogger("fedsp.flower.client")
-app = ClientApp()
+app = ClientApp(mods=[secagg.client_mod])  # SecAgg+ messages only; plain ones pass untouched
 
 
 def partition_of(context: Context) -> int:
@@ -72,6 +72,7 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     from fedsp import wire
     from fedsp.runtime import faults
+    from fedsp.runtime.attacks import attack_for
     from fedsp.runtime.clients import client_round
     from fedsp.runtime.flower.client_side import build_client, client_rows, tokenizer_for
     from fedsp.runtime.messages import Order
@@ -97,7 +98,16 @@ def train(msg: Message, context: Context) -> Message:
 
     # 3-4) the round, the state to disk, the update to the server: the same client half as in-process
     step = Order(order.rnd, order.partition, ship=shipped is not None, expects_state=order.expects_state)
-    reply = client_round(step, prefix, store, build, config.seed, shipped=shipped, has_model=store.has_aux())
+    reply = client_round(
+        step,
+        prefix,
+        store,
+        build,
+        config.seed,
+        shipped=shipped,
+        has_model=store.has_aux(),
+        attack=attack_for(config, order.partition),
+    )
     if faults.wants(step, "empty-reply"):  # tests only (fedsp.runtime.faults)
         return Message(RecordDict(), reply_to=msg)
     return Message(payload.reply_content(reply), reply_to=msg)

@@ -25,8 +25,9 @@ from flwr.serverapp import Grid, ServerApp
 from fedsp import wire
 from fedsp.config import RunConfig, load_config_file
 from fedsp.errors import FedSPError
-from fedsp.runtime.flower import payload
-from fedsp.runtime.messages import Order, Reply
+from fedsp.runtime.flower import payload, secagg
+from fedsp.runtime.messages import OK, Order, Reply
+from fedsp.runtime.privacy import Summed
 from fedsp.runtime.rounds import RoundDriver, one_line
 from fedsp.runtime.session import Session, run_course
 
@@ -90,31 +91,72 @@ class OrderMaker:
 
 class FlowerEngine:
     """The round driver's exchange over Flower's Grid: one ``train`` message per order, replies until the
-    timeout."""
+    timeout; under ``--secure-aggregation`` the same orders go through a SecAgg+ round instead
+    (:meth:`exchange_summed`)."""
 
-    def __init__(self, grid: Grid, session: Session, wait_s: float = 120.0) -> None:
+    def __init__(
+        self, grid: Grid, session: Session, wait_s: float = 120.0, context: Context | None = None
+    ) -> None:
         assert session.course is not None
-        self.grid, self.config = grid, session.config
+        self.grid, self.config, self.context = grid, session.config, context
         self.nodes = discover(grid, session.course.num_clients, wait_s)  # partition -> node id
         self.orders = OrderMaker(session)
         self.aux_record = payload.to_record(wire.encode(session.course.shipped_once))  # encoded once
 
-    def exchange(self, orders: Sequence[Order], prefix: bytes) -> list[Reply]:
+    def contents(self, orders: Sequence[Order], prefix: bytes) -> dict[int, RecordDict]:
+        """Each order's ``train`` content (prefix, order, the client model when shipped), by node id."""
         prefix_record = payload.to_record(prefix)
-        messages = []
+        out = {}
         for order in orders:
             meta = self.orders.order(order.rnd, order.partition, order.expects_state).to_record()
             content = RecordDict({payload.PREFIX: prefix_record, payload.META: meta})
             if order.ship:
                 content[payload.AUX] = self.aux_record
-            messages.append(
-                Message(
-                    content,
-                    dst_node_id=self.nodes[order.partition],
-                    message_type="train",
-                    group_id=f"round-{order.rnd}",
-                )
+            out[self.nodes[order.partition]] = content
+        return out
+
+    def exchange_summed(self, orders: Sequence[Order], prefix: bytes) -> tuple[list[Reply], Summed]:
+        """The orders as one SecAgg+ round: each client's status and clear metrics, and the sum.
+
+        A client that drops out (fails, or misses ``--client-timeout``) is left out of the sum and
+        reported failed; one that lacks the client model or its state adds nothing and says so.
+        """
+        if self.context is None:
+            raise RuntimeError("secure aggregation needs the ServerApp's context")
+        sent = wire.decode(prefix)
+        contents = self.contents(orders, prefix)
+        rnd = orders[0].rnd if orders else 0
+        outcome = secagg.secure_round(self.grid, self.context, rnd, contents, self.config.client_timeout)
+        by_node = {node: k for k, node in self.nodes.items()}
+        replies = []
+        for node, metrics in outcome.metrics.items():
+            k = by_node[node]
+            status = str(metrics.pop("status", "failed"))
+            metrics.pop("partition", None)
+            values = {name: float(v) for name, v in metrics.items() if isinstance(v, (int, float))}
+            replies.append(Reply(k, status, b"", 1 if status == OK else 0, values))
+        if outcome.total is None:
+            raise FedSPError(
+                f"round {rnd}: the SecAgg+ round halted (too few of the {len(contents)} clients stayed in "
+                "it to unmask the sum); see the Flower log"
             )
+        vector = outcome.total
+        ok = sum(1 for r in replies if r.status == OK)
+        summed = Summed(
+            wire.unflatten(vector[:-2], sent),
+            ok,
+            float(vector[-2]),
+            bytes_down=outcome.bytes_down,
+            bytes_up=outcome.bytes_up,
+        )
+        return replies, summed
+
+    def exchange(self, orders: Sequence[Order], prefix: bytes) -> list[Reply]:
+        rnd = orders[0].rnd if orders else 0
+        messages = [
+            Message(content, dst_node_id=node, message_type="train", group_id=f"round-{rnd}")
+            for node, content in self.contents(orders, prefix).items()
+        ]
         by_node = {node: k for k, node in self.nodes.items()}
         replies = []
         for message in self.grid.send_and_receive(messages, timeout=self.config.client_timeout):
@@ -132,9 +174,9 @@ class FlowerEngine:
         return replies
 
 
-def serve(grid: Grid, session: Session, wait_s: float = 120.0) -> None:
+def serve(grid: Grid, session: Session, wait_s: float = 120.0, context: Context | None = None) -> None:
     """Rounds ``session.first_round..rounds`` over ``grid``, driven by the one round driver."""
-    RoundDriver(session, FlowerEngine(grid, session, wait_s)).run()
+    RoundDriver(session, FlowerEngine(grid, session, wait_s, context)).run()
 
 
 @app.main()
@@ -149,7 +191,7 @@ def main(grid: Grid, context: Context) -> None:
     config = RunConfig.from_dict({**values, "progress": False}, source=str(settings["config"]))
     resume = Path(str(settings["resume"])) if settings.get("resume") else None
     wait_s = float(settings.get("wait-seconds", 120))
-    outcome = run_course(config, resume, lambda session: serve(grid, session, wait_s=wait_s))
+    outcome = run_course(config, resume, lambda session: serve(grid, session, wait_s=wait_s, context=context))
     log.warning(
         "fedsp: done: final acc %.3f, results in %s", outcome.results["final"]["acc"], outcome.out_dir
     )

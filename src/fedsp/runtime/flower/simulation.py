@@ -36,7 +36,7 @@ def run(config: RunConfig, resume: Path | None = None, actors: int | None = None
         @server_app.main()
         def main(grid: Grid, context: Context) -> None:
             try:
-                serve(grid, session)
+                serve(grid, session, context=context)
             except BaseException as err:  # re-raised in this thread, after the simulation stops
                 failure.append(err)
 
@@ -50,7 +50,8 @@ def run(config: RunConfig, resume: Path | None = None, actors: int | None = None
         )
         if failure:
             raise failure[0]
-        if len(session.history) - 1 < config.rounds:
+        stopped = session.aggregator is not None and session.aggregator.stopped_at is not None
+        if len(session.history) - 1 < config.rounds and not stopped:  # a DP budget may end it early
             raise RuntimeError(f"the Flower simulation stopped after round {len(session.history) - 1}")
 
     workers = actors or max(1, min(2, os.cpu_count() or 1))
