@@ -3,15 +3,21 @@
     .venv/bin/python bench/flower_overhead.py --clients 3 --per-round 3 --rounds 3   # all three engines
     .venv/bin/python bench/flower_overhead.py --clients 10 --per-round 10 --engines inprocess,flower
     .venv/bin/python bench/flower_overhead.py --clients 100 --per-round 10 --rounds 3 --engines flower
+    .venv/bin/python bench/flower_overhead.py --clients 5 --per-round 5 --server-steps 0 \
+        --engines flower,flower+secagg      # SecAgg+'s cost, and its error on the prefix
 
 Engines: ``inprocess`` (``fedsp run``), ``flower`` (``fedsp run --engine flower``: Ray simulation),
 ``loopback`` (``scripts/flower_loopback.py``: a SuperLink and one SuperNode per client on 127.0.0.1,
-TLS and SuperNode authentication). Each engine runs in a fresh subprocess, one after the other, so
-run all of them in one invocation to compare them under the same machine load. One JSON line per
-engine: mean seconds per round (rounds 2.., so start-up and the first shipping of the auxiliary
-model are excluded), wall seconds, and peak memory of the whole process tree (the engine's process,
-Ray's workers, SuperLink, SuperNodes and their ClientApp processes), sampled every 0.25 s: summed RSS
-(shared pages counted once per process) and summed PSS (shared pages split between processes).
+TLS and SuperNode authentication); ``+secagg`` after an engine's name runs it with
+``--secure-aggregation`` (Flower's SecAgg+). Each engine runs in a fresh subprocess, one after the
+other, so run all of them in one invocation to compare them under the same machine load. One JSON
+line per engine: mean seconds and bytes (down + up, every message) per round (rounds 2.., so
+start-up and the first shipping of the auxiliary model are excluded), wall seconds, and peak
+memory of the whole process tree (the engine's process, Ray's workers, SuperLink, SuperNodes and
+their ClientApp processes), sampled every 0.25 s: summed RSS (shared pages counted once per
+process) and summed PSS (shared pages split between processes). ``prefix_max_abs_diff``: the
+largest difference between this engine's final server prefix and the first engine's (with
+``--server-steps 0`` the prefix is the aggregate, so this is what SecAgg+'s quantisation adds up to).
 ``--json-out FILE`` also writes the lines as a JSON list.
 """
 
@@ -31,6 +37,8 @@ CHILD = r"""
 import json, sys, time
 from pathlib import Path
 keys, engine = json.loads(sys.argv[1]), sys.argv[2]
+engine, secure = engine.removesuffix("+secagg"), engine.endswith("+secagg")
+keys["secure_aggregation"] = secure
 t0 = time.perf_counter()
 if engine == "loopback":
     from fedsp.runtime.flower.loopback import run_loopback
@@ -45,7 +53,12 @@ else:
         from fedsp.runtime.inprocess import run
     out = run(config).out_dir
 rounds = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()][2:]
-print("RESULT", json.dumps({"seconds_per_round": sum(r["seconds"] for r in rounds) / max(1, len(rounds)),
+import torch
+prefix = torch.load(out / "checkpoint.pt", weights_only=False)["server"]["prefix"]
+torch.save(prefix, out.parent / "prefix.pt")
+per = max(1, len(rounds))
+print("RESULT", json.dumps({"seconds_per_round": sum(r["seconds"] for r in rounds) / per,
+                            "bytes_per_round": sum(r["bytes_down"] + r["bytes_up"] for r in rounds) / per,
                             "wall_seconds": time.perf_counter() - t0}))
 """
 
@@ -84,7 +97,9 @@ class TreeMemory:
         self._thread.join()
 
 
-def measure(engine: str, clients: int, per_round: int, rounds: int) -> dict[str, object]:
+def measure(
+    engine: str, clients: int, per_round: int, rounds: int, server_steps: int | None = None
+) -> dict[str, object]:
     out = Path(tempfile.mkdtemp(prefix="fedsp-bench-")) / engine
     keys = {
         "model": "tiny-llama",
@@ -102,6 +117,8 @@ def measure(engine: str, clients: int, per_round: int, rounds: int) -> dict[str,
         "fraction_fit": per_round / clients,
         "out": str(out),
     }
+    if server_steps is not None:
+        keys["server_steps"] = server_steps
     proc = subprocess.Popen(
         [sys.executable, "-c", CHILD, json.dumps(keys), engine],
         stdout=subprocess.PIPE,
@@ -123,6 +140,7 @@ def measure(engine: str, clients: int, per_round: int, rounds: int) -> dict[str,
         "peak_tree_rss_mb": round(memory.peak_rss, 1),
         "peak_tree_pss_mb": round(memory.peak_pss, 1),
         "processes": len(memory.processes_seen),
+        "prefix_file": str(out.parent / "prefix.pt"),
     }
 
 
@@ -132,11 +150,19 @@ def main() -> None:
     parser.add_argument("--per-round", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--engines", default="inprocess,flower,loopback")
+    parser.add_argument("--server-steps", type=int, help="server tuning steps a round (default: the run's)")
     parser.add_argument("--json-out", help="also write the results as a JSON list to this file")
     args = parser.parse_args()
-    results = []
+    import torch
+
+    results: list[dict[str, object]] = []
+    first: dict[str, torch.Tensor] | None = None
     for engine in args.engines.split(","):
-        results.append(measure(engine, args.clients, args.per_round, args.rounds))
+        result = measure(engine, args.clients, args.per_round, args.rounds, args.server_steps)
+        prefix = torch.load(str(result.pop("prefix_file")), weights_only=False)
+        first = prefix if first is None else first
+        result["prefix_max_abs_diff"] = max(float((prefix[k] - first[k]).abs().max()) for k in first)
+        results.append(result)
         print(json.dumps(results[-1]), flush=True)
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)

@@ -33,28 +33,39 @@ ATTACKS = ("sign-flip", "scale:-5", "gaussian:0.05", "same-value:0.05")
 
 
 def cells(only: str | None) -> dict[str, list[str]]:
-    """Cell name -> its options beyond BASE."""
-    out: dict[str, list[str]] = {}
-    if only in (None, "dp"):
-        for clients, fraction in (("10", "1"), ("100", "0.1")):
-            out[f"dp-k{clients}-none"] = ["--clients", clients, "--fraction-fit", fraction]
-            for eps in EPSILONS:
-                out[f"dp-k{clients}-eps{eps}"] = [
-                    *("--clients", clients, "--fraction-fit", fraction),
-                    *("--dp-epsilon", eps, "--dp-delta", "1e-5", "--dp-clip", DP_CLIP),
-                ]
-    if only in (None, "attacks"):
+    """Cell name -> its options beyond BASE, the most telling first (a grid cut short keeps those)."""
+    dp: dict[str, list[str]] = {}
+    for eps in ("none", "8", "16", "1", "4"):
+        for clients, fraction in (("100", "0.1"), ("10", "1")):
+            options = ["--clients", clients, "--fraction-fit", fraction]
+            if eps != "none":
+                options += ["--dp-epsilon", eps, "--dp-delta", "1e-5", "--dp-clip", DP_CLIP]
+            dp[f"dp-k{clients}-{'none' if eps == 'none' else 'eps' + eps}"] = options
+    attacks: dict[str, list[str]] = {}
+    plans = [("3", "1,4,7", attack) for attack in ATTACKS] + [("1", "3", ATTACKS[0]), ("0", "", "")]
+    for count, attackers, attack in plans:
         for rule in RULES:
-            tag = rule.split(":")[0]
-            out[f"atk0-{tag}"] = ["--clients", "10", "--aggregation", rule]
-            for count, attackers in (("1", "3"), ("3", "1,4,7")):
-                for attack in ATTACKS if count == "3" else ATTACKS[:1]:  # one attacker: sign-flip only
-                    name = f"atk{count}-{attack.split(':')[0]}-{tag}"
-                    out[name] = [
-                        *("--clients", "10", "--aggregation", rule),
-                        *("--attack", attack, "--attackers", attackers),
-                    ]
-    return out
+            name = cell_name(count, attack, rule)
+            if name == "dp-k10-none":  # no attack, FedAvg: the same run as the DP table's
+                continue
+            options = ["--clients", "10", "--aggregation", rule]
+            if attack:
+                options += ["--attack", attack, "--attackers", attackers]
+            attacks[name] = options
+    if only == "dp":
+        return dp
+    if only == "attacks":
+        return attacks
+    # interleaved: the headline cells of both tables first
+    order = list(dp)[:2] + list(attacks)[:8] + list(dp)[2:6] + list(attacks)[8:] + list(dp)[6:]
+    both = {**dp, **attacks}
+    return {name: both[name] for name in order}
+
+
+def cell_name(count: str, attack: str, rule: str) -> str:
+    if count == "0":
+        return "dp-k10-none" if rule == "mean" else f"atk0-{rule.split(':')[0]}"
+    return f"atk{count}-{attack.split(':')[0]}-{rule.split(':')[0]}"
 
 
 def run_cell(root: Path, name: str, options: list[str]) -> str:
@@ -109,9 +120,7 @@ def attack_table(root: Path) -> str:
     for count, attack in rows:
         values = []
         for rule in RULES:
-            tag = rule.split(":")[0]
-            name = f"atk0-{tag}" if count == "0" else f"atk{count}-{attack.split(':')[0]}-{tag}"
-            res = load(root, name)
+            res = load(root, cell_name(count, attack, rule))
             values.append(f"{100 * res['final']['acc']:.1f} (r{res['best_round']})" if res else "–")
         lines.append(f"| {count} of 10 | {attack} | " + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"

@@ -177,6 +177,24 @@ CASES += [
     ("attackers-not-numbers", lambda p: ["--attack", "sign-flip", "--attackers", "a,b"], "partition ids"),
     ("secagg-inprocess", lambda p: ["--secure-aggregation", "true"], "--engine flower only"),
     (
+        "dp-budget-without-noise",
+        lambda p: ["--dp-epsilon", "4", "--dp-noise-multiplier", "0", "--dp-clip", "1"],
+        "cannot hold with --dp-noise-multiplier 0",
+    ),
+    (
+        "dp-with-split-learning",
+        lambda p: ["--method", "sfprompt", "--dp-epsilon", "4", "--dp-clip", "1"],
+        "activations and gradients",
+    ),
+    (
+        "secagg-clip-beyond-range",
+        lambda p: [
+            *("--secure-aggregation", "true", "--engine", "flower", "--clients", "3"),
+            *("--dp-noise-multiplier", "1", "--dp-clip", "9"),
+        ],
+        "at most 8",
+    ),
+    (
         "secagg-too-few-clients",
         lambda p: ["--secure-aggregation", "true", "--engine", "flower"],
         "needs at least 3 clients a round",

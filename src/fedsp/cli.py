@@ -80,6 +80,8 @@ _HELP = {
     "dp_clip_quantile": "client-level DP: adapt the clip each round towards this fraction of unclipped "
     "updates (Andrew et al. 2021)",
     "dp_clip_lr": "client-level DP: learning rate of the adaptive clip",
+    "dp_noise_seed": "client-level DP: seed of the noise and the sampling, for tests and reproduction only "
+    "(written to config.json: anyone who reads it can remove the noise); unset: a secret seed",
     "secure_aggregation": "Flower's SecAgg+: the server sees only the sum of the updates (--engine flower, "
     "aggregation mean; true/false)",
     "attack": f"evaluation only: what --attackers send instead of their update: {ATTACK_FORMS}",

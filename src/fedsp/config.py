@@ -24,11 +24,12 @@ import yaml
 
 from fedsp.errors import FedSPError
 from fedsp.files import io_reason
-from fedsp.methods.table import ENGINES, METHODS, spec_for
+from fedsp.methods.table import ENGINES, METHODS, SPLIT_HEAD, spec_for
 from fedsp.models.precision import DTYPE_CHOICES, resolve_dtype
 from fedsp.protection import (
     MEAN,
     SECAGG_MIN_CLIENTS,
+    SECAGG_RANGE,
     clients_per_round,
     parse_attack,
     parse_partitions,
@@ -112,6 +113,7 @@ class RunConfig:
     dp_delta: float = 1e-5
     dp_clip_quantile: float | None = None  # adaptive clip: the fraction of updates left unclipped it aims for
     dp_clip_lr: float = 0.2  # adaptive clip: geometric learning rate (Flower's default)
+    dp_noise_seed: int | None = None  # None: a secret seed (checkpoint only); set: reproducible, no guarantee
     secure_aggregation: bool = False  # Flower's SecAgg+: the server sees only the sum of the updates
     attack: str | None = None  # evaluation only: what --attackers send instead of their update
     attackers: tuple[int, ...] = ()
@@ -219,6 +221,17 @@ class RunConfig:
                 f"{given} needs --dp-noise-multiplier Z or --dp-epsilon E (for clipping without noise: "
                 "--aggregation clipped-mean:C)"
             )
+        if self.dp_epsilon is not None and self.dp_noise_multiplier == 0:
+            raise FedSPError(
+                f"--dp-epsilon {self.dp_epsilon:g} cannot hold with --dp-noise-multiplier 0 (no noise: no "
+                "privacy); give a positive noise multiplier, or --dp-epsilon alone to have one chosen"
+            )
+        shape = spec_for(self.method).client
+        if self.dp and shape is not None and shape.holds == SPLIT_HEAD:
+            raise FedSPError(
+                f"--method {self.method} sends activations and gradients to the server at every split step, "
+                "outside the aggregate; client-level DP of the aggregate would not cover them"
+            )
         if self.dp and rule.name != MEAN:
             raise FedSPError(
                 f"differential privacy aggregates with its own clipped uniform mean; --aggregation {rule} "
@@ -239,6 +252,11 @@ class RunConfig:
                 raise FedSPError(
                     "--dp-clip-quantile needs each update's norm, which --secure-aggregation hides; "
                     "use a fixed --dp-clip"
+                )
+            if self.dp and self.dp_clip is not None and self.dp_clip > SECAGG_RANGE:
+                raise FedSPError(
+                    f"--dp-clip {self.dp_clip:g} with --secure-aggregation: a clipped update's values must "
+                    f"fit SecAgg+'s range of +-{SECAGG_RANGE:g}; use a clip of at most {SECAGG_RANGE:g}"
                 )
             if self.max_client_weight is not None:
                 raise FedSPError(

@@ -32,6 +32,7 @@ SAME_VALUE_DEFAULT = 1.0  # same-value's update sets every coordinate 1.0 away f
 # SecAgg+ needs enough clients a round to share secrets among (Flower's workflow needs at least 3 shares
 # and a reconstruction threshold of at least 2; fewer clients than that cannot be masked).
 SECAGG_MIN_CLIENTS = 3
+SECAGG_RANGE = 8.0  # the values SecAgg+ quantises lie in [-8, 8] (fedsp.runtime.flower.secagg)
 
 
 @dataclass(frozen=True)

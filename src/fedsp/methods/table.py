@@ -63,6 +63,7 @@ PROTECTION = frozenset(
         "dp_delta",
         "dp_clip_quantile",
         "dp_clip_lr",
+        "dp_noise_seed",
         "secure_aggregation",
         "attack",
         "attackers",

@@ -52,12 +52,13 @@ def required_replies(min_replies: int, sampled: int) -> int:
     return min(min_replies, sampled)
 
 
-def check_enough(accepted: int, needed: int, rnd: int, why: Sequence[str]) -> None:
+def check_enough(accepted: int, needed: int, rnd: int, why: Sequence[str], what: str = "") -> None:
+    """A one-line error when fewer than ``needed`` updates were accepted (``what`` says who needs them)."""
     if accepted < needed:
         reasons = "; ".join(why) if why else "no reply"
         raise FedSPError(
             f"round {rnd}: only {accepted} usable client updates, "
-            f"fewer than --min-replies {needed} ({reasons})"
+            f"fewer than {what or f'--min-replies {needed}'} ({reasons})"
         )
 
 

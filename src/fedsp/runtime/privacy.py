@@ -27,15 +27,13 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from flwr.serverapp import PrivacyConfig, RdpAccountant
-from flwr.supercore.differential_privacy import compute_adaptive_noise_params
-from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringRelation, SamplingMethod
 
 from fedsp.config import RunConfig
 from fedsp.errors import FedSPError
@@ -43,7 +41,13 @@ from fedsp.methods.aggregation import Tensors, clipped_sum, combine, delta, norm
 from fedsp.methods.base import ClientUpdate
 from fedsp.protection import clients_per_round, parse_rule
 
+if TYPE_CHECKING:  # Flower's accountant is imported when a run uses DP
+    from flwr.serverapp import GaussianPrivacyEvent, RdpAccountant
+
 log = logging.getLogger("fedsp.privacy")
+# Replacing one client's update moves the clipped sum by up to 2 C (C each way): the accountant's noise
+# multiplier (noise standard deviation over the sum's sensitivity, under replace-one neighbours) is Z / 2.
+SENSITIVITY_IN_CLIPS = 2.0
 
 NOISE_STREAM, COUNT_STREAM = 1, 2  # the two random streams a round draws from (update noise, count noise)
 
@@ -71,6 +75,9 @@ class Aggregator:
         self.rule = parse_rule(config.aggregation)
         self.per_round = clients_per_round(num_clients, config.fraction_fit) if num_clients else 0
         self.clip = config.dp_clip
+        # the seed of the round's noise (and, under DP, of the sampling): secret unless --dp-noise-seed
+        # is given, kept in the checkpoint only; a seed anyone can read lets them subtract the noise
+        self.noise_seed = config.dp_noise_seed if config.dp_noise_seed is not None else secrets.randbits(62)
         self.accountant: RdpAccountant | None = None
         self.noise_multiplier = 0.0  # Z: what the accountant charges for
         self.update_noise = 0.0  # the multiplier the updates' sum gets (Z, or more with an adaptive clip)
@@ -87,6 +94,8 @@ class Aggregator:
         self.noise_multiplier = z
         self.update_noise = z
         if config.dp_clip_quantile is not None:
+            from flwr.supercore.differential_privacy import compute_adaptive_noise_params
+
             try:
                 self.count_stddev, self.update_noise = compute_adaptive_noise_params(z, self.per_round, None)
             except ValueError:
@@ -102,8 +111,14 @@ class Aggregator:
     def dp(self) -> bool:
         return self.config.dp and self.num_clients > 0
 
+    @property
+    def sampling_seed(self) -> int:
+        """The seed the round's clients are drawn with: secret under DP (the accounting's amplification
+        by sampling needs a sample no one can predict), the run's seed otherwise."""
+        return self.noise_seed if self.dp else self.config.seed
+
     def event(self) -> GaussianPrivacyEvent:
-        return GaussianPrivacyEvent(self.noise_multiplier, self.per_round, self.num_clients)
+        return gaussian_event(self.noise_multiplier, self.per_round, self.num_clients)
 
     def fits(self, rnd: int) -> bool:
         """Whether round ``rnd`` fits in ``--dp-epsilon`` (always, without a budget); said once if not."""
@@ -130,10 +145,9 @@ class Aggregator:
         if not self.dp:
             state = combine(self.rule, sent, [(u.state, u.num_examples) for u in updates])
             return state, {"update_norms": [norm(delta(sent, u.state)) for u in updates]}
-        assert self.clip is not None
+        assert self.clip is not None  # under DP no norm is written: it is a per-client value, un-noised
         total, norms = clipped_sum(sent, [u.state for u in updates], self.clip)
-        state, record = self._release(rnd, sent, total, len(updates), sum(1 for n in norms if n <= self.clip))
-        return state, {**record, "update_norms": norms}
+        return self._release(rnd, sent, total, len(updates), sum(1 for n in norms if n <= self.clip))
 
     def combine_sum(
         self, rnd: int, sent: Tensors, total: Tensors, count: int, weight: float
@@ -158,7 +172,7 @@ class Aggregator:
             raise FedSPError("cannot aggregate: no client returned an update this round")
         clip_used = self.clip
         std = self.update_noise * clip_used  # on the sum; the mean's is std / count
-        generator = torch.Generator().manual_seed(round_seed(self.config.seed, rnd, NOISE_STREAM))
+        generator = torch.Generator().manual_seed(round_seed(self.noise_seed, rnd, NOISE_STREAM))
         state = {}
         for name in sorted(sent):
             noise = torch.normal(0.0, 1.0, tuple(sent[name].shape), generator=generator, dtype=torch.float64)
@@ -166,7 +180,7 @@ class Aggregator:
             state[name] = (sent[name].double() + moved).to(sent[name].dtype)
         record: dict[str, Any] = {"dp_clip": clip_used, "dp_noise_std": std / count}
         if self.config.dp_clip_quantile is not None and unclipped is not None:
-            rng = np.random.default_rng(round_seed(self.config.seed, rnd, COUNT_STREAM))
+            rng = np.random.default_rng(round_seed(self.noise_seed, rnd, COUNT_STREAM))
             fraction = (
                 float(rng.normal(unclipped, self.count_stddev)) / count
             )  # only this noised value is used
@@ -195,8 +209,11 @@ class Aggregator:
             "rounds_accounted": rounds_done,
             "clients_per_round": self.per_round,
             "population": self.num_clients,
-            "accountant": "Flower RdpAccountant (dp-accounting RDP), sampling without replacement, "
-            "replace-one neighbours",
+            "accountant": "Flower RdpAccountant (dp-accounting RDP), clients sampled without "
+            "replacement, replace-one neighbours (sensitivity 2 C: accounted noise multiplier Z / 2)",
+            "noise_seed": "given (--dp-noise-seed: public, no guarantee)"
+            if config.dp_noise_seed is not None
+            else "secret (in checkpoint.pt only)",
             "budget_epsilon": config.dp_epsilon,
             "protects": "each client's whole contribution (its updates in every round)",
         }
@@ -206,18 +223,30 @@ class Aggregator:
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            "noise_seed": self.noise_seed,
             "clip": self.clip,
             "accountant": self.accountant.state_dict() if self.accountant is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.noise_seed = int(state.get("noise_seed", self.noise_seed))
         self.clip = state["clip"]
         if self.accountant is not None and state.get("accountant") is not None:
             self.accountant.load_state_dict(state["accountant"])
 
 
+def gaussian_event(noise_multiplier: float, per_round: int, population: int) -> GaussianPrivacyEvent:
+    """One round's release for the accountant: noise Z * C on a sum whose sensitivity is 2 C."""
+    from flwr.serverapp import GaussianPrivacyEvent
+
+    return GaussianPrivacyEvent(noise_multiplier / SENSITIVITY_IN_CLIPS, per_round, population)
+
+
 def new_accountant(delta: float, population: int, max_epsilon: float | None = None) -> RdpAccountant:
     """Flower's RDP accountant for client-level DP with clients sampled without replacement."""
+    from flwr.serverapp import PrivacyConfig, RdpAccountant
+    from flwr.supercore.privacy_accounting import NeighboringRelation, SamplingMethod
+
     return RdpAccountant(
         PrivacyConfig(
             target_delta=delta,
@@ -234,7 +263,7 @@ def epsilon_after(
 ) -> float:
     """Epsilon at ``delta`` after ``rounds`` releases, from a fresh accountant."""
     accountant = new_accountant(delta, population)
-    accountant.compose(GaussianPrivacyEvent(noise_multiplier, per_round, population), rounds)
+    accountant.compose(gaussian_event(noise_multiplier, per_round, population), rounds)
     return accountant.get_epsilon(delta)
 
 

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from fedsp import wire
 from fedsp.errors import FedSPError
 from fedsp.methods.base import ClientUpdate
+from fedsp.protection import parse_rule
 from fedsp.runtime import participation
 from fedsp.runtime.attacks import attack_for
 from fedsp.runtime.checkpoint import ClientStore
@@ -97,9 +98,8 @@ class RoundDriver:
         session, config = self.session, self.session.config
         assert session.course is not None
         # 1-2) who takes part, and what they all receive
-        sampled = participation.sample_clients(
-            session.course.num_clients, config.fraction_fit, config.seed, rnd
-        )
+        seed = session.aggregator.sampling_seed if session.aggregator is not None else config.seed
+        sampled = participation.sample_clients(session.course.num_clients, config.fraction_fit, seed, rnd)
         sent = session.course.server.broadcast()
         session.record_sent(rnd, "prefix", sent, sampled)
         down = wire.encode(sent)
@@ -121,7 +121,12 @@ class RoundDriver:
         if sampled:
             why = [f"client {k}: {reason}" for k, reason in failed.items()] + [r.reason for r in rejected]
             needed = participation.required_replies(config.min_replies, len(sampled))
-            participation.check_enough(len(accepted), needed, rnd, why)
+            rule = parse_rule(config.aggregation)
+            if rule.trim and 2 * rule.trim + 1 > needed:  # it drops 2F values of each coordinate
+                needed, what = 2 * rule.trim + 1, f"--aggregation {rule} needs {2 * rule.trim + 1}"
+            else:
+                what = f"--min-replies {needed}"
+            participation.check_enough(len(accepted), needed, rnd, why, what)
         # 5) the server's half
         session.runtime_state = {"shipped": sorted(self.shipped), "trained": sorted(self.trained)}
         extra = round_extra(sampled, sorted(failed), rejected)

@@ -152,8 +152,9 @@ class Session:
                 f"acc_norm {100 * session.zero_shot.acc_norm:.1f}"
             )
         if spec.trains:
+            # the aggregator first: a DP setting that cannot work is refused before KD and the clients
+            session.aggregator = Aggregator(config, config.clients if spec.federated else 0)
             session.course = build_course(config, loaded, data)
-            session.aggregator = Aggregator(config, session.course.num_clients)
             session.once_bytes = wire.num_bytes(session.course.shipped_once)
             record0 = {"round": 0, "val_loss": session.course.server.validation_loss()}
             kd_losses = session.course.notes.get("kd_losses")

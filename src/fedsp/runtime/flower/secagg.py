@@ -33,18 +33,20 @@ from flwr.app import Context, Message, RecordDict
 
 from fedsp.config import RunConfig
 from fedsp.errors import FedSPError
+from fedsp.protection import SECAGG_RANGE
 from fedsp.runtime.flower import payload
 from fedsp.runtime.messages import OK, Reply
 
 log = logging.getLogger("fedsp.flower.secagg")
 
-CLIPPING_RANGE = 8.0  # SecAgg+ quantises values in [-8, 8] (a Python float: its client checks the type)
+CLIPPING_RANGE = float(SECAGG_RANGE)  # SecAgg+ quantises values in [-8, 8] (its client checks it is a float)
 QUANTIZATION = 2**26  # levels over the range: 2.4e-7 apart
 MODULUS = (
     2**36
 )  # the masked sum wraps modulo this: n * QUANTIZATION < MODULUS for up to 1,023 clients a round
 WEIGHT_SCALE = 1 / 1024  # example counts enter the vector as N_k / 1024: within the range up to 8,192
-MAX_SHARES = 10  # each client's secret is shared among at most this many others (all of them up to 10)
+MAX_SHARES = 11  # each client's secret is shared among at most this many (all of them up to 11; Flower
+# makes an even count odd)
 
 
 def contribution(config: RunConfig, sent: dict, reply: Reply) -> tuple[Any, dict[str, Any]]:
@@ -66,6 +68,8 @@ def contribution(config: RunConfig, sent: dict, reply: Reply) -> tuple[Any, dict
     else:
         weight = reply.num_examples * WEIGHT_SCALE
     vector = torch.cat([weight * wire.flatten(update), torch.tensor([weight, 1.0], dtype=torch.float64)])
+    if not bool(torch.isfinite(vector).all()):  # SecAgg+ would quantise NaN into garbage in the sum
+        raise FedSPError(f"partition {reply.partition}: the update holds NaN or Inf values")
     largest = float(vector.abs().max())
     if largest > CLIPPING_RANGE:
         raise FedSPError(

@@ -188,6 +188,7 @@ def main(grid: Grid, context: Context) -> None:
     values = load_config_file(str(settings["config"]))
     if settings.get("out"):
         values["out"] = str(settings["out"])
+    values["engine"] = "flower"  # a deployed run is a Flower run (what --secure-aggregation checks)
     config = RunConfig.from_dict({**values, "progress": False}, source=str(settings["config"]))
     resume = Path(str(settings["resume"])) if settings.get("resume") else None
     wait_s = float(settings.get("wait-seconds", 120))
