@@ -3,9 +3,14 @@
     .venv/bin/python scripts/protection_grid.py --out results/protection [--jobs 2] [--only dp|attacks]
 
 Every cell is SmolLM2 on ARC-Easy at the CPU scale (``--scale cpu`` of ``fedsp compare``, with 10
-clients), evaluated on the same first 500 test questions. A finished cell (its ``results.json``)
-is reused, so the command can be run again after an interruption. ``--jobs 2`` runs two cells at
-once, each on one thread (accuracy does not depend on it; wall times then do not measure speed).
+clients), evaluated on the same first 500 test questions. The DP cells run FedSP as it is. The
+attack cells run FedPrompt with ``--server-steps 0`` (the paper's FedPrompt: the prefix moves only by
+the clients' aggregate): at this scale FedSP's clients' prefixes alone do not lower the global
+model's validation loss (its server step on its own shard does), so an attack on them cannot show
+(the ``fedsp-ss0-`` and ``ss2-`` cells, run by hand with FedSP, show it). A finished cell (its
+``results.json``) is reused, so the command can be run again after an interruption. ``--jobs 2``
+runs two cells at once, each on one thread (accuracy does not depend on it; wall times then do not
+measure speed).
 Tables go to ``<out>/dp.md`` and ``<out>/attacks.md``.
 """
 
@@ -42,13 +47,12 @@ def cells(only: str | None) -> dict[str, list[str]]:
                 options += ["--dp-epsilon", eps, "--dp-delta", "1e-5", "--dp-clip", DP_CLIP]
             dp[f"dp-k{clients}-{'none' if eps == 'none' else 'eps' + eps}"] = options
     attacks: dict[str, list[str]] = {}
-    plans = [("3", "1,4,7", attack) for attack in ATTACKS] + [("1", "3", ATTACKS[0]), ("0", "", "")]
+    plans = [("0", "", "")] + [("3", "1,4,7", attack) for attack in ATTACKS] + [("1", "3", ATTACKS[0])]
     for count, attackers, attack in plans:
         for rule in RULES:
             name = cell_name(count, attack, rule)
-            if name == "dp-k10-none":  # no attack, FedAvg: the same run as the DP table's
-                continue
-            options = ["--clients", "10", "--aggregation", rule]
+            options = ["--method", "fedprompt", "--clients", "10", "--server-steps", "0"]
+            options += ["--aggregation", rule]
             if attack:
                 options += ["--attack", attack, "--attackers", attackers]
             attacks[name] = options
@@ -57,15 +61,15 @@ def cells(only: str | None) -> dict[str, list[str]]:
     if only == "attacks":
         return attacks
     # interleaved: the headline cells of both tables first
-    order = list(dp)[:2] + list(attacks)[:8] + list(dp)[2:6] + list(attacks)[8:] + list(dp)[6:]
+    order = list(dp)[:2] + list(attacks)[:12] + list(dp)[2:6] + list(attacks)[12:] + list(dp)[6:]
     both = {**dp, **attacks}
     return {name: both[name] for name in order}
 
 
 def cell_name(count: str, attack: str, rule: str) -> str:
     if count == "0":
-        return "dp-k10-none" if rule == "mean" else f"atk0-{rule.split(':')[0]}"
-    return f"atk{count}-{attack.split(':')[0]}-{rule.split(':')[0]}"
+        return f"fp-atk0-{rule.split(':')[0]}"
+    return f"fp-atk{count}-{attack.split(':')[0]}-{rule.split(':')[0]}"
 
 
 def run_cell(root: Path, name: str, options: list[str]) -> str:
@@ -113,15 +117,28 @@ def dp_table(root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def attack_table(root: Path) -> str:
+def last_val_loss(root: Path, name: str) -> float:
+    lines = (root / "cells" / name / "metrics.jsonl").read_text().splitlines()
+    return float(json.loads(lines[-1])["val_loss"])
+
+
+def attack_table(root: Path, prefix: str = "") -> str:
     header = "| attackers | attack | " + " | ".join(RULES) + " |"
     lines = [header, "|---|---|" + "---|" * len(RULES)]
     rows = [("0", "none"), ("1", ATTACKS[0])] + [("3", a) for a in ATTACKS]
     for count, attack in rows:
         values = []
         for rule in RULES:
-            res = load(root, cell_name(count, attack, rule))
-            values.append(f"{100 * res['final']['acc']:.1f} (r{res['best_round']})" if res else "–")
+            name = cell_name(count, attack, rule)
+            if prefix:  # FedSP cells, run by hand; with no attack and FedAvg: the DP table's run
+                name = name.removeprefix("fp-")
+                name = "dp-k10-none" if prefix == "ss2-" and name == "atk0-mean" else prefix + name
+            res = load(root, name)
+            cell = "–"
+            if res:
+                last = last_val_loss(root, name)
+                cell = f"{100 * res['final']['acc']:.1f} (r{res['best_round']}, {last:.3f})"
+            values.append(cell)
         lines.append(f"| {count} of 10 | {attack} | " + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"
 
@@ -145,7 +162,13 @@ def main() -> int:
                 print(line, flush=True)
     root.mkdir(parents=True, exist_ok=True)
     (root / "dp.md").write_text(dp_table(root))
-    (root / "attacks.md").write_text(attack_table(root))
+    (root / "attacks.md").write_text(
+        attack_table(root)
+        + "\nFedSP with its server step (2 steps a round on its own shard):\n\n"
+        + attack_table(root, "ss2-")
+        + "\nFedSP without its server step (--server-steps 0):\n\n"
+        + attack_table(root, "fedsp-ss0-")
+    )
     print((root / "dp.md").read_text())
     print((root / "attacks.md").read_text())
     return 0
