@@ -47,7 +47,8 @@ def cells(only: str | None) -> dict[str, list[str]]:
                 options += ["--dp-epsilon", eps, "--dp-delta", "1e-5", "--dp-clip", DP_CLIP]
             dp[f"dp-k{clients}-{'none' if eps == 'none' else 'eps' + eps}"] = options
     attacks: dict[str, list[str]] = {}
-    plans = [("0", "", "")] + [("3", "1,4,7", attack) for attack in ATTACKS] + [("1", "3", ATTACKS[0])]
+    plans = [("0", "", "")] + [("3", "1,4,7", attack) for attack in ATTACKS]
+    plans += [("1", "3", attack) for attack in ATTACKS]
     for count, attackers, attack in plans:
         for rule in RULES:
             name = cell_name(count, attack, rule)
@@ -125,7 +126,7 @@ def last_val_loss(root: Path, name: str) -> float:
 def attack_table(root: Path, prefix: str = "") -> str:
     header = "| attackers | attack | " + " | ".join(RULES) + " |"
     lines = [header, "|---|---|" + "---|" * len(RULES)]
-    rows = [("0", "none"), ("1", ATTACKS[0])] + [("3", a) for a in ATTACKS]
+    rows = [("0", "none")] + [("1", a) for a in ATTACKS] + [("3", a) for a in ATTACKS]
     for count, attack in rows:
         values = []
         for rule in RULES:
