@@ -1,4 +1,4 @@
-"""Command line: ``fedsp run [options]``.
+"""Command line: ``fedsp run [options]``; ``fedsp eval|generate|export RUN`` on a finished run.
 
 Precedence: built-in defaults < ``--config FILE`` < options given on the
 command line. Input errors print one line (``fedsp: error: ...``) and exit 2.
@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from fedsp.config import PARTITIONS, RunConfig, load_config_file
+from fedsp.data.tasks import TASKS
 from fedsp.errors import FedSPError, RunFinished
+from fedsp.evaluation import METRIC_COLUMNS
 from fedsp.files import io_reason
 from fedsp.methods.table import METHODS, spec_for
 from fedsp.protection import ATTACK_FORMS, RULE_FORMS
@@ -22,9 +24,9 @@ _HELP = {
     "method": f"method: {', '.join(METHODS)}",
     "model": "global model: smollm2 (bundled), a Hugging Face folder or id, a .gguf file, "
     "or tiny-llama/tiny-gpt2/tiny-opt",
-    "task": "task: arc_easy, arc_challenge, openbookqa, piqa, hellaswag, sciq, race",
-    "data_dir": "folder with <split>.jsonl / <split>.json files in the task's Hugging Face schema "
-    "(instead of bundled data)",
+    "task": f"task: {', '.join(TASKS)} (custom: your own files in --data-dir)",
+    "data_dir": "folder with <split>.jsonl/.json/.csv/.parquet files: the task's Hugging Face schema, or "
+    "with --task custom prompt/completion, messages, alpaca or multiple-choice rows (not bundled data)",
     "clients": "number of clients K (the train split is cut into K+1 shards; shard 0 is the server's)",
     "rounds": "federated rounds",
     "partition": f"how the train split is shared out: {', '.join(PARTITIONS)}",
@@ -56,6 +58,9 @@ _HELP = {
     "zero_shot_eval": "evaluate the untrained model first, on the same examples (true/false)",
     "eval_batch_size": "evaluation batch size (sequences; speed only, results are the same)",
     "max_length": "maximum tokens per sequence (context truncated from the left)",
+    "max_new_tokens": "generative tasks: tokens generated per example at most (greedy)",
+    "stop": "generative tasks: text that ends a generation, like '\\n' (default: the task's; custom: end of "
+    "text only)",
     "dtype": "float32, bfloat16, or auto: bfloat16 where the CPU (AMX/AVX512-BF16) or GPU multiplies it "
     "natively",
     "device": "where the models run: auto (CUDA when present, else CPU), cpu or cuda",
@@ -115,8 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
         "completed round (its config.json is the configuration; options given must agree)",
     )
     from fedsp.experiments import compare
+    from fedsp.runtime import commands
 
     compare.add_parser(sub)
+    commands.add_parsers(sub)
     return parser
 
 
@@ -148,6 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fedsp.experiments.compare import run_compare
 
             return run_compare(args)
+        if args.command in ("eval", "generate", "export"):
+            from fedsp.runtime.commands import COMMANDS
+
+            return COMMANDS[args.command](args)
         config = config_from_args(args)
         resume = Path(args.resume) if getattr(args, "resume", None) else None
         if config.engine == "flower":
@@ -180,16 +191,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def format_summary(res: dict, out_dir: str) -> str:
     fin = res["final"]
+    columns = [(k, label) for k, label in METRIC_COLUMNS.items() if k in fin]
     lines = [
         "",
         f"{res['method']} on {res['task']} ({res['model']}), {fin['n']} {res['eval_split']} examples:",
-        f"  {'':<28}{'acc':>8}{'acc_norm':>10}",
+        f"  {'':<28}" + "".join(f"{label:>10}" for _, label in columns),
     ]
+
+    def row(label: str, figures: dict) -> str:
+        return f"  {label:<28}" + "".join(f"{100 * figures[k]:>10.1f}" for k, _ in columns)
+
     if res.get("zero_shot") and spec_for(res["method"]).trains:
-        zs = res["zero_shot"]
-        lines.append(f"  {'zero-shot':<28}{100 * zs['acc']:>8.1f}{100 * zs['acc_norm']:>10.1f}")
+        lines.append(row("zero-shot", res["zero_shot"]))
     label = res["method"] + (f" (best round {res['best_round']})" if res.get("rounds") else "")
-    lines.append(f"  {label:<28}{100 * fin['acc']:>8.1f}{100 * fin['acc_norm']:>10.1f}")
+    lines.append(row(label, fin))
     client = res.get("client_model")
     if client:
         privacy = "" if client["model_private"] else "; the whole global model: no model privacy"
@@ -221,6 +236,11 @@ def format_summary(res: dict, out_dir: str) -> str:
     if protection.get("attack"):
         attackers = ",".join(map(str, protection["attackers"]))
         lines.append(f"  SIMULATED ATTACK: partitions {attackers} sent {protection['attack']}")
+    exported = res.get("export") or {}
+    if exported.get("adapter"):
+        lines.append(
+            f"  best prefix: {out_dir}/{exported['prefix']}; PEFT adapter: {out_dir}/{exported['adapter']}"
+        )
     if res.get("ignored_options"):
         lines.append(f"  ignored options: {res['ignored_options']}")
     lines.append(f"  wall time {res['wall_seconds']:.0f} s; results in {out_dir}")

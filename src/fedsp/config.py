@@ -91,6 +91,8 @@ class RunConfig:
     zero_shot_eval: bool = True
     eval_batch_size: int = 128
     max_length: int = 256
+    max_new_tokens: int = 32  # generative tasks: greedy tokens generated per example at most
+    stop: str | None = None  # generative tasks: text that ends a generation; None: the task's (SQuAD: "\n")
     # runtime
     dtype: str = "float32"  # or bfloat16; auto: bfloat16 where the device multiplies it natively (not the
     # default: 1.3-2.2x faster steps there, FedSP 0.6 points lower over 3 seeds; docs/performance.md)
@@ -136,6 +138,7 @@ class RunConfig:
             "eval_batch_size",
             "max_length",
             "split_layer",
+            "max_new_tokens",
         ):
             _check_min(name, getattr(self, name), 1)
         for name in ("local_steps", "kd_steps", "local_loss_steps"):
@@ -374,6 +377,13 @@ def _coerce(name: str, value: Any, annotation: Any, source: str) -> Any:
         raise FedSPError(
             f"{source}: aux_layer_choice = {value!r} is not valid: bottom, middle, top, or layer indices"
         )
+    if name == "stop" and isinstance(value, str):  # "\\n" on a command line means a newline
+        text = (
+            value.encode("latin-1", "backslashreplace").decode("unicode_escape") if "\\" in value else value
+        )
+        if not text:
+            raise FedSPError(f"{source}: stop must be a non-empty text (leave it unset for the task's own)")
+        return text
     if name == "attackers":
         return parse_partitions(value) if value not in (None, "", []) else ()
     if value is None:

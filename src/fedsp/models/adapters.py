@@ -27,7 +27,6 @@ class FamilyAdapter:
     """Where a model family keeps its decoder stack and the modules around it (paths from its LM class)."""
 
     layers_path: str  # attribute path from the *ForCausalLM object to its ModuleList of layers
-    rotary: bool  # relative (rotary) positions: a prefix can be computed at negative positions
     base: str  # the decoder module that owns embeddings, positions and the final norm
     norm: str | None  # final norm, relative to ``base`` (trained in SFPrompt's tail)
     after_norm: str | None = None  # frozen projection after the norm (OPT's project_out)
@@ -35,16 +34,15 @@ class FamilyAdapter:
     input_proj: str | None = None  # projection of the token embeddings before layer 0 (OPT's project_in)
 
 
-_LLAMA = FamilyAdapter("model.layers", rotary=True, base="model", norm="norm")
+_LLAMA = FamilyAdapter("model.layers", base="model", norm="norm")
 # model_type (config.model_type) -> adapter. Llama-like families share the layout.
 ADAPTERS: dict[str, FamilyAdapter] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
-    "gpt2": FamilyAdapter("transformer.h", rotary=False, base="transformer", norm="ln_f", positions="wpe"),
+    "gpt2": FamilyAdapter("transformer.h", base="transformer", norm="ln_f", positions="wpe"),
     "opt": FamilyAdapter(
         "model.decoder.layers",
-        rotary=False,
         base="model.decoder",
         norm="final_layer_norm",
         after_norm="project_out",
@@ -124,24 +122,18 @@ def weights_dtype(model: nn.Module) -> torch.dtype:
     return embedding_weight(model).dtype
 
 
-def check_lengths(
-    config: PretrainedConfig, prefix_len: int, max_length: int, prompts_take_positions: bool
-) -> None:
+def check_lengths(config: PretrainedConfig, prefix_len: int, max_length: int) -> None:
     """Refuse a prefix or a sequence longer than the model can place (before any work is done).
 
-    A prefix is computed at positions 0..P-1 (absolute families) or -P..-1 (rotary) and real
-    tokens sit at 0..T-1; SFPrompt's prompts are input tokens, so they take positions 0..P-1 and
-    push the real tokens to P..P+T-1.
+    A prefix is computed at positions 0..P-1 and real tokens sit at P..P+T-1 (PEFT's convention);
+    SFPrompt's prompts are input tokens at positions 0..P-1 in the same way.
     """
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if not limit:
         return
     family = getattr(config, "model_type", "model")
-    if prompts_take_positions and prefix_len + max_length > limit:
+    if prefix_len + max_length > limit:
         raise FedSPError(
             f"--prefix-len {prefix_len} + --max-length {max_length} needs {prefix_len + max_length} "
             f"positions; this {family} model has {limit}"
         )
-    for flag, value in (("--prefix-len", prefix_len), ("--max-length", max_length)):
-        if value > limit:
-            raise FedSPError(f"{flag} {value} is beyond the {limit} positions of this {family} model")

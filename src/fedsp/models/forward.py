@@ -2,8 +2,10 @@
 
 One code path serves the global model and the auxiliary model. The prefix is
 handed to the model as ``past_key_values``; the attention mask gets P leading
-ones; real tokens keep positions 0..T-1 (``position_ids`` counts only real,
-non-padding tokens), so the prefix does not shift positions. Logits are
+ones; real tokens take positions P..P+T-1 (:func:`position_ids` counts only
+real, non-padding tokens), PEFT's convention for a prefix: the prefix reads as
+P tokens of text at positions 0..P-1 just before the input, and a prefix
+trained here is a PEFT prefix-tuning adapter as it is (:mod:`fedsp.models.export`). Logits are
 computed only where they are used: at the positions that predict a labelled
 token, not over the whole vocabulary at every position.
 
@@ -35,7 +37,7 @@ def hidden_states(
     device = model_device(model)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     batch = input_ids.shape[0]
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T): 0..T-1 over real tokens
+    position_ids = real_positions(attention_mask, prefix)  # (B, T)
     if prefix is None:
         out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
         return out.last_hidden_state
@@ -50,6 +52,13 @@ def hidden_states(
         use_cache=True,
     )
     return out.last_hidden_state
+
+
+def real_positions(attention_mask: torch.Tensor, prefix: Prefix | None = None) -> torch.Tensor:
+    """(B, T) mask of real tokens -> (B, T) positions P, P+1, ... over the real tokens (P = 0 without a
+    prefix); padding repeats its neighbour's position (it is masked anyway)."""
+    offset = prefix.config.num_tokens if prefix is not None else 0
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0) + offset
 
 
 def _answer_logits(
@@ -193,7 +202,7 @@ def score_choices(
     out = model.base_model(
         input_ids=ctx_ids,
         attention_mask=prior_mask,
-        position_ids=(ctx_mask.cumsum(-1) - 1).clamp(min=0),
+        position_ids=real_positions(ctx_mask, prefix),
         past_key_values=cache,
         use_cache=True,
     )
@@ -205,7 +214,7 @@ def score_choices(
     packed = [sum(len(c) for c in options) for options in choices]
     for group in length_buckets(packed):
         rows = _packed_choice_logprobs(
-            model, out.past_key_values, ctx_last, ctx_len, prior_mask, group, choices, pad_id
+            model, out.past_key_values, ctx_last, ctx_len + P, prior_mask, group, choices, pad_id
         )
         for q, row in zip(group, rows, strict=True):
             scores[q] = row
@@ -227,7 +236,7 @@ def _packed_choice_logprobs(
     model: PreTrainedModel,
     context_cache: DynamicCache,
     ctx_last: torch.Tensor,
-    ctx_len: torch.Tensor,
+    choice_start: torch.Tensor,
     prior_mask: torch.Tensor,
     questions: list[int],
     choices: list[list[list[int]]],
@@ -238,7 +247,7 @@ def _packed_choice_logprobs(
     A question's choices follow each other in one row after its cached
     context; a block mask lets each choice token see the prefix, the context
     and the earlier tokens of its own choice only, and every choice's positions
-    restart at len(context). The context cache is read once per question,
+    restart at ``choice_start`` (P + len(context)). The context cache is read once per question,
     never copied per choice.
     """
     device = ctx_last.device
@@ -266,7 +275,7 @@ def _packed_choice_logprobs(
     hidden = model.base_model(
         input_ids=ids,
         attention_mask=_custom_mask(model, torch.cat([prior, own], dim=2).unsqueeze(1)),  # (G, 1, L, P+Tc+L)
-        position_ids=ctx_len.index_select(0, index).unsqueeze(1) + offset,
+        position_ids=choice_start.index_select(0, index).unsqueeze(1) + offset,
         past_key_values=cache,
         use_cache=True,
     ).last_hidden_state  # (G, L, H)

@@ -12,10 +12,10 @@ reproduces the effective prompt exactly.
 
 Default initialisation: the global model's own keys/values of P real tokens
 (:func:`init_prefix_from_tokens`): whole training examples of the server's
-shard, computed as if they preceded the input (positions -P..-1) where the
-model's positions are rotary. ``bench/prefix_init.py`` on SmolLM2 (first 100
-ARC-Easy test questions, P = 40): zero-shot 49%, this default 52%, the first
-P tokens of the shard's text 48%, a random N(0, 1) prefix 27%.
+shard, computed at positions 0..P-1, as text just before the input.
+``bench/prefix_init.py`` on SmolLM2 (first 100 ARC-Easy test questions,
+P = 40): zero-shot 49%, this default 52%, the first P tokens of the shard's
+text 48%, a random N(0, 1) prefix 27%.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from fedsp import wire
 from fedsp.data.batching import Encoded, demonstration_tokens
 from fedsp.errors import FedSPError
-from fedsp.models.adapters import KVGeometry, adapter_for, kv_geometry, model_device
+from fedsp.models.adapters import KVGeometry, kv_geometry, model_device
 
 
 @dataclass(frozen=True)
@@ -149,9 +149,9 @@ def initial_prefix(
 def init_prefix_from_tokens(prefix: Prefix, model: PreTrainedModel, token_ids: torch.Tensor) -> None:
     """Set the prefix to ``model``'s own keys/values of ``token_ids`` (shape (P,)).
 
-    Rotary models compute them at positions -P..-1, so the prefix reads as text
-    that came just before the input (whose positions start at 0); models with
-    absolute position tables use 0..P-1. With ``projection=True`` only the
+    They are computed at positions 0..P-1, so the prefix reads as text that came
+    just before the input (whose positions start at P, see
+    :func:`fedsp.models.forward.real_positions`). With ``projection=True`` only the
     embedding can be set (to the tokens' input embeddings); the MLP keeps its
     random initialisation.
     """
@@ -163,8 +163,7 @@ def init_prefix_from_tokens(prefix: Prefix, model: PreTrainedModel, token_ids: t
         embeddings = model.get_input_embeddings()(ids)[0]
         prefix.embedding.copy_(embeddings.float())
         return
-    start = -P if adapter_for(model.config).rotary else 0
-    positions = torch.arange(start, start + P, device=ids.device).view(1, P)
+    positions = torch.arange(P, device=ids.device).view(1, P)
     out = model.base_model(input_ids=ids, position_ids=positions, use_cache=True)
     cache = out.past_key_values
     g = prefix.config.geometry

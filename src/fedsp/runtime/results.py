@@ -110,8 +110,13 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_curves(metrics: list[dict[str, Any]], zero_shot_acc: float | None, path: Path, title: str) -> None:
-    """Validation loss and accuracy per round, side by side."""
+def plot_curves(
+    metrics: list[dict[str, Any]], zero_shot: tuple[str, float] | None, path: Path, title: str
+) -> None:
+    """Validation loss and the evaluation figures (accuracy, or EM / F1 / ROUGE-L) per round, side by side.
+
+    ``zero_shot``: the untrained model's headline figure (name, value), drawn as a line.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,28 +131,30 @@ def plot_curves(metrics: list[dict[str, Any]], zero_shot_acc: float | None, path
     ax_loss.set_xlabel("round")
     ax_loss.set_ylabel("answer-token loss")
     ax_loss.legend()
-    with_acc = [m for m in metrics if m.get("acc") is not None]
-    if with_acc:
-        ax_acc.plot(
-            [m["round"] for m in with_acc], [100 * m["acc"] for m in with_acc], marker="o", label="acc"
-        )
-        ax_acc.plot(
-            [m["round"] for m in with_acc],
-            [100 * m["acc_norm"] for m in with_acc],
-            marker="s",
-            label="acc_norm",
-        )
-    if zero_shot_acc is not None:
-        ax_acc.axhline(100 * zero_shot_acc, color="grey", linestyle="--", label="zero-shot acc")
+    generative = any(m.get("f1") is not None for m in metrics) or (
+        zero_shot is not None and zero_shot[0] != "acc"
+    )
+    names = ("exact_match", "f1", "rouge_l") if generative else ("acc", "acc_norm")
+    for name, marker in zip(names, "os^", strict=False):
+        with_figure = [m for m in metrics if m.get(name) is not None]
+        if with_figure:
+            ax_acc.plot(
+                [m["round"] for m in with_figure],
+                [100 * m[name] for m in with_figure],
+                marker=marker,
+                label=name,
+            )
+    if zero_shot is not None:
+        ax_acc.axhline(100 * zero_shot[1], color="grey", linestyle="--", label=f"zero-shot {zero_shot[0]}")
     ax_acc.set_xlabel("round")
-    ax_acc.set_ylabel("accuracy (%)")
+    ax_acc.set_ylabel("score (%)" if generative else "accuracy (%)")
     if ax_acc.lines:
         ax_acc.legend()
     else:  # the run evaluated only its final prefix (eval_every_round off, no zero-shot evaluation)
         ax_acc.text(
             0.5,
             0.5,
-            "accuracy evaluated once, at the end:\nsee results.json",
+            "evaluated once, at the end:\nsee results.json",
             ha="center",
             va="center",
             transform=ax_acc.transAxes,

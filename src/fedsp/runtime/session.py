@@ -31,16 +31,16 @@ import torch
 
 from fedsp import wire
 from fedsp.config import RunConfig
-from fedsp.data.shards import RunData, prepare_data
+from fedsp.data.shards import RunData, generation_stop, prepare_data
 from fedsp.errors import RunFinished
-from fedsp.evaluation.multiple_choice import MCResult, evaluate_multiple_choice
+from fedsp.evaluation import EvalResult, describe, evaluate_examples, headline, metric_figures
 from fedsp.files import atomic_write, remove_stale_temporaries
 from fedsp.methods.base import ClientUpdate, Course
-from fedsp.methods.table import SPLIT_HEAD, MethodSpec, build_course, spec_for
+from fedsp.methods.table import MethodSpec, build_course, spec_for
 from fedsp.models.adapters import check_lengths
 from fedsp.models.auxiliary import unique_parameter_count
 from fedsp.models.loading import LoadedModel, load_global_model
-from fedsp.runtime import checkpoint, results
+from fedsp.runtime import checkpoint, outputs, results
 from fedsp.runtime.audit import Audit
 from fedsp.runtime.privacy import Aggregator, Summed
 
@@ -60,11 +60,11 @@ class Session:
     out_dir: Path
     loaded: LoadedModel
     data: RunData
-    zero_shot: MCResult | None
+    zero_shot: EvalResult | None
     course: Course | None  # None for methods that train nothing
     started: float
     history: list[dict[str, Any]] = field(default_factory=list)
-    last_eval: MCResult | None = None
+    last_eval: EvalResult | None = None
     once_bytes: int = 0
     ignored: dict[str, Any] = field(default_factory=dict)
     first_round: int = 1  # > 1 when resumed
@@ -73,6 +73,7 @@ class Session:
     lock: results.RunLock | None = None  # held while this process runs in out_dir
     created: bool = False  # out_dir was made by this session (removed if the run fails before round 1)
     aggregator: Aggregator | None = None  # the round's aggregate: rule or DP, adaptive clip, accountant
+    best_round: int = 0  # the round whose state is evaluated and exported (lowest validation loss)
 
     @classmethod
     def start(cls, config: RunConfig, resume: Path | None = None) -> Session:
@@ -126,13 +127,7 @@ class Session:
             results.write_json(out_dir / "config.json", config.to_dict())
         torch.manual_seed(config.seed)
         loaded = load_global_model(config.model, config.dtype, config.seed, device=config.device)
-        shape = spec.client
-        check_lengths(
-            loaded.model.config,
-            config.prefix_len,
-            config.max_length,
-            prompts_take_positions=shape is not None and shape.holds == SPLIT_HEAD,
-        )
+        check_lengths(loaded.model.config, config.prefix_len, config.max_length)
         data = prepare_data(config, loaded.tokenizer)
         session = cls(config, spec, out_dir, loaded, data, None, None, started, lock=lock, created=created)
         session.say(
@@ -147,10 +142,7 @@ class Session:
             return session
         if config.zero_shot_eval or not spec.trains:
             session.zero_shot = session.evaluate(loaded.model, None, "zero-shot eval")
-            session.say(
-                f"zero-shot: acc {100 * session.zero_shot.acc:.1f}  "
-                f"acc_norm {100 * session.zero_shot.acc_norm:.1f}"
-            )
+            session.say(f"zero-shot: {describe(session.zero_shot.summary())}")
         if spec.trains:
             # the aggregator first: a DP setting that cannot work is refused before KD and the clients
             session.aggregator = Aggregator(config, config.clients if spec.federated else 0)
@@ -238,15 +230,17 @@ class Session:
         if self.config.progress:
             print(text)
 
-    def evaluate(self, model, prefix, desc: str) -> MCResult:
+    def evaluate(self, model, prefix, desc: str) -> EvalResult:
         c = self.config
-        return evaluate_multiple_choice(
+        return evaluate_examples(
             model,
             self.loaded.tokenizer,
             self.data.eval_examples,
             prefix,
-            c.eval_batch_size,
-            c.max_length,
+            batch_size=c.eval_batch_size,
+            max_length=c.max_length,
+            max_new_tokens=c.max_new_tokens,
+            stop=generation_stop(c),
             desc=desc,
             progress=c.progress,
         )
@@ -300,7 +294,7 @@ class Session:
         record.update(extra or {})
         if self.config.eval_every_round:
             self.last_eval = self.evaluate(*server.evaluation_target(), f"round {rnd} eval")
-            record.update(acc=self.last_eval.acc, acc_norm=self.last_eval.acc_norm)
+            record.update(metric_figures(self.last_eval.summary()))
         record["seconds"] = seconds_before + time.perf_counter() - t0
         self.history.append(record)
         # the checkpoint first: metrics.jsonl never holds a round that a resume could not continue from
@@ -309,7 +303,7 @@ class Session:
         self.say(
             f"round {rnd}: val_loss {val_loss:.4f}  server_loss {server_loss:.4f}"
             + (
-                f"  acc {100 * self.last_eval.acc:.1f}"
+                f"  {describe(self.last_eval.summary())}"
                 if self.last_eval and self.config.eval_every_round
                 else ""
             )
@@ -349,6 +343,7 @@ class Session:
             summary.update(final=self.zero_shot.summary(), best_round=0, rounds=0)
         else:
             summary.update(self._trained_summary(global_params))
+        summary["export"] = self._export()
         if self.audit is not None:
             summary["audit"] = self.audit.report(self.loaded.model, config, self.out_dir / "audit.json")
         summary["wall_seconds"] = time.perf_counter() - self.started
@@ -356,16 +351,30 @@ class Session:
         if self.history:
             results.plot_curves(
                 self.history,
-                self.zero_shot.acc if self.zero_shot else None,
+                headline(self.zero_shot.summary()) if self.zero_shot else None,
                 self.out_dir / "curves.png",
                 f"{config.method} on {config.task} ({config.model})",
             )
         return summary
 
+    def _export(self) -> dict[str, Any]:
+        """The best prefix, outside fedsp: ``prefix.safetensors`` and a PEFT adapter (``adapter/``)."""
+        prefix = self.course.server.evaluation_target()[1] if self.course is not None else None
+        if prefix is None:
+            why = (
+                "nothing trained"
+                if self.course is None
+                else f"--method {self.config.method} trains no prefix"
+            )
+            return {"prefix": None, "why": why}
+        return outputs.write_run_outputs(
+            self.out_dir, prefix, self.loaded.model, self.config, self.best_round
+        )
+
     def _trained_summary(self, global_params: int) -> dict[str, Any]:
         assert self.course is not None
         config, course = self.config, self.course
-        best_round = min(self.history, key=lambda h: h["val_loss"])["round"]
+        best_round = self.best_round = min(self.history, key=lambda h: h["val_loss"])["round"]
         if best_round == len(self.history) - 1 and self.last_eval is not None:
             final = self.last_eval
         else:
