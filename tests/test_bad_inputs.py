@@ -216,6 +216,85 @@ CASES += [
 ]
 
 
+def _custom_dir(tmp_path, bad_row: dict | None = None, suffix: str = ".jsonl", rows=None) -> list[str]:
+    """``--task custom --data-dir`` a folder of prompt-completion rows, ``bad_row`` appended to each split."""
+    folder = tmp_path / "own"
+    folder.mkdir()
+    good = rows or [{"prompt": f"Say {c}:", "completion": f" {c}"} for c in ("red", "green", "blue") * 4]
+    for split in ("train", "validation", "test"):
+        lines = [*good, bad_row] if bad_row else good
+        (folder / f"{split}{suffix}").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return ["--task", "custom", "--data-dir", str(folder)]
+
+
+def _chat(*roles: str) -> dict:
+    return {"messages": [{"role": r, "content": f"{r} text"} for r in roles]}
+
+
+# Your own data (--task custom): each problem named with its file, row and field
+CASES += [
+    ("custom-without-data-dir", lambda p: ["--task", "custom"], "--task custom reads your own files"),
+    (
+        "custom-unknown-format",
+        lambda p: _custom_dir(p, rows=[{"text": "a", "label": 1}]),
+        "keys found: label, text",
+    ),
+    (
+        "custom-empty-completion",
+        lambda p: _custom_dir(p, {"prompt": "Say red:", "completion": " "}),
+        "row 13",
+    ),
+    (
+        "custom-mixed-keys",
+        lambda p: _custom_dir(p, {"prompt": "a", "output": "b"}),
+        "missing field 'completion'",
+    ),
+    (
+        "custom-no-assistant-turn",
+        lambda p: _custom_dir(p, rows=[_chat("user", "assistant", "user")]),
+        "no final assistant turn",
+    ),
+    (
+        "custom-roles-do-not-alternate",
+        lambda p: _custom_dir(p, rows=[_chat("system", "user", "user", "assistant")]),
+        "messages[2].role is 'user' where 'assistant' was expected",
+    ),
+    (
+        "custom-chat-without-template",
+        lambda p: _custom_dir(p, rows=[_chat("user", "assistant")] * 12),
+        "this tokenizer has none",
+    ),
+    (
+        "custom-completion-longer-than-max-length",
+        lambda p: _custom_dir(p, rows=[{"prompt": "Say:", "completion": " red" * 40}] * 12),
+        "cuts the answer (completion) of 12 of 12 training rows",
+    ),
+    (
+        "custom-choice-answer-not-a-choice",
+        lambda p: _custom_dir(
+            p, rows=[{"question": "Say red", "choices": ["red", "blue"], "answer": "green"}]
+        ),
+        "neither a choice index nor one of the choices",
+    ),
+    (
+        "custom-generative-dirichlet",
+        lambda p: [*_custom_dir(p), "--partition", "dirichlet"],
+        "is generative (no choices): use --partition iid",
+    ),
+    ("custom-csv-short-row", lambda p: _custom_csv(p), "not as many cells as the header has columns"),
+    ("stop-empty", lambda p: ["--task", "squad", "--stop", ""], "stop must be a non-empty text"),
+    ("max-new-tokens-zero", lambda p: ["--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1"),
+]
+
+
+def _custom_csv(tmp_path) -> list[str]:
+    folder = tmp_path / "own"
+    folder.mkdir()
+    for split in ("train", "validation", "test"):
+        (folder / f"{split}.csv").write_text("prompt,completion\nSay red:, red\nSay blue:\n")
+    return ["--task", "custom", "--data-dir", str(folder)]
+
+
 @pytest.mark.parametrize("case,extra,fragment", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_gets_one_line_and_leaves_nothing(case, extra, fragment, tmp_path, capsys, monkeypatch):
     # Prepare: run in a fresh folder so that any results folder it made would show

@@ -54,3 +54,49 @@ def test_zero_shot_and_initial_prefix_on_real_arc_rows(smol):
     # Assert: well above chance (25%), and the round-0 prefix does not wreck the model
     assert zero.acc > 0.35
     assert primed.acc >= zero.acc - 0.1
+
+
+def test_a_runs_peft_adapter_scores_arc_easy_as_fedsp_does(smol, tmp_path):
+    # Prepare: a short real run (FedPrompt, one client, one step) and its adapter loaded by PEFT alone
+    import json
+
+    from peft import PeftModel
+
+    from fedsp.cli import main
+    from fedsp.data.batching import encode_pair
+
+    out = tmp_path / "run"
+    args = [
+        "--method",
+        "fedprompt",
+        "--clients",
+        "1",
+        "--rounds",
+        "1",
+        "--local-steps",
+        "1",
+        "--kd-steps",
+        "0",
+    ]
+    args += ["--eval-limit", "20", "--val-limit", "8", "--zero-shot-eval", "false", "--prefix-len", "10"]
+    assert main(["run", *args, "--batch-size", "4", "--max-length", "128", "--out", str(out), "--quiet"]) == 0
+    final = json.loads((out / "results.json").read_text())["final"]
+    peft_model = PeftModel.from_pretrained(load_global_model("smollm2").model, str(out / "adapter")).eval()
+    # Execute: lm-eval's scoring, every context + choice sequence in full through PEFT's forward
+    correct = 0
+    for ex in load_task("arc_easy", "test")[:20]:
+        scores = []
+        for choice in ex.choices:
+            row = encode_pair(smol.tokenizer, ex.context, " " + choice, 10**9)
+            ids = torch.tensor([row.ids])
+            with torch.no_grad():
+                logprobs = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.log_softmax(
+                    -1
+                )
+            answer = ids[0, -row.num_answer :]
+            picked = logprobs[0, -row.num_answer - 1 : -1].gather(-1, answer.unsqueeze(-1))
+            scores.append(float(picked.sum()))
+        correct += ex.choices[max(range(len(scores)), key=scores.__getitem__)] == ex.choices[ex.gold]
+    # Assert: the same accuracy on the same questions
+    assert final["n"] == 20
+    assert correct / 20 == final["acc"]

@@ -14,7 +14,17 @@ from transformers import PreTrainedTokenizerBase
 from fedsp.config import RunConfig
 from fedsp.data.batching import Encoded, encode_example, encode_pair
 from fedsp.data.partition import partition_dirichlet, partition_iid
-from fedsp.data.tasks import Example, GenExample, MCExample, eval_split, is_generative, load_task, task_splits
+from fedsp.data.tasks import (
+    CUSTOM,
+    Example,
+    GenExample,
+    MCExample,
+    custom_format,
+    eval_split,
+    is_generative,
+    load_task,
+    task_splits,
+)
 from fedsp.errors import FedSPError
 
 # A run refuses training data whose completions --max-length cuts in more than this fraction of rows.
@@ -31,6 +41,7 @@ class RunData:
     eval_split: str
     truncation: dict[str, int] = field(default_factory=dict)  # what --max-length cut (results.json)
     generative: bool = False  # the examples are scored by generation, not by choices
+    data_format: str | None = None  # --task custom: the rows' format (fedsp.data.formats)
 
 
 def generation_stop(config: RunConfig) -> tuple[str, ...]:
@@ -81,6 +92,9 @@ def prepare_data(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> RunDa
         eval_split=split,
         truncation=truncation_counts(tokenizer, encoded, evaluated, config.max_length, config.max_new_tokens),
         generative=generative,
+        data_format=custom_format("train", config.data_dir)
+        if config.task == CUSTOM and config.data_dir
+        else None,
     )
 
 

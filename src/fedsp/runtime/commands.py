@@ -115,7 +115,8 @@ def run_generate(args: argparse.Namespace) -> int:
     max_new = run.config.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
     if max_new < 1:
         raise FedSPError(f"--max-new-tokens must be 1 or more, got {max_new}")
-    stop = generation_stop(RunConfig.from_dict({**run.config.to_dict(), "stop": args.stop}, strict=False))
+    given = {"stop": args.stop} if args.stop is not None else {}
+    stop = generation_stop(RunConfig.from_dict({**run.config.to_dict(), **given}, strict=False))
     rows = _prompt_rows(args)
     loaded = _load(run)
     texts = [_render(loaded, row, args.chat or "messages" in row, where) for where, row in rows]

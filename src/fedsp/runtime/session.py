@@ -131,7 +131,9 @@ class Session:
         data = prepare_data(config, loaded.tokenizer)
         session = cls(config, spec, out_dir, loaded, data, None, None, started, lock=lock, created=created)
         session.say(
-            f"fedsp: {config.method}, {config.model} on {config.task}: {len(data.server_rows)} server "
+            f"fedsp: {config.method}, {config.model} on {config.task}"
+            + (f" ({data.data_format} rows)" if data.data_format else "")
+            + f": {len(data.server_rows)} server "
             f"rows, {len(data.client_rows)} clients x ~{len(data.client_rows[0])} rows, "
             f"{len(data.eval_examples)} {data.eval_split} examples for evaluation"
         )
@@ -320,6 +322,7 @@ class Session:
             "task": config.task,
             "model": config.model,
             "eval_split": self.data.eval_split,
+            "data_format": self.data.data_format,
             "eval_examples": len(self.data.eval_examples),
             "seed": config.seed,
             "zero_shot": self.zero_shot.summary() if self.zero_shot else None,

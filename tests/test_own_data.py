@@ -1,0 +1,355 @@
+"""Your own task in, a usable prompt out: the custom formats, SQuAD, and ``fedsp eval/generate/export``."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedsp.cli import main
+from fedsp.data.batching import collate, encode_example
+from fedsp.data.formats import ALPACA_PROMPT_NO_INPUT
+from fedsp.data.tasks import GenExample, MCExample, load_task
+from fedsp.evaluation.generative import generate
+from fedsp.models import loading
+from fedsp.models.export import read_prefix_file
+from fedsp.models.forward import hidden_states
+from fedsp.models.loading import byte_tokenizer, load_global_model
+from fedsp.runtime.outputs import shift_rotary_keys
+
+# A chat template in the usual shape: each turn tagged by its role; a generation prompt opens a turn.
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+COLOURS = ("red", "green", "blue")
+ROWS = {
+    "prompt-completion": [{"prompt": f"Say {c}:", "completion": f" {c}"} for c in COLOURS * 4],
+    "alpaca": [{"instruction": f"Say {c}.", "input": "", "output": c} for c in COLOURS * 4],
+    "multiple-choice": [
+        {"question": f"Say {c}.", "choices": list(COLOURS), "answer": i % 3 if i % 2 else c}
+        for i, c in enumerate(COLOURS * 4)
+    ],
+    "messages": [
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": f"Say {c}."},
+                {"role": "assistant", "content": c},
+            ]
+        }
+        for c in COLOURS * 4
+    ],
+}
+TINY_RUN = [
+    *("--model", "tiny-llama", "--clients", "2", "--rounds", "2", "--local-steps", "2"),
+    *("--kd-steps", "2", "--prefix-len", "4", "--max-length", "64", "--max-new-tokens", "4", "--quiet"),
+]
+
+
+def _chat_tokenizer():
+    tokenizer = byte_tokenizer()
+    tokenizer.chat_template = TEMPLATE
+    return tokenizer
+
+
+def _write(folder: Path, rows: list[dict], suffix: str = ".jsonl") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "validation", "test"):
+        path = folder / f"{split}{suffix}"
+        if suffix == ".jsonl":
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        elif suffix == ".json":
+            path.write_text(json.dumps(rows))
+        else:  # csv: lists as JSON cells
+            with path.open("w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+                writer.writeheader()
+                for r in rows:
+                    writer.writerow({k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()})
+    return folder
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+@pytest.mark.parametrize("kind", ["prompt-completion", "alpaca", "multiple-choice"])
+def test_each_format_loads_from_each_file_kind(kind, suffix, tmp_path):
+    # Prepare
+    folder = _write(tmp_path / "own", ROWS[kind], suffix)
+    # Execute
+    examples = load_task("custom", "train", folder)
+    # Assert: twelve examples of the right kind, ids by position
+    assert len(examples) == 12 and examples[3].id == "custom/train/3"
+    first = examples[0]
+    if kind == "multiple-choice":
+        assert isinstance(first, MCExample)
+        assert (first.context, first.choices, first.gold) == ("Question: Say red.\nAnswer:", COLOURS, 0)
+        assert [ex.gold for ex in examples[:4]] == [0, 1, 2, 0]  # an answer text, then an index
+    else:
+        assert isinstance(first, GenExample) and first.references == ("red",)
+        if kind == "alpaca":
+            assert first.prompt == ALPACA_PROMPT_NO_INPUT.format(instruction="Say red.")
+            assert first.completion == "red"
+        else:
+            assert (first.prompt, first.completion) == ("Say red:", " red")
+
+
+def test_chat_rows_train_on_the_assistant_turns_only():
+    # Prepare: a hand-written conversation with two assistant turns; one byte = one token
+    tokenizer = _chat_tokenizer()
+    row = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "Colour?"},
+            {"role": "assistant", "content": "red"},
+        ]
+    }
+    from fedsp.data.formats import custom_examples
+
+    (example,), kind = custom_examples([(1, row)], Path("chat.jsonl"), "train", tokenizer)
+    # Execute
+    encoded = encode_example(tokenizer, example, 512)
+    labels = collate([encoded], tokenizer.pad_token_id)["labels"][0]
+    # Assert: token by token, the labelled tokens are exactly the two rendered assistant turns
+    assert kind == "messages"
+    text = "<|system|>Be brief.\n<|user|>Hi\n<|assistant|>Hello\n<|user|>Colour?\n<|assistant|>red\n"
+    assert tokenizer.decode(list(encoded.ids)) == text
+    scored = [tokenizer.decode([int(t)]) if t >= 0 else "_" for t in labels]
+    expected = ["_"] * len(text)
+    for piece in ("Hello\n", "red\n"):
+        start = text.index("<|assistant|>" + piece) + len("<|assistant|>")
+        expected[start : start + len(piece)] = list(piece)
+    assert scored == expected
+    # generation continues the conversation before the last assistant turn, scored against its content
+    assert example.prompt == text[: -len("red\n")] and example.references == ("red",)
+
+
+def test_prompt_completion_rows_train_on_the_completion_only():
+    tokenizer = byte_tokenizer()
+    example = GenExample("x", "Say red:", " red", ("red",))
+    batch = collate([encode_example(tokenizer, example, 64)], tokenizer.pad_token_id)
+    labelled = [int(t) for t in batch["labels"][0] if t >= 0]
+    assert tokenizer.decode(labelled) == " red"
+
+
+@pytest.mark.parametrize("kind", ["prompt-completion", "alpaca", "messages", "multiple-choice"])
+def test_each_format_trains_in_a_run(kind, tmp_path, monkeypatch, read_metrics):
+    # Prepare: the tiny model's tokenizer gets a chat template (it has none)
+    monkeypatch.setattr(loading, "byte_tokenizer", _chat_tokenizer)
+    folder = _write(tmp_path / "own", ROWS[kind])
+    out = tmp_path / "run"
+    # Execute
+    code = main(["run", *TINY_RUN, "--task", "custom", "--data-dir", str(folder), "--out", str(out)])
+    # Assert: the server's validation loss went down; generative runs report EM / F1 / ROUGE-L
+    assert code == 0
+    losses = [m["val_loss"] for m in read_metrics(out)]
+    assert losses[-1] < losses[0]
+    final = json.loads((out / "results.json").read_text())["final"]
+    assert set(final) >= (
+        {"acc", "acc_norm"} if kind == "multiple-choice" else {"exact_match", "f1", "rouge_l"}
+    )
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A tiny FedSP run on prompt-completion rows (generative)."""
+    root = tmp_path_factory.mktemp("finished")
+    folder = _write(root / "own", ROWS["prompt-completion"])
+    out = root / "run"
+    assert main(["run", *TINY_RUN, "--task", "custom", "--data-dir", str(folder), "--out", str(out)]) == 0
+    return out
+
+
+def test_a_finished_run_leaves_its_prefix_and_a_peft_adapter(finished_run):
+    results = json.loads((finished_run / "results.json").read_text())
+    assert results["export"] == {
+        "prefix": "prefix.safetensors",
+        "adapter": "adapter",
+        "base_model": "tiny-llama",
+        "best_round": results["best_round"],
+    }
+    assert (finished_run / "adapter" / "adapter_config.json").is_file()
+    prefix = read_prefix_file(finished_run / "prefix.safetensors")
+    assert prefix.config.num_tokens == 4
+
+
+def test_fedsp_eval_reproduces_the_runs_own_result(finished_run, capsys):
+    # Execute
+    assert main(["eval", str(finished_run), "--quiet"]) == 0
+    # Assert: the JSON line equals results.json's final block, number for number
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    final = json.loads((finished_run / "results.json").read_text())["final"]
+    assert {k: printed[k] for k in final} == final
+
+
+def test_fedsp_eval_of_a_multiple_choice_run_reproduces_its_accuracy(tmp_path, capsys):
+    folder = _write(tmp_path / "own", ROWS["multiple-choice"])
+    out = tmp_path / "run"
+    assert main(["run", *TINY_RUN, "--task", "custom", "--data-dir", str(folder), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--quiet"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    final = json.loads((out / "results.json").read_text())["final"]
+    assert (printed["acc"], printed["acc_norm"], printed["n"]) == (
+        final["acc"],
+        final["acc_norm"],
+        final["n"],
+    )
+
+
+def test_fedsp_generate_prints_the_greedy_completion_with_the_prefix(finished_run, capsys):
+    # Prepare: the same generation, by hand
+    loaded = load_global_model("tiny-llama", seed=0)
+    prefix = read_prefix_file(finished_run / "prefix.safetensors")
+    ids = loaded.tokenizer("Say blue:", add_special_tokens=False)["input_ids"]
+    (expected,) = generate(loaded.model, loaded.tokenizer, [ids], prefix, max_new_tokens=4)
+    # Execute
+    assert main(["generate", str(finished_run), "Say blue:"]) == 0
+    captured = capsys.readouterr()
+    # Assert: the completion, and which prefix it used
+    assert captured.out.rstrip("\n") == expected.text
+    assert "prefix.safetensors (best round" in captured.err
+
+
+def test_fedsp_generate_reads_prompts_from_a_file(finished_run, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Say red:"}\n{"prompt": "Say green:"}\n')
+    assert main(["generate", str(finished_run), "--input", str(prompts), "--max-new-tokens", "2"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["prompt"] for line in lines] == ["Say red:", "Say green:"]
+
+
+def test_fedsp_export_writes_an_adapter_peft_loads(finished_run, tmp_path):
+    from peft import PeftModel
+
+    out = tmp_path / "exported"
+    assert main(["export", str(finished_run), "--out", str(out)]) == 0
+    loaded = load_global_model("tiny-llama", seed=0)
+    peft_model = PeftModel.from_pretrained(loaded.model, str(out))
+    assert peft_model.peft_config["default"].num_virtual_tokens == 4
+
+
+def test_an_older_runs_rotary_prefix_is_turned_to_todays_positions(random_prefix):
+    # Prepare: logits as fedsp computed them before (real tokens at 0..T-1 after the prefix)
+    loaded = load_global_model("tiny-llama", seed=0)
+    model, old = loaded.model, random_prefix(loaded.model, 4)
+    ids = torch.tensor([list(b"Say red: red")])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        before = model.base_model(
+            input_ids=ids,
+            attention_mask=torch.cat([torch.ones(1, 4, dtype=torch.long), mask], dim=1),
+            position_ids=torch.arange(ids.shape[1]).view(1, -1),
+            past_key_values=old.cache(1),
+            use_cache=True,
+        ).last_hidden_state
+        # Execute: the keys turned by P, under today's positions (P..P+T-1)
+        new = random_prefix(model, 4, seed=1)
+        new.table.copy_(shift_rotary_keys(old.table, new, model))
+        after = hidden_states(model, ids, mask, new)
+    # Assert
+    assert torch.allclose(before, after, atol=1e-5)
+    assert not torch.allclose(new.table, old.table)  # the keys did move
+
+
+def test_an_older_run_without_a_prefix_file_still_exports(finished_run, tmp_path, capsys):
+    # Prepare: a copy of the run as an older fedsp left it: no prefix.safetensors, no export block
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(finished_run, old)
+    (old / "prefix.safetensors").unlink()
+    results = json.loads((old / "results.json").read_text())
+    del results["export"]
+    (old / "results.json").write_text(json.dumps(results))
+    # Execute
+    assert (
+        main(["export", str(old), "--format", "safetensors", "--out", str(tmp_path / "p.safetensors")]) == 0
+    )
+    # Assert: read from the checkpoint and moved to today's positions
+    assert "an older run" in capsys.readouterr().err
+    assert read_prefix_file(tmp_path / "p.safetensors").config.num_tokens == 4
+
+
+def test_squad_is_bundled_and_carved():
+    splits = {s: load_task("squad", s) for s in ("train", "validation", "test")}
+    assert [len(v) for v in splits.values()] == [700, 100, 200]
+    ids = [{ex.id.split("/")[-1] for ex in v} for v in splits.values()]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    first = splits["test"][0]
+    assert isinstance(first, GenExample)
+    assert first.prompt.startswith("Title: ") and first.prompt.endswith(
+        "\nQuestion: " + first.prompt.split("\nQuestion: ")[1]
+    )
+    assert first.completion == " " + first.references[0]
+
+
+def test_squad_local_rows_give_the_same_examples_as_bundled(tmp_path):
+    bundled = load_task("squad", "test")[0]
+    title, rest = bundled.prompt.removeprefix("Title: ").split("\nBackground: ", 1)
+    context, question = rest.removesuffix("\nAnswer:").split("\nQuestion: ")
+    row = {
+        "id": bundled.id.split("/")[-1],
+        "title": title,
+        "context": context,
+        "question": question,
+        "answers": {"text": list(bundled.references), "answer_start": [0] * len(bundled.references)},
+    }
+    for split in ("train", "validation", "test"):
+        (tmp_path / f"{split}.jsonl").write_text(json.dumps(row) + "\n")
+    assert load_task("squad", "test", tmp_path)[0] == bundled
+
+
+# ------------------------------------------------------- bad input on a finished run: one line, exit 2
+
+
+def _unfinished(tmp_path: Path, _run: Path) -> list[str]:
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.json").write_text("{}")
+    return ["eval", str(tmp_path / "half")]
+
+
+def _lost_model(tmp_path: Path, run: Path) -> list[str]:
+    import shutil
+
+    copy = tmp_path / "moved"
+    shutil.copytree(run, copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "model": str(tmp_path / "gone")}))
+    return ["generate", str(copy), "Hi"]
+
+
+RUN_CASES = [
+    ("eval-no-folder", lambda p, r: ["eval", str(p / "nothing")], "is not a results folder"),
+    ("eval-unfinished", _unfinished, "is an unfinished run: it has no results.json"),
+    ("generate-neither", lambda p, r: ["generate", str(r)], "either a prompt text or --input"),
+    (
+        "generate-bad-input-row",
+        lambda p, r: ["generate", str(r), "--input", _rows(p, {"text": 1})],
+        "keys found: text",
+    ),
+    ("generate-lost-model", _lost_model, "gone"),
+    ("export-out-exists", lambda p, r: ["export", str(r), "--out", str(r)], "exists already"),
+    ("eval-unknown-task", lambda p, r: ["eval", str(r), "--task", "nope"], "unknown task 'nope'"),
+]
+
+
+def _rows(tmp_path: Path, row: dict) -> str:
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("case,command,fragment", RUN_CASES, ids=[c[0] for c in RUN_CASES])
+def test_bad_input_on_a_finished_run(case, command, fragment, finished_run, tmp_path, capsys):
+    args = command(tmp_path, finished_run)
+    before = sorted(p.name for p in finished_run.iterdir())
+    code = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, (case, err)
+    assert err[-1].startswith("fedsp: error: ") and fragment in err[-1], err
+    assert sorted(p.name for p in finished_run.iterdir()) == before
