@@ -26,6 +26,7 @@ from typing import Any
 
 from fedsp.config import SPEED_ONLY, RunConfig
 from fedsp.errors import FedSPError
+from fedsp.evaluation import describe
 from fedsp.methods.table import grid_methods, spec_for
 
 SCALES: dict[str, dict[str, Any]] = {
@@ -132,7 +133,7 @@ class Grid:
             elapsed = time.perf_counter() - started
             eta = elapsed / i * (len(todo) - i)
             say(
-                f"[{i}/{len(todo)}] {cell.name}: acc {100 * outcome.results['final']['acc']:.1f} "
+                f"[{i}/{len(todo)}] {cell.name}: {describe(outcome.results['final'])} "
                 f"({time.perf_counter() - t0:.0f} s; about {eta / 60:.0f} min left)"
             )
 

@@ -25,6 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedsp import wire
 from fedsp.config import RunConfig, load_config_file
 from fedsp.errors import FedSPError
+from fedsp.evaluation import describe
 from fedsp.runtime.flower import payload, secagg
 from fedsp.runtime.messages import OK, Order, Reply
 from fedsp.runtime.privacy import Summed
@@ -193,6 +194,4 @@ def main(grid: Grid, context: Context) -> None:
     resume = Path(str(settings["resume"])) if settings.get("resume") else None
     wait_s = float(settings.get("wait-seconds", 120))
     outcome = run_course(config, resume, lambda session: serve(grid, session, wait_s=wait_s, context=context))
-    log.warning(
-        "fedsp: done: final acc %.3f, results in %s", outcome.results["final"]["acc"], outcome.out_dir
-    )
+    log.warning("fedsp: done: final %s, results in %s", describe(outcome.results["final"]), outcome.out_dir)
