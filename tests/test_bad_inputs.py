@@ -242,7 +242,7 @@ CASES += [
     (
         "custom-empty-completion",
         lambda p: _custom_dir(p, {"prompt": "Say red:", "completion": " "}),
-        "row 13",
+        "row 13: field 'completion' is empty",
     ),
     (
         "custom-mixed-keys",
@@ -284,6 +284,11 @@ CASES += [
     ("custom-csv-short-row", lambda p: _custom_csv(p), "not as many cells as the header has columns"),
     ("stop-empty", lambda p: ["--task", "squad", "--stop", ""], "stop must be a non-empty text"),
     ("max-new-tokens-zero", lambda p: ["--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1"),
+    (
+        "max-new-tokens-fill-max-length",
+        lambda p: ["--task", "squad", "--max-new-tokens", "96"],
+        "--max-new-tokens 96 leaves no room for a prompt in --max-length 96",
+    ),
 ]
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fedsp.cli import main
-from fedsp.data.batching import collate, encode_example
+from fedsp.data.batching import collate, encode_example, encode_segments
 from fedsp.data.formats import ALPACA_PROMPT_NO_INPUT
 from fedsp.data.tasks import GenExample, MCExample, load_task
 from fedsp.evaluation.generative import generate
@@ -128,6 +128,43 @@ def test_chat_rows_train_on_the_assistant_turns_only():
     assert example.prompt == text[: -len("red\n")] and example.references == ("red",)
 
 
+def test_a_long_chat_is_cut_from_the_left_with_its_labels():
+    # Prepare: two assistant turns; room for the last 12 tokens only (one byte = one token)
+    tokenizer = _chat_tokenizer()
+    segments = (("<|user|>Hi\n<|assistant|>", False), ("Hello\n", True), ("<|user|>C?\n<|assistant|>", False))
+    segments += (("red\n", True),)
+    # Execute
+    row = encode_segments(tokenizer, segments, 12)
+    # Assert: the kept text is the tail, its labels are the tail's, and the cut is counted by kind
+    text = "".join(t for t, _ in segments)
+    assert tokenizer.decode(list(row.ids)) == text[-12:]
+    assert [tokenizer.decode([i]) for i, s in zip(row.ids, row.scored, strict=True) if s] == list("red\n")
+    assert (row.answer_cut, row.context_cut) == (len("Hello\n"), len(text) - 12 - len("Hello\n"))
+    assert row.num_answer == len("red\n")
+
+
+def test_a_csv_prompt_that_reads_as_json_stays_text(tmp_path):
+    folder = tmp_path / "own"
+    folder.mkdir()
+    for split in ("train", "validation", "test"):
+        (folder / f"{split}.csv").write_text('prompt,completion\n"[1, 2]"," {""a"": 1}"\n')
+    (example,) = load_task("custom", "train", folder)
+    assert (example.prompt, example.completion) == ("[1, 2]", ' {"a": 1}')
+
+
+def test_completions_cut_below_the_threshold_are_trained_and_counted(tmp_path):
+    # Prepare: one of 40 training rows has a completion longer than --max-length 64
+    rows = [{"prompt": f"Say {c}:", "completion": f" {c}"} for c in COLOURS * 13]
+    rows.append({"prompt": "Say:", "completion": " red" * 30})
+    folder = _write(tmp_path / "own", rows)
+    out = tmp_path / "run"
+    # Execute
+    assert main(["run", *TINY_RUN, "--task", "custom", "--data-dir", str(folder), "--out", str(out)]) == 0
+    # Assert
+    truncation = json.loads((out / "results.json").read_text())["truncation"]
+    assert (truncation["train_answers_cut"], truncation["train_rows"]) == (1, 40)
+
+
 def test_prompt_completion_rows_train_on_the_completion_only():
     tokenizer = byte_tokenizer()
     example = GenExample("x", "Say red:", " red", ("red",))
@@ -136,14 +173,16 @@ def test_prompt_completion_rows_train_on_the_completion_only():
     assert tokenizer.decode(labelled) == " red"
 
 
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-gpt2", "tiny-opt"])
 @pytest.mark.parametrize("kind", ["prompt-completion", "alpaca", "messages", "multiple-choice"])
-def test_each_format_trains_in_a_run(kind, tmp_path, monkeypatch, read_metrics):
+def test_each_format_trains_in_a_run(kind, family, tmp_path, monkeypatch, read_metrics):
     # Prepare: the tiny model's tokenizer gets a chat template (it has none)
     monkeypatch.setattr(loading, "byte_tokenizer", _chat_tokenizer)
     folder = _write(tmp_path / "own", ROWS[kind])
     out = tmp_path / "run"
     # Execute
-    code = main(["run", *TINY_RUN, "--task", "custom", "--data-dir", str(folder), "--out", str(out)])
+    args = ["--task", "custom", "--data-dir", str(folder), "--out", str(out), "--model", family]
+    code = main(["run", *TINY_RUN, *args])
     # Assert: the server's validation loss went down; generative runs report EM / F1 / ROUGE-L
     assert code == 0
     losses = [m["val_loss"] for m in read_metrics(out)]
@@ -220,7 +259,12 @@ def test_fedsp_generate_reads_prompts_from_a_file(finished_run, tmp_path, capsys
     prompts.write_text('{"prompt": "Say red:"}\n{"prompt": "Say green:"}\n')
     assert main(["generate", str(finished_run), "--input", str(prompts), "--max-new-tokens", "2"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    loaded = load_global_model("tiny-llama", seed=0)
+    prefix = read_prefix_file(finished_run / "prefix.safetensors")
+    ids = [loaded.tokenizer(p, add_special_tokens=False)["input_ids"] for p in ("Say red:", "Say green:")]
+    expected = generate(loaded.model, loaded.tokenizer, ids, prefix, max_new_tokens=2)
     assert [line["prompt"] for line in lines] == ["Say red:", "Say green:"]
+    assert [line["completion"] for line in lines] == [g.text for g in expected]
 
 
 def test_fedsp_export_writes_an_adapter_peft_loads(finished_run, tmp_path):
@@ -229,8 +273,15 @@ def test_fedsp_export_writes_an_adapter_peft_loads(finished_run, tmp_path):
     out = tmp_path / "exported"
     assert main(["export", str(finished_run), "--out", str(out)]) == 0
     loaded = load_global_model("tiny-llama", seed=0)
-    peft_model = PeftModel.from_pretrained(loaded.model, str(out))
-    assert peft_model.peft_config["default"].num_virtual_tokens == 4
+    prefix = read_prefix_file(finished_run / "prefix.safetensors")
+    ids = torch.tensor([list(b"Say blue: blue")])
+    with torch.no_grad():
+        ours = loaded.model.get_output_embeddings()(
+            hidden_states(loaded.model, ids, torch.ones_like(ids), prefix)
+        )
+        peft_model = PeftModel.from_pretrained(load_global_model("tiny-llama", seed=0).model, str(out))
+        theirs = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert torch.allclose(ours.log_softmax(-1), theirs.log_softmax(-1), atol=1e-5)
 
 
 def test_an_older_runs_rotary_prefix_is_turned_to_todays_positions(random_prefix):
@@ -249,30 +300,53 @@ def test_an_older_runs_rotary_prefix_is_turned_to_todays_positions(random_prefix
         ).last_hidden_state
         # Execute: the keys turned by P, under today's positions (P..P+T-1)
         new = random_prefix(model, 4, seed=1)
-        new.table.copy_(shift_rotary_keys(old.table, new, model))
+        new.table.copy_(shift_rotary_keys(old.table, new, model, by=4))
         after = hidden_states(model, ids, mask, new)
     # Assert
     assert torch.allclose(before, after, atol=1e-5)
     assert not torch.allclose(new.table, old.table)  # the keys did move
 
 
-def test_an_older_run_without_a_prefix_file_still_exports(finished_run, tmp_path, capsys):
-    # Prepare: a copy of the run as an older fedsp left it: no prefix.safetensors, no export block
+def _as_older_run(run: Path, folder: Path, turn_back: bool) -> torch.Tensor:
+    """A copy of ``run`` without prefix.safetensors or the export block; with ``turn_back`` its checkpoint's
+    prefix put in the older convention (keys turned back by P, no positions mark). The run's own table."""
     import shutil
 
-    old = tmp_path / "old"
-    shutil.copytree(finished_run, old)
-    (old / "prefix.safetensors").unlink()
-    results = json.loads((old / "results.json").read_text())
+    shutil.copytree(run, folder)
+    (folder / "prefix.safetensors").unlink()
+    results = json.loads((folder / "results.json").read_text())
     del results["export"]
-    (old / "results.json").write_text(json.dumps(results))
+    (folder / "results.json").write_text(json.dumps(results))
+    table = read_prefix_file(run / "prefix.safetensors").table.detach()
+    state = torch.load(folder / "checkpoint.pt", weights_only=False)
+    if turn_back:
+        model = load_global_model("tiny-llama", seed=0).model
+        prefix = read_prefix_file(run / "prefix.safetensors")
+        state["server"]["best_state"] = {"table": shift_rotary_keys(table, prefix, model, by=-4)}
+        del state["positions"]
+    else:
+        state["server"]["best_state"] = {"table": table.clone()}
+    torch.save(state, folder / "checkpoint.pt")
+    return table
+
+
+@pytest.mark.parametrize("older", [True, False], ids=["older-convention", "todays-convention"])
+def test_a_run_without_a_prefix_file_exports_from_its_checkpoint(older, finished_run, tmp_path, capsys):
+    # Prepare
+    table = _as_older_run(finished_run, tmp_path / "old", turn_back=older)
     # Execute
-    assert (
-        main(["export", str(old), "--format", "safetensors", "--out", str(tmp_path / "p.safetensors")]) == 0
-    )
-    # Assert: read from the checkpoint and moved to today's positions
-    assert "an older run" in capsys.readouterr().err
-    assert read_prefix_file(tmp_path / "p.safetensors").config.num_tokens == 4
+    out = tmp_path / "p.safetensors"
+    assert main(["export", str(tmp_path / "old"), "--format", "safetensors", "--out", str(out)]) == 0
+    # Assert: the run's own prefix either way (turned forward again only when the mark is missing)
+    assert ("an older run" in capsys.readouterr().err) == older
+    assert torch.allclose(read_prefix_file(out).table, table, atol=1e-5)
+
+
+def test_an_older_checkpoint_cannot_be_resumed(finished_run, tmp_path, capsys):
+    _as_older_run(finished_run, tmp_path / "old", turn_back=True)
+    (tmp_path / "old" / "results.json").unlink()
+    assert main(["run", "--resume", str(tmp_path / "old"), "--rounds", "3", "--quiet"]) == 2
+    assert "written by an older fedsp" in capsys.readouterr().err
 
 
 def test_squad_is_bundled_and_carved():
@@ -282,9 +356,11 @@ def test_squad_is_bundled_and_carved():
     assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
     first = splits["test"][0]
     assert isinstance(first, GenExample)
-    assert first.prompt.startswith("Title: ") and first.prompt.endswith(
-        "\nQuestion: " + first.prompt.split("\nQuestion: ")[1]
+    assert first.prompt.startswith("Title: Harvard_University\nBackground: Older than The Game by 23 years")
+    assert first.prompt.endswith(
+        '\nQuestion: Harvard - Yale Regatta predates "The Game" by how many years?\nAnswer:'
     )
+    assert first.references == ("23 years", "23")
     assert first.completion == " " + first.references[0]
 
 
@@ -313,14 +389,26 @@ def _unfinished(tmp_path: Path, _run: Path) -> list[str]:
     return ["eval", str(tmp_path / "half")]
 
 
-def _lost_model(tmp_path: Path, run: Path) -> list[str]:
-    import shutil
+def _lost_model(command: str):
+    def make(tmp_path: Path, run: Path) -> list[str]:
+        import shutil
 
-    copy = tmp_path / "moved"
-    shutil.copytree(run, copy)
-    config = json.loads((copy / "config.json").read_text())
-    (copy / "config.json").write_text(json.dumps({**config, "model": str(tmp_path / "gone")}))
-    return ["generate", str(copy), "Hi"]
+        copy = tmp_path / "moved"
+        shutil.copytree(run, copy)
+        config = json.loads((copy / "config.json").read_text())
+        (copy / "config.json").write_text(json.dumps({**config, "model": str(tmp_path / "gone")}))
+        extra = {"generate": ["Hi"], "export": ["--out", str(tmp_path / "x")], "eval": []}[command]
+        return [command, str(copy), *extra]
+
+    return make
+
+
+def _no_prefix_run(tmp_path: Path, _run: Path) -> list[str]:
+    folder = _write(tmp_path / "own", ROWS["prompt-completion"])
+    out = tmp_path / "split"
+    args = ["--method", "sfprompt", "--task", "custom", "--data-dir", str(folder), "--out", str(out)]
+    assert main(["run", *TINY_RUN, *args]) == 0
+    return ["eval", str(out)]
 
 
 RUN_CASES = [
@@ -332,7 +420,12 @@ RUN_CASES = [
         lambda p, r: ["generate", str(r), "--input", _rows(p, {"text": 1})],
         "keys found: text",
     ),
-    ("generate-lost-model", _lost_model, "gone"),
+    ("generate-lost-model", _lost_model("generate"), "gone"),
+    ("eval-lost-model", _lost_model("eval"), "gone"),
+    ("export-lost-model", _lost_model("export"), "gone"),
+    ("generate-unfinished", lambda p, r: ["generate", *_unfinished(p, r)[1:], "Hi"], "an unfinished run"),
+    ("export-no-folder", lambda p, r: ["export", str(p / "nothing"), "--out", str(p / "x")], "not a results"),
+    ("eval-run-without-prefix", _no_prefix_run, "--method sfprompt trains no prefix"),
     ("export-out-exists", lambda p, r: ["export", str(r), "--out", str(r)], "exists already"),
     ("eval-unknown-task", lambda p, r: ["eval", str(r), "--task", "nope"], "unknown task 'nope'"),
 ]
@@ -353,3 +446,9 @@ def test_bad_input_on_a_finished_run(case, command, fragment, finished_run, tmp_
     assert code == 2, (case, err)
     assert err[-1].startswith("fedsp: error: ") and fragment in err[-1], err
     assert sorted(p.name for p in finished_run.iterdir()) == before
+
+
+def test_fedsp_compare_refuses_a_generative_task(tmp_path, capsys):
+    assert main(["compare", "--tasks", "arc_easy,squad", "--out", str(tmp_path / "grid")]) == 2
+    assert "--tasks squad: fedsp compare tabulates accuracy" in capsys.readouterr().err
+    assert not (tmp_path / "grid").exists()

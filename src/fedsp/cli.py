@@ -177,10 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except OSError as err:  # disk full, permissions...: completed rounds stay (every write is atomic)
         where = f"{err.filename}: " if err.filename else ""
-        print(
-            f"fedsp: error: {where}{io_reason(err)}; completed rounds are kept (--resume continues)",
-            file=sys.stderr,
-        )
+        kept = "; completed rounds are kept (--resume continues)" if args.command == "run" else ""
+        print(f"fedsp: error: {where}{io_reason(err)}{kept}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fedsp: interrupted; completed rounds are in the results folder", file=sys.stderr)

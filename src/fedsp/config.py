@@ -147,6 +147,11 @@ class RunConfig:
             _check_min("server_steps", self.server_steps, 0)
         if self.max_length < 2:  # one context token and one answer token at the least
             raise FedSPError(f"--max-length {self.max_length} is too short for a context plus its answer")
+        if self.max_new_tokens >= self.max_length:
+            raise FedSPError(
+                f"--max-new-tokens {self.max_new_tokens} leaves no room for a prompt in --max-length "
+                f"{self.max_length}; generation keeps prompt + new tokens within it"
+            )
         if self.prefix_len > MAX_PREFIX_LEN:
             raise FedSPError(
                 f"--prefix-len {self.prefix_len} is beyond the sane bound of {MAX_PREFIX_LEN} tokens"

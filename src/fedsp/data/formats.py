@@ -1,7 +1,8 @@
 """The user's own data (``--task custom --data-dir DIR``): the row formats the ecosystem already uses.
 
 Each file's format is detected from its first row's keys, and every row of
-the file must have the same keys:
+the file must have that format's keys (other keys, such as a ``category`` or
+``source`` column, are ignored):
 
 * ``prompt-completion``: ``{"prompt": str, "completion": str}`` (TRL's
   prompt-completion form). The training text is ``prompt + completion``,
@@ -20,7 +21,9 @@ the file must have the same keys:
   prompt-completion.
 * ``multiple-choice``: ``{"question" and/or "context", "choices": [str, ...],
   "answer": index or choice text}``, any number (2+) of choices, scored by
-  log-likelihood like the bundled tasks. The context is
+  log-likelihood like the bundled tasks. A JSON integer ``answer`` is an
+  index; a text is a choice's text first, else a digit string an index
+  (choices ``["1", "2"]`` with answer ``"1"``: the first choice). The context is
   ``{context}\\nQuestion: {question}\\nAnswer:`` (either part alone when only
   one is given; a lone context is used as it is).
 
@@ -36,7 +39,7 @@ from pathlib import Path
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
-from fedsp.data.tasks import Example, GenExample, MCExample
+from fedsp.data.tasks import Example, GenExample, MCExample, unique_id
 from fedsp.errors import FedSPError
 
 FORMATS: dict[str, frozenset[str]] = {
@@ -85,21 +88,15 @@ def custom_examples(
     """Every row of ``path`` as an example, and the file's format. ``tokenizer`` renders chat rows."""
     first_no, first = rows[0]
     kind = detect_format(first, f"{path} row {first_no}")
-    known = FORMATS[kind] | _OPTIONAL.get(kind, set()) | set(_ID_FIELDS)
     out: list[Example] = []
-    seen: dict[str, int] = {}
+    taken: set[str] = set()
     for position, (row_no, row) in enumerate(rows):
         where = f"{path} row {row_no}"
         missing = sorted(FORMATS[kind] - set(row))
         if missing:
             raise FedSPError(f"{where}: missing field '{missing[0]}' (the file's format is {kind})")
-        extra = sorted(set(row) - known)
-        if extra:
-            raise FedSPError(f"{where}: unexpected field '{extra[0]}' for the {kind} format")
         native = next((str(row[k]) for k in _ID_FIELDS if row.get(k) not in (None, "")), str(position))
-        seen[native] = seen.get(native, 0) + 1
-        suffix = f"#{seen[native]}" if seen[native] > 1 else ""
-        example_id = f"custom/{split}/{native}{suffix}"
+        example_id = unique_id(f"custom/{split}/{native}", taken)
         if kind == "multiple-choice":
             out.append(_multiple_choice(row, example_id, where))
         elif kind == "messages":

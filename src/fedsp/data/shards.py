@@ -7,6 +7,7 @@ Shard 0 is the server's (KD, prefix initialisation, server tuning), shards
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
@@ -69,8 +70,7 @@ def prepare_data(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> RunDa
     else:
         labels = [ex.gold for ex in train if isinstance(ex, MCExample)]
         shards = partition_dirichlet(labels, num_shards, config.alpha, config.data_seed)
-    encoded = [encode_example(tokenizer, ex, config.max_length) for ex in train]
-    _refuse_cut_answers(train, encoded, config.max_length)
+    encoded = encode_training(tokenizer, train, config.max_length)
     split = eval_split(config.task, config.data_dir)
     eval_examples = load_task(config.task, split, config.data_dir, tokenizer)
     val_source = "validation" if "validation" in task_splits(config.task, config.data_dir) else split
@@ -98,8 +98,12 @@ def prepare_data(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> RunDa
     )
 
 
-def _refuse_cut_answers(train: list[Example], encoded: list[Encoded], max_length: int) -> None:
-    """Completions longer than ``max_length`` are counted (results.json); too many of them are an error."""
+def encode_training(
+    tokenizer: PreTrainedTokenizerBase, train: Sequence[Example], max_length: int
+) -> list[Encoded]:
+    """The training rows of ``train``; completions longer than ``max_length`` are counted (results.json),
+    and more than :data:`MAX_ANSWERS_CUT` of the rows losing answer tokens is an error."""
+    encoded = [encode_example(tokenizer, ex, max_length) for ex in train]
     cut = [i for i, row in enumerate(encoded) if row.answer_cut]
     if len(cut) > MAX_ANSWERS_CUT * len(encoded):
         first = encoded[cut[0]]
@@ -108,6 +112,7 @@ def _refuse_cut_answers(train: list[Example], encoded: list[Encoded], max_length
             f"training rows, more than {MAX_ANSWERS_CUT:.0%} (first: {train[cut[0]].id}, "
             f"{first.answer_cut + first.num_answer} answer tokens); raise --max-length or shorten them"
         )
+    return encoded
 
 
 def truncation_counts(

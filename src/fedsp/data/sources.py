@@ -17,8 +17,8 @@ Bundled data
 Local data
     ``<data_dir>/<split>.jsonl``, ``.json``, ``.csv`` or ``.parquet``, the first
     that exists in that order. A JSON file may hold one JSON list of objects or
-    one JSON object per line; a CSV file has a header row, and a cell holding a
-    JSON list or object (``choices``, ``messages``) is read as one; Parquet needs
+    one JSON object per line; a CSV file has a header row, and a ``choices`` or
+    ``messages`` cell holding a JSON list is read as one; Parquet needs
     ``pyarrow`` installed. Row numbers in messages are 1-based: the line number
     for JSON lines, the position in the list for a JSON list, the data row for
     CSV and Parquet.
@@ -188,10 +188,13 @@ def _read_local_cached(path: str, _mtime_ns: int, _size: int) -> tuple[tuple[int
     return tuple((row_no, cast(dict, row)) for row_no, row in rows)
 
 
-def _cell(value: str) -> object:
-    """A CSV cell: a JSON list or object when it reads as one, else the text itself."""
+JSON_COLUMNS = ("choices", "messages")  # CSV columns whose cells hold a JSON list
+
+
+def _cell(column: str, value: str) -> object:
+    """A CSV cell: in :data:`JSON_COLUMNS` a JSON list when it reads as one; else the text itself."""
     text = value.strip()
-    if text[:1] in ("[", "{"):
+    if column in JSON_COLUMNS and text[:1] == "[":
         try:
             return json.loads(text)
         except json.JSONDecodeError:
@@ -207,7 +210,7 @@ def _read_csv(path: str) -> list[dict]:
             for n, row in enumerate(reader, 1):
                 if None in row or any(v is None for v in row.values()):
                     raise FedSPError(f"data file {path} row {n}: not as many cells as the header has columns")
-                rows.append({k: _cell(v) for k, v in row.items() if k is not None})
+                rows.append({k: _cell(k, v) for k, v in row.items() if k is not None})
             return rows
     except OSError as exc:
         raise FedSPError(f"cannot read data file {path}: {exc.strerror}") from exc

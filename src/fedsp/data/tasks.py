@@ -1,6 +1,6 @@
-"""Multiple-choice tasks: registry, prompt templates and loading.
+"""Tasks: registry, prompt templates and loading.
 
-Every task is turned into :class:`MCExample` rows with the reference (FedSP /
+Every multiple-choice task is turned into :class:`MCExample` rows with the reference (FedSP /
 FederatedScope) templates; contexts never end with a space and choices never
 start with one (the tokenisation code adds ``" " + choice``). Text fields are
 stripped of surrounding whitespace.
@@ -10,7 +10,7 @@ stripped of surrounding whitespace.
 * OpenBookQA: ``{question_stem}``; choices are the answer texts.
 * PIQA: ``Question: {goal}\\nAnswer:``; choices ``[sol1, sol2]``.
 * HellaSwag: ``{activity_label}: {ctx_a} {ctx_b.capitalize()}`` and the endings,
-  all cleaned by :func:`hellaswag_clean`.
+  all cleaned by :func:`fedsp.data.templates.hellaswag_clean`.
 * SciQ: ``{support}\\nQuestion: {question}\\nAnswer:`` (lm-eval convention: an
   empty support leaves the leading newline); choices ``[distractor1,
   distractor2, distractor3, correct_answer]``, gold 3.
@@ -50,7 +50,6 @@ repeated native id (HellaSwag's ``ind`` repeats in train) gets ``#2``, ``#3``...
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache, lru_cache
@@ -58,7 +57,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from fedsp.data import sources
+from fedsp.data import sources, templates
 from fedsp.errors import FedSPError
 
 TASKS: tuple[str, ...] = (
@@ -110,206 +109,16 @@ class GenExample:
     references: tuple[str, ...]
     segments: tuple[tuple[str, bool], ...] = ()
 
-    def training_segments(self) -> tuple[tuple[str, bool], ...]:
-        return self.segments or ((self.prompt, False), (self.completion, True))
-
 
 Example = MCExample | GenExample
 
 
-# ---------------------------------------------------------------- row checking
-
-
-def _text(row: dict, name: str, where: str) -> str:
-    if name not in row:
-        raise FedSPError(f"{where}: missing field '{name}'")
-    value = row[name]
-    if not isinstance(value, str):
-        raise FedSPError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
-    return value.strip()
-
-
-def _text_list(value: object, name: str, where: str) -> list[str]:
-    if not isinstance(value, list):
-        raise FedSPError(f"{where}: field '{name}' must be a list of strings, got {type(value).__name__}")
-    if not value:
-        raise FedSPError(f"{where}: field '{name}' has no choices")
-    for i, item in enumerate(value):
-        if not isinstance(item, str):
-            raise FedSPError(f"{where}: {name}[{i}] must be a string, got {type(item).__name__}")
-    return value
-
-
-def _index(row: dict, name: str, count: int, where: str) -> int:
-    if name not in row:
-        raise FedSPError(f"{where}: missing field '{name}'")
-    value = row[name]
-    if isinstance(value, str) and value.strip().isdigit():
-        index = int(value)
-    elif isinstance(value, int) and not isinstance(value, bool):
-        index = value
-    else:
-        raise FedSPError(f"{where}: field '{name}' must be an integer index, got {value!r}")
-    if not 0 <= index < count:
-        raise FedSPError(f"{where}: {name} {value!r} out of range, allowed 0..{count - 1}")
-    return index
-
-
-def _choices(texts: list[str], where: str) -> tuple[str, ...]:
-    cleaned = tuple(t.strip() for t in texts)
-    for i, text in enumerate(cleaned):
-        if not text:
-            raise FedSPError(f"{where}: choice {i} is empty")
-    return cleaned
-
-
-def _labelled(row: dict, where: str) -> tuple[tuple[str, ...], int]:
-    """ARC / OpenBookQA ``choices{text,label}`` + ``answerKey``."""
-    if "choices" not in row:
-        raise FedSPError(f"{where}: missing field 'choices'")
-    block = row["choices"]
-    if not isinstance(block, dict) or "text" not in block or "label" not in block:
-        raise FedSPError(f"{where}: field 'choices' must be an object with 'text' and 'label' lists")
-    texts = _text_list(block["text"], "choices.text", where)
-    labels = _text_list(block["label"], "choices.label", where)
-    if len(labels) != len(texts):
-        raise FedSPError(f"{where}: choices has {len(texts)} texts but {len(labels)} labels")
-    key = _text(row, "answerKey", where)
-    if key not in labels:
-        raise FedSPError(f"{where}: answerKey {key!r} out of range, allowed labels {labels}")
-    return _choices(texts, where), labels.index(key)
-
-
-# ------------------------------------------------------------------- templates
-
-
-def hellaswag_clean(text: str) -> str:
-    """lm-eval's HellaSwag clean-up, ending stripped: ``" [title]"`` -> ``". "``, drop
-    ``[tags]``, collapse runs of spaces. Idempotent, and gives the same text on
-    raw input as on input already cleaned by lm-eval / OLMES."""
-    text = text.strip().replace(" [title]", ". ")
-    text = re.sub(r"\[.*?\]", "", text)
-    return re.sub(" {2,}", " ", text).strip()
-
-
-Built = tuple[str, tuple[str, ...], int]  # context, choices, gold
-
-
-def _arc(row: dict, where: str) -> Built:
-    question = _text(row, "question", where)
-    choices, gold = _labelled(row, where)
-    return f"Question: {question}\nAnswer:", choices, gold
-
-
-def _openbookqa(row: dict, where: str) -> Built:
-    stem = _text(row, "question_stem", where)
-    choices, gold = _labelled(row, where)
-    return stem, choices, gold
-
-
-def _piqa(row: dict, where: str) -> Built:
-    goal = _text(row, "goal", where)
-    choices = _choices([_text(row, "sol1", where), _text(row, "sol2", where)], where)
-    return f"Question: {goal}\nAnswer:", choices, _index(row, "label", 2, where)
-
-
-def _hellaswag(row: dict, where: str) -> Built:
-    label, ctx_a, ctx_b = (_text(row, k, where) for k in ("activity_label", "ctx_a", "ctx_b"))
-    if "endings" not in row:
-        raise FedSPError(f"{where}: missing field 'endings'")
-    endings = [hellaswag_clean(e) for e in _text_list(row["endings"], "endings", where)]
-    context = hellaswag_clean(f"{label}: {ctx_a} {ctx_b.capitalize()}")
-    return context, _choices(endings, where), _index(row, "label", len(endings), where)
-
-
-def _sciq(row: dict, where: str) -> Built:
-    support, question = _text(row, "support", where), _text(row, "question", where)
-    names = ("distractor1", "distractor2", "distractor3", "correct_answer")
-    choices = _choices([_text(row, k, where) for k in names], where)
-    return f"{support}\nQuestion: {question}\nAnswer:", choices, 3
-
-
-def _race(row: dict, where: str) -> Built:
-    article, question = _text(row, "article", where), _text(row, "question", where)
-    if "options" not in row:
-        raise FedSPError(f"{where}: missing field 'options'")
-    choices = _choices(_text_list(row["options"], "options", where), where)
-    answer = _text(row, "answer", where)
-    letters = "ABCDEFGHIJ"[: len(choices)]
-    if len(answer) != 1 or answer not in letters:
-        raise FedSPError(f"{where}: answer {answer!r} out of range, allowed {', '.join(letters)}")
-    return f"Article: {article}\n\nQuestion: {question}\n\nAnswer:", choices, letters.index(answer)
-
-
-Generated = tuple[str, str, tuple[str, ...]]  # prompt, completion, references
-
-
-def _squad(row: dict, where: str) -> Generated:
-    title, context, question = (_text(row, k, where) for k in ("title", "context", "question"))
-    block = row.get("answers")
-    if not isinstance(block, dict) or "text" not in block:
-        raise FedSPError(f"{where}: field 'answers' must be an object with a 'text' list")
-    answers = [a.strip() for a in _text_list(block["text"], "answers.text", where)]
-    references = tuple(dict.fromkeys(a for a in answers if a))  # distinct, in order
-    if not references:
-        raise FedSPError(f"{where}: answers.text has no non-empty answer")
-    prompt = f"Title: {title}\nBackground: {context}\nQuestion: {question}\nAnswer:"
-    return prompt, " " + references[0], references
-
-
-# ------------------------------------------- bundled OLMES docs -> HF schema rows
-
-_QUERY = re.compile(r"Question: (.*)\nAnswer:", re.S)
-
-
-def _from_query(doc: dict, where: str, field: str) -> dict:
-    match = _QUERY.fullmatch(str(doc.get("query", "")))
-    if match is None:
-        raise FedSPError(f"{where}: query is not 'Question: ...\\nAnswer:'")
-    labels = [chr(ord("A") + i) for i in range(len(doc["choices"]))]
-    gold = doc["gold"]
-    key = labels[gold] if isinstance(gold, int) and 0 <= gold < len(labels) else str(gold)
-    return {
-        "id": doc["id"],
-        field: match.group(1),
-        "choices": {"text": doc["choices"], "label": labels},
-        "answerKey": key,
-    }
-
-
-def _hellaswag_doc(doc: dict, where: str) -> dict:
-    # The query is already "{activity_label}: {ctx}" after cleaning; cleaning it again is a no-op.
-    label, sep, rest = str(doc.get("query", "")).partition(": ")
-    if not sep:
-        raise FedSPError(f"{where}: query has no 'activity_label: ' prefix")
-    return {
-        "ind": doc["ind"],
-        "activity_label": label,
-        "ctx_a": rest,
-        "ctx_b": "",
-        "endings": doc["choices"],
-        "label": doc["gold"],
-    }
-
-
-_SQUAD_QUERY = re.compile(r"Title: (.*?)\nBackground: (.*)\nQuestion: (.*)\nAnswer:", re.S)
-
-
-def _squad_doc(doc: dict, where: str) -> dict:
-    match = _SQUAD_QUERY.fullmatch(str(doc.get("query", "")))
-    if match is None:
-        raise FedSPError(f"{where}: query is not 'Title: ...\\nBackground: ...\\nQuestion: ...\\nAnswer:'")
-    title, context, question = match.groups()
-    answers = {"text": list(doc["answers_text"])}
-    return {"id": doc["id"], "title": title, "context": context, "question": question, "answers": answers}
-
-
 @dataclass(frozen=True)
 class _Task:
-    build: Callable[[dict, str], Built] | None  # multiple choice
+    build: Callable[[dict, str], templates.Built] | None  # multiple choice
     id_field: str | None
     bundled: Callable[[dict, str], dict] | None  # OLMES doc -> HF row; None: not bundled
-    generate: Callable[[dict, str], Generated] | None = None  # generative tasks
+    generate: Callable[[dict, str], templates.Generated] | None = None  # generative tasks
     pool: tuple[str, ...] = ()  # bundled as one pool of CARVE_POOL rows in these variants: carved
 
 
@@ -318,14 +127,14 @@ def _same(doc: dict, _where: str) -> dict:
 
 
 _REGISTRY: dict[str, _Task] = {
-    "arc_easy": _Task(_arc, "id", lambda d, w: _from_query(d, w, "question")),
-    "arc_challenge": _Task(_arc, "id", lambda d, w: _from_query(d, w, "question")),
-    "openbookqa": _Task(_openbookqa, "id", lambda d, w: _from_query(d, w, "question_stem")),
-    "piqa": _Task(_piqa, None, _same),
-    "hellaswag": _Task(_hellaswag, "ind", _hellaswag_doc),
-    "sciq": _Task(_sciq, None, _same, pool=("val_rc_5shot", "rc_0shot")),
-    "race": _Task(_race, "example_id", None),
-    "squad": _Task(None, "id", _squad_doc, generate=_squad, pool=("bpb_5shot",)),
+    "arc_easy": _Task(templates.arc, "id", lambda d, w: templates.from_query(d, w, "question")),
+    "arc_challenge": _Task(templates.arc, "id", lambda d, w: templates.from_query(d, w, "question")),
+    "openbookqa": _Task(templates.openbookqa, "id", lambda d, w: templates.from_query(d, w, "question_stem")),
+    "piqa": _Task(templates.piqa, None, _same),
+    "hellaswag": _Task(templates.hellaswag, "ind", templates.hellaswag_doc),
+    "sciq": _Task(templates.sciq, None, _same, pool=("val_rc_5shot", "rc_0shot")),
+    "race": _Task(templates.race, "example_id", None),
+    "squad": _Task(None, "id", templates.squad_doc, generate=templates.squad, pool=("bpb_5shot",)),
     CUSTOM: _Task(None, None, None),
 }
 
@@ -356,6 +165,16 @@ def _no_bundle(task: str) -> FedSPError:
     )
 
 
+def unique_id(base: str, taken: set[str]) -> str:
+    """``base``, or ``base#2``, ``base#3``... whichever is not yet in ``taken`` (which it joins)."""
+    candidate, n = base, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{base}#{n}"
+    taken.add(candidate)
+    return candidate
+
+
 def _build(
     task: str, split: str, rows: Sequence[tuple[str, int, dict]], strict: bool = True
 ) -> tuple[Example, ...]:
@@ -365,13 +184,12 @@ def _build(
     (``strict``) and kept in the bundled data (a few rows have them; scoring compares choice texts).
     """
     spec = _task(task)
-    seen: dict[str, int] = {}
+    taken: set[str] = set()
     out: list[Example] = []
     for where, position, row in rows:
         native = row.get(spec.id_field) if spec.id_field else None
         native = str(position) if native is None or native == "" else str(native)
-        seen[native] = seen.get(native, 0) + 1
-        example_id = f"{task}/{split}/{native}" + (f"#{seen[native]}" if seen[native] > 1 else "")
+        example_id = unique_id(f"{task}/{split}/{native}", taken)
         if spec.generate is not None:
             prompt, completion, references = spec.generate(row, where)
             out.append(GenExample(example_id, prompt, completion, references))

@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 from fedsp.config import METHODS
+from fedsp.data.tasks import CUSTOM, GENERATIVE_TASKS
 from fedsp.errors import FedSPError
 from fedsp.experiments import tables
 from fedsp.experiments.grid import (
@@ -84,6 +85,12 @@ def plan(args: argparse.Namespace) -> tuple[Grid, dict[str, list[Cell]]]:
     except ValueError:
         raise FedSPError(f"--seeds {args.seeds!r} must be comma-separated integers") from None
     tasks = _split(args.tasks)
+    generative = [t for t in tasks if t in GENERATIVE_TASKS or t == CUSTOM]
+    if generative:
+        raise FedSPError(
+            f"--tasks {','.join(generative)}: fedsp compare tabulates accuracy on multiple-choice tasks; "
+            "score a generative task with fedsp run (EM / F1 / ROUGE-L)"
+        )
     by_table = {t: build_cells(t, tasks, methods, seeds) for t in wanted}
     ordered = list(dict.fromkeys(c for cells in by_table.values() for c in cells))  # unique, in order
     base = {**SCALES[args.scale], "model": args.model, "dtype": args.dtype}

@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PrefixTuningConfig
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 from transformers import PretrainedConfig
@@ -210,6 +209,8 @@ def write_peft_adapter(
         raise FedSPError(
             f"PEFT adapter folder {str(folder)!r} is not empty; pass overwrite=True to replace it"
         )
+    from peft import PrefixTuningConfig  # 1.8 s to import: only an export pays it
+
     config = PrefixTuningConfig(
         task_type="CAUSAL_LM",
         num_virtual_tokens=prefix.config.num_tokens,

@@ -2,7 +2,7 @@
 
 One code path serves the global model and the auxiliary model. The prefix is
 handed to the model as ``past_key_values``; the attention mask gets P leading
-ones; real tokens take positions P..P+T-1 (:func:`position_ids` counts only
+ones; real tokens take positions P..P+T-1 (:func:`real_positions` counts only
 real, non-padding tokens), PEFT's convention for a prefix: the prefix reads as
 P tokens of text at positions 0..P-1 just before the input, and a prefix
 trained here is a PEFT prefix-tuning adapter as it is (:mod:`fedsp.models.export`). Logits are
@@ -184,7 +184,7 @@ def score_choices(
     ``contexts[q]`` are question q's context tokens (non-empty); ``choices[q][c]``
     the tokens of its choice c. The contexts run as one right-padded batch;
     then each question's choices, packed one after another in a single row,
-    continue from its cached prefix + context at positions len(context)...
+    continue from its cached prefix + context at positions P + len(context)...
     (:func:`_packed_choice_logprobs`), questions in groups of similar packed
     length (:func:`length_buckets`). Same numbers as scoring each context +
     choice sequence in full, for about a third of the tokens.

@@ -27,6 +27,9 @@ from fedsp.errors import FedSPError
 from fedsp.files import atomic_write
 
 CHECKPOINT = "checkpoint.pt"
+# Where a checkpoint's prefix puts the input: "peft" (P..P+T-1). Checkpoints without the key were written
+# before fedsp followed PEFT (input at 0..T-1 after the prefix); a run cannot continue under another rule.
+POSITIONS = "peft"
 log = logging.getLogger("fedsp.checkpoint")
 _NOT_COMPARED = (*SPEED_ONLY, "out")  # may differ between the first run and its resume
 
@@ -47,7 +50,7 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 
 def save_checkpoint(out_dir: Path, state: dict[str, Any]) -> None:
-    atomic_save({**state, "rng": rng_states()}, out_dir / CHECKPOINT)
+    atomic_save({**state, "rng": rng_states(), "positions": POSITIONS}, out_dir / CHECKPOINT)
 
 
 def load_checkpoint(out_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
@@ -65,6 +68,12 @@ def load_checkpoint(out_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
     needed = {"round", "config", "server", "history", "rng"}
     if not isinstance(state, dict) or not needed <= set(state):
         raise FedSPError(f"--resume {str(out_dir)!r}: {CHECKPOINT} cannot be read (not a fedsp checkpoint)")
+    if state.get("positions") != POSITIONS:
+        raise FedSPError(
+            f"--resume {str(out_dir)!r}: {CHECKPOINT} was written by an older fedsp, which placed the input "
+            "at positions 0..T-1 after the prefix (now P..P+T-1, PEFT's convention); its prefix cannot "
+            "continue training here: start a new run (fedsp export converts its best prefix)"
+        )
     written = RunConfig.from_dict(state["config"], strict=False, source=str(path)).to_dict()  # any version
     differ = config_differences(written, config)
     if differ:

@@ -26,7 +26,7 @@ from fedsp.evaluation import describe, evaluate_examples
 from fedsp.evaluation.generative import generate
 from fedsp.models import export
 from fedsp.models.loading import LoadedModel, load_global_model
-from fedsp.runtime.outputs import FinishedRun, base_model_id, open_run, run_prefix
+from fedsp.runtime.outputs import NOTHING_TRAINED, FinishedRun, base_model_id, open_run, run_prefix
 
 FORMATS = ("peft", "safetensors")
 
@@ -46,7 +46,11 @@ def add_parsers(sub: Any) -> None:
     gen.add_argument("run", help="results folder of a finished run")
     gen.add_argument("prompt", nargs="?", help="the text to continue")
     gen.add_argument("--input", help='a .jsonl file of {"prompt": ...} or {"messages": [...]} rows')
-    gen.add_argument("--chat", action="store_true", help="send the prompt as a user turn (chat template)")
+    gen.add_argument(
+        "--chat",
+        action="store_true",
+        help="send the prompt as a user turn (chat template; the default for a run trained on chat rows)",
+    )
     gen.add_argument("--max-new-tokens", type=int, help="tokens generated at most (default: the run's)")
     gen.add_argument("--stop", help="text that ends a completion, like '\\n' (default: the run's)")
     gen.add_argument("--no-prefix", action="store_true", help="the global model alone, for comparison")
@@ -83,7 +87,8 @@ def run_eval(args: argparse.Namespace) -> int:
     loaded = _load(run)
     examples = load_task(config.task, split, config.data_dir, loaded.tokenizer)
     examples = examples[: config.eval_limit] if config.eval_limit else examples
-    prefix = _prefix(run, loaded, needed=False)
+    untrained = (run.results.get("export") or {}).get("why") == NOTHING_TRAINED
+    prefix = _prefix(run, loaded, needed=not untrained)
     result = evaluate_examples(
         loaded.model,
         loaded.tokenizer,
@@ -119,7 +124,8 @@ def run_generate(args: argparse.Namespace) -> int:
     stop = generation_stop(RunConfig.from_dict({**run.config.to_dict(), **given}, strict=False))
     rows = _prompt_rows(args)
     loaded = _load(run)
-    texts = [_render(loaded, row, args.chat or "messages" in row, where) for where, row in rows]
+    chat = args.chat or run.results.get("data_format") == "messages"  # a chat-trained prefix: chat prompts
+    texts = [_render(loaded, row, chat or "messages" in row, where) for where, row in rows]
     prompts = [loaded.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     for (where, _), ids in zip(rows, prompts, strict=True):
         if not ids:
@@ -155,7 +161,10 @@ def _render(loaded: LoadedModel, row: dict, chat: bool, where: str) -> str:
             f"{where}: --chat or messages rows need a chat template, and this model's tokenizer has none"
         )
     turns = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
-    return str(tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True))
+    try:
+        return str(tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True))
+    except Exception as err:  # jinja2's errors, or a template's own raise_exception()
+        raise FedSPError(f"{where}: the chat template failed: {' '.join(str(err).split())[:200]}") from None
 
 
 def run_export(args: argparse.Namespace) -> int:

@@ -12,12 +12,12 @@ Every run that trains a prefix writes, beside ``results.json``:
 ``fedsp eval``, ``fedsp generate`` and ``fedsp export`` open a finished run
 with :func:`open_run` and take its prefix with :func:`run_prefix`. A run made
 before this file was written has no ``prefix.safetensors``: its best prefix is
-read from ``checkpoint.pt``. Those runs placed real tokens at positions
-0..T-1 after the prefix (today: P..P+T-1, PEFT's convention); on rotary
-models the prefix's keys are turned by P positions, which gives exactly the
-same attention scores under today's convention (:func:`shift_rotary_keys`);
-on models with absolute positions there is no such conversion and the export
-is refused.
+read from ``checkpoint.pt``. A checkpoint without the ``positions`` mark was
+written when fedsp placed real tokens at positions 0..T-1 after the prefix
+(today: P..P+T-1, PEFT's convention); on rotary models that prefix's keys are
+turned by P positions, which gives the same attention scores under today's
+convention (:func:`shift_rotary_keys`); on models with absolute positions
+there is no such conversion and the export is refused.
 """
 
 from __future__ import annotations
@@ -34,12 +34,13 @@ from fedsp.errors import FedSPError
 from fedsp.models import export
 from fedsp.models.adapters import adapter_for, kv_geometry, model_device
 from fedsp.models.prefix import Prefix, prefix_for
-from fedsp.runtime.checkpoint import CHECKPOINT
+from fedsp.runtime.checkpoint import CHECKPOINT, POSITIONS
 
 PREFIX_FILE = "prefix.safetensors"
 ADAPTER_DIR = "adapter"
 # the Hugging Face id of a bundled model, written into the adapter's base_model_name_or_path
 HUB_IDS = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+NOTHING_TRAINED = "nothing trained"  # results.json's export.why of a run that trained nothing (zero-shot)
 
 
 def base_model_id(model: str) -> str:
@@ -120,6 +121,8 @@ def _prefix_from_checkpoint(run: FinishedRun, model: PreTrainedModel) -> tuple[P
     c = run.config
     old = prefix_for(model, c.prefix_len, projection="embedding" in best, dropout=c.prefix_dropout)
     old.load_wire_state(best)
+    if saved.get("positions") == POSITIONS:  # today's convention, only the prefix file is missing
+        return old.eval(), f"{path} (best prefix)"
     if adapter_for(model.config).positions is not None:
         raise FedSPError(
             f"{path}: this run was made by an older fedsp that placed the input at positions 0..T-1 after "
@@ -128,16 +131,16 @@ def _prefix_from_checkpoint(run: FinishedRun, model: PreTrainedModel) -> tuple[P
         )
     prefix = prefix_for(model, c.prefix_len, projection=False, dropout=c.prefix_dropout)
     with torch.no_grad():
-        prefix.table.copy_(shift_rotary_keys(old.values().detach(), prefix, model))
+        prefix.table.copy_(shift_rotary_keys(old.values().detach(), prefix, model, c.prefix_len))
     return prefix.eval(), f"{path} (an older run: best prefix moved to PEFT's positions)"
 
 
 @torch.no_grad()
-def shift_rotary_keys(table: torch.Tensor, prefix: Prefix, model: PreTrainedModel) -> torch.Tensor:
-    """A rotary model's prefix table with every key turned forward by P positions (values unchanged).
+def shift_rotary_keys(table: torch.Tensor, prefix: Prefix, model: PreTrainedModel, by: int) -> torch.Tensor:
+    """A rotary model's prefix table with every key turned forward by ``by`` positions (values unchanged).
 
     Under the older convention real token t sat at position t; under today's at P + t. A key turned by
-    P gives the same query-key products: R(P + t)q . R(P)k = R(t)q . k.
+    P gives the same query-key products: R(P + t)q . R(P)k = R(t)q . k (``by`` = -P turns back).
     """
     g = prefix.config.geometry
     P = prefix.config.num_tokens
@@ -147,7 +150,7 @@ def shift_rotary_keys(table: torch.Tensor, prefix: Prefix, model: PreTrainedMode
     kv = table.float().cpu().view(P, g.num_layers, 2, g.num_kv_heads, g.head_dim).clone()
     keys = kv[:, :, 0]  # (P, L, n_kv, hd)
     probe = torch.zeros(1, 1, g.head_dim, device=model_device(model))
-    cos, sin = rotary(probe, torch.tensor([[P]], device=probe.device))  # (1, 1, hd) each
+    cos, sin = rotary(probe, torch.tensor([[by]], device=probe.device))  # (1, 1, hd) each
     cos, sin = (t.float().cpu().view(g.head_dim) for t in (cos, sin))
     half = g.head_dim // 2
     turned = torch.cat([-keys[..., half:], keys[..., :half]], dim=-1)  # rotate_half

@@ -42,6 +42,7 @@ from fedsp.models.auxiliary import unique_parameter_count
 from fedsp.models.loading import LoadedModel, load_global_model
 from fedsp.runtime import checkpoint, outputs, results
 from fedsp.runtime.audit import Audit
+from fedsp.runtime.outputs import NOTHING_TRAINED
 from fedsp.runtime.privacy import Aggregator, Summed
 
 
@@ -365,9 +366,7 @@ class Session:
         prefix = self.course.server.evaluation_target()[1] if self.course is not None else None
         if prefix is None:
             why = (
-                "nothing trained"
-                if self.course is None
-                else f"--method {self.config.method} trains no prefix"
+                NOTHING_TRAINED if self.course is None else f"--method {self.config.method} trains no prefix"
             )
             return {"prefix": None, "why": why}
         return outputs.write_run_outputs(

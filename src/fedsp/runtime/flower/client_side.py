@@ -22,8 +22,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from fedsp.config import RunConfig
-from fedsp.data.batching import Encoded, encode_example
-from fedsp.data.shards import prepare_data
+from fedsp.data.batching import Encoded
+from fedsp.data.shards import encode_training, prepare_data
 from fedsp.data.sources import local_file
 from fedsp.data.tasks import load_task
 from fedsp.errors import FedSPError
@@ -119,11 +119,13 @@ def client_rows(config: RunConfig, partition: int, data_dir: str | None) -> list
     if data_dir:
         folder = Path(data_dir)
         if local_file(folder, "train") is None:
-            raise FedSPError(f"client data folder {data_dir!r} has no train.jsonl")
+            raise FedSPError(
+                f"client data folder {data_dir!r} has no train file (.jsonl, .json, .csv, .parquet)"
+            )
         examples = load_task(config.task, "train", folder, tokenizer)
         if not examples:
             raise FedSPError(f"client data file {str(folder / 'train.jsonl')!r} holds no examples")
-        return [encode_example(tokenizer, ex, config.max_length) for ex in examples]
+        return encode_training(tokenizer, examples, config.max_length)
     # simulation: the same cut of the task as the in-process runner (config.progress does not matter)
     shards = _partitioned_rows(RunConfig.from_dict({**config.to_dict(), "progress": False}))
     if not 0 <= partition < len(shards):
