@@ -40,7 +40,17 @@ def write_json(folder: Path, split: str, rows: list) -> Path:
 
 
 def test_task_names():
-    assert TASKS == ("arc_easy", "arc_challenge", "openbookqa", "piqa", "hellaswag", "sciq", "race")
+    assert TASKS == (
+        "arc_easy",
+        "arc_challenge",
+        "openbookqa",
+        "piqa",
+        "hellaswag",
+        "sciq",
+        "race",
+        "squad",
+        "custom",
+    )
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from fedsp.cli import main
 from fedsp.data.batching import collate, encode_example, encode_segments
 from fedsp.data.formats import ALPACA_PROMPT_NO_INPUT
 from fedsp.data.tasks import GenExample, MCExample, load_task
+from fedsp.errors import FedSPError
 from fedsp.evaluation.generative import generate
 from fedsp.models import loading
 from fedsp.models.export import read_prefix_file
@@ -452,3 +453,22 @@ def test_fedsp_compare_refuses_a_generative_task(tmp_path, capsys):
     assert main(["compare", "--tasks", "arc_easy,squad", "--out", str(tmp_path / "grid")]) == 2
     assert "--tasks squad: fedsp compare tabulates accuracy" in capsys.readouterr().err
     assert not (tmp_path / "grid").exists()
+
+
+def test_parquet_files_need_pyarrow_or_are_read(tmp_path):
+    # Prepare: a Parquet file (written by pyarrow when it is installed; else any bytes with the suffix)
+    folder = tmp_path / "own"
+    folder.mkdir()
+    rows = ROWS["prompt-completion"]
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        for split in ("train", "validation", "test"):
+            (folder / f"{split}.parquet").write_bytes(b"PAR1")
+        with pytest.raises(FedSPError, match="reading Parquet needs pyarrow"):
+            load_task("custom", "train", folder)
+        return
+    for split in ("train", "validation", "test"):
+        pq.write_table(pa.Table.from_pylist(rows), folder / f"{split}.parquet")
+    assert [ex.prompt for ex in load_task("custom", "train", folder)] == [r["prompt"] for r in rows]

@@ -196,13 +196,13 @@ def format_summary(res: dict, out_dir: str) -> str:
         f"  {'':<28}" + "".join(f"{label:>10}" for _, label in columns),
     ]
 
-    def row(label: str, figures: dict) -> str:
-        return f"  {label:<28}" + "".join(f"{100 * figures[k]:>10.1f}" for k, _ in columns)
+    def cells(figures: dict) -> str:
+        return "".join(f"{100 * figures[k]:>10.1f}" for k, _ in columns)
 
     if res.get("zero_shot") and spec_for(res["method"]).trains:
-        lines.append(row("zero-shot", res["zero_shot"]))
+        lines.append(f"  {'zero-shot':<28}" + cells(res["zero_shot"]))
     label = res["method"] + (f" (best round {res['best_round']})" if res.get("rounds") else "")
-    lines.append(row(label, fin))
+    lines.append(f"  {label:<28}" + cells(fin))
     client = res.get("client_model")
     if client:
         privacy = "" if client["model_private"] else "; the whole global model: no model privacy"

@@ -261,8 +261,8 @@ def _local_path(task: str, split: str, data_dir: Path) -> Path:
     sources.check_data_dir(data_dir)
     path = sources.local_file(data_dir, split)
     if path is None:
-        tried = ", ".join(split + suffix for suffix in sources.LOCAL_SUFFIXES)
-        raise FedSPError(f"no {split} file for {task} in {data_dir}: expected one of {tried}")
+        tried = ", ".join(str(data_dir / (split + suffix)) for suffix in sources.LOCAL_SUFFIXES)
+        raise FedSPError(f"no {split} file for {task}: expected one of {tried}")
     return path
 
 
