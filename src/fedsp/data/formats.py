@@ -203,8 +203,8 @@ def _conversation(
     for end, turn in enumerate(turns):
         if turn["role"] != "assistant":
             continue
-        before = _render(tokenizer, turns[:end], True, where)
-        through = _render(tokenizer, turns[: end + 1], False, where)
+        before = render_chat(tokenizer, turns[:end], True, where)
+        through = render_chat(tokenizer, turns[: end + 1], False, where)
         if not (before.startswith(done) and through.startswith(before)):
             raise FedSPError(
                 f"{where}: the tokenizer's chat template does not render a conversation as a growing text; "
@@ -216,9 +216,11 @@ def _conversation(
     return GenExample(example_id, prompt, segments[-1][0], (turns[-1]["content"].strip(),), pieces)
 
 
-def _render(
+def render_chat(
     tokenizer: PreTrainedTokenizerBase, turns: list[dict[str, str]], open_turn: bool, where: str
 ) -> str:
+    """``turns`` as the tokenizer's chat template writes them (``open_turn``: with the generation prompt
+    that opens the assistant's turn); a one-line error naming ``where`` if the template fails."""
     try:
         text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=open_turn)
     except (TemplateError, ValueError, TypeError) as err:

@@ -71,7 +71,6 @@ TASKS: tuple[str, ...] = (
     "squad",
     "custom",
 )
-GENERATIVE_TASKS = ("squad",)  # custom: whichever its files hold
 CUSTOM = "custom"
 SPLITS = sources.SPLITS
 CARVE_SEED = 12345
@@ -137,6 +136,7 @@ _REGISTRY: dict[str, _Task] = {
     "squad": _Task(None, "id", templates.squad_doc, generate=templates.squad, pool=("bpb_5shot",)),
     CUSTOM: _Task(None, None, None),
 }
+GENERATIVE_TASKS = tuple(name for name, spec in _REGISTRY.items() if spec.generate)  # custom: as its files
 
 
 # ---------------------------------------------------------------------- loading

@@ -36,7 +36,7 @@ from fedsp.data.batching import encode_pair, fixed_batches
 from fedsp.data.tasks import GenExample
 from fedsp.models.adapters import check_lengths, model_device, weights_dtype
 from fedsp.models.forward import head_logits, mean_answer_loss, real_positions
-from fedsp.models.prefix import Prefix
+from fedsp.models.prefix import Prefix, eval_mode
 
 
 @dataclass(frozen=True)
@@ -123,12 +123,11 @@ def generate(
     P = prefix.config.num_tokens if prefix is not None else 0
     if prompts:
         check_lengths(model.config, P, max(len(p) for p in prompts) + max_new_tokens)
-    was_training = prefix.training if prefix is not None else False
     if prefix is not None:
-        prefix.follow(model).eval()
+        prefix.follow(model)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[Generation | None] = [None] * len(prompts)
-    try:
+    with eval_mode(prefix):
         for start in tqdm(
             range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress, leave=False
         ):
@@ -138,9 +137,6 @@ def generate(
             )
             for i, generation in zip(chunk, batch, strict=True):
                 results[i] = generation
-    finally:
-        if prefix is not None:
-            prefix.train(was_training)
     return [g for g in results if g is not None]
 
 
@@ -272,11 +268,5 @@ def _completion_loss(
     rows = [row for row in rows if row.num_answer > 0]
     if not rows:
         return math.nan
-    was_training = prefix.training if prefix is not None else False
-    if prefix is not None:
-        prefix.eval()
-    try:
+    with eval_mode(prefix):
         return mean_answer_loss(model, fixed_batches(rows, batch_size, tokenizer.pad_token_id), prefix)
-    finally:
-        if prefix is not None:
-            prefix.train(was_training)

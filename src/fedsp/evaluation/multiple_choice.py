@@ -23,7 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from fedsp.data.batching import collate, encode_pair
 from fedsp.data.tasks import MCExample
 from fedsp.models.forward import continuation_logprobs, score_choices
-from fedsp.models.prefix import Prefix
+from fedsp.models.prefix import Prefix, eval_mode
 
 
 @dataclass(frozen=True)
@@ -51,15 +51,9 @@ def evaluate_multiple_choice(
 ) -> MCResult:
     if not examples:
         raise ValueError("evaluation needs at least one example")
-    was_training = prefix.training if prefix is not None else False
-    if prefix is not None:
-        prefix.eval()
-    try:
+    with eval_mode(prefix):
         score = _score_cached if cached else _score_full
         scores = score(model, tokenizer, examples, prefix, batch_size, max_length, desc, progress)
-    finally:
-        if prefix is not None:
-            prefix.train(was_training)
     predictions, correct, correct_norm = [], 0, 0
     for ex, row in zip(examples, scores, strict=True):
         best = max(range(len(row)), key=row.__getitem__)

@@ -20,7 +20,8 @@ text 48%, a random N(0, 1) prefix 27%.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -114,6 +115,20 @@ class Prefix(nn.Module):
     def load_wire_state(self, state: dict[str, torch.Tensor]) -> None:
         """Load parameters received over the wire, checking names, shapes and finiteness."""
         wire.load_snapshot(self.named_parameters(), state, "prefix")
+
+
+@contextmanager
+def eval_mode(prefix: Prefix | None) -> Iterator[None]:
+    """``prefix`` in eval mode (no dropout) inside the block, its own mode back after; None: nothing."""
+    if prefix is None:
+        yield
+        return
+    was_training = prefix.training
+    prefix.eval()
+    try:
+        yield
+    finally:
+        prefix.train(was_training)
 
 
 def prefix_for(

@@ -18,15 +18,23 @@ from pathlib import Path
 from typing import Any
 
 from fedsp.config import RunConfig
+from fedsp.data.formats import render_chat
 from fedsp.data.shards import generation_stop
 from fedsp.data.sources import read_local
-from fedsp.data.tasks import load_task
+from fedsp.data.tasks import eval_split, load_task
 from fedsp.errors import FedSPError
 from fedsp.evaluation import describe, evaluate_examples
 from fedsp.evaluation.generative import generate
 from fedsp.models import export
 from fedsp.models.loading import LoadedModel, load_global_model
-from fedsp.runtime.outputs import NOTHING_TRAINED, FinishedRun, base_model_id, open_run, run_prefix
+from fedsp.runtime.outputs import (
+    NOTHING_TRAINED,
+    FinishedRun,
+    base_model_id,
+    open_run,
+    prefix_metadata,
+    run_prefix,
+)
 
 FORMATS = ("peft", "safetensors")
 
@@ -83,7 +91,7 @@ def run_eval(args: argparse.Namespace) -> int:
             raise FedSPError(f"--eval-limit must be 0 (all) or more, got {args.eval_limit}")
         values["eval_limit"] = args.eval_limit or None
     config = RunConfig.from_dict(values, strict=False)
-    split = args.split or _eval_split(config)
+    split = args.split or eval_split(config.task, config.data_dir)
     loaded = _load(run)
     examples = load_task(config.task, split, config.data_dir, loaded.tokenizer)
     examples = examples[: config.eval_limit] if config.eval_limit else examples
@@ -105,12 +113,6 @@ def run_eval(args: argparse.Namespace) -> int:
     print(f"{config.task} ({split}, {summary['n']} examples): {describe(summary)}")
     print(json.dumps({"task": config.task, "split": split, **summary}))
     return 0
-
-
-def _eval_split(config: RunConfig) -> str:
-    from fedsp.data.tasks import eval_split
-
-    return eval_split(config.task, config.data_dir)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -161,10 +163,7 @@ def _render(loaded: LoadedModel, row: dict, chat: bool, where: str) -> str:
             f"{where}: --chat or messages rows need a chat template, and this model's tokenizer has none"
         )
     turns = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
-    try:
-        return str(tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True))
-    except Exception as err:  # jinja2's errors, or a template's own raise_exception()
-        raise FedSPError(f"{where}: the chat template failed: {' '.join(str(err).split())[:200]}") from None
+    return render_chat(tokenizer, turns, True, where)
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -175,12 +174,7 @@ def run_export(args: argparse.Namespace) -> int:
     loaded = _load(run)
     prefix = _prefix(run, loaded)
     if args.format == "safetensors":
-        meta = {
-            "model": run.config.model,
-            "base_model": base_model_id(run.config.model),
-            "task": run.config.task,
-        }
-        export.write_prefix_file(out, prefix, {**meta, "method": run.config.method})
+        export.write_prefix_file(out, prefix, prefix_metadata(run.config, run.results.get("best_round", 0)))
     else:
         export.write_peft_adapter(out, prefix, loaded.model.config, base_model_id(run.config.model))
     print(f"fedsp: wrote {out} ({args.format})")

@@ -52,12 +52,13 @@ def write_run_outputs(
 ) -> dict[str, Any]:
     """Write ``prefix.safetensors`` and ``adapter/`` into a results folder; what results.json records."""
     base = base_model_id(config.model)
-    export.write_prefix_file(out_dir / PREFIX_FILE, prefix, _metadata(config, best_round))
+    export.write_prefix_file(out_dir / PREFIX_FILE, prefix, prefix_metadata(config, best_round))
     export.write_peft_adapter(out_dir / ADAPTER_DIR, prefix, model.config, base, overwrite=True)
     return {"prefix": PREFIX_FILE, "adapter": ADAPTER_DIR, "base_model": base, "best_round": best_round}
 
 
-def _metadata(config: RunConfig, best_round: int) -> dict[str, str]:
+def prefix_metadata(config: RunConfig, best_round: int) -> dict[str, str]:
+    """What ``prefix.safetensors`` records of the run its prefix comes from."""
     return {
         "model": config.model,
         "base_model": base_model_id(config.model),

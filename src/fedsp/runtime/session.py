@@ -74,7 +74,6 @@ class Session:
     lock: results.RunLock | None = None  # held while this process runs in out_dir
     created: bool = False  # out_dir was made by this session (removed if the run fails before round 1)
     aggregator: Aggregator | None = None  # the round's aggregate: rule or DP, adaptive clip, accountant
-    best_round: int = 0  # the round whose state is evaluated and exported (lowest validation loss)
 
     @classmethod
     def start(cls, config: RunConfig, resume: Path | None = None) -> Session:
@@ -347,7 +346,7 @@ class Session:
             summary.update(final=self.zero_shot.summary(), best_round=0, rounds=0)
         else:
             summary.update(self._trained_summary(global_params))
-        summary["export"] = self._export()
+        summary["export"] = self._export(summary["best_round"])
         if self.audit is not None:
             summary["audit"] = self.audit.report(self.loaded.model, config, self.out_dir / "audit.json")
         summary["wall_seconds"] = time.perf_counter() - self.started
@@ -361,7 +360,7 @@ class Session:
             )
         return summary
 
-    def _export(self) -> dict[str, Any]:
+    def _export(self, best_round: int) -> dict[str, Any]:
         """The best prefix, outside fedsp: ``prefix.safetensors`` and a PEFT adapter (``adapter/``)."""
         prefix = self.course.server.evaluation_target()[1] if self.course is not None else None
         if prefix is None:
@@ -369,14 +368,12 @@ class Session:
                 NOTHING_TRAINED if self.course is None else f"--method {self.config.method} trains no prefix"
             )
             return {"prefix": None, "why": why}
-        return outputs.write_run_outputs(
-            self.out_dir, prefix, self.loaded.model, self.config, self.best_round
-        )
+        return outputs.write_run_outputs(self.out_dir, prefix, self.loaded.model, self.config, best_round)
 
     def _trained_summary(self, global_params: int) -> dict[str, Any]:
         assert self.course is not None
         config, course = self.config, self.course
-        best_round = self.best_round = min(self.history, key=lambda h: h["val_loss"])["round"]
+        best_round = min(self.history, key=lambda h: h["val_loss"])["round"]
         if best_round == len(self.history) - 1 and self.last_eval is not None:
             final = self.last_eval
         else:
