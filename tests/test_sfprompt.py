@@ -15,8 +15,9 @@ from fedsp.data.batching import collate, encode_gold, encode_pair
 from fedsp.data.shards import RunData
 from fedsp.errors import FedSPError
 from fedsp.methods.aggregation import weighted_average
+from fedsp.methods.base import ClientUpdate, Request
 from fedsp.methods.sfprompt import answer_positions, el2n, prune_hardest, sfprompt_course
-from fedsp.methods.split_traffic import SPLIT_KEYS
+from fedsp.methods.split_traffic import MESSAGE_OF, SPLIT_KEYS
 from fedsp.methods.table import METHOD_SPECS
 from fedsp.models.forward import continuation_logprobs, score_choices
 from fedsp.models.loading import load_global_model
@@ -26,6 +27,14 @@ from fedsp.runtime.audit import Audit, private_weights, promised_layers
 
 def _batch(tokenizer, toy_examples, n: int = 3) -> dict[str, torch.Tensor]:
     return collate([encode_gold(tokenizer, ex, 64) for ex in toy_examples(n)], tokenizer.pad_token_id)
+
+
+def _fit(client, server, partition: int, state) -> ClientUpdate:
+    """A client's whole round with the server answering its split messages in this process."""
+    out = client.fit(state)
+    while isinstance(out, Request):
+        out = client.answer(server.respond(partition, out))
+    return out
 
 
 def _course(loaded, toy_examples, rounds: int = 4, **overrides):
@@ -138,10 +147,10 @@ def test_client_prunes_by_its_own_shortcut_model_scores(tiny, toy_examples):
     # Prepare
     course = _course(tiny, toy_examples, prune_gamma=0.25)
     client = course.make_client(0)
-    client.fit(course.server.broadcast())  # loads the state; the kept count is in the metrics
+    _fit(client, course.server, 0, course.server.broadcast())  # loads the state
     # Execute
     scores = client.el2n_scores()
-    update = client.fit(course.server.broadcast())
+    update = _fit(client, course.server, 0, course.server.broadcast())  # the kept count is in its metrics
     # Assert: 12 rows -> ceil(0.25 * 12) = 3 kept, scores one per row
     assert scores.shape == (12,) and update.metrics["kept_rows"] == 3.0
 
@@ -151,13 +160,18 @@ def test_gradient_reaches_the_prompts_through_the_body_and_body_weights_stay(tin
     course = _course(tiny, toy_examples)
     client = course.make_client(0)
     client.prompts.data.normal_(0.0, 0.5)
-    body = client.link.body
+    server = course.server
+    body = server.body
     before = {k: v.clone() for k, v in body.view.named_parameters()}
     batch = _batch(tiny.tokenizer, toy_examples, 4)
+    client.progress = {"batch": batch}  # one split step of a round in progress
     # Execute: the four messages of one split step, then the backward through the head
-    grad_message, loss = client.split_backward(client.link.forward(client.split_forward(batch)))
-    grad_inputs = client.link.backward(grad_message)["grad_inputs"]  # (B, P+T, H)
-    client.pending[0].backward(grad_inputs)
+    outputs = server.respond(0, Request("activations", client.split_forward(batch)))
+    grad_outputs = Request("grad_outputs", client.split_backward(outputs.tensors))
+    loss = client.progress["loss"]
+    grad_inputs = server.respond(0, grad_outputs).tensors["grad_inputs"]  # (B, P+T, H)
+    cut = client.head(client.prompts, batch["input_ids"], batch["attention_mask"])
+    (cut["activations"] * grad_inputs).sum().backward()
     split_grad = client.prompts.grad.clone()
     client.prompts.grad = None
     # Reference: autograd through the full model in one process
@@ -171,7 +185,6 @@ def test_gradient_reaches_the_prompts_through_the_body_and_body_weights_stay(tin
     assert torch.allclose(split_grad, client.prompts.grad, atol=1e-6)
     for name, value in body.view.named_parameters():
         assert value.grad is None and torch.equal(value, before[name]), name
-    assert client.link.bytes["act_bytes_up"] > 4 * batch["input_ids"].numel() * tiny.model.config.hidden_size
 
 
 def test_loss_falls_over_rounds_and_global_model_is_unchanged(tiny, toy_examples):
@@ -184,13 +197,15 @@ def test_loss_falls_over_rounds_and_global_model_is_unchanged(tiny, toy_examples
     # Execute: five rounds of broadcast -> fit -> FedAvg
     for _ in range(5):
         state = server.broadcast()
-        updates = [c.fit({k: v.clone() for k, v in state.items()}) for c in clients]
+        updates = [
+            _fit(c, server, k, {n: v.clone() for n, v in state.items()}) for k, c in enumerate(clients)
+        ]
         server.aggregate(weighted_average([(u.state, u.num_examples) for u in updates]), updates)
     last = server.validation_loss()
     # Assert
     assert last < first - 0.1, (first, last)
     assert all(torch.equal(v, weights[k]) for k, v in tiny.model.named_parameters())
-    assert server.report["last_round_mean_per_client"]["split_act_bytes_up"] > 0
+    assert server.report["last_round_mean_per_client"]["client_flops"] > 0
 
 
 def test_bad_inputs_get_clear_errors(tiny, toy_examples):
@@ -201,8 +216,8 @@ def test_bad_inputs_get_clear_errors(tiny, toy_examples):
     for gamma in (0.0, 1.5):
         with pytest.raises(FedSPError, match=r"--prune-gamma must be in \(0, 1\], got " + str(gamma)):
             RunConfig(method="sfprompt", prune_gamma=gamma)
-    with pytest.raises(FedSPError, match="--engine inprocess only"):
-        _course(tiny, toy_examples, engine="flower")
+    with pytest.raises(FedSPError, match="--secure-aggregation is not available with --method sfprompt"):
+        RunConfig(method="sfprompt", engine="flower", secure_aggregation=True, clients=4)
     with pytest.raises(FedSPError, match="'falcon'.*gpt2, llama"):
         split_layout(SimpleNamespace(config=SimpleNamespace(model_type="falcon")))
 
@@ -251,10 +266,10 @@ def test_tiny_run_end_to_end_writes_split_accounting_and_passes_the_audit(tiny, 
     metrics = [json.loads(line) for line in (outcome.out_dir / "metrics.jsonl").read_text().splitlines()]
     per_client = metrics[-1]["client_metrics"]
     for key in (
-        "split_act_bytes_up",
-        "split_act_bytes_down",
-        "split_grad_bytes_up",
-        "split_grad_bytes_down",
+        "bytes_activations",
+        "bytes_outputs",
+        "bytes_grad_outputs",
+        "bytes_grad_inputs",
         "client_flops",
         "kept_rows",
     ):
@@ -262,13 +277,13 @@ def test_tiny_run_end_to_end_writes_split_accounting_and_passes_the_audit(tiny, 
     assert metrics[-1]["params_up"] == metrics[-1]["params_down"] == 4 * 64 + 64
     # Assert: the traffic report adds every split message of every round to the federated payloads
     traffic = notes["split_traffic"]
-    split = sum(sum(m["client_metrics"][f"split_{k}"]) for m in metrics[1:] for k in SPLIT_KEYS)
+    split = sum(sum(m["client_metrics"][f"bytes_{MESSAGE_OF[k]}"]) for m in metrics[1:] for k in SPLIT_KEYS)
     federated = sum(m["bytes_down"] + m["bytes_up"] for m in metrics[1:])
     comm = res["comm"]
     assert traffic["split_bytes_total"] == comm["split_bytes_total"] == split > 0
     assert comm["total_bytes"] == 2 * comm["model_bytes_once"] + federated + split  # 2 clients, all of it
     assert comm["split_bytes_up_per_round"] == traffic["split_bytes_up_per_round"]
-    up = sum(per_client["split_act_bytes_up"]) + sum(per_client["split_grad_bytes_up"])
+    up = sum(per_client["bytes_activations"]) + sum(per_client["bytes_grad_outputs"])
     assert traffic["split_bytes_up_per_round"] == pytest.approx(up / 2)
     assert traffic["client_flops_per_round"] == pytest.approx(sum(per_client["client_flops"]) / 2)
     # Assert: clients received layer 1 (head) but no weight of the body; the body's weights were checked

@@ -246,6 +246,11 @@ class RunConfig:
                 "cannot be combined with it (use mean)"
             )
         if self.secure_aggregation:
+            if not spec_for(self.method).secure_aggregation:
+                raise FedSPError(
+                    f"--secure-aggregation is not available with --method {self.method}: its clients' "
+                    "update is the last of each round's split-learning messages, which SecAgg+ cannot mask"
+                )
             if self.engine != "flower":
                 raise FedSPError(
                     f"--secure-aggregation runs with --engine flower only (Flower's SecAgg+), "

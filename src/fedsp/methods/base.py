@@ -9,6 +9,13 @@ A round, for any federated method:
   4. ``server.validation_loss()`` (the server keeps the best state it has seen).
 Centralised methods are a course without clients: only steps 3-4 happen.
 
+Split learning (SFPrompt): ``client.fit`` may return a :class:`Request` instead
+of its update, a message for the server in the middle of the round; the server's
+``respond(partition, request)`` answers it and the client continues with
+``client.answer(request)``, until it returns its update. A client's
+``state_dict`` holds the round in progress between two such messages, so a
+Flower node can serve each in a fresh process.
+
 Clients are stateful across rounds; ``state_dict`` / ``load_state_dict`` hold
 everything a client keeps between rounds (its model weights where it trains
 them, optimiser and schedule states, the position of its data stream), so an
@@ -19,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from transformers import PreTrainedModel
@@ -36,8 +43,16 @@ class ClientUpdate:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Request:
+    """A named message between a client and the server in the middle of a round (split learning)."""
+
+    step: str
+    tensors: dict[str, torch.Tensor]
+
+
 class Client(Protocol):
-    def fit(self, state: dict[str, torch.Tensor]) -> ClientUpdate: ...
+    def fit(self, state: dict[str, torch.Tensor]) -> ClientUpdate | Request: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -62,6 +77,29 @@ class Server(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class SplitClient(Client, Protocol):
+    """A client whose round goes through the server (split learning)."""
+
+    def answer(self, message: Request) -> ClientUpdate | Request:
+        """Continue the round with the server's answer to the last request."""
+        ...
+
+
+@runtime_checkable
+class SplitServer(Server, Protocol):
+    """A server that takes part in its clients' rounds (split learning)."""
+
+    def respond(self, partition: int, message: Request) -> Request:
+        """Answer a client's request in the middle of its round; a message that does not fit (shape,
+        dtype, order) raises :class:`~fedsp.errors.FedSPError`."""
+        ...
+
+    def forget(self, partition: int) -> None:
+        """Drop what the server holds of a client's round in progress (it failed or was left out)."""
+        ...
 
 
 @dataclass(frozen=True)

@@ -43,9 +43,9 @@ from fedsp.config import RunConfig
 from fedsp.data.batching import IGNORE, BatchStream, Encoded, collate, demonstration_tokens, fixed_batches
 from fedsp.data.shards import RunData
 from fedsp.errors import FedSPError
-from fedsp.methods.base import ClientModelInfo, ClientUpdate, Course
+from fedsp.methods.base import ClientModelInfo, ClientUpdate, Course, Request
 from fedsp.methods.optim import OptimConfig, Phase
-from fedsp.methods.split_traffic import SPLIT_KEYS, FlopModel, SplitLink, add_round, new_report
+from fedsp.methods.split_traffic import FlopModel, add_round, new_report
 from fedsp.models.adapters import decoder_layers, embedding_weight, model_device, output_weight
 from fedsp.models.forward import mean_answer_loss
 from fedsp.models.loading import LoadedModel
@@ -113,7 +113,18 @@ def _load_wire_state(prompts: nn.Parameter, tail: Tail, state: dict[str, torch.T
 
 
 class SFPromptClient:
-    """A data owner: shared frozen head, its own prompts and tail, its rows, a link to the server body."""
+    """A data owner: a frozen head, its own prompts and tail, its rows; its round goes through the server.
+
+    ``fit`` runs the self-update and returns the first split step's activations as a
+    :class:`~fedsp.methods.base.Request`; each ``answer`` takes the server's reply
+    (``outputs``, then ``grad_inputs``) and returns the next message, until the
+    last step's update returns the :class:`ClientUpdate`. Between two messages
+    everything of the round in progress is in ``state_dict`` (prompts, tail, the
+    step's batch and the body's outputs, the stream's position), so a Flower node
+    can serve every message in a fresh process; the head's activations are computed
+    again for the update instead of being kept (the head is frozen and runs in eval
+    mode: the same values).
+    """
 
     def __init__(
         self,
@@ -125,10 +136,9 @@ class SFPromptClient:
         total_rounds: int,
         pad_id: int,
         seed: int,
-        link: SplitLink,
         flops: FlopModel,
     ) -> None:
-        self.head, self.tail, self.link, self.flops = head, tail, link, flops
+        self.head, self.tail, self.flops = head, tail, flops
         device = model_device(head.view)
         width = embedding_weight(head.view).shape[1]
         self.prompts = nn.Parameter(torch.zeros(num_prompts, width, device=device))  # (P, E)
@@ -138,8 +148,8 @@ class SFPromptClient:
         self.local_phase = Phase(params, config.optim, total_rounds * config.local_loss_steps)
         self.split_phase = Phase(params, config.optim, total_rounds * config.split_steps)
         self.round = 0
-        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (activations, targets) of the step
         self.client_flops = 0
+        self.progress: dict[str, Any] | None = None  # the round in progress, between split messages
 
     # -- the shortcut model: head -> tail, body skipped
     def _shortcut(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,82 +179,167 @@ class SFPromptClient:
             scores.append(total / wanted.sum(1).clamp(min=1))
         return torch.cat(scores)
 
-    # -- split training, one message at a time
-    def split_forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Run the head; the message to the server: activations (B, P+T, H), mask, positions, wanted."""
-        cut = self.head(self.prompts, batch["input_ids"], batch["attention_mask"])
-        wanted, targets = answer_positions(batch["labels"], self.prompts.shape[0])
-        self.pending = (cut["activations"], targets)
-        B, S = wanted.shape
-        self.client_flops += 2 * self.flops.layers(self.config.split_layer, B, S)  # forward + backward
-        return {**{k: v.detach() for k, v in cut.items()}, "wanted": wanted}
+    def _stream(self, progress: dict[str, Any]) -> BatchStream:
+        kept = [self.rows[i] for i in progress["kept"]]
+        stream = BatchStream(kept, self.config.batch_size, self.pad_id, self.seed * 1000 + self.round)
+        if "stream" in progress:
+            stream.load_state_dict(progress["stream"])
+        return stream
 
-    def split_backward(self, reply: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
-        """Tail and loss on the body's outputs (n, H); the message back: the loss gradient of the outputs."""
-        assert self.pending is not None, "split_backward before split_forward"
-        activations, targets = self.pending
-        outputs = reply["outputs"].to(activations.device).requires_grad_(True)  # (n, H)
-        loss = F.cross_entropy(self.tail(outputs), targets.to(outputs.device))
-        loss.backward()  # gradients of the tail's norm, and of the outputs
-        self.client_flops += 2 * self.flops.head_logits(len(targets))
-        assert outputs.grad is not None
-        return {"grad_outputs": outputs.grad}, float(loss.detach())
-
-    def split_update(self, reply: dict[str, torch.Tensor]) -> None:
-        """Backward through the head to the prompts with the server's (B, P+T, H) gradient; one optimiser
-        step."""
-        assert self.pending is not None, "split_update before split_forward"
-        activations, _ = self.pending
-        self.pending = None
-        # d/d(activations) of sum(activations * g) is g: the prompts get exactly the chain-rule gradient.
-        self.split_phase.step((activations * reply["grad_inputs"].to(activations.device)).sum())
-
-    def split_step(self, batch: dict[str, torch.Tensor]) -> float:
-        """One split-training step over the link (in-process; on Flower the server sends each message)."""
-        grad_message, loss = self.split_backward(self.link.forward(self.split_forward(batch)))
-        self.split_update(self.link.backward(grad_message))
-        return loss
-
-    def fit(self, state: dict[str, torch.Tensor]) -> ClientUpdate:
+    # -- the round: self-update, then split steps as messages
+    def fit(self, state: dict[str, torch.Tensor]) -> ClientUpdate | Request:
         _load_wire_state(self.prompts, self.tail, state)
         self.round += 1
-        self.client_flops, self.link.bytes = 0, dict.fromkeys(SPLIT_KEYS, 0)
+        self.client_flops = 0
         # 1) self-update: EL2N pruning on the shortcut model, then local-loss steps on the kept rows
         scores = self.el2n_scores()
-        kept = [self.rows[i] for i in prune_hardest(scores, self.config.prune_gamma)]
-        stream = BatchStream(kept, self.config.batch_size, self.pad_id, self.seed * 1000 + self.round)
+        progress: dict[str, Any] = {"kept": prune_hardest(scores, self.config.prune_gamma)}
+        stream = self._stream(progress)
         local_losses = []
         for _ in range(self.config.local_loss_steps):
             before = self.client_flops
             logits, targets = self._shortcut(next(stream))
             self.client_flops += self.client_flops - before  # the backward: about one more forward
             local_losses.append(self.local_phase.step(F.cross_entropy(logits, targets)))
-        # 2) split training on the kept rows
-        split_losses = [self.split_step(next(stream)) for _ in range(self.config.split_steps)]
-        # 3) upload prompts + tail
+        progress.update(
+            stream=stream.state_dict(),
+            step=0,
+            local_losses=local_losses,
+            split_losses=[],
+            el2n_mean=float(scores.mean()),
+        )
+        self.progress = progress
+        # 2) split training on the kept rows, one message at a time
+        return self._next()
+
+    def _next(self) -> ClientUpdate | Request:
+        """The next split step's activations, or (all steps done) the update: prompts + tail."""
+        progress = self.progress
+        assert progress is not None
+        if progress["step"] < self.config.split_steps:
+            stream = self._stream(progress)
+            batch = next(stream)
+            progress.update(stream=stream.state_dict(), batch=batch)
+            return Request("activations", self.split_forward(batch))
+        self.progress = None
         metrics = {
-            "prompt_loss": _mean(split_losses),
-            "local_loss": _mean(local_losses),
-            "el2n_mean": float(scores.mean()),
-            "kept_rows": float(len(kept)),
+            "prompt_loss": _mean(progress["split_losses"]),
+            "local_loss": _mean(progress["local_losses"]),
+            "el2n_mean": progress["el2n_mean"],
+            "kept_rows": float(len(progress["kept"])),
             "client_flops": float(self.client_flops),
-            **{f"split_{k}": float(v) for k, v in self.link.bytes.items()},
         }
         return ClientUpdate(_wire_state(self.prompts, self.tail), len(self.rows), metrics)
 
+    def answer(self, message: Request) -> ClientUpdate | Request:
+        """The server's answer to the last message: ``outputs`` -> ``grad_outputs``; ``grad_inputs`` -> the
+        next step's activations, or the update."""
+        progress = self.progress
+        awaiting = progress.get("awaiting") if progress is not None else None
+        if progress is None or message.step != awaiting:
+            raise FedSPError(
+                f"split step message {message.step!r} came when the client expected "
+                f"{awaiting or 'no split message (no round in progress)'!r}"
+            )
+        if message.step == "outputs":
+            return Request("grad_outputs", self.split_backward(message.tensors))
+        self.split_update(message.tensors)
+        progress["step"] += 1
+        return self._next()
+
+    # -- split training, one message at a time
+    def split_forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run the head; the message to the server: activations (B, P+T, H), mask, positions, wanted."""
+        with torch.no_grad():
+            cut = self.head(self.prompts, batch["input_ids"], batch["attention_mask"])
+        wanted, _ = answer_positions(batch["labels"], self.prompts.shape[0])
+        B, S = wanted.shape
+        self.client_flops += 2 * self.flops.layers(self.config.split_layer, B, S)  # forward + backward
+        assert self.progress is not None
+        self.progress["awaiting"] = "outputs"
+        return {**cut, "wanted": wanted}
+
+    def _tail_loss(self, outputs: torch.Tensor) -> torch.Tensor:
+        assert self.progress is not None
+        _, targets = answer_positions(self.progress["batch"]["labels"], self.prompts.shape[0])
+        return F.cross_entropy(self.tail(outputs), targets.to(outputs.device))
+
+    def split_backward(self, reply: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Tail and loss on the body's outputs (n, H); the message back: the loss gradient of the outputs."""
+        progress = self.progress
+        assert progress is not None
+        wanted, _ = answer_positions(progress["batch"]["labels"], self.prompts.shape[0])
+        hidden = self.head.view.config.hidden_size
+        _check_tensor(reply, "outputs", (int(wanted.sum()), hidden), self.tail_dtype)
+        outputs = reply["outputs"].to(model_device(self.head.view)).requires_grad_(True)  # (n, H)
+        loss = self._tail_loss(outputs)
+        (grad,) = torch.autograd.grad(loss, outputs)
+        self.client_flops += 2 * self.flops.head_logits(outputs.shape[0])
+        progress.update(outputs=outputs.detach(), loss=float(loss.detach()), awaiting="grad_inputs")
+        return {"grad_outputs": grad}
+
+    def split_update(self, reply: dict[str, torch.Tensor]) -> None:
+        """One optimiser step: the tail by the loss on the body's outputs, the prompts by the server's
+        gradient of the activations (B, P+T, H), back through the head."""
+        progress = self.progress
+        assert progress is not None
+        batch = progress["batch"]
+        cut = self.head(self.prompts, batch["input_ids"], batch["attention_mask"])  # the same activations
+        activations = cut["activations"]
+        _check_tensor(reply, "grad_inputs", tuple(activations.shape), activations.dtype)
+        # d/d(activations) of sum(activations * g) is g: the prompts get exactly the chain-rule gradient,
+        # and the tail the gradient of the loss (neither term reaches the other's parameters)
+        linked = (activations * reply["grad_inputs"].to(activations.device)).sum()
+        self.split_phase.step(self._tail_loss(progress["outputs"]) + linked)
+        progress["split_losses"].append(progress.pop("loss"))
+        for key in ("batch", "outputs", "awaiting"):
+            progress.pop(key)
+
+    @property
+    def tail_dtype(self) -> torch.dtype:
+        return next(self.head.view.parameters()).dtype
+
     def state_dict(self) -> dict[str, Any]:
         """Kept between rounds: optimiser states and the round counter (prompts and tail come down each
-        round)."""
-        return {
+        round); in the middle of a round, that round too (prompts, tail, progress, FLOPs so far)."""
+        state: dict[str, Any] = {
             "local": self.local_phase.state_dict(),
             "split": self.split_phase.state_dict(),
             "round": self.round,
         }
+        if self.progress is not None:
+            state["progress"] = {
+                **self.progress,
+                "flops": self.client_flops,
+                "values": _wire_state(self.prompts, self.tail),
+            }
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        progress = state.get("progress")
+        if progress is not None:  # first the values: the phases then write their float32 masters over them
+            progress = dict(progress)
+            _load_wire_state(self.prompts, self.tail, progress.pop("values"))
+            self.client_flops = int(progress.pop("flops"))
+        self.progress = progress
         self.local_phase.load_state_dict(state["local"])
         self.split_phase.load_state_dict(state["split"])
         self.round = int(state["round"])
+
+
+def _check_tensor(
+    message: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], dtype: torch.dtype
+) -> None:
+    """A split message's tensor ``name`` has ``shape`` and ``dtype``, or a one-line FedSPError says why."""
+    value = message.get(name)
+    if not isinstance(value, torch.Tensor):
+        raise FedSPError(f"the {name} message has no {name!r} tensor (it holds {sorted(message)})")
+    if tuple(value.shape) != tuple(shape) or value.dtype != dtype:
+        raise FedSPError(
+            f"{name} of shape {tuple(value.shape)} and dtype {value.dtype}, expected {tuple(shape)} {dtype}"
+        )
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise FedSPError(f"{name} holds NaN or Inf values")
 
 
 class SFPromptServer:
@@ -260,6 +355,7 @@ class SFPromptServer:
         eval_batch_size: int = 128,
     ) -> None:
         self.body, self.prompts, self.tail = body, prompts, Tail(model)
+        self.hidden, self.dtype = int(model.config.hidden_size), next(model.parameters()).dtype
         self.full = PromptedModel(model, prompts, self.tail)  # head -> body -> tail in one stack
         self.val_batches = fixed_batches(val_rows, eval_batch_size, pad_id)
         self.best_val_loss = float("inf")
@@ -277,6 +373,37 @@ class SFPromptServer:
 
     def tune(self) -> float:
         return float("nan")  # SFPrompt's server trains nothing of its own
+
+    def respond(self, partition: int, message: Request) -> Request:
+        """The body's part of a split step: ``activations`` -> ``outputs``, ``grad_outputs`` ->
+        ``grad_inputs``; a message of the wrong shape, dtype or order raises a one-line FedSPError."""
+        tensors = message.tensors
+        if message.step == "activations":
+            acts = tensors.get("activations")
+            if not isinstance(acts, torch.Tensor) or acts.dim() != 3:
+                raise FedSPError(
+                    "activations: expected a (batch, length, hidden) tensor, got "
+                    + (f"shape {tuple(acts.shape)}" if isinstance(acts, torch.Tensor) else "none")
+                )
+            B, S, _ = acts.shape
+            _check_tensor(tensors, "activations", (B, S, self.hidden), self.dtype)
+            _check_tensor(tensors, "attention_mask", (B, S), tensors["attention_mask"].dtype)
+            _check_tensor(tensors, "position_ids", (B, S), torch.long)
+            _check_tensor(tensors, "wanted", (B, S), torch.bool)
+            if not bool(tensors["wanted"].any()):
+                raise FedSPError("wanted: no position predicts an answer token")
+            return Request("outputs", self.body.body_forward(partition, tensors))
+        if message.step == "grad_outputs":
+            pending = self.body.pending.get(partition)
+            if pending is None:
+                raise FedSPError("grad_outputs came before this round's activations")
+            outputs = pending[1]
+            _check_tensor(tensors, "grad_outputs", tuple(outputs.shape), outputs.dtype)
+            return Request("grad_inputs", self.body.body_backward(partition, tensors))
+        raise FedSPError(f"unknown split step {message.step!r} (expected activations or grad_outputs)")
+
+    def forget(self, partition: int) -> None:
+        self.body.pending.pop(partition, None)
 
     @torch.no_grad()
     def validation_loss(self) -> float:
@@ -325,21 +452,45 @@ def initial_prompts(config: RunConfig, loaded: LoadedModel, server_rows: list[En
     return nn.Parameter(values)
 
 
-def sfprompt_course(config: RunConfig, loaded: LoadedModel, data: RunData) -> Course:
-    """Server (body + averaged prompts and tail) and clients (shared head, own tail) for one SFPrompt run."""
-    model, c = loaded.model, config.split_layer
-    split_layout(model)  # an unknown family fails here, with the known ones
-    num_layers = len(decoder_layers(model))
-    check_split_layer(c, num_layers)
+def split_client(
+    config: RunConfig,
+    model: PreTrainedModel,
+    rows: Sequence[Encoded],
+    partition: int,
+    pad_id: int,
+    head: Head | None = None,
+    flops: FlopModel | None = None,
+) -> SFPromptClient:
+    """Client ``partition`` over ``model``, of which it needs only what it holds (embeddings, layers
+    0..c-1, final norm, LM head): the course's clients and a Flower node's are made here."""
     local = SFPromptConfig(
-        c,
+        config.split_layer,
         config.prune_gamma,
         config.local_loss_steps,
         config.local_steps,
         config.batch_size,
         OptimConfig(config.lr, config.weight_decay, config.warmup_ratio),
     )
-    head, body = Head(model, c), ServerBody(model, c)
+    return SFPromptClient(
+        head or Head(model, config.split_layer),
+        Tail(model),
+        config.prefix_len,
+        rows,
+        local,
+        config.rounds,
+        pad_id,
+        config.seed * 1000 + partition + 1,
+        flops or FlopModel.of(model),
+    )
+
+
+def sfprompt_course(config: RunConfig, loaded: LoadedModel, data: RunData) -> Course:
+    """Server (body + averaged prompts and tail) and clients (shared head, own tail) for one SFPrompt run."""
+    model, c = loaded.model, config.split_layer
+    split_layout(model)  # an unknown family fails here, with the known ones
+    num_layers = len(decoder_layers(model))
+    check_split_layer(c, num_layers)
+    body = ServerBody(model, c)
     server = SFPromptServer(
         model,
         body,
@@ -348,21 +499,11 @@ def sfprompt_course(config: RunConfig, loaded: LoadedModel, data: RunData) -> Co
         loaded.tokenizer.pad_token_id,
         config.eval_batch_size,
     )
-    flops, pad = FlopModel.of(model), loaded.tokenizer.pad_token_id
+    pad = loaded.tokenizer.pad_token_id
+    head, flops = Head(model, c), FlopModel.of(model)  # one head for every client: frozen and shared
 
     def make_client(k: int) -> SFPromptClient:
-        return SFPromptClient(
-            head,
-            Tail(model),
-            config.prefix_len,
-            data.client_rows[k],
-            local,
-            config.rounds,
-            pad,
-            config.seed * 1000 + k + 1,
-            SplitLink(body, k),
-            flops,
-        )
+        return split_client(config, model, data.client_rows[k], k, pad, head, flops)
 
     held = client_modules(model, c)
     held_ids = {id(p) for m in held for p in m.parameters()}

@@ -1,8 +1,11 @@
-"""SFPrompt's split-training wire and its accounting: what crosses the cut, what it costs the client.
+"""SFPrompt's split-training accounting: what crosses the cut, what it costs the client.
 
-- :class:`SplitLink`: the in-process wire between one client and the server
-  body; every message is encoded with :mod:`fedsp.wire`, counted and decoded,
-  so the byte counts are those of real messages.
+The split messages themselves travel through the round driver
+(:mod:`fedsp.runtime.rounds`), encoded with :mod:`fedsp.wire` in every engine;
+the driver adds each client's bytes per message name to its update's metrics
+(``bytes_activations``, ``bytes_outputs``, ``bytes_grad_outputs``,
+``bytes_grad_inputs``), so the byte counts are those of the messages sent.
+
 - :class:`FlopModel`: the client's compute estimate.
 - :func:`new_report` / :func:`add_round`: the run's split-traffic report, which
   goes to ``results.json`` as ``method_notes.split_traffic`` (activations and
@@ -18,17 +21,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from transformers import PreTrainedModel
 
-from fedsp import wire
 from fedsp.methods.base import ClientUpdate
 from fedsp.models.adapters import decoder_layers, output_weight
-from fedsp.models.split import ServerBody
 
 # Bytes per client and round, by direction: activations up, body outputs down, their gradient up,
-# the gradient of the activations down.
+# the gradient of the activations down; the split message each counts.
 SPLIT_KEYS = ("act_bytes_up", "act_bytes_down", "grad_bytes_up", "grad_bytes_down")
+MESSAGE_OF = {
+    "act_bytes_up": "activations",
+    "act_bytes_down": "outputs",
+    "grad_bytes_up": "grad_outputs",
+    "grad_bytes_down": "grad_inputs",
+}
 UP_KEYS = ("act_bytes_up", "grad_bytes_up")
 DOWN_KEYS = ("act_bytes_down", "grad_bytes_down")
 
@@ -58,27 +64,6 @@ class FlopModel:
         return 2 * tokens * self.lm_head
 
 
-class SplitLink:
-    """The in-process wire between one client and the server body: every message encoded, counted, decoded."""
-
-    def __init__(self, body: ServerBody, client: int) -> None:
-        self.body, self.client = body, client
-        self.bytes = dict.fromkeys(SPLIT_KEYS, 0)
-
-    def _carry(self, message: dict[str, torch.Tensor], key: str) -> dict[str, torch.Tensor]:
-        payload = wire.encode(message)
-        self.bytes[key] += len(payload)
-        return wire.decode(payload)
-
-    def forward(self, message: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        reply = self.body.body_forward(self.client, self._carry(message, "act_bytes_up"))
-        return self._carry(reply, "act_bytes_down")
-
-    def backward(self, message: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        reply = self.body.body_backward(self.client, self._carry(message, "grad_bytes_up"))
-        return self._carry(reply, "grad_bytes_down")
-
-
 def new_report() -> dict[str, Any]:
     """The report before round 1: no split message yet."""
     return {
@@ -89,19 +74,27 @@ def new_report() -> dict[str, Any]:
 
 
 def add_round(report: dict[str, Any], updates: Sequence[ClientUpdate]) -> None:
-    """Add one round's accepted updates: their split traffic and compute (from their metrics)."""
+    """Add one round's accepted updates: their split traffic (the driver's counts of the messages each
+    sent and received) and compute (from their metrics)."""
     if not updates:
         return
 
-    def per_client(keys: Sequence[str]) -> float:  # the mean over the round's clients of a sum of metrics
-        return _mean([sum(u.metrics[k] for k in keys) for u in updates])
+    def value(update: ClientUpdate, key: str) -> float:
+        if key in MESSAGE_OF:
+            return float(update.metrics.get(f"bytes_{MESSAGE_OF[key]}", 0.0))
+        return float(update.metrics[key])
 
-    keys = ["client_flops", *(f"split_{k}" for k in SPLIT_KEYS)]
-    report["last_round_mean_per_client"] = {k: per_client([k]) for k in keys}
-    report["split_bytes_up_per_round"] = per_client([f"split_{k}" for k in UP_KEYS])
-    report["split_bytes_down_per_round"] = per_client([f"split_{k}" for k in DOWN_KEYS])
+    def per_client(keys: Sequence[str]) -> float:  # the mean over the round's clients of a sum of figures
+        return _mean([sum(value(u, k) for k in keys) for u in updates])
+
+    report["last_round_mean_per_client"] = {
+        "client_flops": per_client(["client_flops"]),
+        **{f"split_{k}": per_client([k]) for k in SPLIT_KEYS},
+    }
+    report["split_bytes_up_per_round"] = per_client(UP_KEYS)
+    report["split_bytes_down_per_round"] = per_client(DOWN_KEYS)
     report["client_flops_per_round"] = per_client(["client_flops"])
-    report["split_bytes_total"] += int(sum(u.metrics[f"split_{k}"] for u in updates for k in SPLIT_KEYS))
+    report["split_bytes_total"] += int(sum(value(u, k) for u in updates for k in SPLIT_KEYS))
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -120,6 +120,7 @@ class MethodSpec:
     client: ClientShape | None  # None: no clients (centralised or untrained)
     engines: tuple[str, ...] = ENGINES
     grid: str = "all"
+    secure_aggregation: bool = True  # its updates can be summed by SecAgg+ (each one a single reply)
 
     @property
     def federated(self) -> bool:
@@ -221,8 +222,8 @@ _TABLE = [
         TRAINING | SPLIT | PROTECTION | frozenset({"partition", "alpha", "lr", "prefix_len", "prefix_init"}),
         "fedsp.methods.sfprompt:sfprompt_course",
         ClientShape(SPLIT_HEAD),
-        engines=("inprocess",),
         grid="opt-in",
+        secure_aggregation=False,  # the update is the last of a round's split messages
     ),
 ]
 METHOD_SPECS: dict[str, MethodSpec] = {spec.name: spec for spec in _TABLE}

@@ -112,6 +112,27 @@ class ClientStore:
         """Forget every round's state (a new auxiliary model arrived)."""
         for rnd in self.rounds():
             (self.root / f"state-{rnd}.pt").unlink(missing_ok=True)
+        self.end_turns()
+
+    TURN = "turn.pt"  # a split round in progress: the client between two of its messages
+
+    def save_turn(self, rnd: int, state: dict[str, Any]) -> None:
+        atomic_save({"round": rnd, **state}, self.root / self.TURN)
+
+    def load_turn(self, rnd: int) -> dict[str, Any] | None:
+        """The round in progress, if it is round ``rnd`` (None: none, another round's, or unreadable)."""
+        path = self.root / self.TURN
+        if not path.is_file():
+            return None
+        try:
+            state = torch.load(path, weights_only=False)
+        except Exception as err:  # truncated or foreign: the round cannot go on
+            log.warning("split round state %s cannot be read (%s)", path, str(err).splitlines()[0])
+            return None
+        return state if state.get("round") == rnd else None
+
+    def end_turns(self) -> None:
+        (self.root / self.TURN).unlink(missing_ok=True)
 
     def rounds(self) -> list[int]:
         if not self.root.is_dir():

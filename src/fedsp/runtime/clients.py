@@ -6,6 +6,10 @@ find it and the previous round's state in the client's store (or answer
 client, load its state, run ``client.fit`` under the round's per-client seed
 (:func:`~fedsp.runtime.participation.client_rng_seed`, so the result depends on
 neither process nor order), write the new state, reply with the encoded update.
+Split learning (SFPrompt): when ``fit`` returns a request for the server instead
+of its update, the client's round in progress goes to the store and the reply is
+a ``step``; :func:`client_turn` takes the server's answer, continues the round
+from the store and replies with the next step or the update.
 Nothing here is the server's: a Flower node imports this module, not the driver.
 """
 
@@ -17,12 +21,12 @@ from collections.abc import Callable, Mapping
 import torch
 
 from fedsp import wire
-from fedsp.methods.base import Client
+from fedsp.methods.base import Client, ClientUpdate, Request, SplitClient
 from fedsp.protection import Attack
 from fedsp.runtime import faults, participation
 from fedsp.runtime.attacks import attacked
 from fedsp.runtime.checkpoint import ClientStore
-from fedsp.runtime.messages import LOST_STATE, NEED_AUX, OK, Order, Reply
+from fedsp.runtime.messages import LOST_STATE, NEED_AUX, OK, STEP, Order, Reply, Turn
 
 log = logging.getLogger("fedsp.clients")
 
@@ -58,15 +62,59 @@ def client_round(
             log.warning("partition %d: client state lost; asking for the client model", order.partition)
             return Reply(order.partition, LOST_STATE)
     faults.before_fit(order)  # tests only: FEDSP_FAULTS (fedsp.runtime.faults)
+    store.end_turns()  # an earlier round left unfinished (the client failed, or the server gave up on it)
     with torch.random.fork_rng(devices=[]):  # the caller's RNG is untouched
         client = build()
         if saved is not None:
             client.load_state_dict(saved[1])
         torch.manual_seed(participation.client_rng_seed(seed, order.rnd, order.partition))
         sent = wire.decode(prefix)
-        update = client.fit({name: t.clone() for name, t in sent.items()})
-        sends = update.state if attack is None else attacked(attack, sent, update.state)
+        outcome = client.fit({name: t.clone() for name, t in sent.items()})
+    return _conclude(order, store, client, sent, outcome, attack, prefix)
+
+
+def client_turn(
+    turn: Turn,
+    store: ClientStore,
+    build: Callable[[], Client],
+    seed: int,
+    has_model: bool = True,
+    attack: Attack | None = None,
+) -> Reply:
+    """The client's answer to the server's ``turn`` in the middle of its round (split learning)."""
+    saved = store.load_turn(turn.rnd) if has_model else None
+    if saved is None:
+        return Reply.failed(turn.partition, f"it has no round {turn.rnd} in progress to continue")
+    order = Order(turn.rnd, turn.partition, ship=False, expects_state=True)
+    faults.before_turn(order, saved["turns"])  # tests only
+    with torch.random.fork_rng(devices=[]):
+        client = build()
+        if not isinstance(client, SplitClient):
+            return Reply.failed(turn.partition, "this method's client takes no split messages")
+        client.load_state_dict(saved["client"])
+        turns = int(saved["turns"]) + 1
+        torch.manual_seed(participation.client_rng_seed(seed, turn.rnd, turn.partition) + turns)
+        outcome = client.answer(Request(turn.step, wire.decode(turn.payload)))
+    return _conclude(order, store, client, saved["sent"], outcome, attack, None, turns)
+
+
+def _conclude(
+    order: Order,
+    store: ClientStore,
+    client: Client,
+    sent: dict[str, torch.Tensor],
+    outcome: ClientUpdate | Request,
+    attack: Attack | None,
+    prefix: bytes | None,
+    turns: int = 0,
+) -> Reply:
+    """The reply to the server: the next split message (the round in progress kept), or the update."""
+    if isinstance(outcome, Request):
+        store.save_turn(order.rnd, {"client": client.state_dict(), "sent": sent, "turns": turns})
+        return Reply(order.partition, STEP, wire.encode(outcome.tensors), step=outcome.step)
+    sends = outcome.state if attack is None else attacked(attack, sent, outcome.state)
     store.save(order.rnd, client.state_dict())
-    metrics = {name: float(value) for name, value in update.metrics.items()}
-    reply = Reply(order.partition, OK, wire.encode(sends), update.num_examples, metrics)
-    return faults.after_fit(order, prefix, reply)
+    store.end_turns()
+    metrics = {name: float(value) for name, value in outcome.metrics.items()}
+    reply = Reply(order.partition, OK, wire.encode(sends), outcome.num_examples, metrics)
+    return faults.after_fit(order, prefix if prefix is not None else wire.encode(sent), reply)

@@ -14,7 +14,9 @@ A fault without ``round`` applies to every round. Kinds:
   - ``scale``: the update moves ``value`` times as far from the broadcast as trained;
   - ``sign-flip``: the update moves the opposite way;
   - ``nan``: the update holds NaN;
-  - ``empty-reply`` (Flower only): the reply message carries no records at all.
+  - ``empty-reply`` (Flower only): the reply message carries no records at all;
+  - ``fail-split`` (split learning): the client raises when it gets the server's ``value``-th
+    message of the round (1: the body's outputs of the first split step).
 Every engine runs the client half of a round through
 :func:`fedsp.runtime.clients.client_round`, which calls :func:`before_fit` and
 :func:`after_fit`; the Flower ClientApp also asks :func:`wants` for ``empty-reply``.
@@ -33,7 +35,7 @@ from fedsp import wire
 from fedsp.runtime.messages import OK, Order, Reply
 
 ENV = "FEDSP_FAULTS"
-KINDS = ("fail", "hang", "malformed", "claim", "scale", "sign-flip", "nan", "empty-reply")
+KINDS = ("fail", "hang", "malformed", "claim", "scale", "sign-flip", "nan", "empty-reply", "fail-split")
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,15 @@ def before_fit(order: Order) -> None:
     hang = wants(order, "hang")
     if hang:
         time.sleep(hang.value)
+
+
+def before_turn(order: Order, turns: int) -> None:
+    """Before the client takes the server's ``turns + 1``-th split message of the round."""
+    fault = wants(order, "fail-split")
+    if fault and int(fault.value) == turns + 1:
+        raise InjectedFault(
+            f"injected failure of client {order.partition} at split message {turns + 1} of round {order.rnd}"
+        )
 
 
 def after_fit(order: Order, prefix: bytes, reply: Reply) -> Reply:

@@ -5,6 +5,12 @@ The round driver (:mod:`fedsp.runtime.rounds`) hands an engine one
 returns a :class:`Reply` per client that answered. The Flower engine carries
 both in messages (:mod:`fedsp.runtime.flower.payload`); the in-process engine
 passes them as they are.
+
+Split learning (SFPrompt) needs the server in the middle of a client's round:
+such a client answers an order with a ``step`` reply (a named message to the
+server, e.g. its activations at the cut); the driver has the server answer it
+and sends the answer back as a :class:`Turn`; the client replies to that with
+its next step or its update. Every such message crosses the engine, counted.
 """
 
 from __future__ import annotations
@@ -13,8 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-# a reply's status: an update; "send me the client model" (never had it, or lost its state); a failure
-OK, NEED_AUX, LOST_STATE, FAILED = "ok", "need-aux", "lost-state", "failed"
+# a reply's status: an update; "send me the client model" (never had it, or lost its state); a failure;
+# a message to the server in the middle of the client's round (split learning), answered by a Turn
+OK, NEED_AUX, LOST_STATE, FAILED, STEP = "ok", "need-aux", "lost-state", "failed", "step"
 
 
 @dataclass(frozen=True)
@@ -37,10 +44,21 @@ class Reply:
     num_examples: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     reason: str = ""  # why it failed
+    step: str = ""  # with STEP: what the payload is (e.g. "activations"); the server answers it
 
     @classmethod
     def failed(cls, partition: int, reason: str) -> Reply:
         return cls(partition, FAILED, reason=reason)
+
+
+@dataclass(frozen=True)
+class Turn:
+    """The server's answer to a client's ``step`` reply, in the same round: a named, encoded message."""
+
+    rnd: int
+    partition: int
+    step: str  # what the payload is (e.g. "outputs")
+    payload: bytes
 
 
 class Engine(Protocol):
@@ -48,4 +66,8 @@ class Engine(Protocol):
 
     def exchange(self, orders: Sequence[Order], prefix: bytes) -> list[Reply]:
         """Deliver ``orders`` (with the encoded broadcast ``prefix``); a reply per client that answered."""
+        ...
+
+    def converse(self, turns: Sequence[Turn]) -> list[Reply]:
+        """Deliver the server's answers to ``step`` replies; a reply per client that answered."""
         ...

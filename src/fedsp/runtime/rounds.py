@@ -32,7 +32,7 @@ import math
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -41,13 +41,13 @@ from tqdm.auto import tqdm
 
 from fedsp import wire
 from fedsp.errors import FedSPError
-from fedsp.methods.base import ClientUpdate
+from fedsp.methods.base import ClientUpdate, Request, SplitServer
 from fedsp.protection import parse_rule
 from fedsp.runtime import participation
 from fedsp.runtime.attacks import attack_for
 from fedsp.runtime.checkpoint import ClientStore
-from fedsp.runtime.clients import client_round
-from fedsp.runtime.messages import FAILED, OK, Engine, Order, Reply
+from fedsp.runtime.clients import client_round, client_turn
+from fedsp.runtime.messages import FAILED, OK, STEP, Engine, Order, Reply, Turn
 from fedsp.runtime.privacy import Summed
 from fedsp.runtime.session import Session
 
@@ -174,20 +174,15 @@ class RoundDriver:
         failed: dict[int, str] = {}
         bytes_up: dict[int, int] = {}
         pending = {k: k not in self.shipped for k in sampled}  # partition -> the client model goes along
+        split_bytes: dict[int, dict[str, float]] = {}  # partition -> bytes of each split message it sent/got
         for attempt in range(2):
             shipping = sorted(k for k, ship in pending.items() if ship)
             if shipping:
                 session.record_sent(rnd, "shipped_once", session.course.shipped_once, shipping)
                 self.bytes_shipped += session.once_bytes * len(shipping)
             orders = [Order(rnd, k, ship, k in self.trained and not ship) for k, ship in pending.items()]
-            replies: dict[int, Reply] = {}
-            for answer in self.deliver(orders, down):
-                if answer.partition not in pending or answer.partition in replies:  # not asked, or again
-                    what = "a second reply" if answer.partition in replies else "a reply it was not asked for"
-                    log.warning("round %d: client %s sent %s; ignored", rnd, answer.partition, what)
-                    self.ignored_replies += 1
-                    continue
-                replies[answer.partition] = answer
+            replies = self.collect(rnd, pending, self.deliver(orders, down))
+            replies = self.converse(rnd, replies, split_bytes)
             retry: dict[int, bool] = {}
             for k, ship in pending.items():
                 reply = replies.get(k)
@@ -220,12 +215,82 @@ class RoundDriver:
                     if ship:
                         self.shipped.add(k)
                     self.trained.add(k)
-                    updates[k] = ClientUpdate(state, reply.num_examples, dict(reply.metrics))
+                    metrics = {**reply.metrics, **split_bytes.get(k, {})}  # split messages, when any
+                    updates[k] = ClientUpdate(state, reply.num_examples, metrics)
                     bytes_up[k] = len(reply.payload)
             pending = retry
             if not pending:
                 break
         return sorted(updates.items()), dict(sorted(failed.items())), bytes_up
+
+    def collect(self, rnd: int, asked: Collection[int], answers: Sequence[Reply]) -> dict[int, Reply]:
+        """The first reply of each client asked; others are counted and ignored."""
+        replies: dict[int, Reply] = {}
+        for answer in answers:
+            if answer.partition not in asked or answer.partition in replies:  # not asked, or again
+                what = "a second reply" if answer.partition in replies else "a reply it was not asked for"
+                log.warning("round %d: client %s sent %s; ignored", rnd, answer.partition, what)
+                self.ignored_replies += 1
+                continue
+            replies[answer.partition] = answer
+        return replies
+
+    def converse(
+        self, rnd: int, replies: dict[int, Reply], split_bytes: dict[int, dict[str, float]]
+    ) -> dict[int, Reply]:
+        """Split learning: answer every ``step`` reply with the server's part and send it back, until each
+        client has sent its update or failed. Returns the final replies; counts the bytes of every split
+        message, by name, in ``split_bytes``. A message that does not fit drops its client from the round
+        (its partial work with it); the others go on."""
+        talking = {k: r for k, r in replies.items() if r.status == STEP}
+        if not talking:
+            return replies
+        server = self.session.course.server if self.session.course is not None else None
+        replies = dict(replies)
+        sent: dict[int, int] = {}  # partition -> split messages received so far this round
+        while talking:
+            turns: list[Turn] = []
+            for k, reply in talking.items():
+                sent[k] = sent.get(k, 0) + 1
+                counts = split_bytes.setdefault(k, {})
+                counts[f"bytes_{reply.step}"] = counts.get(f"bytes_{reply.step}", 0.0) + len(reply.payload)
+                where = f"split message {sent[k]} ({reply.step or 'unnamed'})"
+                try:
+                    if not isinstance(server, SplitServer):
+                        raise FedSPError("this method's server takes no split messages")
+                    answer = server.respond(k, Request(reply.step, wire.decode(reply.payload)))
+                except FedSPError as err:
+                    replies[k] = self.drop(rnd, k, f"{where}: {err}")
+                    continue
+                payload = wire.encode(answer.tensors)
+                counts[f"bytes_{answer.step}"] = counts.get(f"bytes_{answer.step}", 0.0) + len(payload)
+                turns.append(Turn(rnd, k, answer.step, payload))
+            answered = self.collect(
+                rnd, [t.partition for t in turns], self.engine.converse(turns) if turns else []
+            )
+            talking = {}
+            for turn in turns:
+                k, got = turn.partition, answered.get(turn.partition)
+                if got is None:
+                    replies[k] = self.drop(
+                        rnd, k, f"no reply to split message {turn.step} within --client-timeout"
+                    )
+                elif got.status == STEP:
+                    talking[k] = got
+                elif got.status == FAILED:
+                    replies[k] = self.drop(rnd, k, f"after split message {turn.step}: {got.reason}")
+                else:
+                    replies[k] = got
+                    if isinstance(server, SplitServer):
+                        server.forget(k)
+        return replies
+
+    def drop(self, rnd: int, partition: int, reason: str) -> Reply:
+        """A client left out of the rest of a split round: the server forgets its step in progress."""
+        server = self.session.course.server if self.session.course is not None else None
+        if isinstance(server, SplitServer):
+            server.forget(partition)
+        return Reply.failed(partition, reason)
 
 
 def round_extra(
@@ -258,6 +323,12 @@ class InProcessEngine:
         return ClientStore(self.root / f"partition-{partition}")
 
     def exchange(self, orders: Sequence[Order], prefix: bytes) -> list[Reply]:
+        return self._each(orders, partial(self._call, prefix=prefix))
+
+    def converse(self, turns: Sequence[Turn]) -> list[Reply]:
+        return self._each(turns, self._turn)
+
+    def _each(self, orders: Sequence[Order] | Sequence[Turn], call: Callable[[Any], Reply]) -> list[Reply]:
         replies = []
         rnd = orders[0].rnd if orders else 0
         # Each client is freed as soon as its round ends: optimisers and modules hold reference cycles,
@@ -273,22 +344,22 @@ class InProcessEngine:
                 leave=False,
                 disable=not self.config.progress,
             ):
-                replies.append(self._one(order, prefix))
+                replies.append(self._one(order, call))
                 gc.collect()
         finally:
             gc.unfreeze()
         return replies
 
-    def _one(self, order: Order, prefix: bytes) -> Reply:
+    def _one(self, order: Order | Turn, call: Callable[[Any], Reply]) -> Reply:
         if self.config.client_timeout is None:
-            return self._call(order, prefix)
+            return call(order)
         # With --client-timeout the client runs in a thread the round stops waiting for: a client that
         # hangs is left out, as on Flower (its thread finishes on its own; what it writes is its state).
         outcome: dict[str, Any] = {}
 
         def work() -> None:
             try:
-                outcome["reply"] = self._call(order, prefix)
+                outcome["reply"] = call(order)
             except BaseException as err:  # e.g. KeyboardInterrupt: raised again in the round's thread
                 outcome["error"] = err
 
@@ -313,6 +384,19 @@ class InProcessEngine:
                 attack=attack_for(self.config, k),
             )
         except Exception as err:  # one client's failure never stops the round
+            return Reply.failed(k, one_line(f"{type(err).__name__}: {err}"))
+
+    def _turn(self, turn: Turn) -> Reply:
+        k = turn.partition
+        try:
+            return client_turn(
+                turn,
+                self.store(k),
+                partial(self.course.make_client, k),
+                self.config.seed,
+                attack=attack_for(self.config, k),
+            )
+        except Exception as err:
             return Reply.failed(k, one_line(f"{type(err).__name__}: {err}"))
 
 

@@ -10,6 +10,11 @@
   4. write the client's state atomically, reply with the update.
 Steps 2-4 are :func:`fedsp.runtime.clients.client_round`, the client half the
 in-process engine runs too.
+``train.split`` (split learning, SFPrompt): the server's answer in the middle of
+the client's round (the body's outputs, or the gradient of the activations);
+the client continues the round from its store
+(:func:`fedsp.runtime.clients.client_turn`) and replies with its next message or
+its update.
 ``query`` tells the server which partition this node holds.
 
 Node settings (``--node-config``): ``partition-id`` (required in
@@ -36,6 +41,10 @@ from fedsp.errors import FedSPError
 from fedsp.runtime.flower import configure_environment, payload, secagg
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from torch import Tensor
+
     from fedsp.methods.base import Client
     from fedsp.runtime.checkpoint import ClientStore
 
@@ -74,35 +83,23 @@ def train(msg: Message, context: Context) -> Message:
     from fedsp.runtime import faults
     from fedsp.runtime.attacks import attack_for
     from fedsp.runtime.clients import client_round
-    from fedsp.runtime.flower.client_side import build_client, client_rows, tokenizer_for
     from fedsp.runtime.messages import Order
 
     # 1) the order and the prefix
-    order = payload.TrainOrder.from_record(msg.content[payload.META])  # type: ignore[arg-type]
-    if order.partition != partition_of(context):
-        raise FedSPError(f"order for partition {order.partition} reached partition {partition_of(context)}")
+    order = _order(msg, context)
     prefix = payload.record_bytes(msg.content[payload.PREFIX])  # type: ignore[arg-type]
     store = store_for(context, order.run_key, order.partition)
     shipped = None
     if payload.AUX in msg.content:  # 2) the client model, shipped now (else on this node's disk)
         shipped = wire.decode(payload.record_bytes(msg.content[payload.AUX]))  # type: ignore[arg-type]
     config = order.config
-
-    def build() -> Client:
-        rows = client_rows(config, order.partition, _data_dir(context))
-        pad_id = tokenizer_for(config.model).pad_token_id
-        weights = shipped if shipped is not None else store.load_aux()
-        return build_client(
-            config, order.model_config, order.client_layers, weights, rows, order.partition, pad_id
-        )
-
     # 3-4) the round, the state to disk, the update to the server: the same client half as in-process
     step = Order(order.rnd, order.partition, ship=shipped is not None, expects_state=order.expects_state)
     reply = client_round(
         step,
         prefix,
         store,
-        build,
+        _builder(order, context, store, shipped),
         config.seed,
         shipped=shipped,
         has_model=store.has_aux(),
@@ -111,6 +108,52 @@ def train(msg: Message, context: Context) -> Message:
     if faults.wants(step, "empty-reply"):  # tests only (fedsp.runtime.faults)
         return Message(RecordDict(), reply_to=msg)
     return Message(payload.reply_content(reply), reply_to=msg)
+
+
+@app.train("split")
+def split(msg: Message, context: Context) -> Message:
+    """The server's answer in the middle of a split round: the client continues it from its store."""
+    from fedsp.runtime.attacks import attack_for
+    from fedsp.runtime.clients import client_turn
+    from fedsp.runtime.messages import Turn
+
+    order = _order(msg, context)
+    store = store_for(context, order.run_key, order.partition)
+    turn = Turn(order.rnd, order.partition, order.step, payload.record_bytes(msg.content[payload.PREFIX]))  # type: ignore[arg-type]
+    reply = client_turn(
+        turn,
+        store,
+        _builder(order, context, store, None),
+        order.config.seed,
+        has_model=store.has_aux(),
+        attack=attack_for(order.config, order.partition),
+    )
+    return Message(payload.reply_content(reply), reply_to=msg)
+
+
+def _order(msg: Message, context: Context) -> payload.TrainOrder:
+    order = payload.TrainOrder.from_record(msg.content[payload.META])  # type: ignore[arg-type]
+    if order.partition != partition_of(context):
+        raise FedSPError(f"order for partition {order.partition} reached partition {partition_of(context)}")
+    return order
+
+
+def _builder(
+    order: payload.TrainOrder, context: Context, store: ClientStore, shipped: dict[str, Tensor] | None
+) -> Callable[[], Client]:
+    """How this node makes its client: from the shipped (or stored) client model and its own rows."""
+    from fedsp.runtime.flower.client_side import build_client, client_rows, tokenizer_for
+
+    def build() -> Client:
+        config = order.config
+        rows = client_rows(config, order.partition, _data_dir(context))
+        pad_id = tokenizer_for(config.model).pad_token_id
+        weights = shipped if shipped is not None else store.load_aux()
+        return build_client(
+            config, order.model_config, order.client_layers, weights, rows, order.partition, pad_id
+        )
+
+    return build
 
 
 def _data_dir(context: Context) -> str | None:

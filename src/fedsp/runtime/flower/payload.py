@@ -19,7 +19,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedsp.config import RunConfig
-from fedsp.runtime.messages import LOST_STATE, NEED_AUX, OK, Reply
+from fedsp.runtime.messages import LOST_STATE, NEED_AUX, OK, STEP, Reply
 
 if TYPE_CHECKING:  # torch is imported when tensors are (de)coded: a ``query`` never needs it
     import torch
@@ -56,13 +56,17 @@ def from_record(record: ArrayRecord) -> tuple[dict[str, torch.Tensor], int]:
 
 
 def reply_content(reply: Reply) -> RecordDict:
-    """A client's reply as message content: its status, and with ``ok`` the update, count and metrics."""
+    """A client's reply as message content: its status; with ``ok`` the update, count and metrics; with
+    ``step`` the split message and its name."""
     meta = ConfigRecord({"status": reply.status, "partition": reply.partition})
     content = RecordDict({META: meta})
     if reply.status == OK:
         meta["num-examples"] = reply.num_examples
         content[UPDATE] = to_record(reply.payload)
         content[METRICS] = MetricRecord(dict(reply.metrics))
+    elif reply.status == STEP:
+        meta["step"] = reply.step
+        content[UPDATE] = to_record(reply.payload)
     return content
 
 
@@ -71,6 +75,8 @@ def parse_reply(partition: int, content: RecordDict) -> Reply:
     try:
         meta: Any = content[META]
         status = str(meta["status"])
+        if status == STEP:
+            return Reply(partition, STEP, record_bytes(content[UPDATE]), step=str(meta["step"]))  # type: ignore[arg-type]
         if status != OK:
             return Reply(partition, status)
         metrics: Any = content[METRICS]
@@ -92,6 +98,7 @@ class TrainOrder:
     expects_state: bool  # the client trained before: it must still hold its state
     model_config: str  # JSON of the global model's architecture (no weights): the client model's skeleton
     client_layers: tuple[int, ...]  # the global layers the client model is built from
+    step: str = ""  # a split message (``train.split``): what its payload is, e.g. "outputs"
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord(
@@ -103,6 +110,7 @@ class TrainOrder:
                 "expects-state": self.expects_state,
                 "model-config": self.model_config,
                 "client-layers": list(self.client_layers),
+                "step": self.step,
             }
         )
 
@@ -118,4 +126,5 @@ class TrainOrder:
             bool(fields["expects-state"]),
             str(fields["model-config"]),
             tuple(int(i) for i in fields["client-layers"]),
+            str(fields.get("step", "")),
         )

@@ -8,7 +8,10 @@ engine); this module supplies only the exchange (:class:`FlowerEngine`):
      ``fedsp`` record (round, partition, run configuration, architecture) and the
      auxiliary model when the order ships it;
   3. collect replies until ``--client-timeout``; an error or a malformed reply
-     is that client's failure, never the server's.
+     is that client's failure, never the server's;
+  4. split learning (SFPrompt): the driver's answers to the clients' split
+     messages go out as ``train.split`` messages, one step of every client at a
+     time, and come back the same way (:meth:`FlowerEngine.converse`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from fedsp.config import RunConfig, load_config_file
 from fedsp.errors import FedSPError
 from fedsp.evaluation import describe
 from fedsp.runtime.flower import payload, secagg
-from fedsp.runtime.messages import OK, Order, Reply
+from fedsp.runtime.messages import OK, Order, Reply, Turn
 from fedsp.runtime.privacy import Summed
 from fedsp.runtime.rounds import RoundDriver, one_line
 from fedsp.runtime.session import Session, run_course
@@ -84,9 +87,9 @@ class OrderMaker:
         self.model_config = session.loaded.model.config.to_json_string(use_diff=False)
         self.layers = session.course.client_model.global_layers
 
-    def order(self, rnd: int, partition: int, expects_state: bool) -> payload.TrainOrder:
+    def order(self, rnd: int, partition: int, expects_state: bool, step: str = "") -> payload.TrainOrder:
         return payload.TrainOrder(
-            self.config, self.run_key, rnd, partition, expects_state, self.model_config, self.layers
+            self.config, self.run_key, rnd, partition, expects_state, self.model_config, self.layers, step
         )
 
 
@@ -158,6 +161,22 @@ class FlowerEngine:
             Message(content, dst_node_id=node, message_type="train", group_id=f"round-{rnd}")
             for node, content in self.contents(orders, prefix).items()
         ]
+        return self.send(messages)
+
+    def converse(self, turns: Sequence[Turn]) -> list[Reply]:
+        """The server's answers in split rounds: one ``train.split`` message per turn, all at once."""
+        messages = []
+        for turn in turns:
+            meta = self.orders.order(turn.rnd, turn.partition, True, turn.step).to_record()
+            content = RecordDict({payload.PREFIX: payload.to_record(turn.payload), payload.META: meta})
+            node = self.nodes[turn.partition]
+            messages.append(
+                Message(content, dst_node_id=node, message_type="train.split", group_id=f"round-{turn.rnd}")
+            )
+        return self.send(messages)
+
+    def send(self, messages: list[Message]) -> list[Reply]:
+        """Send ``messages``; the replies until ``--client-timeout`` (a node's error is its failure)."""
         by_node = {node: k for k, node in self.nodes.items()}
         replies = []
         for message in self.grid.send_and_receive(messages, timeout=self.config.client_timeout):
