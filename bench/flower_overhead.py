@@ -1,6 +1,8 @@
-"""Per-round time and peak memory: in-process vs Flower simulation vs loopback deployment, same tiny run.
+"""Per-round time and peak memory: in-process vs Flower simulation vs loopback deployment, same run.
 
     .venv/bin/python bench/flower_overhead.py --clients 3 --per-round 3 --rounds 3   # all three engines
+    .venv/bin/python bench/flower_overhead.py --method sfprompt --clients 3 --per-round 3 --rounds 3
+    .venv/bin/python bench/flower_overhead.py --model smollm2 --method fedsp --rounds 2 --timeout 3000
     .venv/bin/python bench/flower_overhead.py --clients 10 --per-round 10 --engines inprocess,flower
     .venv/bin/python bench/flower_overhead.py --clients 100 --per-round 10 --rounds 3 --engines flower
     .venv/bin/python bench/flower_overhead.py --clients 5 --per-round 5 --server-steps 0 \
@@ -18,6 +20,12 @@ their ClientApp processes), sampled every 0.25 s: summed RSS (shared pages count
 process) and summed PSS (shared pages split between processes). ``prefix_max_abs_diff``: the
 largest difference between this engine's final server prefix and the first engine's (with
 ``--server-steps 0`` the prefix is the aggregate, so this is what SecAgg+'s quantisation adds up to).
+``--model``: ``tiny-llama`` (default) or ``smollm2``, the runs of ``scripts/flower_loopback.py``
+(``fedsp.runtime.flower.loopback.RUNS``); ``--method``: any federated method (default fedsp).
+For the loopback engine, ``client_process`` is where a ClientApp process's time went, the mean per
+message kind over every message of the run (``FEDSP_CLIENT_PROFILE``, see
+``fedsp.runtime.flower.client_app.Profile``): before the handler (Python, Flower, the app's loading),
+imports, building the client, the work, and the handler in all.
 ``--json-out FILE`` also writes the lines as a JSON list.
 """
 
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -33,6 +42,9 @@ from pathlib import Path
 
 import psutil
 
+from fedsp.runtime.flower.client_app import PROFILE_ENV
+from fedsp.runtime.flower.loopback import RUNS
+
 CHILD = r"""
 import json, sys, time
 from pathlib import Path
@@ -40,10 +52,11 @@ keys, engine = json.loads(sys.argv[1]), sys.argv[2]
 engine, secure = engine.removesuffix("+secagg"), engine.endswith("+secagg")
 keys["secure_aggregation"] = secure
 t0 = time.perf_counter()
+timeout = keys.pop("timeout")
 if engine == "loopback":
     from fedsp.runtime.flower.loopback import run_loopback
     out = Path(keys.pop("out"))
-    run_loopback(keys, out, out.parent / "loopback-work", nodes=keys["clients"], timeout_s=590)
+    run_loopback(keys, out, out.parent / "loopback-work", nodes=keys["clients"], timeout_s=timeout)
 else:
     from fedsp.config import RunConfig
     config = RunConfig.from_dict({**keys, "engine": engine})
@@ -54,7 +67,8 @@ else:
     out = run(config).out_dir
 rounds = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()][2:]
 import torch
-prefix = torch.load(out / "checkpoint.pt", weights_only=False)["server"]["prefix"]
+server = torch.load(out / "checkpoint.pt", weights_only=False)["server"]
+prefix = server.get("prefix") or server["state"]  # a prefix (FedSP and its relatives), or prompts + tail
 torch.save(prefix, out.parent / "prefix.pt")
 per = max(1, len(rounds))
 print("RESULT", json.dumps({"seconds_per_round": sum(r["seconds"] for r in rounds) / per,
@@ -97,51 +111,64 @@ class TreeMemory:
         self._thread.join()
 
 
-def measure(
-    engine: str, clients: int, per_round: int, rounds: int, server_steps: int | None = None
-) -> dict[str, object]:
+def measure(engine: str, args: argparse.Namespace) -> dict[str, object]:
     out = Path(tempfile.mkdtemp(prefix="fedsp-bench-")) / engine
     keys = {
-        "model": "tiny-llama",
-        "clients": clients,
-        "rounds": rounds,
-        "local_steps": 1,
-        "kd_steps": 2,
-        "eval_limit": 8,
-        "val_limit": 8,
-        "prefix_len": 4,
-        "max_length": 96,
-        "eval_every_round": False,
-        "zero_shot_eval": False,
+        **RUNS[args.model],
+        "method": args.method,
+        "clients": args.clients,
+        "rounds": args.rounds,
         "progress": False,
-        "fraction_fit": per_round / clients,
+        "fraction_fit": args.per_round / args.clients,
         "out": str(out),
+        "timeout": args.timeout,
     }
-    if server_steps is not None:
-        keys["server_steps"] = server_steps
+    if args.server_steps is not None:
+        keys["server_steps"] = args.server_steps
+    profile = out.parent / "client-profile.jsonl"
     proc = subprocess.Popen(
         [sys.executable, "-c", CHILD, json.dumps(keys), engine],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, PROFILE_ENV: str(profile)},
     )
     memory = TreeMemory(proc.pid)
-    stdout, stderr = proc.communicate(timeout=600)
+    stdout, stderr = proc.communicate(timeout=args.timeout + 60)
     memory.stop()
     lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.exit(f"{engine} failed:\n{stderr[-3000:]}")
-    return {
+    result: dict[str, object] = {
         "engine": engine,
-        "clients": clients,
-        "per_round": per_round,
-        "rounds": rounds,
+        "model": args.model,
+        "method": args.method,
+        "clients": args.clients,
+        "per_round": args.per_round,
+        "rounds": args.rounds,
         **json.loads(lines[-1][len("RESULT ") :]),
         "peak_tree_rss_mb": round(memory.peak_rss, 1),
         "peak_tree_pss_mb": round(memory.peak_pss, 1),
         "processes": len(memory.processes_seen),
         "prefix_file": str(out.parent / "prefix.pt"),
     }
+    if engine.startswith("loopback") and profile.is_file():
+        result["client_process"] = client_process(profile)
+    return result
+
+
+def client_process(profile: Path) -> dict[str, dict[str, float]]:
+    """Mean seconds per phase of the ClientApp processes, by message kind, and how many messages."""
+    records = [json.loads(line) for line in profile.read_text().splitlines() if line.strip()]
+    out: dict[str, dict[str, float]] = {}
+    for kind in sorted({r["kind"] for r in records}):
+        mine = [r for r in records if r["kind"] == kind]
+        phases = [k for k in mine[0] if k.endswith("_s")]
+        out[kind] = {
+            "messages": len(mine),
+            **{k: round(sum(r[k] for r in mine) / len(mine), 2) for k in phases},
+        }
+    return out
 
 
 def main() -> None:
@@ -151,6 +178,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--engines", default="inprocess,flower,loopback")
     parser.add_argument("--server-steps", type=int, help="server tuning steps a round (default: the run's)")
+    parser.add_argument("--model", choices=sorted(RUNS), default="tiny-llama", help="the run (default tiny)")
+    parser.add_argument("--method", default="fedsp", help="a federated method (default fedsp)")
+    parser.add_argument("--timeout", type=float, default=590.0, help="seconds per engine (default 590)")
     parser.add_argument("--json-out", help="also write the results as a JSON list to this file")
     args = parser.parse_args()
     import torch
@@ -158,7 +188,7 @@ def main() -> None:
     results: list[dict[str, object]] = []
     first: dict[str, torch.Tensor] | None = None
     for engine in args.engines.split(","):
-        result = measure(engine, args.clients, args.per_round, args.rounds, args.server_steps)
+        result = measure(engine, args)
         prefix = torch.load(str(result.pop("prefix_file")), weights_only=False)
         first = prefix if first is None else first
         result["prefix_max_abs_diff"] = max(float((prefix[k] - first[k]).abs().max()) for k in first)

@@ -1,6 +1,8 @@
 """FedSP deployed on Flower on this machine: one SuperLink, K SuperNodes, TLS and SuperNode authentication.
 
     .venv/bin/python scripts/flower_loopback.py                      # tiny model, 3 SuperNodes, 2 rounds
+    .venv/bin/python scripts/flower_loopback.py --method sfprompt    # split learning across the nodes
+    .venv/bin/python scripts/flower_loopback.py --model smollm2 --method sfprompt --timeout 1800
     .venv/bin/python scripts/flower_loopback.py --config run.toml --nodes 3 --out runs/deployed
     .venv/bin/python scripts/flower_loopback.py --ca-cert ca.crt --server-cert server.pem \
         --server-key server.key
@@ -29,7 +31,7 @@ from pathlib import Path
 from fedsp.config import load_config_file
 from fedsp.errors import FedSPError
 from fedsp.runtime.flower import configure_environment
-from fedsp.runtime.flower.loopback import TINY_RUN, run_loopback, write_app
+from fedsp.runtime.flower.loopback import RUNS, run_loopback, write_app
 from fedsp.runtime.flower.pki import Certificates
 
 
@@ -41,7 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=3, help="SuperNodes (= clients of the run)")
     parser.add_argument("--rounds", type=int, help="rounds (default: the config's, else 2)")
-    parser.add_argument("--config", help="fedsp run keys (TOML/YAML/JSON); default: a tiny-llama run")
+    parser.add_argument("--config", help="fedsp run keys (TOML/YAML/JSON); default: --model's run")
+    parser.add_argument(
+        "--model",
+        choices=sorted(RUNS),
+        default="tiny-llama",
+        help="without --config: tiny-llama (a small run that downloads nothing) or smollm2 (the default "
+        "CPU-scale run of the real model)",
+    )
+    parser.add_argument("--method", help="the run's method (fedsp, sfprompt, ...; default: the config's)")
     parser.add_argument("--out", help="results folder (default: runs/flower-loopback-<time>)")
     parser.add_argument(
         "--work", help="folder for certificates, keys, logs (default: a temp folder, removed)"
@@ -71,8 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         if any(given) and not all(given):
             raise FedSPError("--ca-cert, --server-cert and --server-key go together")
         certs = Certificates(*map(Path, given)) if all(given) else None
-        run_keys = load_config_file(args.config) if args.config else dict(TINY_RUN)
+        run_keys = load_config_file(args.config) if args.config else dict(RUNS[args.model])
         run_keys["rounds"] = args.rounds or run_keys.get("rounds", 2)
+        if args.method:
+            run_keys["method"] = args.method
         out = Path(args.out or f"runs/flower-loopback-{time.strftime('%Y%m%d-%H%M%S')}")
         data_dirs = [Path(d) for d in args.data_dir] if args.data_dir else None
         result = run_loopback(

@@ -119,9 +119,9 @@ def test_efficiency_table_puts_split_traffic_and_compute_beside_fedsp(tiny_grid)
     assert sfp["global layers held"] == "0,1" and fedsp["global layers held"] == "0"
     assert sfp["client params"] == f"{res['client_model']['params']:,}"
     assert sfp["params down / up per round"] == "320 / 320"  # 4 prompts x 64 + a norm of 64
-    # Assert: split traffic from the clients' own counts; FedSP exchanges no activations, has no FLOP estimate
-    split_down = mean("split_act_bytes_down", "split_grad_bytes_down")
-    split_up = mean("split_act_bytes_up", "split_grad_bytes_up")
+    # Assert: split traffic as the driver counted each client's messages; FedSP: no activations, no FLOPs
+    split_down = mean("bytes_outputs", "bytes_grad_inputs")  # the body's outputs, the activations' gradient
+    split_up = mean("bytes_activations", "bytes_grad_outputs")
     assert split_down > 0 and split_up > 0
     assert sfp["split MB down / up per round"] == f"{split_down / 1e6:.2f} / {split_up / 1e6:.2f}"
     assert fedsp["split MB down / up per round"] == "0.00 / 0.00" and fedsp["client GFLOPs per round"] == "–"
@@ -134,7 +134,7 @@ def test_efficiency_table_puts_split_traffic_and_compute_beside_fedsp(tiny_grid)
         sum(m["client_metrics"][k])
         for m in _metrics(grid, "sfprompt")[1:]
         for k in last
-        if k.startswith("split_")
+        if k.startswith("bytes_")
     )
     assert comm["split_bytes_total"] == split_total > 0
     federated = sum(m["bytes_down"] + m["bytes_up"] for m in _metrics(grid, "sfprompt")[1:])

@@ -12,7 +12,7 @@ from fedsp import wire
 from fedsp.cli import main
 from fedsp.config import RunConfig
 from fedsp.errors import FedSPError
-from fedsp.methods.base import ClientUpdate
+from fedsp.methods.base import ClientUpdate, Request
 from fedsp.runtime import inprocess, participation, rounds
 from fedsp.runtime.checkpoint import CHECKPOINT, ClientStore
 from fedsp.runtime.session import Session
@@ -63,9 +63,12 @@ def task_identity(monkeypatch):
 
 
 class LocalGrid:
-    """A Grid whose nodes are the real ClientApp handlers, called here (node id = partition + 100)."""
+    """A Grid whose nodes are the real ClientApp handlers, called here (node id = partition + 100);
+    ``tamper(k, reply)`` may change a node's reply on its way back."""
 
-    def __init__(self, num_clients: int, tmp_path, fail=lambda rnd, k: False):
+    HANDLERS = {"query": client_app.query, "train": client_app.train, "train.split": client_app.split}
+
+    def __init__(self, num_clients: int, tmp_path, fail=lambda rnd, k: False, tamper=lambda k, reply: reply):
         self.contexts = {
             k + 100: Context(
                 run_id=1,
@@ -76,7 +79,8 @@ class LocalGrid:
             )
             for k in range(num_clients)
         }
-        self.fail = fail
+        self.fail, self.tamper = fail, tamper
+        self.sent: list[str] = []  # message types, in order
 
     def get_node_ids(self):
         return list(self.contexts)
@@ -85,13 +89,15 @@ class LocalGrid:
         replies = []
         for msg in messages:
             context = self.contexts[msg.metadata.dst_node_id]
-            handler = client_app.query if msg.metadata.message_type == "query" else client_app.train
+            k = int(context.node_config["partition-id"])
+            handler = self.HANDLERS[msg.metadata.message_type]
+            self.sent.append(msg.metadata.message_type)
             try:
                 if msg.metadata.message_type == "train":
                     rnd = int(msg.content[payload.META]["round"])
-                    if self.fail(rnd, int(context.node_config["partition-id"])):
+                    if self.fail(rnd, k):
                         raise RuntimeError("client crashed")
-                replies.append(handler(msg, context))
+                replies.append(self.tamper(k, handler(msg, context)))
             except Exception as err:
                 replies.append(Message(Error(code=1, reason=f"{type(err).__name__}: {err}"), reply_to=msg))
         return replies
@@ -278,3 +284,182 @@ def test_privacy_audit_passes_for_fedsp_and_fails_for_fedprompt(reference, tmp_p
     audit = json.loads((fedprompt.out_dir / "audit.json").read_text())
     assert not audit["passed"] and audit["violations"] >= 1
     assert {v["equals"].split(":")[0] for v in audit["violation_list"]} == {"layer 1", "layer 2", "layer 3"}
+
+
+# -- SFPrompt: split training as Flower messages
+
+SPLIT = replace(TINY, method="sfprompt", local_steps=2, local_loss_steps=1, split_layer=2, audit=True)
+
+
+def _split_state(out) -> dict[str, torch.Tensor]:
+    return torch.load(out / CHECKPOINT, weights_only=False)["server"]["state"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sfprompt_on_flower_equals_sfprompt_in_process(dtype, tmp_path):
+    # Prepare
+    from fedsp.runtime.flower import simulation
+
+    config = replace(SPLIT, dtype=dtype)
+    # Execute: the same run in one process and as a Flower simulation (split steps as messages)
+    here = inprocess.run(replace(config, out=str(tmp_path / "inprocess")))
+    there = simulation.run(replace(config, out=str(tmp_path / "flower"), engine="flower"))
+    # Assert: the same prompts and tail (to 1e-6), accuracy, losses and split traffic; audit passed
+    ours, theirs = _split_state(there.out_dir), _split_state(here.out_dir)
+    assert set(ours) == {"prompts", "tail.norm.weight"}
+    assert all(torch.allclose(ours[k], theirs[k], atol=1e-6, rtol=0) for k in theirs)
+    assert there.results["final"] == here.results["final"]
+    assert [m["val_loss"] for m in _metrics(there.out_dir)] == pytest.approx(
+        [m["val_loss"] for m in _metrics(here.out_dir)], abs=1e-6
+    )
+    comm = there.results["comm"]
+    assert comm == here.results["comm"] and comm["split_bytes_total"] > 0
+    assert there.results["audit"]["passed"] and here.results["audit"]["passed"]
+
+
+def test_sfprompt_client_failing_in_the_middle_of_split_steps_is_dropped_from_the_round(
+    tmp_path, monkeypatch, caplog
+):
+    # Prepare: client 1 crashes on the server's third split message of round 1 (its second step's outputs)
+    monkeypatch.setenv(
+        "FEDSP_FAULTS", json.dumps([{"client": 1, "round": 1, "kind": "fail-split", "value": 3}])
+    )
+    session = Session.start(replace(SPLIT, out=str(tmp_path / "run"), audit=False))
+    grid = LocalGrid(3, tmp_path)
+    # Execute
+    with caplog.at_level("WARNING", logger="fedsp.rounds"):
+        server_app.serve(grid, session, wait_s=5)
+    summary = session.finish()
+    # Assert: round 1 went on with clients 0 and 2; client 1 was back in round 2; the body holds nothing
+    rounds_ = _metrics(session.out_dir)[1:]
+    assert [m["failed_clients"] for m in rounds_] == [[1], []]
+    assert [m["num_clients"] for m in rounds_] == [2, 3] and summary["rounds"] == 2
+    assert session.course.server.body.pending == {}
+    assert "injected failure of client 1 at split message 3 of round 1" in caplog.text
+    assert "train.split" in grid.sent
+
+
+def test_sfprompt_activations_of_the_wrong_shape_are_rejected_with_a_logged_reason(tmp_path, caplog):
+    # Prepare: client 0's first split message loses its last hidden unit on the way to the server
+    def tamper(k, reply):
+        meta = reply.content[payload.META]
+        if k != 0 or meta.get("status") != "step" or meta["step"] != "activations":
+            return reply
+        tensors, _ = payload.from_record(reply.content[payload.UPDATE])
+        tensors["activations"] = tensors["activations"][..., :-1]
+        reply.content[payload.UPDATE] = payload.to_record(wire.encode(tensors))
+        return reply
+
+    session = Session.start(replace(SPLIT, rounds=1, out=str(tmp_path / "run"), audit=False))
+    # Execute
+    with caplog.at_level("WARNING", logger="fedsp.rounds"):
+        server_app.serve(LocalGrid(3, tmp_path, tamper=tamper), session, wait_s=5)
+    # Assert: client 0 is out of the round, with the step and the problem named; the others count
+    last = _metrics(session.out_dir)[-1]
+    assert last["failed_clients"] == [0] and last["num_clients"] == 2
+    assert "client 0 failed in round 1: split message 1 (activations): activations of shape (" in caplog.text
+    assert ", 63) and dtype torch.float32, expected (" in caplog.text
+    assert session.course.server.body.pending == {}
+
+
+def test_sfprompt_server_refuses_messages_of_the_wrong_kind_dtype_or_order(tiny, toy_examples):
+    # Prepare: a course and one client's first activations message
+    from fedsp.data.batching import encode_gold
+    from fedsp.data.shards import RunData
+    from fedsp.methods.base import Request
+    from fedsp.methods.sfprompt import sfprompt_course
+
+    rows = [encode_gold(tiny.tokenizer, ex, 64) for ex in toy_examples(24)]
+    data = RunData(rows[:4], [rows[4:12], rows[12:20]], rows[20:], toy_examples(2), "validation")
+    course = sfprompt_course(replace(SPLIT, prefix_init="random"), tiny, data)
+    server, client = course.server, course.make_client(0)
+    first = client.fit(server.broadcast())
+    acts = first.tensors
+    # Execute / Assert
+    with pytest.raises(FedSPError, match="grad_outputs came before this round's activations"):
+        server.respond(0, Request("grad_outputs", {"grad_outputs": torch.zeros(3, 64)}))
+    with pytest.raises(FedSPError, match=r"activations of shape .* and dtype torch.bfloat16, expected"):
+        server.respond(0, Request("activations", {**acts, "activations": acts["activations"].bfloat16()}))
+    with pytest.raises(FedSPError, match="wanted of shape"):
+        server.respond(0, Request("activations", {**acts, "wanted": acts["wanted"][:, 1:]}))
+    with pytest.raises(FedSPError, match="unknown split step 'weights'"):
+        server.respond(0, Request("weights", acts))
+    outputs = server.respond(0, Request("activations", acts))
+    with pytest.raises(FedSPError, match="grad_outputs holds NaN or Inf"):
+        server.respond(
+            0, Request("grad_outputs", {"grad_outputs": outputs.tensors["outputs"] * float("nan")})
+        )
+    with pytest.raises(FedSPError, match="expected 'outputs'"):  # the client checks the order too
+        client.answer(Request("grad_inputs", {"grad_inputs": acts["activations"]}))
+
+
+def test_sfprompt_handlers_with_hand_built_messages_return_what_the_in_process_client_computes(tmp_path):
+    # Prepare: a session; its round-1 order for partition 1, shipped with the client's head and tail
+    from fedsp.runtime.clients import client_round, client_turn
+    from fedsp.runtime.messages import Order, Turn
+
+    session = Session.start(replace(SPLIT, out=str(tmp_path / "run"), audit=False))
+    course, orders = session.course, server_app.OrderMaker(session)
+    broadcast = wire.encode(course.server.broadcast())
+    context = Context(
+        run_id=1,
+        node_id=5,
+        node_config={"partition-id": 1, "state-dir": str(tmp_path / "s")},
+        state=RecordDict(),
+        run_config={},
+    )
+    content = RecordDict(
+        {payload.PREFIX: payload.to_record(broadcast), payload.META: orders.order(1, 1, False).to_record()}
+    )
+    content[payload.AUX] = payload.to_record(wire.encode(course.shipped_once))
+    store = ClientStore(tmp_path / "inprocess")
+
+    def build():
+        return course.make_client(1)
+
+    def turn_message(step, data):
+        meta = orders.order(1, 1, True, step).to_record()
+        body = RecordDict({payload.PREFIX: payload.to_record(data), payload.META: meta})
+        return Message(body, dst_node_id=5, message_type="train.split", group_id="t")
+
+    # Execute: the node's handlers and the in-process client half, message for message, through round 1
+    node = payload.parse_reply(
+        1,
+        client_app.train(
+            Message(content, dst_node_id=5, message_type="train", group_id="t"), context
+        ).content,
+    )
+    here = client_round(Order(1, 1, ship=True, expects_state=False), broadcast, store, build, SPLIT.seed)
+    steps = []
+    while node.status == payload.STEP:
+        steps.append(node.step)
+        assert here.status == payload.STEP and here.step == node.step and here.payload == node.payload
+        answer = course.server.respond(1, Request(node.step, wire.decode(node.payload)))
+        data = wire.encode(answer.tensors)
+        node = payload.parse_reply(1, client_app.split(turn_message(answer.step, data), context).content)
+        here = client_turn(Turn(1, 1, answer.step, data), store, build, SPLIT.seed)
+    # Assert: two split steps of two messages each, then the same update from both
+    assert steps == ["activations", "grad_outputs"] * 2
+    assert node.status == here.status == payload.OK and node.payload == here.payload
+    assert node.metrics == here.metrics and node.num_examples == here.num_examples
+    # Assert: a split message with no round in progress is a failure, not a crash
+    late = client_app.split(turn_message("outputs", data), context)
+    assert payload.parse_reply(1, late.content).reason == "it has no round 1 in progress to continue"
+
+
+def test_sfprompt_against_nodes_without_split_learning_names_the_node_and_the_problem(tmp_path):
+    # Prepare: nodes whose ClientApp knows no train.split (an older fedsp): Flower's own error for it
+    class OldNodes(LocalGrid):
+        HANDLERS = {**LocalGrid.HANDLERS, "train.split": _no_split_handler}
+
+    session = Session.start(replace(SPLIT, rounds=1, out=str(tmp_path / "run"), audit=False))
+    # Execute / Assert: the round stops with one line naming each client, its node and what it lacks
+    with pytest.raises(FedSPError) as err:
+        server_app.serve(OldNodes(3, tmp_path), session, wait_s=5)
+    text = str(err.value)
+    assert "\n" not in text and text.startswith("round 1: only 0 usable client updates")
+    assert "client 0: after split message outputs: node 100 runs a fedsp without split learning" in text
+
+
+def _no_split_handler(msg, context):
+    raise ValueError("No train function registered with name 'split'")

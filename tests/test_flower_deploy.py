@@ -236,8 +236,12 @@ def test_unregistered_node_key_is_refused_in_one_line(tmp_path):
 
 
 @pytest.mark.deploy
-def test_loopback_deployment_with_tls_and_node_auth_runs_two_rounds_and_stops_everything(tmp_path, arc_rows):
-    """SuperLink + 3 SuperNodes (own keys, partitions and data folders), tiny model, 2 rounds."""
+@pytest.mark.parametrize("method", ["fedsp", "sfprompt"])
+def test_loopback_deployment_with_tls_and_node_auth_runs_two_rounds_and_stops_everything(
+    method, tmp_path, arc_rows
+):
+    """SuperLink + 3 SuperNodes (own keys, partitions and data folders), tiny model, 2 rounds; SFPrompt's
+    split steps go back and forth between the server and the nodes as messages."""
     owners = []
     for k in range(3):
         owners.append(tmp_path / f"owner{k}")
@@ -245,6 +249,7 @@ def test_loopback_deployment_with_tls_and_node_auth_runs_two_rounds_and_stops_ev
         (owners[-1] / "train.jsonl").write_text(arc_rows(6 + k, start=10 * k))
     work, out = tmp_path / "work", tmp_path / "out"
     argv = [sys.executable, str(SCRIPT), "--work", str(work), "--out", str(out), "--json", "--timeout", "200"]
+    argv += ["--method", method]
     for owner in owners:
         argv += ["--data-dir", str(owner)]
     t0 = time.monotonic()
@@ -266,6 +271,11 @@ def test_loopback_deployment_with_tls_and_node_auth_runs_two_rounds_and_stops_ev
     for k in range(3):  # each data owner's client state on its own disk, under its own partition
         assert list((work / "nodes" / f"node-{k}").glob(f"*/partition-{k}")), f"node {k} kept no state"
     assert "Successfully started run" in (work / "logs" / "flwr-run.log").read_text()
+    assert summary["method"] == method
+    if method == "sfprompt":  # each round: a train message, then the split step's two turns
+        node_log = (work / "logs" / "supernode-0.log").read_text()
+        assert node_log.count("Receiving: train.split message") == 2 * 2
+        assert summary["comm"]["split_bytes_total"] > 0
     assert _with_home((work / "home").resolve()) == []  # every process the script started is gone
     assert result["stopped_pids"] and not any(_running(pid) for pid in result["stopped_pids"])
     print(f"loopback deployment: wall {wall:.1f} s, seconds per round {result['seconds_per_round']}")

@@ -29,8 +29,10 @@ instead of the seconds an import of torch and transformers takes.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
     from fedsp.runtime.checkpoint import ClientStore
 
 log = logging.getLogger("fedsp.flower.client")
+PROFILE_ENV = "FEDSP_CLIENT_PROFILE"
 app = ClientApp(mods=[secagg.client_mod])  # SecAgg+ messages only; plain ones pass untouched
 
 
@@ -77,14 +80,51 @@ def query(msg: Message, context: Context) -> Message:
     )
 
 
+class Profile:
+    """Where one handler call's time goes, appended as a JSON line to ``$FEDSP_CLIENT_PROFILE`` when set.
+
+    ``before_handler_s``: from the process's start to the handler (Python, Flower's start-up, the app's
+    installation and loading); then ``imports_s`` (torch and the model code), ``build_s`` (the client:
+    rows, model skeleton, weights, state), ``work_s`` (the round or split step, the state written),
+    ``handler_s`` in all. bench/flower_overhead.py reads these.
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind, self.start = kind, time.perf_counter()
+        self.last, self.build_s = self.start, 0.0
+        self.times: dict[str, float] = {}
+        self.path = os.environ.get(PROFILE_ENV)
+        self.age = 0.0
+        if self.path:
+            import psutil
+
+            self.age = time.time() - psutil.Process().create_time()
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.times[f"{name}_s"], self.last = now - self.last, now
+
+    def write(self) -> None:
+        if not self.path:
+            return
+        self.mark("work")
+        self.times["work_s"] -= self.build_s
+        record = {"kind": self.kind, "pid": os.getpid(), "before_handler_s": self.age, **self.times}
+        record.update(build_s=self.build_s, handler_s=time.perf_counter() - self.start)
+        with open(self.path, "a") as out:
+            out.write(json.dumps(record) + "\n")
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    profile = Profile("train")
     from fedsp import wire
     from fedsp.runtime import faults
     from fedsp.runtime.attacks import attack_for
     from fedsp.runtime.clients import client_round
     from fedsp.runtime.messages import Order
 
+    profile.mark("imports")
     # 1) the order and the prefix
     order = _order(msg, context)
     prefix = payload.record_bytes(msg.content[payload.PREFIX])  # type: ignore[arg-type]
@@ -99,7 +139,7 @@ def train(msg: Message, context: Context) -> Message:
         step,
         prefix,
         store,
-        _builder(order, context, store, shipped),
+        _builder(order, context, store, shipped, profile),
         config.seed,
         shipped=shipped,
         has_model=store.has_aux(),
@@ -107,28 +147,34 @@ def train(msg: Message, context: Context) -> Message:
     )
     if faults.wants(step, "empty-reply"):  # tests only (fedsp.runtime.faults)
         return Message(RecordDict(), reply_to=msg)
-    return Message(payload.reply_content(reply), reply_to=msg)
+    answer = Message(payload.reply_content(reply), reply_to=msg)
+    profile.write()
+    return answer
 
 
 @app.train("split")
 def split(msg: Message, context: Context) -> Message:
     """The server's answer in the middle of a split round: the client continues it from its store."""
+    profile = Profile("train.split")
     from fedsp.runtime.attacks import attack_for
     from fedsp.runtime.clients import client_turn
     from fedsp.runtime.messages import Turn
 
+    profile.mark("imports")
     order = _order(msg, context)
     store = store_for(context, order.run_key, order.partition)
     turn = Turn(order.rnd, order.partition, order.step, payload.record_bytes(msg.content[payload.PREFIX]))  # type: ignore[arg-type]
     reply = client_turn(
         turn,
         store,
-        _builder(order, context, store, None),
+        _builder(order, context, store, None, profile),
         order.config.seed,
         has_model=store.has_aux(),
         attack=attack_for(order.config, order.partition),
     )
-    return Message(payload.reply_content(reply), reply_to=msg)
+    answer = Message(payload.reply_content(reply), reply_to=msg)
+    profile.write()
+    return answer
 
 
 def _order(msg: Message, context: Context) -> payload.TrainOrder:
@@ -139,19 +185,26 @@ def _order(msg: Message, context: Context) -> payload.TrainOrder:
 
 
 def _builder(
-    order: payload.TrainOrder, context: Context, store: ClientStore, shipped: dict[str, Tensor] | None
+    order: payload.TrainOrder,
+    context: Context,
+    store: ClientStore,
+    shipped: dict[str, Tensor] | None,
+    profile: Profile,
 ) -> Callable[[], Client]:
     """How this node makes its client: from the shipped (or stored) client model and its own rows."""
     from fedsp.runtime.flower.client_side import build_client, client_rows, tokenizer_for
 
     def build() -> Client:
+        t0 = time.perf_counter()
         config = order.config
-        rows = client_rows(config, order.partition, _data_dir(context))
+        rows = client_rows(config, order.partition, _data_dir(context), cache=store.root)
         pad_id = tokenizer_for(config.model).pad_token_id
         weights = shipped if shipped is not None else store.load_aux()
-        return build_client(
+        client = build_client(
             config, order.model_config, order.client_layers, weights, rows, order.partition, pad_id
         )
+        profile.build_s += time.perf_counter() - t0
+        return client
 
     return build
 

@@ -17,6 +17,7 @@ engine (simulation).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from fedsp.models.loading import (
     use_attention,
 )
 from fedsp.models.precision import pick_attention
+from fedsp.runtime.checkpoint import atomic_save
 
 
 def build_client(
@@ -130,8 +132,34 @@ def _partitioned_rows(config: RunConfig) -> tuple[list[Encoded], ...]:
     return tuple(prepare_data(config, tokenizer_for(config.model)).client_rows)
 
 
-def client_rows(config: RunConfig, partition: int, data_dir: str | None) -> list[Encoded]:
-    """This client's training rows: ``<data_dir>/train.jsonl`` when the node has its data, else its shard."""
+def client_rows(
+    config: RunConfig, partition: int, data_dir: str | None, cache: Path | None = None
+) -> list[Encoded]:
+    """This client's training rows: ``<data_dir>/train.jsonl`` when the node has its data, else its shard.
+
+    With ``cache`` (a folder of the node's), the encoded rows are kept there after the first message of
+    a run, keyed by the run's configuration and the data file's size and time, so a node's later messages
+    (each a fresh process in deployment) read them instead of tokenising the data again.
+    """
+    if cache is None:
+        return _encode_rows(config, partition, data_dir)
+    source = local_file(Path(data_dir), "train") if data_dir else None
+    stat = source.stat() if source is not None else None
+    key = json.dumps(
+        [config.to_dict(), partition, str(source), stat and (stat.st_size, stat.st_mtime_ns)], sort_keys=True
+    )
+    path = cache / f"rows-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    if path.is_file():
+        try:
+            return list(torch.load(path, weights_only=False))
+        except Exception:  # unreadable: encoded again below
+            pass
+    rows = _encode_rows(config, partition, data_dir)
+    atomic_save(rows, path)
+    return rows
+
+
+def _encode_rows(config: RunConfig, partition: int, data_dir: str | None) -> list[Encoded]:
     tokenizer = tokenizer_for(config.model)
     if data_dir:
         folder = Path(data_dir)

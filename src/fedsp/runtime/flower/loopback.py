@@ -58,6 +58,16 @@ TINY_RUN: dict[str, object] = {
     "zero_shot_eval": False,
 }
 
+# The real model at the default CPU scale, for 2 rounds (``scripts/flower_loopback.py --model smollm2``):
+# the configuration the README's deployment figures and bench/flower_overhead.py --model smollm2 use
+SMOLLM2_RUN: dict[str, object] = {
+    "model": "smollm2",
+    "rounds": 2,
+    "eval_every_round": False,
+    "zero_shot_eval": False,
+}
+RUNS = {"tiny-llama": TINY_RUN, "smollm2": SMOLLM2_RUN}
+
 APP_PYPROJECT = """\
 [build-system]
 requires = ["setuptools>=68"]

@@ -19,7 +19,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedsp.config import RunConfig
-from fedsp.runtime.messages import LOST_STATE, NEED_AUX, OK, STEP, Reply
+from fedsp.runtime.messages import FAILED, LOST_STATE, NEED_AUX, OK, STEP, Reply
 
 if TYPE_CHECKING:  # torch is imported when tensors are (de)coded: a ``query`` never needs it
     import torch
@@ -67,6 +67,8 @@ def reply_content(reply: Reply) -> RecordDict:
     elif reply.status == STEP:
         meta["step"] = reply.step
         content[UPDATE] = to_record(reply.payload)
+    elif reply.status == FAILED:
+        meta["reason"] = reply.reason
     return content
 
 
@@ -77,6 +79,8 @@ def parse_reply(partition: int, content: RecordDict) -> Reply:
         status = str(meta["status"])
         if status == STEP:
             return Reply(partition, STEP, record_bytes(content[UPDATE]), step=str(meta["step"]))  # type: ignore[arg-type]
+        if status == FAILED:
+            return Reply.failed(partition, str(meta.get("reason", "")) or "the client failed")
         if status != OK:
             return Reply(partition, status)
         metrics: Any = content[METRICS]
