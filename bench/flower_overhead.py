@@ -1,6 +1,6 @@
 """Per-round time and peak memory: in-process vs Flower simulation vs loopback deployment, same run.
 
-    .venv/bin/python bench/flower_overhead.py --clients 3 --per-round 3 --rounds 3   # all three engines
+    .venv/bin/python bench/flower_overhead.py --clients 3 --per-round 3 --rounds 3   # every engine
     .venv/bin/python bench/flower_overhead.py --method sfprompt --clients 3 --per-round 3 --rounds 3
     .venv/bin/python bench/flower_overhead.py --model smollm2 --method fedsp --rounds 2 --timeout 3000
     .venv/bin/python bench/flower_overhead.py --clients 10 --per-round 10 --engines inprocess,flower
@@ -10,7 +10,9 @@
 
 Engines: ``inprocess`` (``fedsp run``), ``flower`` (``fedsp run --engine flower``: Ray simulation),
 ``loopback`` (``scripts/flower_loopback.py``: a SuperLink and one SuperNode per client on 127.0.0.1,
-TLS and SuperNode authentication); ``+secagg`` after an engine's name runs it with
+TLS and SuperNode authentication, each SuperNode with a warm worker), ``loopback-cold`` (the same
+without warm workers: every message's ClientApp process imports torch and builds the client
+itself); ``+secagg`` after an engine's name runs it with
 ``--secure-aggregation`` (Flower's SecAgg+). Each engine runs in a fresh subprocess, one after the
 other, so run all of them in one invocation to compare them under the same machine load. One JSON
 line per engine: mean seconds and bytes (down + up, every message) per round (rounds 2.., so
@@ -53,10 +55,12 @@ engine, secure = engine.removesuffix("+secagg"), engine.endswith("+secagg")
 keys["secure_aggregation"] = secure
 t0 = time.perf_counter()
 timeout = keys.pop("timeout")
-if engine == "loopback":
-    from fedsp.runtime.flower.loopback import run_loopback
+if engine in ("loopback", "loopback-cold"):
+    from fedsp.runtime.flower.loopback import WORKER_IDLE_S, run_loopback
     out = Path(keys.pop("out"))
-    run_loopback(keys, out, out.parent / "loopback-work", nodes=keys["clients"], timeout_s=timeout)
+    idle = 0.0 if engine == "loopback-cold" else WORKER_IDLE_S
+    run_loopback(keys, out, out.parent / "loopback-work", nodes=keys["clients"], timeout_s=timeout,
+                 worker_idle_s=idle)
 else:
     from fedsp.config import RunConfig
     config = RunConfig.from_dict({**keys, "engine": engine})
@@ -176,7 +180,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--per-round", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--engines", default="inprocess,flower,loopback")
+    parser.add_argument("--engines", default="inprocess,flower,loopback,loopback-cold")
     parser.add_argument("--server-steps", type=int, help="server tuning steps a round (default: the run's)")
     parser.add_argument("--model", choices=sorted(RUNS), default="tiny-llama", help="the run (default tiny)")
     parser.add_argument("--method", default="fedsp", help="a federated method (default fedsp)")

@@ -31,7 +31,7 @@ from pathlib import Path
 from fedsp.config import load_config_file
 from fedsp.errors import FedSPError
 from fedsp.runtime.flower import configure_environment
-from fedsp.runtime.flower.loopback import RUNS, run_loopback, write_app
+from fedsp.runtime.flower.loopback import RUNS, WORKER_IDLE_S, run_loopback, write_app
 from fedsp.runtime.flower.pki import Certificates
 
 
@@ -67,6 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="a data owner's folder with train.jsonl; once per SuperNode (default: bundled shards)",
     )
+    parser.add_argument(
+        "--worker-idle-seconds",
+        type=float,
+        default=WORKER_IDLE_S,
+        help="each SuperNode keeps a warm worker that does its jobs, stopped after this many idle "
+        f"seconds (default {WORKER_IDLE_S:g}; 0: none, every message's process does its own job)",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
     parser.add_argument("--write-app", metavar="DIR", help="only write the Flower app folder to DIR")
     args = parser.parse_args(argv)
@@ -88,7 +95,15 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out or f"runs/flower-loopback-{time.strftime('%Y%m%d-%H%M%S')}")
         data_dirs = [Path(d) for d in args.data_dir] if args.data_dir else None
         result = run_loopback(
-            run_keys, out, work, args.nodes, args.timeout, args.connect_timeout, certs, data_dirs
+            run_keys,
+            out,
+            work,
+            args.nodes,
+            args.timeout,
+            args.connect_timeout,
+            certs,
+            data_dirs,
+            args.worker_idle_seconds,
         )
     except FedSPError as err:
         print(f"flower_loopback: error: {err}", file=sys.stderr)

@@ -463,3 +463,38 @@ def test_sfprompt_against_nodes_without_split_learning_names_the_node_and_the_pr
 
 def _no_split_handler(msg, context):
     raise ValueError("No train function registered with name 'split'")
+
+
+# -- a SuperNode's warm worker
+
+
+def test_warm_worker_does_a_nodes_job_as_the_handler_would_and_stops_when_asked(tmp_path):
+    # Prepare: a round-1 order with the client model for partition 1, as the server builds it
+    from fedsp.runtime.flower import worker
+
+    session = Session.start(replace(TINY, out=str(tmp_path / "run")))
+    orders = server_app.OrderMaker(session)
+    prefix = wire.encode(session.course.server.broadcast())
+    aux = wire.encode(session.course.shipped_once)
+    meta = dict(orders.order(1, 1, False).to_record())
+
+    def job(folder, **settings):
+        node = {"partition-id": 1, "state-dir": str(tmp_path / folder), **settings}
+        return client_app.Job("train", meta, node, prefix, aux)
+
+    warm = job("warm", **{worker.SETTING: 30})
+    try:
+        # Execute: the same job here and through the node's worker (started by the first call)
+        here = client_app.work(job("here"))
+        there = worker.ask(warm)
+        again = worker.ask(replace(warm, meta={**meta, "round": 2, "expects-state": True}, aux=None))
+    finally:
+        pid = worker.stop(warm.node_config)
+    # Assert: the same update, byte for byte; the worker kept the node's state on its disk; it is gone
+    assert there is not None and there.reply.payload == here.reply.payload and there.reply.status == "ok"
+    assert again is not None and again.reply.status == "ok"
+    assert ClientStore(tmp_path / "warm" / orders.run_key / "partition-1").rounds() == [1, 2]
+    assert pid is not None and not worker.address(warm.node_config).exists()
+    assert worker.ask(job("cold")) is None  # a node without the setting keeps no worker
+    with pytest.raises(FedSPError, match="node setting worker-idle-seconds='soon': expected seconds >= 0"):
+        worker.ask(job("bad", **{worker.SETTING: "soon"}))

@@ -33,14 +33,17 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsp.errors import FedSPError
-from fedsp.runtime.flower import configure_environment, payload, secagg
+from fedsp.runtime.flower import configure_environment, payload, secagg, worker
+from fedsp.runtime.messages import Reply
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -55,17 +58,17 @@ PROFILE_ENV = "FEDSP_CLIENT_PROFILE"
 app = ClientApp(mods=[secagg.client_mod])  # SecAgg+ messages only; plain ones pass untouched
 
 
-def partition_of(context: Context) -> int:
-    if "partition-id" not in context.node_config:
+def partition_of(node_config: Mapping[str, Any]) -> int:
+    if "partition-id" not in node_config:
         raise FedSPError("this SuperNode has no partition-id; start it with --node-config 'partition-id=K'")
-    return int(context.node_config["partition-id"])
+    return int(node_config["partition-id"])
 
 
-def store_for(context: Context, run_key: str, partition: int) -> ClientStore:
+def store_for(node_config: Mapping[str, Any], run_key: str, partition: int) -> ClientStore:
     from fedsp.runtime.checkpoint import ClientStore
 
     root = (
-        context.node_config.get("state-dir")
+        node_config.get("state-dir")
         or os.environ.get("FEDSP_FLOWER_STATE_DIR")
         or configure_environment() / "client-state"
     )
@@ -76,7 +79,8 @@ def store_for(context: Context, run_key: str, partition: int) -> ClientStore:
 def query(msg: Message, context: Context) -> Message:
     """This node's partition id (the server orders and samples clients by it, not by node id)."""
     return Message(
-        RecordDict({payload.META: ConfigRecord({"partition": partition_of(context)})}), reply_to=msg
+        RecordDict({payload.META: ConfigRecord({"partition": partition_of(context.node_config)})}),
+        reply_to=msg,
     )
 
 
@@ -84,14 +88,15 @@ class Profile:
     """Where one handler call's time goes, appended as a JSON line to ``$FEDSP_CLIENT_PROFILE`` when set.
 
     ``before_handler_s``: from the process's start to the handler (Python, Flower's start-up, the app's
-    installation and loading); then ``imports_s`` (torch and the model code), ``build_s`` (the client:
-    rows, model skeleton, weights, state), ``work_s`` (the round or split step, the state written),
-    ``handler_s`` in all. bench/flower_overhead.py reads these.
+    installation and loading); ``build_s`` (the client: rows, model skeleton, weights, state);
+    ``work_s``: the rest of the handler (imports of torch and the model code unless a warm worker did
+    the job, the round or split step, the state written); ``handler_s`` in all; ``via``: ``worker`` or
+    ``here``. bench/flower_overhead.py reads these.
     """
 
     def __init__(self, kind: str) -> None:
         self.kind, self.start = kind, time.perf_counter()
-        self.last, self.build_s = self.start, 0.0
+        self.last, self.build_s, self.via = self.start, 0.0, "here"
         self.times: dict[str, float] = {}
         self.path = os.environ.get(PROFILE_ENV)
         self.age = 0.0
@@ -109,87 +114,104 @@ class Profile:
             return
         self.mark("work")
         self.times["work_s"] -= self.build_s
-        record = {"kind": self.kind, "pid": os.getpid(), "before_handler_s": self.age, **self.times}
+        record = {"kind": self.kind, "via": self.via, "pid": os.getpid(), "before_handler_s": self.age}
+        record.update(self.times)
         record.update(build_s=self.build_s, handler_s=time.perf_counter() - self.start)
         with open(self.path, "a") as out:
             out.write(json.dumps(record) + "\n")
 
 
+@dataclass(frozen=True)
+class Job:
+    """One message's work, free of Flower's types (so a node's warm worker can take it over)."""
+
+    kind: str  # "train" (an order: the prefix, the client model when shipped) or "split" (a turn)
+    meta: dict[str, Any]  # the ``fedsp`` record's values (a TrainOrder)
+    node_config: dict[str, Any]
+    payload: bytes  # the prefix, or the server's split message
+    aux: bytes | None = None  # the client model, when shipped with this order
+
+
+@dataclass(frozen=True)
+class Done:
+    """A job's outcome: the reply (None: an injected empty reply, tests only) and the time spent building."""
+
+    reply: Reply | None
+    build_s: float
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    profile = Profile("train")
-    from fedsp import wire
-    from fedsp.runtime import faults
-    from fedsp.runtime.attacks import attack_for
-    from fedsp.runtime.clients import client_round
-    from fedsp.runtime.messages import Order
-
-    profile.mark("imports")
-    # 1) the order and the prefix
-    order = _order(msg, context)
-    prefix = payload.record_bytes(msg.content[payload.PREFIX])  # type: ignore[arg-type]
-    store = store_for(context, order.run_key, order.partition)
-    shipped = None
-    if payload.AUX in msg.content:  # 2) the client model, shipped now (else on this node's disk)
-        shipped = wire.decode(payload.record_bytes(msg.content[payload.AUX]))  # type: ignore[arg-type]
-    config = order.config
-    # 3-4) the round, the state to disk, the update to the server: the same client half as in-process
-    step = Order(order.rnd, order.partition, ship=shipped is not None, expects_state=order.expects_state)
-    reply = client_round(
-        step,
-        prefix,
-        store,
-        _builder(order, context, store, shipped, profile),
-        config.seed,
-        shipped=shipped,
-        has_model=store.has_aux(),
-        attack=attack_for(config, order.partition),
-    )
-    if faults.wants(step, "empty-reply"):  # tests only (fedsp.runtime.faults)
-        return Message(RecordDict(), reply_to=msg)
-    answer = Message(payload.reply_content(reply), reply_to=msg)
-    profile.write()
-    return answer
+    """An order: the round's prefix, and the client model when the server ships it (step 1-4 above)."""
+    aux = payload.record_bytes(msg.content[payload.AUX]) if payload.AUX in msg.content else None  # type: ignore[arg-type]
+    return _answer("train", msg, context, aux)
 
 
 @app.train("split")
 def split(msg: Message, context: Context) -> Message:
     """The server's answer in the middle of a split round: the client continues it from its store."""
-    profile = Profile("train.split")
-    from fedsp.runtime.attacks import attack_for
-    from fedsp.runtime.clients import client_turn
-    from fedsp.runtime.messages import Turn
+    return _answer("split", msg, context)
 
-    profile.mark("imports")
-    order = _order(msg, context)
-    store = store_for(context, order.run_key, order.partition)
-    turn = Turn(order.rnd, order.partition, order.step, payload.record_bytes(msg.content[payload.PREFIX]))  # type: ignore[arg-type]
-    reply = client_turn(
-        turn,
-        store,
-        _builder(order, context, store, None, profile),
-        order.config.seed,
-        has_model=store.has_aux(),
-        attack=attack_for(order.config, order.partition),
-    )
-    answer = Message(payload.reply_content(reply), reply_to=msg)
+
+def _answer(kind: str, msg: Message, context: Context, aux: bytes | None = None) -> Message:
+    """The message's job, done by the node's warm worker when it keeps one, else here."""
+    profile = Profile("train" if kind == "train" else "train.split")
+    meta: Any = msg.content[payload.META]
+    sent: Any = msg.content[payload.PREFIX]
+    job = Job(kind, dict(meta), dict(context.node_config), payload.record_bytes(sent), aux)
+    done = worker.ask(job)
+    profile.via = "worker" if done is not None else "here"
+    done = done or work(job)
+    profile.build_s = done.build_s
+    if done.reply is None:  # tests only: FEDSP_FAULTS empty-reply
+        return Message(RecordDict(), reply_to=msg)
+    answer = Message(payload.reply_content(done.reply), reply_to=msg)
     profile.write()
     return answer
 
 
-def _order(msg: Message, context: Context) -> payload.TrainOrder:
-    order = payload.TrainOrder.from_record(msg.content[payload.META])  # type: ignore[arg-type]
-    if order.partition != partition_of(context):
-        raise FedSPError(f"order for partition {order.partition} reached partition {partition_of(context)}")
-    return order
+def work(job: Job) -> Done:
+    """A message's work in this process: the client's half of a round (or of a split step)."""
+    from fedsp import wire
+    from fedsp.runtime import faults
+    from fedsp.runtime.attacks import attack_for
+    from fedsp.runtime.clients import client_round, client_turn
+    from fedsp.runtime.messages import Order, Turn
+
+    order = payload.TrainOrder.from_record(job.meta)  # type: ignore[arg-type]
+    here = partition_of(job.node_config)
+    if order.partition != here:
+        raise FedSPError(f"order for partition {order.partition} reached partition {here}")
+    store = store_for(job.node_config, order.run_key, order.partition)
+    attack = attack_for(order.config, order.partition)
+    timer: list[float] = [0.0]
+    if job.kind == "split":
+        turn = Turn(order.rnd, order.partition, order.step, job.payload)
+        build = _builder(order, job.node_config, store, None, timer)
+        reply = client_turn(turn, store, build, order.config.seed, has_model=store.has_aux(), attack=attack)
+        return Done(reply, timer[0])
+    # an order: the client model, shipped now (else on this node's disk); the round; the update
+    shipped = wire.decode(job.aux) if job.aux is not None else None
+    step = Order(order.rnd, order.partition, ship=shipped is not None, expects_state=order.expects_state)
+    reply = client_round(
+        step,
+        job.payload,
+        store,
+        _builder(order, job.node_config, store, shipped, timer),
+        order.config.seed,
+        shipped=shipped,
+        has_model=store.has_aux(),
+        attack=attack,
+    )
+    return Done(None if faults.wants(step, "empty-reply") else reply, timer[0])
 
 
 def _builder(
     order: payload.TrainOrder,
-    context: Context,
+    node_config: Mapping[str, Any],
     store: ClientStore,
     shipped: dict[str, Tensor] | None,
-    profile: Profile,
+    timer: list[float],
 ) -> Callable[[], Client]:
     """How this node makes its client: from the shipped (or stored) client model and its own rows."""
     from fedsp.runtime.flower.client_side import build_client, client_rows, tokenizer_for
@@ -197,18 +219,14 @@ def _builder(
     def build() -> Client:
         t0 = time.perf_counter()
         config = order.config
-        rows = client_rows(config, order.partition, _data_dir(context), cache=store.root)
+        data_dir = str(node_config["data-dir"]) if node_config.get("data-dir") else None
+        rows = client_rows(config, order.partition, data_dir, cache=store.root)
         pad_id = tokenizer_for(config.model).pad_token_id
         weights = shipped if shipped is not None else store.load_aux()
         client = build_client(
             config, order.model_config, order.client_layers, weights, rows, order.partition, pad_id
         )
-        profile.build_s += time.perf_counter() - t0
+        timer[0] += time.perf_counter() - t0
         return client
 
     return build
-
-
-def _data_dir(context: Context) -> str | None:
-    value = context.node_config.get("data-dir")
-    return str(value) if value else None

@@ -31,7 +31,7 @@ from pathlib import Path
 import tomli_w
 
 from fedsp.errors import FedSPError
-from fedsp.runtime.flower import FLOWER_ENV
+from fedsp.runtime.flower import FLOWER_ENV, worker
 from fedsp.runtime.flower.pki import (
     Certificates,
     check_certificates,
@@ -41,6 +41,7 @@ from fedsp.runtime.flower.pki import (
 )
 from fedsp.runtime.flower.processes import Processes, error_lines, log_tail, wait_until
 
+WORKER_IDLE_S = 300.0  # each SuperNode keeps a warm worker, stopped after 5 idle minutes (0: none)
 CONNECTION = "loopback"  # the SuperLink connection's name in $FLWR_HOME/config.toml
 CONNECTED = "SuperNode ID:"  # what flower-supernode logs once the SuperLink accepted it
 REFUSED = "Failed to activate SuperNode"  # ... and what it logs when the SuperLink refuses its key
@@ -143,6 +144,7 @@ class Loopback:
         connect_s: float = 60.0,
         certificates: Certificates | None = None,
         data_dirs: list[Path] | None = None,
+        worker_idle_s: float = WORKER_IDLE_S,
     ) -> None:
         if nodes < 1:
             raise FedSPError(f"a deployment needs at least one SuperNode, got {nodes}")
@@ -152,6 +154,7 @@ class Loopback:
             if not (Path(folder) / "train.jsonl").is_file():
                 raise FedSPError(f"data folder {str(folder)!r} has no train.jsonl")
         self.data_dirs = [Path(d).resolve() for d in data_dirs] if data_dirs else None
+        self.worker_idle_s = worker_idle_s
         self.started = time.monotonic()
         self.deadline = self.started + timeout_s
         self.timeout_s, self.connect_s = timeout_s, connect_s
@@ -272,6 +275,8 @@ class Loopback:
         for k in range(self.nodes):
             state = self.work / "nodes" / f"node-{k}"
             node_config = f'partition-id={k} num-partitions={self.nodes} state-dir="{state}"'
+            if self.worker_idle_s > 0:  # a warm worker per node (fedsp.runtime.flower.worker)
+                node_config += f" {worker.SETTING}={self.worker_idle_s:g}"
             if self.data_dirs:
                 node_config += f' data-dir="{self.data_dirs[k]}"'
             procs[k] = self.processes.start(
@@ -377,9 +382,10 @@ def run_loopback(
     connect_s: float = 60.0,
     certificates: Certificates | None = None,
     data_dirs: list[Path] | None = None,
+    worker_idle_s: float = WORKER_IDLE_S,
 ) -> LoopbackResult:
     """Steps 1-6 of the module docstring; every process started is stopped before this returns."""
-    with Loopback(work, nodes, timeout_s, connect_s, certificates, data_dirs) as deployment:
+    with Loopback(work, nodes, timeout_s, connect_s, certificates, data_dirs, worker_idle_s) as deployment:
         try:
             deployment.start_superlink()
             deployment.register()
