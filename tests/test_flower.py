@@ -97,7 +97,9 @@ class LocalGrid:
                     rnd = int(msg.content[payload.META]["round"])
                     if self.fail(rnd, k):
                         raise RuntimeError("client crashed")
-                replies.append(self.tamper(k, handler(msg, context)))
+                reply = self.tamper(k, handler(msg, context))
+                if reply is not None:  # None: the node missed the deadline (no reply at all)
+                    replies.append(reply)
             except Exception as err:
                 replies.append(Message(Error(code=1, reason=f"{type(err).__name__}: {err}"), reply_to=msg))
         return replies
@@ -362,6 +364,27 @@ def test_sfprompt_activations_of_the_wrong_shape_are_rejected_with_a_logged_reas
     assert session.course.server.body.pending == {}
 
 
+def test_sfprompt_node_missing_a_split_steps_deadline_is_left_out_of_the_round(tmp_path, caplog):
+    # Prepare: node 2 never answers the body's outputs of its first split step in round 1
+    def late(k, reply):
+        meta = reply.content[payload.META]
+        late_step = k == 2 and meta.get("status") == "step" and meta.get("step") == "grad_outputs"
+        return None if late_step and grid.sent.count("train") <= 3 else reply  # round 1 only
+
+    grid = LocalGrid(3, tmp_path, tamper=late)
+    session = Session.start(replace(SPLIT, out=str(tmp_path / "run"), audit=False))
+    # Execute
+    with caplog.at_level("WARNING", logger="fedsp.rounds"):
+        server_app.serve(grid, session, wait_s=5)
+    # Assert: round 1 without client 2, with the step named; round 2 with everyone
+    rounds_ = _metrics(session.out_dir)[1:]
+    assert [m["failed_clients"] for m in rounds_] == [[2], []]
+    assert (
+        "client 2 failed in round 1: no reply to split message outputs within --client-timeout" in caplog.text
+    )
+    assert session.course.server.body.pending == {}
+
+
 def test_sfprompt_server_refuses_messages_of_the_wrong_kind_dtype_or_order(tiny, toy_examples):
     # Prepare: a course and one client's first activations message
     from fedsp.data.batching import encode_gold
@@ -384,6 +407,11 @@ def test_sfprompt_server_refuses_messages_of_the_wrong_kind_dtype_or_order(tiny,
         server.respond(0, Request("activations", {**acts, "wanted": acts["wanted"][:, 1:]}))
     with pytest.raises(FedSPError, match="unknown split step 'weights'"):
         server.respond(0, Request("weights", acts))
+    with pytest.raises(FedSPError, match="the message has no 'attention_mask' tensor"):
+        server.respond(0, Request("activations", {k: v for k, v in acts.items() if k != "attention_mask"}))
+    wide = acts["activations"].new_zeros(1, SPLIT.prefix_len + SPLIT.max_length + 1, 64)
+    with pytest.raises(FedSPError, match=r"the run allows at most .* rows \(--batch-size\) of 100 positions"):
+        server.respond(0, Request("activations", {**acts, "activations": wide}))
     outputs = server.respond(0, Request("activations", acts))
     with pytest.raises(FedSPError, match="grad_outputs holds NaN or Inf"):
         server.respond(

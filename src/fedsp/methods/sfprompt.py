@@ -123,7 +123,8 @@ class SFPromptClient:
     step's batch and the body's outputs, the stream's position), so a Flower node
     can serve every message in a fresh process; the head's activations are computed
     again for the update instead of being kept (the head is frozen and runs in eval
-    mode: the same values).
+    mode: the same values on the CPU; the client's FLOP estimate counts the
+    second forward).
     """
 
     def __init__(
@@ -254,7 +255,7 @@ class SFPromptClient:
             cut = self.head(self.prompts, batch["input_ids"], batch["attention_mask"])
         wanted, _ = answer_positions(batch["labels"], self.prompts.shape[0])
         B, S = wanted.shape
-        self.client_flops += 2 * self.flops.layers(self.config.split_layer, B, S)  # forward + backward
+        self.client_flops += self.flops.layers(self.config.split_layer, B, S)  # this forward
         assert self.progress is not None
         self.progress["awaiting"] = "outputs"
         return {**cut, "wanted": wanted}
@@ -286,6 +287,8 @@ class SFPromptClient:
         batch = progress["batch"]
         cut = self.head(self.prompts, batch["input_ids"], batch["attention_mask"])  # the same activations
         activations = cut["activations"]
+        B, S = activations.shape[:2]
+        self.client_flops += 2 * self.flops.layers(self.config.split_layer, B, S)  # forward again + backward
         _check_tensor(reply, "grad_inputs", tuple(activations.shape), activations.dtype)
         # d/d(activations) of sum(activations * g) is g: the prompts get exactly the chain-rule gradient,
         # and the tail the gradient of the loss (neither term reaches the other's parameters)
@@ -328,12 +331,15 @@ class SFPromptClient:
 
 
 def _check_tensor(
-    message: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], dtype: torch.dtype
+    message: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], dtype: torch.dtype | None
 ) -> None:
-    """A split message's tensor ``name`` has ``shape`` and ``dtype``, or a one-line FedSPError says why."""
+    """A split message's tensor ``name`` has ``shape`` and ``dtype`` (None: any integer or bool dtype),
+    or a one-line FedSPError says why."""
     value = message.get(name)
     if not isinstance(value, torch.Tensor):
-        raise FedSPError(f"the {name} message has no {name!r} tensor (it holds {sorted(message)})")
+        raise FedSPError(f"the message has no {name!r} tensor (it holds {sorted(message)})")
+    if dtype is None and not value.is_floating_point() and not value.is_complex():
+        dtype = value.dtype
     if tuple(value.shape) != tuple(shape) or value.dtype != dtype:
         raise FedSPError(
             f"{name} of shape {tuple(value.shape)} and dtype {value.dtype}, expected {tuple(shape)} {dtype}"
@@ -353,9 +359,12 @@ class SFPromptServer:
         val_rows: Sequence[Encoded],
         pad_id: int,
         eval_batch_size: int = 128,
+        max_batch: int = 1024,
+        max_length: int = 1 << 16,
     ) -> None:
         self.body, self.prompts, self.tail = body, prompts, Tail(model)
         self.hidden, self.dtype = int(model.config.hidden_size), next(model.parameters()).dtype
+        self.max_batch, self.max_length = max_batch, max_length  # the largest split message it takes
         self.full = PromptedModel(model, prompts, self.tail)  # head -> body -> tail in one stack
         self.val_batches = fixed_batches(val_rows, eval_batch_size, pad_id)
         self.best_val_loss = float("inf")
@@ -386,8 +395,13 @@ class SFPromptServer:
                     + (f"shape {tuple(acts.shape)}" if isinstance(acts, torch.Tensor) else "none")
                 )
             B, S, _ = acts.shape
+            if B > self.max_batch or S > self.max_length:  # a body pass costs the server B*S tokens
+                raise FedSPError(
+                    f"activations of {B} rows of {S} positions: the run allows at most {self.max_batch} "
+                    f"rows (--batch-size) of {self.max_length} positions (prompts + --max-length)"
+                )
             _check_tensor(tensors, "activations", (B, S, self.hidden), self.dtype)
-            _check_tensor(tensors, "attention_mask", (B, S), tensors["attention_mask"].dtype)
+            _check_tensor(tensors, "attention_mask", (B, S), None)
             _check_tensor(tensors, "position_ids", (B, S), torch.long)
             _check_tensor(tensors, "wanted", (B, S), torch.bool)
             if not bool(tensors["wanted"].any()):
@@ -498,6 +512,8 @@ def sfprompt_course(config: RunConfig, loaded: LoadedModel, data: RunData) -> Co
         data.val_rows,
         loaded.tokenizer.pad_token_id,
         config.eval_batch_size,
+        config.batch_size,
+        config.prefix_len + config.max_length,
     )
     pad = loaded.tokenizer.pad_token_id
     head, flops = Head(model, c), FlopModel.of(model)  # one head for every client: frozen and shared

@@ -114,14 +114,17 @@ class ClientStore:
             (self.root / f"state-{rnd}.pt").unlink(missing_ok=True)
         self.end_turns()
 
-    TURN = "turn.pt"  # a split round in progress: the client between two of its messages
+    # a split round in progress: the client between two of its messages, one file per round (a late
+    # writer of an abandoned round never touches the next one's)
+    def _turn(self, rnd: int) -> Path:
+        return self.root / f"turn-{rnd}.pt"
 
     def save_turn(self, rnd: int, state: dict[str, Any]) -> None:
-        atomic_save({"round": rnd, **state}, self.root / self.TURN)
+        atomic_save({"round": rnd, **state}, self._turn(rnd))
 
     def load_turn(self, rnd: int) -> dict[str, Any] | None:
-        """The round in progress, if it is round ``rnd`` (None: none, another round's, or unreadable)."""
-        path = self.root / self.TURN
+        """Round ``rnd`` in progress (None: none, or unreadable)."""
+        path = self._turn(rnd)
         if not path.is_file():
             return None
         try:
@@ -131,8 +134,13 @@ class ClientStore:
             return None
         return state if state.get("round") == rnd else None
 
-    def end_turns(self) -> None:
-        (self.root / self.TURN).unlink(missing_ok=True)
+    def end_turns(self, rnd: int | None = None) -> None:
+        """Forget round ``rnd`` in progress (None: every round's)."""
+        if rnd is not None:
+            self._turn(rnd).unlink(missing_ok=True)
+        elif self.root.is_dir():
+            for path in self.root.glob("turn-*.pt"):
+                path.unlink(missing_ok=True)
 
     def rounds(self) -> list[int]:
         if not self.root.is_dir():

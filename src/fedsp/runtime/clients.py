@@ -114,7 +114,7 @@ def _conclude(
         return Reply(order.partition, STEP, wire.encode(outcome.tensors), step=outcome.step)
     sends = outcome.state if attack is None else attacked(attack, sent, outcome.state)
     store.save(order.rnd, client.state_dict())
-    store.end_turns()
+    store.end_turns(order.rnd)
     metrics = {name: float(value) for name, value in outcome.metrics.items()}
     reply = Reply(order.partition, OK, wire.encode(sends), outcome.num_examples, metrics)
     return faults.after_fit(order, prefix if prefix is not None else wire.encode(sent), reply)

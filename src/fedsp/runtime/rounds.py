@@ -65,6 +65,7 @@ class RoundDriver:
         self.trained = set(session.runtime_state.get("trained", []))  # partitions holding a trained state
         self.ignored_replies = 0  # replies not asked for, or second replies, in the current round
         self.bytes_shipped = 0  # bytes of the client model sent in the current round (first time, or again)
+        self.split_bytes = 0  # bytes of the current round's split messages, both ways, every client
         self.summed: Summed | None = None  # the current round's sum, under secure aggregation
         if "shipped" not in session.runtime_state and session.first_round > 1:
             # a checkpoint of an older version (in-process, every client built at the start): every
@@ -94,7 +95,7 @@ class RoundDriver:
     def play(self, rnd: int) -> dict[str, Any]:
         """One round, steps 1-5; the record appended to metrics.jsonl."""
         t0 = time.perf_counter()
-        self.ignored_replies = self.bytes_shipped = 0
+        self.ignored_replies = self.bytes_shipped = self.split_bytes = 0
         session, config = self.session, self.session.config
         assert session.course is not None
         # 1-2) who takes part, and what they all receive
@@ -133,6 +134,8 @@ class RoundDriver:
         extra.update(
             capped_weights=capped, ignored_replies=self.ignored_replies, bytes_shipped=self.bytes_shipped
         )
+        if self.split_bytes:  # every split message of the round, dropped clients' included
+            extra["split_bytes"] = self.split_bytes
         if config.attack is not None:  # an attacked run never passes for a clean one
             extra.update(
                 attack=config.attack, attackers_sampled=[k for k in sampled if k in config.attackers]
@@ -221,6 +224,7 @@ class RoundDriver:
             pending = retry
             if not pending:
                 break
+        self.split_bytes = int(sum(sum(counts.values()) for counts in split_bytes.values()))
         return sorted(updates.items()), dict(sorted(failed.items())), bytes_up
 
     def collect(self, rnd: int, asked: Collection[int], answers: Sequence[Reply]) -> dict[int, Reply]:
@@ -240,13 +244,28 @@ class RoundDriver:
     ) -> dict[int, Reply]:
         """Split learning: answer every ``step`` reply with the server's part and send it back, until each
         client has sent its update or failed. Returns the final replies; counts the bytes of every split
-        message, by name, in ``split_bytes``. A message that does not fit drops its client from the round
-        (its partial work with it); the others go on."""
+        message, by name, in ``split_bytes``. A message that does not fit, or that the server cannot
+        answer, drops its client from the round (its partial work with it); the others go on.
+
+        An engine that reaches clients one at a time (``concurrent = False``: in-process) has each
+        client's conversation finished before the next starts, so the server holds one client's step at
+        a time; on Flower every client's step goes out at once."""
         talking = {k: r for k, r in replies.items() if r.status == STEP}
         if not talking:
             return replies
-        server = self.session.course.server if self.session.course is not None else None
         replies = dict(replies)
+        together = getattr(self.engine, "concurrent", True)
+        groups = [talking] if together else [{k: r} for k, r in talking.items()]
+        for group in groups:
+            replies.update(self._talk(rnd, group, split_bytes))
+        return replies
+
+    def _talk(
+        self, rnd: int, talking: dict[int, Reply], split_bytes: dict[int, dict[str, float]]
+    ) -> dict[int, Reply]:
+        """``converse`` for one group of clients, in lockstep: their final replies."""
+        server = self.session.course.server if self.session.course is not None else None
+        final: dict[int, Reply] = {}
         sent: dict[int, int] = {}  # partition -> split messages received so far this round
         while talking:
             turns: list[Turn] = []
@@ -259,8 +278,9 @@ class RoundDriver:
                     if not isinstance(server, SplitServer):
                         raise FedSPError("this method's server takes no split messages")
                     answer = server.respond(k, Request(reply.step, wire.decode(reply.payload)))
-                except FedSPError as err:
-                    replies[k] = self.drop(rnd, k, f"{where}: {err}")
+                except Exception as err:  # whatever one client's message does, never the server's failure
+                    what = str(err) if isinstance(err, FedSPError) else f"{type(err).__name__}: {err}"
+                    final[k] = self.drop(rnd, k, one_line(f"{where}: {what}"))
                     continue
                 payload = wire.encode(answer.tensors)
                 counts[f"bytes_{answer.step}"] = counts.get(f"bytes_{answer.step}", 0.0) + len(payload)
@@ -272,18 +292,18 @@ class RoundDriver:
             for turn in turns:
                 k, got = turn.partition, answered.get(turn.partition)
                 if got is None:
-                    replies[k] = self.drop(
+                    final[k] = self.drop(
                         rnd, k, f"no reply to split message {turn.step} within --client-timeout"
                     )
                 elif got.status == STEP:
                     talking[k] = got
                 elif got.status == FAILED:
-                    replies[k] = self.drop(rnd, k, f"after split message {turn.step}: {got.reason}")
+                    final[k] = self.drop(rnd, k, f"after split message {turn.step}: {got.reason}")
                 else:
-                    replies[k] = got
+                    final[k] = got
                     if isinstance(server, SplitServer):
                         server.forget(k)
-        return replies
+        return final
 
     def drop(self, rnd: int, partition: int, reason: str) -> Reply:
         """A client left out of the rest of a split round: the server forgets its step in progress."""
@@ -313,6 +333,8 @@ class InProcessEngine:
     The client model is the course's (one copy in memory, the server's): a
     client it is "shipped" to starts afresh.
     """
+
+    concurrent = False  # one client at a time: a split round's conversations one after the other
 
     def __init__(self, session: Session) -> None:
         assert session.course is not None

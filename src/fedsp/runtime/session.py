@@ -406,8 +406,10 @@ class Session:
             if split:  # split learning (SFPrompt): activations and gradients crossed the wire too
                 out["comm"]["split_bytes_down_per_round"] = split["split_bytes_down_per_round"]
                 out["comm"]["split_bytes_up_per_round"] = split["split_bytes_up_per_round"]
-                out["comm"]["split_bytes_total"] = split["split_bytes_total"]
-                out["comm"]["total_bytes"] += split["split_bytes_total"]
+                # every split message the round driver counted, those of clients dropped mid-round too
+                split_total = sum(h.get("split_bytes", 0) for h in rounds)
+                out["comm"]["split_bytes_total"] = split_total
+                out["comm"]["total_bytes"] += split_total
             out["prefix"] = {
                 "params": last["params_down"],
                 "fraction_of_global": last["params_down"] / global_params,

@@ -8,7 +8,8 @@
   3. register every SuperNode's public key (``flwr supernode register``);
   4. check with a TLS handshake that the SuperLink answers with a certificate the CA vouches for,
      start K ``flower-supernode`` s (partition ``k`` of K, own state folder, own private key, own
-     data folder if given) and wait until each one says it connected;
+     data folder if given, a warm worker, cores / K torch threads) and wait until each one says it
+     connected;
   5. ``flwr run`` the app with the fedsp run keys, and wait for the results folder;
   6. stop every process it started, helpers included (:class:`~.processes.Processes`).
 Every failure it can name is one :class:`~fedsp.errors.FedSPError` line: a TLS file missing or not
@@ -271,6 +272,9 @@ class Loopback:
         """Start every SuperNode and wait until each is connected (``superlink``: another address to try)."""
         target = superlink or self.address
         probe_superlink(target, self.certs.ca)  # unreachable, or a certificate the SuperNodes would refuse
+        # the nodes share this machine's cores (as the simulation's Ray actors do, one core each): torch's
+        # default of one thread per core in every node would oversubscribe them several times over
+        threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // self.nodes))}
         procs = {}
         for k in range(self.nodes):
             state = self.work / "nodes" / f"node-{k}"
@@ -296,6 +300,7 @@ class Loopback:
                     "--node-config",
                     node_config,
                 ],
+                env=threads,
             )
         bound = self._bound(self.connect_s)
         until = time.monotonic() + bound  # one bound for all of them: they connect in parallel

@@ -89,15 +89,18 @@ class Processes:
     def log(self, name: str) -> Path:
         return self.logs / f"{name}.log"
 
-    def start(self, name: str, argv: list[str], cwd: Path | None = None) -> subprocess.Popen[bytes]:
-        """Start ``argv`` in a session of its own, stdout and stderr to ``<logs>/<name>.log``."""
+    def start(
+        self, name: str, argv: list[str], cwd: Path | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start ``argv`` in a session of its own, stdout and stderr to ``<logs>/<name>.log`` (``env``:
+        variables to add to the deployment's)."""
         with self.log(name).open("ab") as log:
             proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=self.env,
+                env={**self.env, **(env or {})},
                 cwd=cwd,
                 start_new_session=True,
                 preexec_fn=_die_with_parent,

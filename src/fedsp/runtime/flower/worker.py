@@ -20,17 +20,21 @@ between messages, as without it.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import os
+import pickle
 import secrets
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Mapping
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,7 +66,8 @@ def home() -> Path:
     """The folder of this user's workers' sockets and keys (mode 0700)."""
     folder = Path(tempfile.gettempdir()) / f"fedsp-workers-{os.getuid()}"
     folder.mkdir(mode=0o700, exist_ok=True)
-    if folder.stat().st_uid != os.getuid() or folder.stat().st_mode & 0o077:
+    info = folder.lstat()  # not a link to someone else's folder
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
         raise PermissionError(f"{folder} is not this user's private folder")
     return folder
 
@@ -70,7 +75,11 @@ def home() -> Path:
 def address(node_config: Mapping[str, Any]) -> Path:
     """The socket of this node's worker: one per state folder and partition (short: sockets have a
     length limit)."""
-    key = f"{os.path.abspath(str(node_config.get('state-dir', '')))}|{node_config.get('partition-id')}"
+    from fedsp import __version__
+
+    # a new fedsp (version or files) gets a new worker; the old one idles out
+    code = (Path(__file__).stat().st_mtime_ns, __version__)
+    key = f"{os.path.abspath(str(node_config.get('state-dir', '')))}|{node_config.get('partition-id')}|{code}"
     return home() / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.sock"
 
 
@@ -85,7 +94,7 @@ def ask(job: Job) -> Done | None:
         with _connect(path, idle) as conn:
             conn.send(job)
             kind, value = conn.recv()  # ('done', Done) or ('error', the exception the job raised)
-    except (OSError, EOFError, ValueError) as err:  # no worker, or it died: the handler does the job
+    except (OSError, EOFError, ValueError, TypeError, AuthenticationError) as err:  # none, or it died
         log.warning("fedsp: the node's warm worker could not do this job (%s); doing it here", err)
         return None
     if kind == "error":  # the job itself failed in the worker: fail here as the handler would have
@@ -100,7 +109,7 @@ def stop(node_config: Mapping[str, Any]) -> int | None:
         with Client(str(path), "AF_UNIX", authkey=_key_file(path).read_bytes()) as conn:
             conn.send(STOP)
             return int(conn.recv()[1])
-    except (OSError, EOFError):
+    except (OSError, EOFError, AuthenticationError):
         return None
 
 
@@ -112,7 +121,7 @@ def _connect(path: Path, idle: float) -> Connection:
     """A connection to the worker at ``path``, starting it (once, under a lock) if none answers."""
     try:
         return Client(str(path), "AF_UNIX", authkey=_key_file(path).read_bytes())
-    except (OSError, EOFError):
+    except (OSError, EOFError, AuthenticationError):
         pass
     import fcntl
 
@@ -120,7 +129,7 @@ def _connect(path: Path, idle: float) -> Connection:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one starter per node; the others wait and connect
         try:
             return Client(str(path), "AF_UNIX", authkey=_key_file(path).read_bytes())
-        except (OSError, EOFError):
+        except (OSError, EOFError, AuthenticationError):
             pass
         path.unlink(missing_ok=True)
         key = secrets.token_bytes(32)
@@ -129,7 +138,7 @@ def _connect(path: Path, idle: float) -> Connection:
             out.write(key)
         parent = os.getppid()  # the SuperNode's process (or its SuperExec): the worker ends with it
         with open(path.with_suffix(".log"), "ab") as logfile:
-            subprocess.Popen(
+            proc = subprocess.Popen(
                 [sys.executable, "-m", __name__, str(path), str(idle), str(parent)],
                 stdin=subprocess.DEVNULL,
                 stdout=logfile,
@@ -140,7 +149,9 @@ def _connect(path: Path, idle: float) -> Connection:
         while True:
             try:
                 return Client(str(path), "AF_UNIX", authkey=key)
-            except (OSError, EOFError):
+            except (OSError, EOFError, AuthenticationError):
+                if proc.poll() is not None:  # it could not start: its log says why
+                    raise OSError(f"the worker exited at start (see {path.with_suffix('.log')})") from None
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
@@ -153,7 +164,7 @@ def serve(path: Path, idle: float, parent: int) -> None:
     last = [time.monotonic()]
 
     def leave(*_: object, told: Connection | None = None) -> None:
-        for name in (path, _key_file(path), path.with_suffix(".lock")):
+        for name in (path, _key_file(path)):  # (the lock file stays: a starter may hold it)
             name.unlink(missing_ok=True)
         logfile = path.with_suffix(".log")
         if logfile.is_file() and not logfile.stat().st_size:
@@ -176,7 +187,7 @@ def serve(path: Path, idle: float, parent: int) -> None:
     while True:
         try:
             conn = listener.accept()
-        except (OSError, EOFError):  # a caller without the key, or one that left
+        except (OSError, EOFError, AuthenticationError):  # a caller without the key, or one that left
             continue
         with conn:
             last[0] = float("inf")  # busy: never idle during a job
@@ -189,8 +200,9 @@ def serve(path: Path, idle: float, parent: int) -> None:
                 except Exception as err:  # the job's own failure goes back to its caller
                     answer = ("error", err)
                 conn.send(answer)
-            except (OSError, EOFError):
-                pass
+            except (OSError, EOFError, AuthenticationError, pickle.PicklingError, TypeError):
+                pass  # the caller left, or the answer does not travel: the caller does the job itself
+            gc.collect()  # clients hold reference cycles (optimisers, modules): freed job by job
             last[0] = time.monotonic()
 
 
