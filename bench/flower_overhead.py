@@ -15,13 +15,14 @@ without warm workers: every message's ClientApp process imports torch and builds
 itself); ``+secagg`` after an engine's name runs it with
 ``--secure-aggregation`` (Flower's SecAgg+). Each engine runs in a fresh subprocess, one after the
 other, so run all of them in one invocation to compare them under the same machine load. One JSON
-line per engine: mean seconds and bytes (down + up, every message) per round (rounds 2.., so
-start-up and the first shipping of the auxiliary model are excluded), wall seconds, and peak
-memory of the whole process tree (the engine's process, Ray's workers, SuperLink, SuperNodes and
-their ClientApp processes), sampled every 0.25 s: summed RSS (shared pages counted once per
-process) and summed PSS (shared pages split between processes). ``prefix_max_abs_diff``: the
-largest difference between this engine's final server prefix and the first engine's (with
-``--server-steps 0`` the prefix is the aggregate, so this is what SecAgg+'s quantisation adds up to).
+line per engine: mean seconds and bytes (down + up, every message, split learning's included) per
+round (rounds 2.., so start-up and the first shipping of the auxiliary model are excluded), wall
+seconds, and peak memory of the whole process tree (the engine's process, Ray's workers, SuperLink,
+SuperNodes and their ClientApp processes), sampled every 0.25 s: summed RSS (shared pages counted
+once per process) and summed PSS (shared pages split between processes). ``prefix_max_abs_diff``:
+the largest difference between this engine's final server prefix and the first engine's (with
+``--server-steps 0`` the prefix is the aggregate, so this is what SecAgg+'s quantisation adds up
+to).
 ``--model``: ``tiny-llama`` (default) or ``smollm2``, the runs of ``scripts/flower_loopback.py``
 (``fedsp.runtime.flower.loopback.RUNS``); ``--method``: any federated method (default fedsp).
 For the loopback engine, ``client_process`` is where a ClientApp process's time went, the mean per
@@ -75,8 +76,9 @@ server = torch.load(out / "checkpoint.pt", weights_only=False)["server"]
 prefix = server.get("prefix") or server["state"]  # a prefix (FedSP and its relatives), or prompts + tail
 torch.save(prefix, out.parent / "prefix.pt")
 per = max(1, len(rounds))
+sent = sum(r["bytes_down"] + r["bytes_up"] + r.get("split_bytes", 0) for r in rounds)
 print("RESULT", json.dumps({"seconds_per_round": sum(r["seconds"] for r in rounds) / per,
-                            "bytes_per_round": sum(r["bytes_down"] + r["bytes_up"] for r in rounds) / per,
+                            "bytes_per_round": sent / per,
                             "wall_seconds": time.perf_counter() - t0}))
 """
 
