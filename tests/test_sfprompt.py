@@ -20,7 +20,7 @@ from fedsp.methods.sfprompt import answer_positions, el2n, prune_hardest, sfprom
 from fedsp.methods.split_traffic import MESSAGE_OF, SPLIT_KEYS
 from fedsp.methods.table import METHOD_SPECS
 from fedsp.models.forward import continuation_logprobs, score_choices
-from fedsp.models.loading import load_global_model
+from fedsp.models.loading import load_global_model, use_attention
 from fedsp.models.split import Head, PromptedModel, ServerBody, Tail, split_layout
 from fedsp.runtime.audit import Audit, private_weights, promised_layers
 
@@ -101,12 +101,17 @@ def test_prompts_of_token_embeddings_equal_the_plain_model_reading_those_tokens(
     assert torch.allclose(prompted[real], plain[real], atol=1e-5)
 
 
-def test_cached_choice_scoring_of_the_prompted_model_equals_full_sequences(tiny, toy_examples):
-    # Prepare: the evaluation code's two paths, on the wrapper with non-trivial prompts
+@pytest.mark.parametrize("kernel", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-gpt2", "tiny-opt"])
+def test_cached_choice_scoring_of_the_prompted_model_equals_full_sequences(family, kernel, toy_examples):
+    # Prepare: the evaluation code's two paths, on the wrapper with non-trivial prompts; under eager
+    # attention the packed choices carry an additive mask (0 = visible), which the prompts must extend
+    loaded = load_global_model(family, seed=0)
+    use_attention(loaded.model, kernel)
     torch.manual_seed(1)
-    prompts = torch.nn.Parameter(torch.randn(3, tiny.model.config.hidden_size) * 0.1)
-    full = PromptedModel(tiny.model, prompts, Tail(tiny.model))
-    tok = tiny.tokenizer
+    prompts = torch.nn.Parameter(torch.randn(3, loaded.model.get_input_embeddings().embedding_dim) * 0.1)
+    full = PromptedModel(loaded.model, prompts, Tail(loaded.model))
+    tok = loaded.tokenizer
     examples = toy_examples(3)
     contexts = [list(tok(ex.context, add_special_tokens=False)["input_ids"]) for ex in examples]
     choices = [

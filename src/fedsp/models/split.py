@@ -121,9 +121,12 @@ def prompt_positions(attention_mask: torch.Tensor, num_prompts: int) -> torch.Te
 
 
 def prompt_mask(attention_mask: torch.Tensor, num_prompts: int) -> torch.Tensor:
-    """(B, K) or (B, 1, T, K) mask -> the same with P leading ones on the key axis: every token sees the
-    prompts."""
-    visible = attention_mask.new_ones(*attention_mask.shape[:-1], num_prompts)
+    """(B, K) or (B, 1, T, K) mask -> the same with P leading "visible" entries on the key axis: every
+    token sees the prompts. Visible is 1 / True in a keep-mask, and 0 in the additive 4D float mask the
+    eager kernel takes (a 1 there would add 1.0 to the prompts' attention scores)."""
+    additive = attention_mask.dim() == 4 and attention_mask.is_floating_point()
+    shape = (*attention_mask.shape[:-1], num_prompts)
+    visible = attention_mask.new_zeros(shape) if additive else attention_mask.new_ones(shape)
     return torch.cat([visible, attention_mask], dim=-1)
 
 
