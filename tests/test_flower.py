@@ -62,6 +62,17 @@ def task_identity(monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
+def _node(node_id: int, partition: int, state_dir) -> Context:
+    """The context a SuperNode gives its ClientApp: its partition and state folder."""
+    return Context(
+        run_id=1,
+        node_id=node_id,
+        node_config={"partition-id": partition, "state-dir": str(state_dir)},
+        state=RecordDict(),
+        run_config={},
+    )
+
+
 class LocalGrid:
     """A Grid whose nodes are the real ClientApp handlers, called here (node id = partition + 100);
     ``tamper(k, reply)`` may change a node's reply on its way back."""
@@ -69,16 +80,7 @@ class LocalGrid:
     HANDLERS = {"query": client_app.query, "train": client_app.train, "train.split": client_app.split}
 
     def __init__(self, num_clients: int, tmp_path, fail=lambda rnd, k: False, tamper=lambda k, reply: reply):
-        self.contexts = {
-            k + 100: Context(
-                run_id=1,
-                node_id=k + 100,
-                node_config={"partition-id": k, "state-dir": str(tmp_path / "state")},
-                state=RecordDict(),
-                run_config={},
-            )
-            for k in range(num_clients)
-        }
+        self.contexts = {k + 100: _node(k + 100, k, tmp_path / "state") for k in range(num_clients)}
         self.fail, self.tamper = fail, tamper
         self.sent: list[str] = []  # message types, in order
 
@@ -144,13 +146,7 @@ def test_client_handler_keeps_state_on_disk_and_reports_a_lost_state(reference, 
     session = Session.start(replace(TINY, out=str(tmp_path / "run")))
     orders = server_app.OrderMaker(session)
     prefix = payload.to_record(wire.encode(session.course.server.broadcast()))
-    context = Context(
-        run_id=1,
-        node_id=5,
-        node_config={"partition-id": 1, "state-dir": str(tmp_path / "s")},
-        state=RecordDict(),
-        run_config={},
-    )
+    context = _node(5, 1, tmp_path / "s")
 
     def order(rnd, expects, aux=False):
         content = RecordDict(
@@ -429,13 +425,7 @@ def test_sfprompt_handlers_with_hand_built_messages_return_what_the_in_process_c
     session = Session.start(replace(SPLIT, out=str(tmp_path / "run"), audit=False))
     course, orders = session.course, server_app.OrderMaker(session)
     broadcast = wire.encode(course.server.broadcast())
-    context = Context(
-        run_id=1,
-        node_id=5,
-        node_config={"partition-id": 1, "state-dir": str(tmp_path / "s")},
-        state=RecordDict(),
-        run_config={},
-    )
+    context = _node(5, 1, tmp_path / "s")
     content = RecordDict(
         {payload.PREFIX: payload.to_record(broadcast), payload.META: orders.order(1, 1, False).to_record()}
     )

@@ -70,7 +70,7 @@ def client_round(
         torch.manual_seed(participation.client_rng_seed(seed, order.rnd, order.partition))
         sent = wire.decode(prefix)
         outcome = client.fit({name: t.clone() for name, t in sent.items()})
-    return _conclude(order, store, client, sent, outcome, attack, prefix)
+    return _conclude(order, store, client, sent, outcome, attack)
 
 
 def client_turn(
@@ -95,7 +95,7 @@ def client_turn(
         turns = int(saved["turns"]) + 1
         torch.manual_seed(participation.client_rng_seed(seed, turn.rnd, turn.partition) + turns)
         outcome = client.answer(Request(turn.step, wire.decode(turn.payload)))
-    return _conclude(order, store, client, saved["sent"], outcome, attack, None, turns)
+    return _conclude(order, store, client, saved["sent"], outcome, attack, turns)
 
 
 def _conclude(
@@ -105,7 +105,6 @@ def _conclude(
     sent: dict[str, torch.Tensor],
     outcome: ClientUpdate | Request,
     attack: Attack | None,
-    prefix: bytes | None,
     turns: int = 0,
 ) -> Reply:
     """The reply to the server: the next split message (the round in progress kept), or the update."""
@@ -117,4 +116,4 @@ def _conclude(
     store.end_turns(order.rnd)
     metrics = {name: float(value) for name, value in outcome.metrics.items()}
     reply = Reply(order.partition, OK, wire.encode(sends), outcome.num_examples, metrics)
-    return faults.after_fit(order, prefix if prefix is not None else wire.encode(sent), reply)
+    return faults.after_fit(order, sent, reply)

@@ -86,8 +86,8 @@ def before_turn(order: Order, turns: int) -> None:
         )
 
 
-def after_fit(order: Order, prefix: bytes, reply: Reply) -> Reply:
-    """The reply as the planned faults make it."""
+def after_fit(order: Order, sent: dict[str, torch.Tensor], reply: Reply) -> Reply:
+    """The reply as the planned faults make it (``sent``: the round's broadcast, as the client got it)."""
     if reply.status != OK:
         return reply
     if wants(order, "malformed"):
@@ -97,7 +97,7 @@ def after_fit(order: Order, prefix: bytes, reply: Reply) -> Reply:
         reply = replace(reply, num_examples=int(claim.value))
     moves = [f for f in planned() if f.applies(order) and f.kind in ("scale", "sign-flip", "nan")]
     if moves and not wants(order, "malformed"):
-        sent, state = wire.decode(prefix), wire.decode(reply.payload)
+        state = wire.decode(reply.payload)
         for fault in moves:
             factor = {"scale": fault.value, "sign-flip": -1.0}.get(fault.kind)
             for name, tensor in state.items():

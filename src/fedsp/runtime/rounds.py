@@ -32,6 +32,7 @@ import math
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 from functools import partial
 from pathlib import Path
@@ -177,7 +178,7 @@ class RoundDriver:
         failed: dict[int, str] = {}
         bytes_up: dict[int, int] = {}
         pending = {k: k not in self.shipped for k in sampled}  # partition -> the client model goes along
-        split_bytes: dict[int, dict[str, float]] = {}  # partition -> bytes of each split message it sent/got
+        split_bytes: dict[int, Counter[str]] = {}  # partition -> bytes of each split message it sent/got
         for attempt in range(2):
             shipping = sorted(k for k, ship in pending.items() if ship)
             if shipping:
@@ -240,7 +241,7 @@ class RoundDriver:
         return replies
 
     def converse(
-        self, rnd: int, replies: dict[int, Reply], split_bytes: dict[int, dict[str, float]]
+        self, rnd: int, replies: dict[int, Reply], split_bytes: dict[int, Counter[str]]
     ) -> dict[int, Reply]:
         """Split learning: answer every ``step`` reply with the server's part and send it back, until each
         client has sent its update or failed. Returns the final replies; counts the bytes of every split
@@ -261,21 +262,21 @@ class RoundDriver:
         return replies
 
     def _talk(
-        self, rnd: int, talking: dict[int, Reply], split_bytes: dict[int, dict[str, float]]
+        self, rnd: int, talking: dict[int, Reply], split_bytes: dict[int, Counter[str]]
     ) -> dict[int, Reply]:
         """``converse`` for one group of clients, in lockstep: their final replies."""
-        server = self.session.course.server if self.session.course is not None else None
+        server = self._split_server()
         final: dict[int, Reply] = {}
         sent: dict[int, int] = {}  # partition -> split messages received so far this round
         while talking:
             turns: list[Turn] = []
             for k, reply in talking.items():
                 sent[k] = sent.get(k, 0) + 1
-                counts = split_bytes.setdefault(k, {})
-                counts[f"bytes_{reply.step}"] = counts.get(f"bytes_{reply.step}", 0.0) + len(reply.payload)
+                counts = split_bytes.setdefault(k, Counter())
+                counts[f"bytes_{reply.step}"] += len(reply.payload)
                 where = f"split message {sent[k]} ({reply.step or 'unnamed'})"
                 try:
-                    if not isinstance(server, SplitServer):
+                    if server is None:
                         raise FedSPError("this method's server takes no split messages")
                     answer = server.respond(k, Request(reply.step, wire.decode(reply.payload)))
                 except Exception as err:  # whatever one client's message does, never the server's failure
@@ -283,7 +284,7 @@ class RoundDriver:
                     final[k] = self.drop(rnd, k, one_line(f"{where}: {what}"))
                     continue
                 payload = wire.encode(answer.tensors)
-                counts[f"bytes_{answer.step}"] = counts.get(f"bytes_{answer.step}", 0.0) + len(payload)
+                counts[f"bytes_{answer.step}"] += len(payload)
                 turns.append(Turn(rnd, k, answer.step, payload))
             answered = self.collect(
                 rnd, [t.partition for t in turns], self.engine.converse(turns) if turns else []
@@ -301,14 +302,19 @@ class RoundDriver:
                     final[k] = self.drop(rnd, k, f"after split message {turn.step}: {got.reason}")
                 else:
                     final[k] = got
-                    if isinstance(server, SplitServer):
+                    if server is not None:
                         server.forget(k)
         return final
 
+    def _split_server(self) -> SplitServer | None:
+        """The course's server when it takes part in its clients' rounds (split learning), else None."""
+        server = self.session.course.server if self.session.course is not None else None
+        return server if isinstance(server, SplitServer) else None
+
     def drop(self, rnd: int, partition: int, reason: str) -> Reply:
         """A client left out of the rest of a split round: the server forgets its step in progress."""
-        server = self.session.course.server if self.session.course is not None else None
-        if isinstance(server, SplitServer):
+        server = self._split_server()
+        if server is not None:
             server.forget(partition)
         return Reply.failed(partition, reason)
 
@@ -374,14 +380,14 @@ class InProcessEngine:
 
     def _one(self, order: Order | Turn, call: Callable[[Any], Reply]) -> Reply:
         if self.config.client_timeout is None:
-            return call(order)
+            return _guarded(call, order)
         # With --client-timeout the client runs in a thread the round stops waiting for: a client that
         # hangs is left out, as on Flower (its thread finishes on its own; what it writes is its state).
         outcome: dict[str, Any] = {}
 
         def work() -> None:
             try:
-                outcome["reply"] = call(order)
+                outcome["reply"] = _guarded(call, order)
             except BaseException as err:  # e.g. KeyboardInterrupt: raised again in the round's thread
                 outcome["error"] = err
 
@@ -396,30 +402,23 @@ class InProcessEngine:
 
     def _call(self, order: Order, prefix: bytes) -> Reply:
         k = order.partition
-        try:
-            return client_round(
-                order,
-                prefix,
-                self.store(k),
-                partial(self.course.make_client, k),
-                self.config.seed,
-                attack=attack_for(self.config, k),
-            )
-        except Exception as err:  # one client's failure never stops the round
-            return Reply.failed(k, one_line(f"{type(err).__name__}: {err}"))
+        build = partial(self.course.make_client, k)
+        return client_round(
+            order, prefix, self.store(k), build, self.config.seed, attack=attack_for(self.config, k)
+        )
 
     def _turn(self, turn: Turn) -> Reply:
         k = turn.partition
-        try:
-            return client_turn(
-                turn,
-                self.store(k),
-                partial(self.course.make_client, k),
-                self.config.seed,
-                attack=attack_for(self.config, k),
-            )
-        except Exception as err:
-            return Reply.failed(k, one_line(f"{type(err).__name__}: {err}"))
+        build = partial(self.course.make_client, k)
+        return client_turn(turn, self.store(k), build, self.config.seed, attack=attack_for(self.config, k))
+
+
+def _guarded(call: Callable[[Any], Reply], order: Order | Turn) -> Reply:
+    """``call(order)``; one client's failure is its reply, never the round's."""
+    try:
+        return call(order)
+    except Exception as err:
+        return Reply.failed(order.partition, one_line(f"{type(err).__name__}: {err}"))
 
 
 def one_line(text: str) -> str:

@@ -95,9 +95,7 @@ class Profile:
     """
 
     def __init__(self, kind: str) -> None:
-        self.kind, self.start = kind, time.perf_counter()
-        self.last, self.build_s, self.via = self.start, 0.0, "here"
-        self.times: dict[str, float] = {}
+        self.kind, self.start, self.build_s, self.via = kind, time.perf_counter(), 0.0, "here"
         self.path = os.environ.get(PROFILE_ENV)
         self.age = 0.0
         if self.path:
@@ -105,18 +103,12 @@ class Profile:
 
             self.age = time.time() - psutil.Process().create_time()
 
-    def mark(self, name: str) -> None:
-        now = time.perf_counter()
-        self.times[f"{name}_s"], self.last = now - self.last, now
-
     def write(self) -> None:
         if not self.path:
             return
-        self.mark("work")
-        self.times["work_s"] -= self.build_s
+        handler_s = time.perf_counter() - self.start
         record = {"kind": self.kind, "via": self.via, "pid": os.getpid(), "before_handler_s": self.age}
-        record.update(self.times)
-        record.update(build_s=self.build_s, handler_s=time.perf_counter() - self.start)
+        record.update(work_s=handler_s - self.build_s, build_s=self.build_s, handler_s=handler_s)
         with open(self.path, "a") as out:
             out.write(json.dumps(record) + "\n")
 
