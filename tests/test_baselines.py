@@ -58,6 +58,7 @@ def test_method_table_matches_the_configuration_choices():
         "fedprompt",
         "fedprompt-single",
         "prefix-tuning",
+        "local-only",
         "finetune",
         "zero-shot",
         "sfprompt",
@@ -169,6 +170,50 @@ def test_fedprompt_clients_hold_the_whole_global_model_and_leave_it_unchanged():
     assert torch.isfinite(update.state["table"]).all()
 
 
+@pytest.mark.parametrize(
+    "method,server_steps,tuned",
+    [
+        ("fedprompt", None, False),
+        ("fedprompt-single", None, False),
+        ("fedsp", None, True),
+        ("fedprompt", 1, True),
+    ],
+)
+def test_the_fedprompt_baselines_server_only_averages_unless_told(method, server_steps, tuned):
+    # The paper's FedPrompt is FedAvg of the clients' prefixes alone; --server-steps brings FedSP's step back
+    loaded, course = _course(method, server_steps=server_steps)
+    assert course.server.config.steps == (TINY["local_steps"] if tuned else 0)
+    clients = [course.make_client(k) for k in range(course.num_clients)]
+    updates = [c.fit(course.server.broadcast()) for c in clients]
+    state = weighted_average([(u.state, u.num_examples) for u in updates])
+    course.server.aggregate(state, updates)
+    course.server.tune()
+    after = course.server.broadcast()
+    assert torch.equal(after["table"], state["table"]) != tuned
+
+
+@pytest.mark.parametrize("method", ["fedsp", "fedprompt"])
+def test_models_train_in_training_mode_and_are_left_in_eval_mode(method, monkeypatch):
+    # Like the reference's training loop, a model's own dropout is on while a prefix or model trains
+    import fedsp.methods.fedsp as fedsp_module
+
+    loaded, course = _course(method, server_steps=1)
+    seen = []
+    real = fedsp_module.answer_loss
+
+    def recording(model, batch, prefix):
+        seen.append(model.training)
+        return real(model, batch, prefix)
+
+    monkeypatch.setattr(fedsp_module, "answer_loss", recording)
+    client = course.make_client(0)
+    update = client.fit(course.server.broadcast())
+    course.server.aggregate(update.state, [update])
+    course.server.tune()
+    assert seen and all(seen)
+    assert not loaded.model.training and not client.aux_model.training
+
+
 @pytest.mark.parametrize("method,changes", [("finetune", True), ("prefix-tuning", False), ("fedsp", False)])
 def test_only_finetune_changes_global_weights(method, changes, tmp_path, monkeypatch):
     monkeypatch.setenv("FEDSP_CACHE_DIR", str(tmp_path))
@@ -190,6 +235,38 @@ def test_centralised_prefix_tuning_trains_on_all_shards_with_the_federation_budg
     assert course.num_clients == 0
     assert len(course.server.stream.rows) == len(data.server_rows) + sum(map(len, data.client_rows))
     assert course.server.config.steps == (config.clients + 1) * config.local_steps
+
+
+def test_local_only_owners_tune_their_own_prefix_on_their_own_shard_alone(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDSP_CACHE_DIR", str(tmp_path))
+    loaded, course = _course("local-only", clients=3)
+    owners = course.server.owners
+    assert course.num_clients == 0 and course.client_model is None and len(owners) == 3
+    data = prepare_data(RunConfig(method="local-only", **{**TINY, "clients": 3}), loaded.tokenizer)
+    for k, owner in enumerate(owners):  # each on its own shard, T steps a round, its own batch order
+        assert owner.stream.rows == data.client_rows[k] and owner.config.steps == TINY["local_steps"]
+    before = [o.prefix.wire_state()["table"] for o in owners]
+    course.server.tune()
+    after = [o.prefix.wire_state()["table"] for o in owners]
+    assert all(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert not torch.equal(after[0], after[1]) and not torch.equal(after[1], after[2])
+    assert [prefix for _, prefix in course.server.evaluation_targets()] == [o.prefix for o in owners]
+
+
+def test_local_only_results_give_every_owner_and_their_mean(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDSP_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "local"
+    config = RunConfig(method="local-only", out=str(out), **{**TINY, "clients": 3})
+    from fedsp.runtime.inprocess import run
+
+    run(config)
+    res = json.loads((out / "results.json").read_text())
+    owners = res["local_only"]["per_owner"]
+    assert res["local_only"]["owners"] == 3 and len(owners) == 3
+    accs = [o["acc"] for o in owners]
+    assert res["final"]["acc"] == pytest.approx(sum(accs) / 3) and res["final"]["n"] == 8
+    assert res["local_only"]["spread"]["acc"]["min"] == min(accs)
+    assert res["export"]["prefix"] is None and "own prefix" in res["export"]["why"]
 
 
 @pytest.mark.parametrize("method", [m for m in METHOD_SPECS if m != "fedsp"])

@@ -47,6 +47,7 @@ def test_task_names():
         "piqa",
         "hellaswag",
         "sciq",
+        "medmcqa",
         "race",
         "squad",
         "custom",
@@ -71,6 +72,9 @@ def test_task_names():
         ("sciq", "train", 700),
         ("sciq", "validation", 100),
         ("sciq", "test", 200),
+        ("medmcqa", "train", 2929),
+        ("medmcqa", "validation", 418),
+        ("medmcqa", "test", 836),
     ],
 )
 def test_bundled_counts_and_invariants(task, split, count):
@@ -94,6 +98,7 @@ def test_bundled_counts_and_invariants(task, split, count):
         ("piqa", ("train", "validation"), "validation"),
         ("hellaswag", ("train", "validation"), "validation"),
         ("sciq", ("train", "validation", "test"), "test"),
+        ("medmcqa", ("train", "validation", "test"), "test"),
     ],
 )
 def test_bundled_splits(task, splits, evaluate):

@@ -54,6 +54,31 @@ def test_prefix_round_trip_over_the_wire_is_exact(tiny, projection):
     assert wire.num_params(wire.decode(payload)) == sum(p.numel() for p in sender.parameters())
 
 
+def test_prefix_dropout_draws_a_mask_per_example_in_training_only(tiny):
+    # Prepare: a prefix of ones, so a dropped entry is 0 and a kept one 1 / (1 - p)
+    prefix = prefix_for(tiny.model, 6, dropout=0.5)
+    with torch.no_grad():
+        prefix.table.fill_(1.0)
+    torch.manual_seed(0)
+    # Execute
+    key, _ = prefix.train().key_values(batch_size=4)[0]
+    eval_key, _ = prefix.eval().key_values(batch_size=4)[0]
+    # Assert: each example has its own mask (as the reference draws one per example); eval keeps all
+    masks = (key == 0).reshape(4, -1)
+    assert masks.any() and not all(torch.equal(masks[0], masks[b]) for b in range(1, 4))
+    assert set(key.unique().tolist()) == {0.0, 2.0}
+    assert torch.equal(eval_key, torch.ones_like(eval_key))
+
+
+def test_prefix_refuses_non_finite_values(tiny):
+    prefix = prefix_for(tiny.model, 5)
+    bad = torch.zeros(5, prefix.config.width)
+    bad[2, 3] = float("nan")
+    with pytest.raises(FedSPError, match="prefix tensor 'table' holds NaN or Inf"):
+        prefix.load_wire_state({"table": bad})
+    assert torch.equal(prefix.table, torch.zeros_like(prefix.table))  # nothing written
+
+
 def test_prefix_rejects_wrong_shape(tiny):
     prefix = prefix_for(tiny.model, 5)
     with pytest.raises(FedSPError, match="shape"):
@@ -99,10 +124,16 @@ def test_answer_loss_matches_full_logits_loss(tiny):
 def test_layer_selection():
     assert select_layers(30, 1, "bottom") == [0]
     assert select_layers(30, 2, "top") == [28, 29]
-    assert select_layers(30, 1, "middle") == [15]
+    assert select_layers(24, 1, "middle") == [11]  # the paper's 12th of GPT2-XL's 24 layers
+    assert select_layers(30, 1, "middle") == [14]
     assert select_layers(24, 4, "middle") == [10, 11, 12, 13]
     assert select_layers(30, 2, (3, 9)) == [3, 9]
-    assert depth_plan(6, 2) == [0, 0, 0, 1, 1, 1]
+    # the reference code's order runs the N layers in turn; blocks give each a contiguous run of depths
+    assert depth_plan(6, 2) == depth_plan(6, 2, "cyclic") == [0, 1, 0, 1, 0, 1]
+    assert depth_plan(6, 2, "blocks") == [0, 0, 0, 1, 1, 1]
+    assert depth_plan(5, 1) == depth_plan(5, 1, "blocks") == [0] * 5
+    with pytest.raises(FedSPError, match="aux-layer-order 'spiral' is not one of cyclic, blocks"):
+        depth_plan(6, 2, "spiral")
     with pytest.raises(FedSPError, match="between 1 and the model's 30 layers"):
         select_layers(30, 31, "bottom")
     with pytest.raises(FedSPError, match="outside 0..29"):
@@ -124,6 +155,18 @@ def test_auxiliary_model_shares_one_layer_across_depth(tiny):
     first, second = _layers(aux)[0], _layers(aux)[1]
     assert first is not second
     assert all(a is b for a, b in zip(first.parameters(), second.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("order", ["cyclic", "blocks"])
+def test_two_auxiliary_layers_run_at_the_depths_of_their_order(tiny, order):
+    # Execute: two selected layers shared across the tiny model's depth
+    aux = build_auxiliary_model(tiny.model, [0, 1], order=order)
+    # Assert: each depth holds the weights of the layer its plan names, and nothing else is stored twice
+    sources = [next(_layers(aux)[d].parameters()) for d in range(tiny.model.config.num_hidden_layers)]
+    runs = [0 if s is sources[0] else 1 for s in sources]
+    assert runs == depth_plan(len(runs), 2, order)
+    assert torch.equal(sources[0], next(_layers(tiny.model)[0].parameters()))
+    assert torch.equal(sources[runs.index(1)], next(_layers(tiny.model)[1].parameters()))
 
 
 def test_each_repetition_reads_its_own_prefix_slice(tiny):

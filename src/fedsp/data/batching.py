@@ -7,11 +7,17 @@ reference code trained on answers without the space and evaluated with it.)
 A generative example trains on ``prompt + completion`` the same way; a
 conversation with several assistant turns is tokenised whole and its scored
 pieces marked token by token (:func:`encode_segments`).
+
+Special tokens follow lm-eval-harness, which keeps the tokenizer's default: a
+tokenizer that starts every text with a beginning-of-sequence token (Llama,
+OPT) gets it before the context, never before the continuation; one that adds
+none (SmolLM2, GPT-2) gets none (:func:`text_ids`).
 """
 
 from __future__ import annotations
 
 import random
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -21,6 +27,25 @@ from transformers import PreTrainedTokenizerBase
 from fedsp.data.tasks import Example, MCExample
 
 IGNORE = -100  # label of a token that is not scored (context, padding)
+_LEADING: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, tuple[int, ...]] = weakref.WeakKeyDictionary()
+
+
+def leading_special_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
+    """The special tokens ``tokenizer`` puts before a text by default (its BOS; often none)."""
+    if tokenizer not in _LEADING:
+        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+        full = tokenizer("a")["input_ids"]
+        start = next((k for k in range(len(full)) if full[k : k + len(plain)] == plain), 0)
+        _LEADING[tokenizer] = tuple(full[:start])
+    return _LEADING[tokenizer]
+
+
+def text_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """The ids of a text that starts a sequence: the tokenizer's leading special tokens, then the text's
+    (not twice: a text that already starts with them, such as a rendered chat template, keeps its own)."""
+    leading = leading_special_ids(tokenizer)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return list(ids) if tuple(ids[: len(leading)]) == leading else [*leading, *ids]
 
 
 @dataclass(frozen=True)
@@ -41,8 +66,8 @@ def encode_pair(
     spaces = len(context) - len(context.rstrip(" "))
     if spaces:  # a trailing space belongs to the continuation
         context, continuation = context[:-spaces], context[-spaces:] + continuation
-    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
-    head = tokenizer(context, add_special_tokens=False)["input_ids"]
+    whole = text_ids(tokenizer, context + continuation)
+    head = text_ids(tokenizer, context)
     answer = whole[len(head) :]
     if not answer:  # the tokenizer merged across the boundary: score the continuation alone
         answer = tokenizer(continuation, add_special_tokens=False)["input_ids"]
@@ -81,6 +106,9 @@ def encode_segments(
             piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
             ids += piece_ids
             marks += [scored] * len(piece_ids)
+    leading = leading_special_ids(tokenizer)
+    if tuple(ids[: len(leading)]) != leading:
+        ids, marks = [*leading, *ids], [False] * len(leading) + marks
     dropped = max(0, len(ids) - max_length)
     kept = marks[dropped:]
     answer_cut = sum(marks[:dropped])
@@ -180,12 +208,18 @@ def demonstration_tokens(
     """
     separator = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
     filler = tokenizer("\n", add_special_tokens=False)["input_ids"] or separator
+    leading = leading_special_ids(tokenizer)
+
+    def text(row: Encoded) -> list[int]:  # the example without its leading special tokens
+        ids = list(row.ids)
+        return ids[len(leading) :] if leading and tuple(ids[: len(leading)]) == leading else ids
+
     tokens: list[int] = []
     for row in rows:
-        if len(tokens) + len(row.ids) + len(separator) > length:
+        if len(tokens) + len(text(row)) + len(separator) > length:
             break
-        tokens += list(row.ids) + separator
+        tokens += text(row) + separator
     if not tokens:
-        first = list(rows[0].ids)
+        first = text(rows[0])
         return first[-length:] if len(first) >= length else (filler * length + first)[-length:]
     return (filler * length + tokens)[-length:]

@@ -3,18 +3,42 @@
 Shard 0 is the server's (KD, prefix initialisation, server tuning), shards
 1..K the clients'. Every engine and every method starts from the same
 :class:`RunData` for the same configuration, so their numbers compare.
+
+Validation never overlaps evaluation. The server's validation rows choose the
+best prefix, so they must not be the questions it is scored on:
+
+* A task evaluated on its test split with a separate validation split (ARC,
+  OpenBookQA, the carved SciQ / SQuAD / MedMCQA splits) uses that split's first
+  ``--val-limit`` rows.
+* A task evaluated on its validation split (PIQA and HellaSwag have no labelled
+  test split), or one with no validation split, holds its validation rows out of
+  the train split instead, before sharding: the train rows ordered by
+  ``sha256("<data seed>:<example id>")``, skipping every row whose question
+  (context, or prompt) also appears in the evaluation split, and the first
+  ``--val-limit`` of them taken (with ``--val-limit 0`` a tenth of the train
+  split, :data:`HELDOUT_PERCENT`). The evaluation split is then evaluated whole
+  (or its first ``--eval-limit`` rows), the same rows for every limit, and the
+  held-out rows train no one. A train split too small to hold them out and still
+  give every shard a row is refused, saying how many rows it is short.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
 from fedsp.config import RunConfig
-from fedsp.data.batching import Encoded, encode_example, encode_pair
-from fedsp.data.partition import partition_dirichlet, partition_iid
+from fedsp.data.batching import Encoded, encode_example, encode_pair, text_ids
+from fedsp.data.partition import (
+    group_field,
+    group_values,
+    partition_by_group,
+    partition_dirichlet,
+    partition_iid,
+)
 from fedsp.data.tasks import (
     CUSTOM,
     Example,
@@ -31,6 +55,7 @@ from fedsp.errors import FedSPError
 # A run refuses training data whose completions --max-length cuts in more than this fraction of rows.
 MAX_ANSWERS_CUT = 0.05
 TASK_STOPS = {"squad": "\n"}  # where a generation ends when --stop is not given (besides end of text)
+HELDOUT_PERCENT = 10  # validation held out of train, as a share of it, when --val-limit is 0 (all)
 
 
 @dataclass
@@ -45,53 +70,116 @@ class RunData:
     data_format: str | None = None  # --task custom: the rows' format (fedsp.data.formats)
 
 
+@dataclass(frozen=True)
+class SplitExamples:
+    """The examples of a run before tokenising: disjoint training pool, validation and evaluation."""
+
+    train: list[Example]  # the rows that are sharded (held-out validation rows removed)
+    validation: list[Example]
+    evaluated: list[Example]
+    eval_split: str
+    val_source: str  # "validation", or "train" when held out of the train split
+
+
 def generation_stop(config: RunConfig) -> tuple[str, ...]:
     """The stop texts of a generative run: ``--stop``, else the task's own, else none (end of text)."""
     stop = config.stop if config.stop is not None else TASK_STOPS.get(config.task)
     return (stop,) if stop else ()
 
 
-def prepare_data(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> RunData:
-    """Train split -> K+1 shards (shard 0 the server's); validation rows; the fixed evaluation examples."""
+def question_text(example: Example) -> str:
+    """The text a question is asked with: its context (multiple choice) or prompt (generative)."""
+    return example.context if isinstance(example, MCExample) else example.prompt
+
+
+def split_examples(config: RunConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> SplitExamples:
+    """The training pool, the validation examples and the evaluated examples of ``config``, kept apart
+    as the module docstring says."""
     train = load_task(config.task, "train", config.data_dir, tokenizer)
+    split = eval_split(config.task, config.data_dir)
+    eval_examples = load_task(config.task, split, config.data_dir, tokenizer)
+    evaluated = eval_examples[: config.eval_limit] if config.eval_limit else eval_examples
+    if split != "validation" and "validation" in task_splits(config.task, config.data_dir):
+        validation = load_task(config.task, "validation", config.data_dir, tokenizer)
+        validation = validation[: config.val_limit] if config.val_limit else validation
+        val_source = "validation"
+    else:
+        train, validation = hold_out(train, eval_examples, config, split)
+        val_source = "train"
+    generative = is_generative(train)
+    if is_generative(eval_examples) != generative or is_generative(validation) != generative:
+        raise FedSPError(
+            f"task {config.task!r}: the train, {val_source} and {split} files must all be multiple choice "
+            "or all generative"
+        )
+    return SplitExamples(train, validation, evaluated, split, val_source)
+
+
+def hold_out(
+    train: Sequence[Example], eval_examples: Sequence[Example], config: RunConfig, split: str
+) -> tuple[list[Example], list[Example]]:
+    """``train`` less the validation rows held out of it, and those rows (both in train order)."""
+    count = config.val_limit or max(1, len(train) * HELDOUT_PERCENT // 100)
+    source = "--val-limit" if config.val_limit else f"--val-limit 0: {HELDOUT_PERCENT}% of the train split"
+    asked = {question_text(ex) for ex in eval_examples}
+    eligible = [i for i, ex in enumerate(train) if question_text(ex) not in asked]
+    what = (
+        f"task {config.task!r} holds its validation rows out of the train split (it is evaluated on {split})"
+    )
+    if len(eligible) < count:
+        raise FedSPError(
+            f"{what}: {len(eligible)} of its {len(train)} rows ask no evaluated question, "
+            f"{count - len(eligible)} short of the {count} validation rows ({source}); lower --val-limit"
+        )
+    shards = config.clients + 1
+    if len(train) - count < shards:
+        raise FedSPError(
+            f"{what}: {len(train)} rows less {count} held out for validation ({source}) leave "
+            f"{len(train) - count}, {shards - len(train) + count} short of one row for each of the {shards} "
+            "shards; lower --val-limit or --clients"
+        )
+    seed = config.data_seed
+    eligible.sort(key=lambda i: hashlib.sha256(f"{seed}:{train[i].id}".encode()).hexdigest())
+    held = set(eligible[:count])
+    return [ex for i, ex in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
+
+
+def shard_indices(config: RunConfig, train: Sequence[Example]) -> list[list[int]]:
+    """The K+1 shards of ``train`` by ``--partition`` (see :mod:`fedsp.data.partition`)."""
     num_shards = config.clients + 1
     if len(train) < num_shards:
         raise FedSPError(
             f"task {config.task!r} has {len(train)} training examples, fewer than {num_shards} shards"
         )
-    generative = is_generative(train)
     if config.partition == "iid":
-        shards = partition_iid(len(train), num_shards, config.data_seed)
-    elif generative:
+        return partition_iid(len(train), num_shards, config.data_seed)
+    by_field = group_field(config.partition)
+    if by_field is not None:
+        values = group_values([ex.meta for ex in train], by_field, [ex.id for ex in train])
+        return partition_by_group(values, num_shards, config.data_seed, by_field)
+    if is_generative(train):
         raise FedSPError(
             f"--partition {config.partition} shares examples out by their gold choice; task {config.task!r} "
-            "is generative (no choices): use --partition iid"
+            "is generative (no choices): use --partition iid or by:FIELD"
         )
-    else:
-        labels = [ex.gold for ex in train if isinstance(ex, MCExample)]
-        shards = partition_dirichlet(labels, num_shards, config.alpha, config.data_seed)
-    encoded = encode_training(tokenizer, train, config.max_length)
-    split = eval_split(config.task, config.data_dir)
-    eval_examples = load_task(config.task, split, config.data_dir, tokenizer)
-    val_source = "validation" if "validation" in task_splits(config.task, config.data_dir) else split
-    val_examples = load_task(config.task, val_source, config.data_dir, tokenizer)
-    if is_generative(eval_examples) != generative or is_generative(val_examples) != generative:
-        raise FedSPError(
-            f"task {config.task!r}: the train, {val_source} and {split} files must all be multiple choice "
-            "or all generative"
-        )
-    if split == "validation":  # no labelled test split: keep the evaluated examples out of validation
-        val_examples = val_examples[config.eval_limit or len(val_examples) :] or val_examples
-    val_examples = val_examples[: config.val_limit] if config.val_limit else val_examples
-    evaluated = eval_examples[: config.eval_limit] if config.eval_limit else eval_examples
+    labels = [ex.gold for ex in train if isinstance(ex, MCExample)]
+    return partition_dirichlet(labels, num_shards, config.alpha, config.data_seed)
+
+
+def prepare_data(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> RunData:
+    """Train split -> K+1 shards (shard 0 the server's); validation rows; the fixed evaluation examples."""
+    examples = split_examples(config, tokenizer)
+    shards = shard_indices(config, examples.train)
+    encoded = encode_training(tokenizer, examples.train, config.max_length)
+    evaluated = examples.evaluated
     return RunData(
         server_rows=[encoded[i] for i in shards[0]],
         client_rows=[[encoded[i] for i in shard] for shard in shards[1:]],
-        val_rows=[encode_example(tokenizer, ex, config.max_length) for ex in val_examples],
+        val_rows=[encode_example(tokenizer, ex, config.max_length) for ex in examples.validation],
         eval_examples=evaluated,
-        eval_split=split,
+        eval_split=examples.eval_split,
         truncation=truncation_counts(tokenizer, encoded, evaluated, config.max_length, config.max_new_tokens),
-        generative=generative,
+        generative=is_generative(examples.train),
         data_format=custom_format("train", config.data_dir)
         if config.task == CUSTOM and config.data_dir
         else None,
@@ -133,7 +221,7 @@ def truncation_counts(
     prompts = [ex for ex in evaluated if isinstance(ex, GenExample)]
     if prompts:  # generation keeps room for --max-new-tokens after the prompt
         room = max(1, max_length - max_new_tokens)
-        lengths = [len(tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]) for ex in prompts]
+        lengths = [len(text_ids(tokenizer, ex.prompt)) for ex in prompts]
         return {**counts, "eval_contexts_cut": sum(1 for n in lengths if n > room)}
     scored = [
         [encode_pair(tokenizer, ex.context, " " + c, max_length) for c in ex.choices]

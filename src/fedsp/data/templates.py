@@ -135,6 +135,12 @@ def race(row: dict, where: str) -> Built:
     return f"Article: {article}\n\nQuestion: {question}\n\nAnswer:", choices, letters.index(answer)
 
 
+def medmcqa(row: dict, where: str) -> Built:
+    question = _text(row, "question", where)
+    choices = _choices([_text(row, k, where) for k in ("opa", "opb", "opc", "opd")], where)
+    return f"Question: {question}\nAnswer:", choices, _index(row, "cop", 4, where)
+
+
 Generated = tuple[str, str, tuple[str, ...]]  # prompt, completion, references
 
 

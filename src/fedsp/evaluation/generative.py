@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from fedsp.data.batching import encode_pair, fixed_batches
+from fedsp.data.batching import encode_pair, fixed_batches, text_ids
 from fedsp.data.tasks import GenExample
 from fedsp.models.adapters import check_lengths, model_device, weights_dtype
 from fedsp.models.forward import head_logits, mean_answer_loss, real_positions
@@ -234,10 +234,7 @@ def evaluate_generative(
             raise ValueError(f"example {ex.id} has no references to score against")
     check_lengths(model.config, prefix.config.num_tokens if prefix is not None else 0, max_length)
     room = max_length - max_new_tokens
-    prompts = [
-        tokenizer(ex.prompt, add_special_tokens=False)["input_ids"][-room:] or [tokenizer.eos_token_id]
-        for ex in examples
-    ]
+    prompts = [text_ids(tokenizer, ex.prompt)[-room:] or [tokenizer.eos_token_id] for ex in examples]
     generations = generate(
         model, tokenizer, prompts, prefix, max_new_tokens, stop, batch_size, progress, desc
     )

@@ -2,6 +2,7 @@
 
     fedsp compare --tables methods --tasks arc_easy --seeds 0,1 --scale cpu --out results/paper
     fedsp compare --tables methods,efficiency --methods zero-shot,fedsp,fedprompt,sfprompt --seeds 0
+    fedsp compare --tables convergence --methods zero-shot,fedsp,fedprompt --seeds 0,1,2 --rounds 20
 
 Every cell is an ordinary run folder under ``<out>/cells/``; finished cells
 are reused, so the same command continues an interrupted grid. The tables
@@ -16,10 +17,11 @@ from pathlib import Path
 from fedsp.config import METHODS
 from fedsp.data.tasks import CUSTOM, GENERATIVE_TASKS
 from fedsp.errors import FedSPError
-from fedsp.experiments import tables
+from fedsp.experiments import convergence, tables
 from fedsp.experiments.grid import (
     ALL_METHODS,
     OPT_IN_METHODS,
+    PER_TASK,
     SCALES,
     TASKS,
     Cell,
@@ -29,7 +31,7 @@ from fedsp.experiments.grid import (
 )
 from fedsp.models.precision import DTYPE_CHOICES
 
-TABLES = ("methods", "layers", "depth", "efficiency")
+TABLES = ("methods", "layers", "depth", "efficiency", "convergence")
 
 
 def add_parser(sub) -> None:
@@ -41,19 +43,32 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--tables",
         default="methods",
-        help=f"comma-separated: {', '.join(TABLES)} (tables 1/2, 3, figure 2, tables 4/5)",
+        help=f"comma-separated: {', '.join(TABLES)} (tables 1/2, 3, figure 2, tables 4/5; convergence: "
+        "accuracy and server validation loss against rounds and bytes sent, per task, for the --methods; "
+        "its cells evaluate every round (eval_every_round=True) and --rounds sets how many)",
     )
     p.add_argument(
-        "--tasks", default="arc_easy", help=f"comma-separated tasks ({', '.join(TASKS)}, hellaswag)"
+        "--tasks", default="arc_easy", help=f"comma-separated tasks ({', '.join(TASKS)}, hellaswag, medmcqa)"
     )
     p.add_argument(
         "--methods",
         default=",".join(ALL_METHODS),
-        help="comma-separated methods for the methods and efficiency tables; "
+        help="comma-separated methods for the methods, efficiency and convergence tables; "
         f"{', '.join(OPT_IN_METHODS)} only when named (e.g. --methods fedsp,fedprompt,sfprompt)",
     )
     p.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
     p.add_argument("--scale", default="cpu", choices=sorted(SCALES), help="preset of run sizes")
+    preset_rounds = ", ".join(
+        f"{name} {preset['rounds']}"
+        + (" or per task" if any("rounds" in t for t in preset.get(PER_TASK, {}).values()) else "")
+        for name, preset in SCALES.items()
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help=f"federated rounds of every cell, every task (default: the preset's: {preset_rounds})",
+    )
     p.add_argument("--model", default="smollm2", help="global model (as for fedsp run)")
     p.add_argument(
         "--dtype",
@@ -91,9 +106,17 @@ def plan(args: argparse.Namespace) -> tuple[Grid, dict[str, list[Cell]]]:
             f"--tasks {','.join(generative)}: fedsp compare tabulates accuracy on multiple-choice tasks; "
             "score a generative task with fedsp run (EM / F1 / ROUGE-L)"
         )
-    by_table = {t: build_cells(t, tasks, methods, seeds) for t in wanted}
-    ordered = list(dict.fromkeys(c for cells in by_table.values() for c in cells))  # unique, in order
     base = {**SCALES[args.scale], "model": args.model, "dtype": args.dtype}
+    if args.rounds is not None:
+        if args.rounds < 1:
+            raise FedSPError(f"--rounds {args.rounds}: must be at least 1")
+        base["rounds"] = args.rounds  # over the preset's rounds for some tasks too
+        if PER_TASK in base:
+            per_task = base[PER_TASK].items()
+            base[PER_TASK] = {t: {k: v for k, v in s.items() if k != "rounds"} for t, s in per_task}
+    every_round = bool(base.get("eval_every_round"))
+    by_table = {t: build_cells(t, tasks, methods, seeds, every_round) for t in wanted}
+    ordered = list(dict.fromkeys(c for cells in by_table.values() for c in cells))  # unique, in order
     return Grid(ordered, base, Path(args.out)), by_table
 
 
@@ -113,8 +136,8 @@ def run_compare(args: argparse.Namespace) -> int:
     check_comparable(grid)
     written = write_tables(grid, by_table)
     for path in written:
-        extra = ".csv, .png" if path.with_suffix(".png").exists() else ".csv"
-        print(f"wrote {path} (+ {extra})")
+        extra = [s for s in (".csv", ".png") if s != path.suffix and path.with_suffix(s).exists()]
+        print(f"wrote {path}" + (f" (+ {', '.join(extra)})" if extra else ""))
     return 0
 
 
@@ -150,6 +173,8 @@ def write_tables(grid: Grid, by_table: dict[str, list[Cell]]) -> list[Path]:
             )
         elif table == "depth":
             written.append(tables.depth_figure(grid, cells))
+        elif table == "convergence":
+            written.extend(convergence.write_convergence(grid, cells))
         else:
             written.append(tables.efficiency_table(grid, cells))
     return written

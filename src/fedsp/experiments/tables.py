@@ -5,7 +5,9 @@
 - ``layers`` (table 3): FedSP with the bottom, middle or top layer as its auxiliary model;
 - ``depth`` (figure 2): FedSP accuracy against the number of auxiliary layers;
 - ``efficiency`` (tables 4/5): what a client holds, what crosses the wire per round (SFPrompt's
-  split-training activations and gradients included) and, where estimated, the client's FLOPs.
+  split-training activations and gradients included) and, where estimated, the client's FLOPs;
+- ``convergence`` (:mod:`fedsp.experiments.convergence`): accuracy and validation loss against
+  rounds and bytes sent.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ def _accs(grid: Grid, cells: Sequence[Cell]) -> list[float]:
     return [100 * grid.results[c.name]["final"]["acc"] for c in cells if c.name in grid.results]
 
 
-def _fmt(values: list[float]) -> str:
+def mean_sd(values: list[float]) -> str:
+    """``52.0`` for one value, ``52.0 ± 1.3`` (sample sd) for several, ``–`` for none."""
     if not values:
         return "–"
     if len(values) == 1:
@@ -36,7 +39,10 @@ def _fmt(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
-def _write(out: Path, stem: str, header: list[str], rows: list[list[str]], title: str) -> Path:
+def write_table(
+    out: Path, stem: str, header: list[str], rows: list[list[str]], title: str, notes: Sequence[str] = ()
+) -> Path:
+    """``<stem>.csv`` and ``<stem>.md`` (a titled table, then ``notes`` as paragraphs); the .md's path."""
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f"{stem}.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -44,6 +50,8 @@ def _write(out: Path, stem: str, header: list[str], rows: list[list[str]], title
         writer.writerows(rows)
     lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
+    for note in notes:
+        lines += ["", note]
     path = out / f"{stem}.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -69,13 +77,13 @@ def accuracy_table(
         row = [label]
         for task in tasks:
             values = _accs(grid, groups.get((label, task), []))
-            row.append(_fmt(values) + (f" ({len(values)})" if len(values) > 1 else ""))
+            row.append(mean_sd(values) + (f" ({len(values)})" if len(values) > 1 else ""))
             means.append(statistics.mean(values) if values else float("nan"))
         done = [m for m in means if m == m]
         row.append(f"{statistics.mean(done):.1f}" if len(done) == len(tasks) else "–")
         rows.append(row)
         bars[label] = means
-    path = _write(grid.out, stem, header, rows, title)
+    path = write_table(grid.out, stem, header, rows, title)
     _bar_png(bars, tasks, grid.out / f"{stem}.png", title)
     return path
 
@@ -176,7 +184,7 @@ def efficiency_table(grid: Grid, cells: Sequence[Cell], stem: str = "table45_eff
             ]
         )
     title = "What a client holds, exchanges and computes (per client and round)"
-    return _write(grid.out, stem, header, rows, title)
+    return write_table(grid.out, stem, header, rows, title)
 
 
 def _split_traffic(res: dict[str, Any]) -> dict[str, Any]:

@@ -80,6 +80,15 @@ class Server(Protocol):
 
 
 @runtime_checkable
+class ManyPrefixes(Server, Protocol):
+    """A server holding one prefix per data owner, scored one by one (the local-only baseline)."""
+
+    def evaluation_targets(self) -> list[tuple[PreTrainedModel, Prefix]]:
+        """Each owner's (model, best prefix), in partition order."""
+        ...
+
+
+@runtime_checkable
 class SplitClient(Client, Protocol):
     """A client whose round goes through the server (split learning)."""
 

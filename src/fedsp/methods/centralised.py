@@ -119,7 +119,9 @@ def prefix_tuning_course(config: RunConfig, loaded: LoadedModel, data: RunData) 
 
 def finetune_course(config: RunConfig, loaded: LoadedModel, data: RunData) -> Course:
     """Full fine-tuning of the global model on all shards (learning rate: ``--align-lr``)."""
-    optim = OptimConfig(config.align_lr, config.weight_decay, config.warmup_ratio)
+    optim = OptimConfig(
+        config.align_lr, config.weight_decay, config.warmup_ratio, grad_clip=config.max_grad_norm
+    )
     server = FinetuneServer(
         loaded.model,
         _all_rows(data),

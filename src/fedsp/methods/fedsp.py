@@ -119,7 +119,7 @@ class FedSPClient:
 
     def fit(self, state: dict[str, torch.Tensor]) -> ClientUpdate:
         self.prefix.load_wire_state(self.plan.receive(state) if self.plan.receive else state)
-        self.aux_model.train(self.plan.trains_model)
+        self.aux_model.train()  # dropout on in both phases, as in the reference's training loop
         self.prefix.train()
         metrics: dict[str, float] = {}
         if self.align is not None:  # ALTERNATE
@@ -212,11 +212,15 @@ class FedSPServer:
             return float("nan")
         self.prefix.train()
         set_trainable(self.prefix, True)
-        losses = [
-            self.phase.step(answer_loss(self.global_model, next(self.stream), self.prefix))
-            for _ in range(self.config.steps)
-        ]
-        set_trainable(self.prefix, False)
+        self.global_model.train()  # the model's own dropout on as in the reference's training (not SmolLM2's)
+        try:
+            losses = [
+                self.phase.step(answer_loss(self.global_model, next(self.stream), self.prefix))
+                for _ in range(self.config.steps)
+            ]
+        finally:
+            self.global_model.eval()
+            set_trainable(self.prefix, False)
         return _mean(losses)
 
     @torch.no_grad()
@@ -274,8 +278,12 @@ def local_config(config: RunConfig, steps: int | None = None) -> LocalConfig:
     return LocalConfig(
         steps=config.local_steps if steps is None else steps,
         batch_size=config.batch_size,
-        align=OptimConfig(config.align_lr, config.weight_decay, config.warmup_ratio),
-        prompt=OptimConfig(config.lr, config.weight_decay, config.warmup_ratio),
+        align=OptimConfig(
+            config.align_lr, config.weight_decay, config.warmup_ratio, grad_clip=config.max_grad_norm
+        ),
+        prompt=OptimConfig(
+            config.lr, config.weight_decay, config.warmup_ratio, grad_clip=config.max_grad_norm
+        ),
     )
 
 
@@ -285,16 +293,16 @@ def client_seed(config: RunConfig, partition: int) -> int:
 
 
 def client_model_from(
-    shape: ClientShape, skeleton: PreTrainedModel, layers: Sequence[int]
+    shape: ClientShape, skeleton: PreTrainedModel, layers: Sequence[int], order: str = "cyclic"
 ) -> PreTrainedModel:
     """The structure of what a client holds, built from the global architecture ``skeleton``.
 
     Its weights are then replaced by the ones the server shipped (a Flower node
-    never has the global weights, only their shapes).
+    never has the global weights, only their shapes). ``order``: ``--aux-layer-order``.
     """
     if shape.holds == GLOBAL:
         return skeleton.requires_grad_(False)
-    return build_auxiliary_model(skeleton, list(layers), share=shape.share)
+    return build_auxiliary_model(skeleton, list(layers), share=shape.share, order=order)
 
 
 def make_client(
@@ -310,7 +318,7 @@ def make_client(
     """Client ``partition`` of the method: ``model`` is what it holds (its own copy when it trains it)."""
     plan = ClientPlan(shape.mode)
     if shape.holds == AUXILIARY and not shape.share:  # one prefix layer per kept layer, mapped to L
-        blocks = depth_plan(num_global_layers, len(layers))
+        blocks = depth_plan(num_global_layers, len(layers), config.aux_layer_order)
         plan = ClientPlan(
             shape.mode,
             receive=partial(collapse_layers, plan=blocks),
@@ -332,13 +340,21 @@ def make_client(
 
 
 def prefix_server(
-    config: RunConfig, loaded: LoadedModel, data: RunData, rows: Sequence[Encoded], steps: int
+    config: RunConfig,
+    loaded: LoadedModel,
+    data: RunData,
+    rows: Sequence[Encoded],
+    steps: int,
+    seed: int | None = None,
 ) -> FedSPServer:
-    """The model owner with its round-0 prefix, tuning ``steps`` steps a round on ``rows``."""
+    """The model owner with its round-0 prefix, tuning ``steps`` steps a round on ``rows``.
+
+    ``seed`` (the batch order; default ``--seed``) and a prefix initialised from ``rows`` instead of the
+    server's shard make it a data owner tuning alone (the local-only baseline)."""
     prefix = initial_prefix(
         loaded.model,
         loaded.tokenizer,
-        data.server_rows,
+        data.server_rows if seed is None else rows,
         config.prefix_len,
         config.prefix_projection,
         config.prefix_dropout,
@@ -352,7 +368,7 @@ def prefix_server(
         local_config(config, steps),
         config.rounds,
         loaded.tokenizer.pad_token_id,
-        seed=config.seed,
+        seed=config.seed if seed is None else seed,
         eval_batch_size=config.eval_batch_size,
     )
 

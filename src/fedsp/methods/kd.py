@@ -31,7 +31,7 @@ from fedsp.config import RunConfig
 from fedsp.data.batching import BatchStream, Encoded, collate
 from fedsp.files import atomic_write
 from fedsp.methods.optim import OptimConfig, Phase
-from fedsp.models.auxiliary import build_auxiliary_model, select_layers
+from fedsp.models.auxiliary import build_auxiliary_model, depth_plan, select_layers
 from fedsp.models.forward import hidden_states
 from fedsp.models.loading import LoadedModel, cache_dir
 
@@ -44,6 +44,7 @@ class KDConfig:
     warmup_ratio: float = 0.1
     batch_size: int = 16
     projection: bool = False  # the paper's learnable W_S
+    max_grad_norm: float = 0.0  # 0: no clipping
 
     def fingerprint(self) -> dict:
         return asdict(self)
@@ -103,7 +104,8 @@ def distill(
     if w_s is not None:
         nn.init.eye_(w_s.weight)
     params = list(student.parameters()) + (list(w_s.parameters()) if w_s is not None else [])
-    phase = Phase(params, OptimConfig(config.lr, config.weight_decay, config.warmup_ratio), config.steps)
+    optim = OptimConfig(config.lr, config.weight_decay, config.warmup_ratio, grad_clip=config.max_grad_norm)
+    phase = Phase(params, optim, config.steps)
     student.train()
     losses = []
     bar = tqdm(range(config.steps), desc="KD", unit="step", disable=not progress, leave=False)
@@ -139,18 +141,19 @@ def cache_key(
     model_name: str,
     model_config: dict,
     layers: Sequence[int],
-    share: bool,
+    plan: Sequence[int] | None,
     config: KDConfig,
     rows: Sequence[Encoded],
     seed: int,
 ) -> str:
-    """A digest of everything the distilled weights depend on."""
+    """A digest of everything the distilled weights depend on (``plan``: the selected layer each depth
+    runs, :func:`~fedsp.models.auxiliary.depth_plan`; None when the layers are not shared)."""
     digest = hashlib.sha256()
     meta = {
         "model": model_name,
         "config": model_config,
         "layers": list(layers),
-        "share": share,
+        "depths": None if plan is None else list(plan),
         "kd": config.fingerprint(),
         "seed": seed,
     }
@@ -191,7 +194,8 @@ def distilled_auxiliary_model(
     """
     num_layers = loaded.model.config.num_hidden_layers
     selected = layers or select_layers(num_layers, config.aux_layers, config.aux_layer_choice)
-    aux = build_auxiliary_model(loaded.model, selected, share=share)
+    order = config.aux_layer_order
+    aux = build_auxiliary_model(loaded.model, selected, share=share, order=order)
     steps = config.kd_steps if kd_steps is None else kd_steps
     if steps == 0:
         return aux, selected, []
@@ -202,9 +206,11 @@ def distilled_auxiliary_model(
         config.warmup_ratio,
         config.kd_batch_size,
         config.kd_projection,
+        config.max_grad_norm,
     )
     model_config = {**loaded.model.config.to_dict(), "weights_dtype": str(loaded.model.dtype)}
-    key = cache_key(loaded.name, model_config, selected, share, kd_config, server_rows, config.seed)
+    plan = depth_plan(num_layers, len(selected), order) if share else None
+    key = cache_key(loaded.name, model_config, selected, plan, kd_config, server_rows, config.seed)
     path = cache_dir() / "aux" / f"{key}.safetensors"
     if path.is_file():
         try:
@@ -215,7 +221,7 @@ def distilled_auxiliary_model(
                 f"cached auxiliary model {path} cannot be read ({err}); distilling it again", stacklevel=2
             )
             path.unlink(missing_ok=True)
-            aux = build_auxiliary_model(loaded.model, selected, share=share)
+            aux = build_auxiliary_model(loaded.model, selected, share=share, order=order)
     losses = distill(
         loaded.model,
         aux,

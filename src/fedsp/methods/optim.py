@@ -29,7 +29,7 @@ class OptimConfig:
     warmup_ratio: float = 0.1
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # L2 norm the gradient is clipped to before the step; 0: no clipping
 
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)

@@ -483,7 +483,7 @@ def split_client(
         config.local_loss_steps,
         config.local_steps,
         config.batch_size,
-        OptimConfig(config.lr, config.weight_decay, config.warmup_ratio),
+        OptimConfig(config.lr, config.weight_decay, config.warmup_ratio, grad_clip=config.max_grad_norm),
     )
     return SFPromptClient(
         head or Head(model, config.split_layer),

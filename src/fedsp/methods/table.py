@@ -42,6 +42,7 @@ TRAINING = frozenset(
         "batch_size",
         "weight_decay",
         "warmup_ratio",
+        "max_grad_norm",
         "val_limit",
         "eval_every_round",
         "clients",
@@ -50,7 +51,7 @@ TRAINING = frozenset(
 FEDERATION = frozenset({"partition", "alpha", "server_steps"})
 PREFIX = frozenset({"lr", "prefix_len", "prefix_projection", "prefix_dropout", "prefix_init"})
 MODEL_LR = frozenset({"align_lr"})
-AUX = frozenset({"aux_layers", "aux_layer_choice"})
+AUX = frozenset({"aux_layers", "aux_layer_choice", "aux_layer_order"})
 KD = frozenset({"kd_steps", "kd_lr", "kd_batch_size", "kd_projection"})
 SPLIT = frozenset({"split_layer", "prune_gamma", "local_loss_steps"})  # SFPrompt
 # how clients' updates are combined and protected (fedsp.protection): every federated method reads these
@@ -121,6 +122,9 @@ class MethodSpec:
     engines: tuple[str, ...] = ENGINES
     grid: str = "all"
     secure_aggregation: bool = True  # its updates can be summed by SecAgg+ (each one a single reply)
+    # the server tunes the aggregated prefix on its own shard each round (FedSP's step 4) unless
+    # --server-steps says otherwise; False: FedAvg of the clients' prefixes alone (the paper's FedPrompt)
+    server_tunes: bool = True
 
     @property
     def federated(self) -> bool:
@@ -167,6 +171,7 @@ _TABLE = [
         _FEDSP,
         ClientShape(GLOBAL, PROMPT_ONLY),
         grid="main",
+        server_tunes=False,
     ),
     MethodSpec(
         "fedprompt-single",
@@ -175,6 +180,7 @@ _TABLE = [
         _FEDSP,
         ClientShape(AUXILIARY, PROMPT_ONLY, share=False, kd=False, layers=(0,)),
         grid="main",
+        server_tunes=False,
     ),
     MethodSpec(
         "fedsp-no-kd",
@@ -204,6 +210,16 @@ _TABLE = [
         "fedsp.methods.centralised:prefix_tuning_course",
         None,
         engines=("inprocess",),  # no clients: nothing to federate
+    ),
+    MethodSpec(
+        "local-only",
+        "local-only: each data owner tunes a prefix of the global model on its own shard alone (no "
+        "averaging); the mean and spread over owners",
+        TRAINING | PREFIX | frozenset({"partition", "alpha"}),
+        "fedsp.methods.local_only:local_only_course",
+        None,
+        engines=("inprocess",),  # nothing crosses a wire
+        grid="main",
     ),
     MethodSpec(
         "finetune",

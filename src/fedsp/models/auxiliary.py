@@ -3,8 +3,10 @@
 FedSP sends clients the global model's embeddings, final norm and tied LM
 head, plus N of its L decoder layers; the auxiliary model applies them L times
 with shared weights (cross-layer sharing, as in ALBERT), so the L-layer prefix
-plugs in unchanged. Layer j of the N selected serves depths
-[j*L/N, (j+1)*L/N).
+plugs in unchanged. Which of the N layers runs at each depth is the layer order
+(``--aux-layer-order``): ``cyclic``, the reference code's, runs them in turn
+(depth d runs layer d mod N: 0, 1, .., N-1, 0, 1, ..); ``blocks`` gives layer j
+the contiguous depths [j*L/N, (j+1)*L/N). With N = 1 both are the same.
 
 Each depth is a distinct module whose parameters are the same tensors as its
 source layer's, and whose ``layer_idx`` is its own depth. A single module
@@ -20,6 +22,7 @@ from collections.abc import Sequence
 from torch import nn
 from transformers import PreTrainedModel
 
+from fedsp.config import LAYER_ORDERS
 from fedsp.errors import FedSPError
 from fedsp.models.adapters import decoder_layers, set_decoder_layers
 
@@ -29,8 +32,9 @@ LAYER_CHOICES = ("bottom", "middle", "top")
 def select_layers(num_layers: int, count: int, choice: str | Sequence[int]) -> list[int]:
     """Indices of the global layers the auxiliary model is built from.
 
-    ``choice`` is ``bottom`` (0..N-1), ``middle`` (N layers centred on L/2),
-    ``top`` (L-N..L-1) or an explicit list of indices (then ``count`` must match).
+    ``choice`` is ``bottom`` (0..N-1), ``middle`` (N layers centred on the middle
+    of the stack: indices (L-N)//2.., so the paper's 12th of GPT2-XL's 24 layers, index 11,
+    for N = 1), ``top`` (L-N..L-1) or an explicit list of indices (then ``count`` must match).
     """
     if count < 1 or count > num_layers:
         raise FedSPError(f"aux-layers must be between 1 and the model's {num_layers} layers, got {count}")
@@ -40,7 +44,7 @@ def select_layers(num_layers: int, count: int, choice: str | Sequence[int]) -> l
         if choice == "top":
             return list(range(num_layers - count, num_layers))
         if choice == "middle":
-            start = max(0, min(num_layers - count, num_layers // 2 - count // 2))
+            start = (num_layers - count) // 2
             return list(range(start, start + count))
         raise FedSPError(
             f"aux-layer-choice {choice!r} is not one of {', '.join(LAYER_CHOICES)} or a list of indices"
@@ -56,18 +60,23 @@ def select_layers(num_layers: int, count: int, choice: str | Sequence[int]) -> l
     return indices
 
 
-def depth_plan(num_layers: int, num_selected: int) -> list[int]:
-    """For each depth 0..L-1, which of the N selected layers (0..N-1) it runs: contiguous blocks."""
-    return [depth * num_selected // num_layers for depth in range(num_layers)]
+def depth_plan(num_layers: int, num_selected: int, order: str = "cyclic") -> list[int]:
+    """For each depth 0..L-1, which of the N selected layers (0..N-1) it runs, in ``order``."""
+    if order == "cyclic":
+        return [depth % num_selected for depth in range(num_layers)]
+    if order == "blocks":
+        return [depth * num_selected // num_layers for depth in range(num_layers)]
+    raise FedSPError(f"aux-layer-order {order!r} is not one of {', '.join(LAYER_ORDERS)}")
 
 
 def build_auxiliary_model(
-    global_model: PreTrainedModel, selected: Sequence[int], share: bool = True
+    global_model: PreTrainedModel, selected: Sequence[int], share: bool = True, order: str = "cyclic"
 ) -> PreTrainedModel:
     """A trainable copy of ``global_model`` whose decoder stack is ``selected`` layers, shared across depth.
 
     With ``share=False`` the model has only the selected layers, each applied once
-    (the "w/o CS" ablation and FedPrompt-Single's client model).
+    (the "w/o CS" ablation and FedPrompt-Single's client model); ``order`` is the
+    layer order of :func:`depth_plan` (shared layers only).
     The global model is not modified.
     """
     layers = decoder_layers(global_model)
@@ -80,7 +89,7 @@ def build_auxiliary_model(
         set_decoder_layers(global_model, layers)
     sources = [copy.deepcopy(layers[i]) for i in selected]  # the unique, trainable layer weights
     if share:
-        plan = depth_plan(num_layers, len(sources))
+        plan = depth_plan(num_layers, len(sources), order)
         stack = [_tied_view(sources[plan[depth]], depth) for depth in range(num_layers)]
     else:
         stack = [_tied_view(src, depth) for depth, src in enumerate(sources)]

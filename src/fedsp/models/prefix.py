@@ -81,16 +81,23 @@ class Prefix(nn.Module):
     def key_values(
         self, batch_size: int, dtype: torch.dtype | None = None
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer (key, value), each (B, n_kv_heads, P, head_dim); dropout applied in training mode."""
+        """Per layer (key, value), each (B, n_kv_heads, P, head_dim).
+
+        In training mode dropout draws its own mask for each example of the batch, as the reference code
+        does (it expands the prefix to the batch before dropout); in eval mode the batch shares one table.
+        """
         g = self.config.geometry
-        table = self.dropout(self.values())  # (P, L*2*kv_dim)
+        P = self.config.num_tokens
+        table = self.values()  # (P, L*2*kv_dim)
+        if self.training and self.dropout.p > 0:
+            table = self.dropout(table.unsqueeze(0).expand(batch_size, -1, -1))  # (B, P, L*2*kv_dim)
+        else:
+            table = table.unsqueeze(0).expand(batch_size, -1, -1)
         if dtype is not None:
             table = table.to(dtype)
-        P = self.config.num_tokens
-        kv = table.view(P, g.num_layers * 2, g.num_kv_heads, g.head_dim).permute(
-            1, 2, 0, 3
-        )  # (L*2, n_kv, P, hd)
-        kv = kv.unsqueeze(1).expand(-1, batch_size, -1, -1, -1)  # (L*2, B, n_kv, P, hd)
+        kv = table.view(batch_size, P, g.num_layers * 2, g.num_kv_heads, g.head_dim).permute(
+            2, 0, 3, 1, 4
+        )  # (L*2, B, n_kv, P, hd)
         return [(kv[2 * layer], kv[2 * layer + 1]) for layer in range(g.num_layers)]
 
     def cache(self, batch_size: int, dtype: torch.dtype | None = None) -> DynamicCache:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsp.config import RunConfig
+from fedsp.data.batching import text_ids
 from fedsp.data.formats import render_chat
 from fedsp.data.shards import generation_stop
 from fedsp.data.sources import read_local
@@ -128,7 +129,7 @@ def run_generate(args: argparse.Namespace) -> int:
     loaded = _load(run)
     chat = args.chat or run.results.get("data_format") == "messages"  # a chat-trained prefix: chat prompts
     texts = [_render(loaded, row, chat or "messages" in row, where) for where, row in rows]
-    prompts = [loaded.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    prompts = [text_ids(loaded.tokenizer, t) for t in texts]
     for (where, _), ids in zip(rows, prompts, strict=True):
         if not ids:
             raise FedSPError(f"{where}: the prompt is empty")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -35,7 +36,7 @@ from fedsp.data.shards import RunData, generation_stop, prepare_data
 from fedsp.errors import RunFinished
 from fedsp.evaluation import EvalResult, describe, evaluate_examples, headline, metric_figures
 from fedsp.files import atomic_write, remove_stale_temporaries
-from fedsp.methods.base import ClientUpdate, Course
+from fedsp.methods.base import ClientUpdate, Course, ManyPrefixes
 from fedsp.methods.table import MethodSpec, build_course, spec_for
 from fedsp.models.adapters import check_lengths
 from fedsp.models.auxiliary import unique_parameter_count
@@ -330,6 +331,8 @@ class Session:
             "truncation": self.data.truncation,
             "global_model": {"params": global_params},
         }
+        if "server_steps" in spec.reads:  # 0: the server only averages (the paper's FedPrompt)
+            summary["server_steps"] = config.effective_server_steps
         if spec.federated:  # how updates were combined and protected, and any simulated attack
             summary["protection"] = {
                 "aggregation": config.aggregation,
@@ -362,6 +365,11 @@ class Session:
 
     def _export(self, best_round: int) -> dict[str, Any]:
         """The best prefix, outside fedsp: ``prefix.safetensors`` and a PEFT adapter (``adapter/``)."""
+        if self.course is not None and isinstance(self.course.server, ManyPrefixes):
+            return {
+                "prefix": None,
+                "why": "every data owner keeps its own prefix (local-only): no shared one",
+            }
         prefix = self.course.server.evaluation_target()[1] if self.course is not None else None
         if prefix is None:
             why = (
@@ -374,18 +382,29 @@ class Session:
         assert self.course is not None
         config, course = self.config, self.course
         best_round = min(self.history, key=lambda h: h["val_loss"])["round"]
-        if best_round == len(self.history) - 1 and self.last_eval is not None:
-            final = self.last_eval
+        owners: dict[str, Any] | None = None
+        if isinstance(course.server, ManyPrefixes):  # one prefix per data owner: each one scored
+            course.server.use_best()
+            scores = [
+                self.evaluate(model, prefix, f"final eval, owner {k}").summary()
+                for k, (model, prefix) in enumerate(course.server.evaluation_targets())
+            ]
+            owners = owner_spread(scores)
+            final_summary = owners["mean"]
+        elif best_round == len(self.history) - 1 and self.last_eval is not None:
+            final_summary = self.last_eval.summary()
         else:
             course.server.use_best()
-            final = self.evaluate(*course.server.evaluation_target(), "final eval")
+            final_summary = self.evaluate(*course.server.evaluation_target(), "final eval").summary()
         out: dict[str, Any] = {
-            "final": final.summary(),
+            "final": final_summary,
             "best_round": best_round,
             "rounds": config.rounds,
             "rounds_completed": sum(1 for h in self.history if h["round"] > 0),
             "federated": self.spec.federated,
         }
+        if owners is not None:
+            out["local_only"] = owners
         rounds = [h for h in self.history if h["round"] > 0]
         if self.spec.federated and rounds:
             last = rounds[-1]
@@ -444,3 +463,18 @@ def run_course(config: RunConfig, resume: Path | None, drive: Callable[[Session]
         raise
     session.release()
     return RunOutcome(session.out_dir, summary)
+
+
+def owner_spread(scores: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Every owner's evaluation summary, and per figure their mean (with the same ``n``), sd, min and max."""
+    figures = [k for k, v in scores[0].items() if isinstance(v, float)]
+    spread = {
+        k: {
+            "sd": statistics.stdev(s[k] for s in scores) if len(scores) > 1 else 0.0,
+            "min": min(s[k] for s in scores),
+            "max": max(s[k] for s in scores),
+        }
+        for k in figures
+    }
+    mean = {**scores[0], **{k: statistics.fmean(s[k] for s in scores) for k in figures}}
+    return {"owners": len(scores), "per_owner": list(scores), "mean": mean, "spread": spread}

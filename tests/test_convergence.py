@@ -1,0 +1,217 @@
+"""``fedsp compare --tables convergence``: accuracy and validation loss against rounds and bytes sent."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from fedsp.cli import build_parser
+from fedsp.errors import FedSPError
+from fedsp.experiments.compare import plan, write_tables
+from fedsp.experiments.convergence import COLUMNS, write_convergence
+from fedsp.experiments.grid import Cell, Grid, build_cells, check_comparable
+from fedsp.runtime.inprocess import run
+
+EVERY = (("eval_every_round", True),)
+
+
+def _rows(path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _markdown(path) -> dict[str, dict[str, str]]:
+    """The Markdown table's rows keyed by method (one task), each keyed by the header."""
+    lines = [line for line in path.read_text().splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = [
+        dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True)) for line in lines[1:]
+    ]
+    return {row["method"]: row for row in rows}
+
+
+@pytest.fixture(scope="module")
+def tiny_grid(tmp_path_factory, arc_rows):
+    """zero-shot, FedSP and FedPrompt (two seeds) on a tiny ARC-style task, 3 rounds; convergence written."""
+    root = tmp_path_factory.mktemp("convergence")
+    data = root / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text(arc_rows(24))
+    (data / "validation.jsonl").write_text(arc_rows(6, 100))
+    (data / "test.jsonl").write_text(arc_rows(6, 200))
+    base = dict(
+        model="tiny-llama",
+        data_dir=str(data),
+        clients=2,
+        rounds=3,
+        local_steps=1,
+        kd_steps=2,
+        batch_size=4,
+        prefix_len=4,
+        eval_limit=6,
+        val_limit=6,
+        max_length=64,
+        eval_every_round=False,  # as the cpu preset: the convergence cells turn it on
+    )
+    cells = build_cells("convergence", ["arc_easy"], ["zero-shot", "fedsp", "fedprompt"], [0, 1])
+    grid = Grid(cells, base, root / "out")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FEDSP_CACHE_DIR", str(root / "cache"))  # the KD cache of the FedSP cells
+    try:
+        grid.run(run, say=lambda text: None)
+    finally:
+        mp.undo()
+    check_comparable(grid)
+    return grid, write_tables(grid, {"convergence": cells})
+
+
+def test_convergence_cells_evaluate_every_round_and_rounds_come_from_the_option(tmp_path):
+    # Prepare
+    parser = build_parser()
+    argv = ["compare", "--tables", "methods,convergence", "--methods", "zero-shot,fedsp", "--seeds", "0"]
+    args = parser.parse_args([*argv, "--rounds", "4", "--out", str(tmp_path)])
+    paper = parser.parse_args([*argv, "--scale", "paper", "--rounds", "4", "--out", str(tmp_path)])
+    # Execute
+    grid, by_table = plan(args)
+    paper_grid, paper_tables = plan(paper)
+    # Assert: the cpu preset evaluates once, so the trained convergence cell turns eval_every_round on
+    assert [c.name for c in by_table["convergence"]] == [
+        "arc_easy__zero-shot__s0",
+        "arc_easy__fedsp__eval_every_round=True__s0",
+    ]
+    configs = [c.config(grid.base, grid.out) for c in grid.cells]
+    assert [c.rounds for c in configs] == [4, 4, 4]
+    assert configs[-1].eval_every_round and not configs[1].eval_every_round  # convergence, methods
+    # Assert: a preset that evaluates every round shares the methods table's cells, at --rounds for any task
+    assert paper_tables["convergence"] == paper_tables["methods"] == paper_grid.cells
+    assert paper_grid.cells[1].config(paper_grid.base, paper_grid.out).rounds == 4
+    with pytest.raises(FedSPError, match=r"--rounds 0: must be at least 1"):
+        plan(parser.parse_args([*argv, "--rounds", "0"]))
+
+
+def test_tidy_csv_holds_every_round_of_every_cell(tiny_grid):
+    grid, written = tiny_grid
+    # Execute
+    rows = _rows(grid.out / "convergence_arc_easy.csv")
+    # Assert: one row for zero-shot, rounds 0..3 for each trained cell, in the columns promised
+    assert list(rows[0]) == COLUMNS
+    assert written == [grid.out / "convergence.md", grid.out / "convergence_arc_easy.csv"]
+    assert [(r["method"], r["seed"], r["round"]) for r in rows][:5] == [
+        ("zero-shot", "0", "0"),
+        ("fedsp", "0", "0"),
+        ("fedsp", "0", "1"),
+        ("fedsp", "0", "2"),
+        ("fedsp", "0", "3"),
+    ]
+    assert len(rows) == 1 + 4 * 4
+    zero = grid.results["arc_easy__zero-shot__s0"]["final"]["acc"]
+    assert float(rows[0]["accuracy"]) == pytest.approx(100 * zero) and rows[0]["val_loss"] == ""
+    for method in ("fedsp", "fedprompt"):
+        for seed in (0, 1):
+            cell = Cell(method, "arc_easy", seed, EVERY)
+            records = [json.loads(line) for line in (grid.cell_dir(cell) / "metrics.jsonl").open()]
+            mine = [r for r in rows if r["method"] == method and r["seed"] == str(seed)]
+            # Assert: the run's own per-round figures; round 0 has no accuracy and nothing sent
+            assert [float(r["val_loss"]) for r in mine] == pytest.approx([m["val_loss"] for m in records])
+            assert [float(r["accuracy"]) for r in mine[1:]] == pytest.approx(
+                [100 * m["acc"] for m in records[1:]]
+            )
+            assert mine[0]["accuracy"] == "" and mine[0]["bytes_cumulative"] == "0"
+            # Assert: the bytes add up, round by round, to the run's total (the client model's shipping too)
+            sent = [int(r["bytes_round"]) for r in mine]
+            assert [int(r["bytes_cumulative"]) for r in mine] == [sum(sent[: i + 1]) for i in range(4)]
+            assert int(mine[-1]["bytes_cumulative"]) == grid.results[cell.name]["comm"]["total_bytes"]
+            # Assert: the client model (FedSP's auxiliary, FedPrompt's global) is shipped in round 1
+            assert sent[1:] == [m["bytes_down"] + m["bytes_up"] + m["bytes_shipped"] for m in records[1:]]
+            assert sent[1] - sent[2] == records[1]["bytes_shipped"] > 0
+
+
+def test_figure_is_a_png_and_the_markdown_has_the_seed_means(tiny_grid):
+    grid, written = tiny_grid
+    rows = _rows(grid.out / "convergence_arc_easy.csv")
+    # Execute
+    table = _markdown(written[0])
+    # Assert: the figure is written
+    assert (grid.out / "convergence_arc_easy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Assert: FedSP's last round is the mean ± sd of its two seeds' round-3 accuracies, bytes beside it
+    acc = [float(r["accuracy"]) for r in rows if r["method"] == "fedsp" and r["round"] == "3"]
+    sent = [int(r["bytes_cumulative"]) for r in rows if r["method"] == "fedsp" and r["round"] == "3"]
+    mean = sum(acc) / 2
+    sd = abs(acc[0] - acc[1]) / 2**0.5
+    assert table["fedsp"]["last round"] == f"{mean:.1f} ± {sd:.1f} ({sum(sent) / 2 / 1e6:.3g} MB)"
+    assert table["fedsp"]["rounds"] == "3" and table["fedsp"]["seeds"] == "2"
+    assert table["fedprompt"]["first within 1 point of fedprompt's last round"].startswith("round ")
+
+
+def _cell(grid: Grid, cell: Cell, accs: list[float], sent: tuple[int, int, int], final: float = 0.0) -> None:
+    """A finished cell as a run writes it: round 0, then rounds with acc and bytes (down, up, shipped)."""
+    folder = grid.cell_dir(cell)
+    folder.mkdir(parents=True)
+    records = [{"round": 0, "val_loss": 3.0}]
+    for rnd, acc in enumerate(accs, 1):
+        record = {"round": rnd, "server_loss": 2.0, "val_loss": 3.0 - 0.1 * rnd, "acc": acc, "acc_norm": acc}
+        if sent[0]:
+            down, up, shipped = sent
+            record.update(bytes_down=down, bytes_up=up, bytes_shipped=shipped if rnd == 1 else 0)
+        records.append(record)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    grid.results[cell.name] = {"final": {"acc": final, "n": 6}}
+
+
+def test_markdown_means_and_the_round_each_method_comes_within_a_point_of_fedprompt(tmp_path):
+    # Prepare: two seeds of FedPrompt (last round 50, 54: mean 52) and FedSP; one of prefix-tuning, zero-shot
+    grid = Grid([], {}, tmp_path)
+    fedsp = (200, 100, 1_000_000)
+    _cell(grid, Cell("fedprompt", "arc_easy", 0, EVERY), [0.30, 0.40, 0.50], (1000, 500, 0))
+    _cell(grid, Cell("fedprompt", "arc_easy", 1, EVERY), [0.32, 0.42, 0.54], (1000, 500, 0))
+    _cell(grid, Cell("fedsp", "arc_easy", 0, EVERY), [0.20, 0.45, 0.53], fedsp)
+    _cell(grid, Cell("fedsp", "arc_easy", 1, EVERY), [0.22, 0.47, 0.49], fedsp)
+    _cell(grid, Cell("prefix-tuning", "arc_easy", 0, EVERY), [0.60, 0.61, 0.62], (0, 0, 0))
+    _cell(grid, Cell("zero-shot", "arc_easy", 0), [], (0, 0, 0), final=0.25)
+    names = ["zero-shot", "fedprompt", "fedsp", "prefix-tuning"]
+    cells = [Cell(m, "arc_easy", s, EVERY if m != "zero-shot" else ()) for m in names for s in (0, 1)]
+    cells = [c for c in cells if c.name in grid.results] + [
+        Cell("fedsp", "arc_easy", 2, EVERY)
+    ]  # seed 2: not run
+    # Execute
+    written = write_convergence(grid, cells)
+    table = _markdown(written[0])
+    rows = _rows(written[1])
+    within = "first within 1 point of fedprompt's last round"
+    # Assert: mean ± sample sd over seeds at round 2 and the last round, with the mean bytes sent by then
+    assert table["fedprompt"]["round 2"] == "41.0 ± 1.4 (0.003 MB)"
+    assert table["fedprompt"]["last round"] == "52.0 ± 2.8 (0.0045 MB)"
+    assert table["fedsp"]["round 2"] == "46.0 ± 1.4 (1 MB)"
+    assert table["fedsp"]["last round"] == "51.0 ± 2.8 (1 MB)"
+    assert table["prefix-tuning"]["last round"] == "62.0"  # one seed, nothing sent
+    assert table["zero-shot"]["last round"] == "25.0 (0 MB)" and table["zero-shot"]["rounds"] == "–"
+    # Assert: the first round at most one point below FedPrompt's 52.0
+    assert table["fedsp"][within] == "round 3 (1 MB)"
+    assert table["fedprompt"][within] == "round 3 (0.0045 MB)"
+    assert table["prefix-tuning"][within] == "round 1"
+    assert table["zero-shot"][within] == "never (untrained)"
+    # Assert: the cell that never ran is named; the CSV sums the client model's shipping into round 1
+    assert "Missing (not run or unfinished), left out: arc_easy__fedsp__eval_every_round=True__s2." in (
+        written[0].read_text()
+    )
+    fedsp0 = [r for r in rows if r["method"] == "fedsp" and r["seed"] == "0"]
+    assert [r["bytes_cumulative"] for r in fedsp0] == ["0", "1000300", "1000600", "1000900"]
+    assert [r["bytes_cumulative"] for r in rows if r["method"] == "prefix-tuning"] == [""] * 4
+    assert (tmp_path / "convergence_arc_easy.png").is_file()
+
+
+def test_a_cell_without_per_round_accuracy_is_refused_by_name(tmp_path):
+    # Prepare: a cell run with eval_every_round off (its rounds have val_loss but no acc)
+    grid = Grid([], {}, tmp_path)
+    cell = Cell("fedsp", "arc_easy", 0, EVERY)
+    _cell(grid, cell, [0.3, 0.4], (10, 10, 0))
+    path = grid.cell_dir(cell) / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "acc"}) + "\n" for r in records))
+    # Execute / Assert
+    with pytest.raises(
+        FedSPError, match=r"metrics.jsonl: no accuracy for rounds \[1, 2\]; .*eval_every_round=True"
+    ):
+        write_convergence(grid, [cell])
