@@ -71,7 +71,7 @@ def test_convergence_cells_evaluate_every_round_and_rounds_come_from_the_option(
     # Prepare
     parser = build_parser()
     argv = ["compare", "--tables", "methods,convergence", "--methods", "zero-shot,fedsp", "--seeds", "0"]
-    args = parser.parse_args([*argv, "--rounds", "4", "--out", str(tmp_path)])
+    args = parser.parse_args([*argv, "--rounds", "4", "--clients", "10", "--out", str(tmp_path)])
     paper = parser.parse_args([*argv, "--scale", "paper", "--rounds", "4", "--out", str(tmp_path)])
     # Execute
     grid, by_table = plan(args)
@@ -83,12 +83,15 @@ def test_convergence_cells_evaluate_every_round_and_rounds_come_from_the_option(
     ]
     configs = [c.config(grid.base, grid.out) for c in grid.cells]
     assert [c.rounds for c in configs] == [4, 4, 4]
+    assert [c.clients for c in configs] == [10, 10, 10]  # --clients over the preset's 3
     assert configs[-1].eval_every_round and not configs[1].eval_every_round  # convergence, methods
     # Assert: a preset that evaluates every round shares the methods table's cells, at --rounds for any task
     assert paper_tables["convergence"] == paper_tables["methods"] == paper_grid.cells
     assert paper_grid.cells[1].config(paper_grid.base, paper_grid.out).rounds == 4
     with pytest.raises(FedSPError, match=r"--rounds 0: must be at least 1"):
         plan(parser.parse_args([*argv, "--rounds", "0"]))
+    with pytest.raises(FedSPError, match=r"--clients 0: must be at least 1"):
+        plan(parser.parse_args([*argv, "--clients", "0"]))
 
 
 def test_tidy_csv_holds_every_round_of_every_cell(tiny_grid):

@@ -69,6 +69,14 @@ def add_parser(sub) -> None:
         default=None,
         help=f"federated rounds of every cell, every task (default: the preset's: {preset_rounds})",
     )
+    p.add_argument(
+        "--clients",
+        type=int,
+        default=None,
+        help="clients of every federated cell (default: the preset's: "
+        + ", ".join(f"{name} {preset['clients']}" for name, preset in SCALES.items())
+        + ")",
+    )
     p.add_argument("--model", default="smollm2", help="global model (as for fedsp run)")
     p.add_argument(
         "--dtype",
@@ -114,6 +122,10 @@ def plan(args: argparse.Namespace) -> tuple[Grid, dict[str, list[Cell]]]:
         if PER_TASK in base:
             per_task = base[PER_TASK].items()
             base[PER_TASK] = {t: {k: v for k, v in s.items() if k != "rounds"} for t, s in per_task}
+    if args.clients is not None:
+        if args.clients < 1:
+            raise FedSPError(f"--clients {args.clients}: must be at least 1")
+        base["clients"] = args.clients
     every_round = bool(base.get("eval_every_round"))
     by_table = {t: build_cells(t, tasks, methods, seeds, every_round) for t in wanted}
     ordered = list(dict.fromkeys(c for cells in by_table.values() for c in cells))  # unique, in order
