@@ -47,7 +47,7 @@ def tiny_grid(tmp_path_factory, arc_rows):
         max_length=64,
         eval_every_round=False,
     )
-    methods = ["zero-shot", "fedsp", "sfprompt"]
+    methods = ["zero-shot", "fedsp", "fedprompt", "local-only", "sfprompt"]
     by_table = {t: build_cells(t, ["arc_easy"], methods, [0]) for t in ("methods", "efficiency")}
     cells = list(dict.fromkeys(c for table in by_table.values() for c in table))
     grid = Grid(cells, base, root / "out")
@@ -97,10 +97,16 @@ def test_methods_table_has_an_sfprompt_row(tiny_grid):
     # Execute
     table = _table(written[0].with_suffix(".csv"))
     # Assert: one row per method, the accuracy of its results.json
-    assert list(table) == ["zero-shot", "fedsp", "sfprompt"]
+    assert list(table) == ["zero-shot", "fedsp", "fedprompt", "local-only", "sfprompt"]
     for method in table:
         acc = grid.results[Cell(method, "arc_easy", 0).name]["final"]["acc"]
         assert table[method]["arc_easy"] == f"{100 * acc:.1f}"
+    # Assert: the notes say which server tuned the prefix (the paper's FedPrompt only averages) and
+    # local-only's spread over its owners
+    markdown = written[0].read_text()
+    assert "Server prefix-tuning steps per round: fedsp 1, fedprompt 0 (" in markdown
+    spread = grid.results[Cell("local-only", "arc_easy", 0).name]["local_only"]["spread"]["acc"]
+    assert f"arc_easy seed 0: {100 * spread['min']:.1f}-{100 * spread['max']:.1f}" in markdown
 
 
 def test_efficiency_table_puts_split_traffic_and_compute_beside_fedsp(tiny_grid):
@@ -114,8 +120,9 @@ def test_efficiency_table_puts_split_traffic_and_compute_beside_fedsp(tiny_grid)
     def mean(*keys: str) -> float:
         return sum(sum(last[k]) for k in keys) / len(last[keys[0]])
 
-    # Assert: no zero-shot row; SFPrompt holds layers 0 and 1 and exchanges prompts + final norm
-    assert list(table) == ["fedsp", "sfprompt"]
+    # Assert: no zero-shot row; FedPrompt's server only averages; SFPrompt holds layers 0 and 1 and exchanges prompts + final norm
+    assert list(table) == ["fedsp", "fedprompt", "local-only", "sfprompt"]
+    assert fedsp["server steps per round"] == "1" and table["fedprompt"]["server steps per round"] == "0"
     assert sfp["global layers held"] == "0,1" and fedsp["global layers held"] == "0"
     assert sfp["client params"] == f"{res['client_model']['params']:,}"
     assert sfp["params down / up per round"] == "320 / 320"  # 4 prompts x 64 + a norm of 64

@@ -166,6 +166,7 @@ def write_tables(grid: Grid, by_table: dict[str, list[Cell]]) -> list[Path]:
                     labels,
                     "table12_methods",
                     "Accuracy (%) by method and task, mean ± sd over seeds (n)",
+                    tables.server_steps_note(grid, cells) + tables.local_only_note(grid, cells),
                 )
             )
         elif table == "layers":

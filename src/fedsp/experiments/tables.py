@@ -65,7 +65,13 @@ def _grouped(grid: Grid, label_of, cells: Sequence[Cell]) -> dict[tuple[str, str
 
 
 def accuracy_table(
-    grid: Grid, cells: Sequence[Cell], label_of, labels: Sequence[str], stem: str, title: str
+    grid: Grid,
+    cells: Sequence[Cell],
+    label_of,
+    labels: Sequence[str],
+    stem: str,
+    title: str,
+    notes: Sequence[str] = (),
 ) -> Path:
     """Rows: labels (methods or variants); columns: tasks; cells: acc mean ± sd over seeds (and n)."""
     tasks = list(dict.fromkeys(c.task for c in cells))
@@ -83,9 +89,42 @@ def accuracy_table(
         row.append(f"{statistics.mean(done):.1f}" if len(done) == len(tasks) else "–")
         rows.append(row)
         bars[label] = means
-    path = write_table(grid.out, stem, header, rows, title)
+    path = write_table(grid.out, stem, header, rows, title, notes)
     _bar_png(bars, tasks, grid.out / f"{stem}.png", title)
     return path
+
+
+def server_steps_note(grid: Grid, cells: Sequence[Cell]) -> list[str]:
+    """One line naming each federated method's server prefix-tuning steps per round (``results.json``'s
+    ``server_steps``; 0: the server only averages, the paper's FedPrompt), when the cells record any."""
+    steps: dict[str, set[int]] = {}
+    for cell in cells:
+        res = grid.results.get(cell.name)
+        if res is not None and res.get("server_steps") is not None:
+            steps.setdefault(cell.method, set()).add(int(res["server_steps"]))
+    if not steps:
+        return []
+    told = [f"{method} {'/'.join(str(n) for n in sorted(ns))}" for method, ns in steps.items()]
+    return [f"Server prefix-tuning steps per round: {', '.join(told)} (0: the server only averages)."]
+
+
+def local_only_note(grid: Grid, cells: Sequence[Cell]) -> list[str]:
+    """local-only's accuracy is the mean over the owners' prefixes: their spread, per task and seed."""
+    told = []
+    for cell in cells:
+        spread = (grid.results.get(cell.name) or {}).get("local_only")
+        if spread:
+            acc = spread["spread"]["acc"]
+            told.append(
+                f"{cell.task} seed {cell.seed}: {100 * acc['min']:.1f}-{100 * acc['max']:.1f} "
+                f"(sd {100 * acc['sd']:.1f}, {spread['owners']} owners)"
+            )
+    if not told:
+        return []
+    return [
+        "local-only: each owner's own prefix on the global model, the mean over owners; "
+        f"the owners' range: {'; '.join(told)}."
+    ]
 
 
 def _bar_png(bars: dict[str, list[float]], tasks: list[str], path: Path, title: str) -> None:
@@ -140,6 +179,7 @@ def efficiency_table(grid: Grid, cells: Sequence[Cell], stem: str = "table45_eff
     """
     header = [
         "method",
+        "server steps per round",
         "client params",
         "% of global",
         "global layers held",
@@ -161,7 +201,7 @@ def efficiency_table(grid: Grid, cells: Sequence[Cell], stem: str = "table45_eff
         glob = res["global_model"]["params"]
         client, comm = res.get("client_model"), res.get("comm")
         if client is None or comm is None:
-            rows.append([cell.method, "– (centralised)", *[""] * (len(header) - 2)])
+            rows.append([cell.method, "–", "– (centralised)", *[""] * (len(header) - 3)])
             continue
         split = _split_traffic(res)
         down, up = comm["bytes_down_per_round"], comm["bytes_up_per_round"]
@@ -169,6 +209,7 @@ def efficiency_table(grid: Grid, cells: Sequence[Cell], stem: str = "table45_eff
         rows.append(
             [
                 cell.method,
+                "–" if res.get("server_steps") is None else str(res["server_steps"]),
                 f"{client['params']:,}",
                 f"{100 * client['fraction_of_global']:.1f}",
                 _ranges(client["layers"]),
