@@ -120,7 +120,8 @@ def test_efficiency_table_puts_split_traffic_and_compute_beside_fedsp(tiny_grid)
     def mean(*keys: str) -> float:
         return sum(sum(last[k]) for k in keys) / len(last[keys[0]])
 
-    # Assert: no zero-shot row; FedPrompt's server only averages; SFPrompt holds layers 0 and 1 and exchanges prompts + final norm
+    # Assert: no zero-shot row; FedPrompt's server only averages;
+    # SFPrompt holds layers 0 and 1 and exchanges prompts + final norm
     assert list(table) == ["fedsp", "fedprompt", "local-only", "sfprompt"]
     assert fedsp["server steps per round"] == "1" and table["fedprompt"]["server steps per round"] == "0"
     assert sfp["global layers held"] == "0,1" and fedsp["global layers held"] == "0"
