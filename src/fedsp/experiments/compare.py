@@ -28,10 +28,11 @@ from fedsp.experiments.grid import (
     Grid,
     build_cells,
     check_comparable,
+    partition_label,
 )
 from fedsp.models.precision import DTYPE_CHOICES
 
-TABLES = ("methods", "layers", "depth", "efficiency", "convergence")
+TABLES = ("methods", "layers", "depth", "efficiency", "convergence", "partitions")
 
 
 def add_parser(sub) -> None:
@@ -45,7 +46,9 @@ def add_parser(sub) -> None:
         default="methods",
         help=f"comma-separated: {', '.join(TABLES)} (tables 1/2, 3, figure 2, tables 4/5; convergence: "
         "accuracy and server validation loss against rounds and bytes sent, per task, for the --methods; "
-        "its cells evaluate every round (eval_every_round=True) and --rounds sets how many)",
+        "its cells evaluate every round (eval_every_round=True) and --rounds sets how many; partitions: "
+        "the --methods under IID, Dirichlet alpha 1.0 and 0.1 and the task's natural partition, "
+        "hellaswag by:activity_label, medmcqa by:subject_name)",
     )
     p.add_argument(
         "--tasks", default="arc_easy", help=f"comma-separated tasks ({', '.join(TASKS)}, hellaswag, medmcqa)"
@@ -188,6 +191,19 @@ def write_tables(grid: Grid, by_table: dict[str, list[Cell]]) -> list[Path]:
             written.append(tables.depth_figure(grid, cells))
         elif table == "convergence":
             written.extend(convergence.write_convergence(grid, cells))
+        elif table == "partitions":
+            labels = list(dict.fromkeys(partition_label(c) for c in cells))
+            written.append(
+                tables.accuracy_table(
+                    grid,
+                    cells,
+                    partition_label,
+                    labels,
+                    "partitions",
+                    "Accuracy (%) by method and partition of the clients' data, mean ± sd over seeds (n)",
+                    tables.server_steps_note(grid, cells),
+                )
+            )
         else:
             written.append(tables.efficiency_table(grid, cells))
     return written

@@ -32,10 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from fedsp.config import SPEED_ONLY, RunConfig
+from fedsp.data.tasks import NATURAL_FIELDS
 from fedsp.errors import FedSPError
 from fedsp.evaluation import describe
 from fedsp.methods.table import grid_methods, spec_for
 
+DIRICHLET_ALPHAS = (1.0, 0.1)  # the partitions table's label skews, mild then strong
 PER_TASK = "per_task"  # a preset's settings for some tasks, over its others (see the module docstring)
 SCALES: dict[str, dict[str, Any]] = {
     "cpu": dict(
@@ -220,9 +222,37 @@ def build_cells(
             for n in (1, 2, 3, 4)
             for s in seeds
         ]
+    if table == "partitions":
+        return [
+            Cell(m, t, s, overrides if spec_for(m).trains else ())
+            for t in tasks
+            for m in methods
+            for overrides in (partition_overrides(t) if spec_for(m).trains else [()])
+            for s in (seeds if spec_for(m).trains else [0])
+        ]
     if table == "efficiency":
         return [Cell(m, t, seeds[0]) for t in tasks[:1] for m in methods if spec_for(m).trains]
-    raise FedSPError(f"unknown table {table!r}; choose methods, layers, depth, efficiency or convergence")
+    raise FedSPError(
+        f"unknown table {table!r}; choose methods, layers, depth, efficiency, convergence or partitions"
+    )
+
+
+def partition_overrides(task: str) -> list[tuple[tuple[str, Any], ...]]:
+    """The partitions table's federations of a task: IID (the preset's), Dirichlet label skew with alpha
+    1.0 and 0.1, and the task's natural partition by a row field where it has one (HellaSwag's
+    ``activity_label``, MedMCQA's ``subject_name``)."""
+    dirichlet = [(("partition", "dirichlet"), ("alpha", alpha)) for alpha in DIRICHLET_ALPHAS]
+    natural = NATURAL_FIELDS.get(task)
+    return [(), *dirichlet, *([(("partition", f"by:{natural}"),)] if natural else [])]
+
+
+def partition_label(cell: Cell) -> str:
+    """``fedsp, iid``, ``fedsp, dirichlet 0.1``, ``fedsp, by:subject_name``; the method for zero-shot."""
+    settings = dict(cell.overrides)
+    if not spec_for(cell.method).trains:
+        return cell.method
+    kind = settings.get("partition", "iid")
+    return f"{cell.method}, {kind}" + (f" {settings['alpha']}" if kind == "dirichlet" else "")
 
 
 def _short(value: Any) -> str:

@@ -329,6 +329,7 @@ class Session:
             "zero_shot": self.zero_shot.summary() if self.zero_shot else None,
             "ignored_options": self.ignored,
             "truncation": self.data.truncation,
+            "shards": self.data.shards,
             "global_model": {"params": global_params},
         }
         if "server_steps" in spec.reads:  # 0: the server only averages (the paper's FedPrompt)
