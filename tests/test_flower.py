@@ -189,6 +189,22 @@ def test_bfloat16_engines_agree(tmp_path):
     assert json.loads((here.out_dir / "config.json").read_text())["dtype"] == "bfloat16"
 
 
+def test_int8_messages_through_the_client_handlers_equal_the_inprocess_run(tmp_path):
+    # Prepare: int8 messages with error feedback (each node keeps its residual in its state folder)
+    config = replace(TINY, wire_dtype="int8", rounds=3)
+    here = inprocess.run(replace(config, out=str(tmp_path / "inprocess")))
+    session = Session.start(replace(config, out=str(tmp_path / "handlers")))
+    # Execute
+    server_app.serve(LocalGrid(3, tmp_path), session, wait_s=5)
+    summary = session.finish()
+    # Assert: the same prefix, bit for bit, and the same bytes: what crossed the wire was int8
+    ours, theirs = _prefix(session.out_dir), _prefix(here.out_dir)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert summary["comm"] == here.results["comm"]
+    float32_bytes = len(wire.encode(session.course.server.broadcast()))
+    assert summary["comm"]["bytes_up_per_round"] < 0.3 * float32_bytes  # per client
+
+
 def test_flower_simulation_equals_the_inprocess_run(reference, tmp_path):
     # Prepare
     from fedsp.runtime.flower import simulation

@@ -79,6 +79,8 @@ _HELP = {
     "client_timeout": "seconds a round waits for a client's reply (both engines); late clients are left out",
     "audit": "record every tensor sent to clients and check none is a private global-model weight "
     "(true/false)",
+    "wire_dtype": "how each round's prefix travels: float32 (as trained), or bfloat16 / int8 (per-row "
+    "scale): then updates are sent as their change from the broadcast, with error feedback",
     "aggregation": f"how the round's updates are combined: {RULE_FORMS}",
     "dp_noise_multiplier": "client-level differential privacy: Gaussian noise of Z x clip on the sum of the "
     "clipped updates (needs --dp-clip)",

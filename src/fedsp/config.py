@@ -35,6 +35,7 @@ from fedsp.protection import (
     parse_partitions,
     parse_rule,
 )
+from fedsp.wire import FLOAT32, WIRE_DTYPES
 
 PARTITIONS = ("iid", "dirichlet", "by:FIELD")  # by:FIELD: each client whole groups of a row field
 MAX_PREFIX_LEN = 4096  # a sane bound, checked before any work (the paper's prefixes are 40 tokens)
@@ -112,6 +113,7 @@ class RunConfig:
     max_client_weight: int | None = None  # a client's example count (FedAvg weight) is cut to this
     client_timeout: float | None = None  # seconds a round waits for a client's reply; None: no limit
     audit: bool = False  # record every tensor sent to clients (audit.json in the results folder)
+    wire_dtype: str = "float32"  # each round's messages: float32, or bfloat16 / int8 deltas (fedsp.wire)
     # the data owners' protection (fedsp.protection; README "Privacy and robustness")
     aggregation: str = "mean"  # mean, median, trimmed-mean:F, clipped-mean:C
     dp_noise_multiplier: float | None = None  # client-level DP: Gaussian noise Z * clip on the sum
@@ -137,6 +139,7 @@ class RunConfig:
         _check_choice("prefix-init", self.prefix_init, PREFIX_INITS)
         _check_choice("dtype", self.dtype, DTYPE_CHOICES)
         _check_choice("aux-layer-order", self.aux_layer_order, LAYER_ORDERS)
+        _check_choice("wire-dtype", self.wire_dtype, WIRE_DTYPES)
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))
         # a run records the dtype it computed in (config.json, --resume, grid cells), never "auto"
         object.__setattr__(self, "dtype", resolve_dtype(self.dtype, self.device))
@@ -262,6 +265,11 @@ class RunConfig:
                 "cannot be combined with it (use mean)"
             )
         if self.secure_aggregation:
+            if self.wire_dtype != FLOAT32:
+                raise FedSPError(
+                    f"--secure-aggregation masks float32 updates (SecAgg+ quantises them itself); "
+                    f"--wire-dtype {self.wire_dtype} cannot be combined with it (use float32)"
+                )
             if not spec_for(self.method).secure_aggregation:
                 raise FedSPError(
                     f"--secure-aggregation is not available with --method {self.method}: its clients' "

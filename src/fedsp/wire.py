@@ -6,9 +6,27 @@ Every payload is a flat ``{name: tensor}`` dict serialised with safetensors
     prefix, SFPrompt's prompts and tail), detached CPU copies;
   - :func:`load_snapshot` writes a received message back into those tensors,
     checking names, shapes and finiteness first;
-  - :func:`encode` / :func:`decode` turn a message into bytes and back.
+  - :func:`encode` / :func:`decode` turn a message into bytes and back;
+  - :func:`encode_broadcast` / :func:`decode_broadcast` and :func:`encode_update` /
+    :func:`decode_update` are a round's two messages at the run's ``--wire-dtype``.
 Parameter and byte counts in the results come from these functions, so they
 measure what is sent; every engine (in-process, Flower) moves these bytes.
+
+``--wire-dtype`` (the round's prefix, prompts or tail; not split-learning
+activations, not the client model shipped once):
+  - ``float32``: every tensor as it is, the client's update its new state;
+  - ``bfloat16``: floating tensors rounded to bfloat16 (relative error at most
+    2^-8 of each value);
+  - ``int8``: floating tensors as int8 codes with one float32 scale per row
+    (the first dimension; a vector is one row), the row's largest magnitude
+    over 127, sent as ``<name>::scale``: error at most half a step, scale/2.
+With a compressed dtype the client sends its **change** from the broadcast it
+received, not its state (a change is small beside the prefix, so its rounding
+error is too), plus what the rounding of its earlier updates left out (error
+feedback: the client keeps that residual between rounds, so over many rounds
+the server receives the sum of the true changes within one rounding). The
+server adds the decoded change to the exact broadcast it kept. Received
+messages decode to float32.
 """
 
 from __future__ import annotations
@@ -22,6 +40,10 @@ from safetensors.torch import save as st_save
 from fedsp.errors import FedSPError
 
 Tensors = dict[str, torch.Tensor]
+FLOAT32, BFLOAT16, INT8 = "float32", "bfloat16", "int8"
+WIRE_DTYPES = (FLOAT32, BFLOAT16, INT8)
+SCALE = "::scale"  # the int8 scale of tensor <name> travels as <name>::scale
+INT8_MAX = 127
 
 
 def snapshot(named: Iterable[tuple[str, torch.Tensor]], prefix: str = "") -> Tensors:
@@ -90,3 +112,99 @@ def unflatten(vector: torch.Tensor, like: Mapping[str, torch.Tensor]) -> Tensors
         out[name] = vector[start : start + count].double().reshape(like[name].shape)
         start += count
     return out
+
+
+def compress(tensors: Mapping[str, torch.Tensor], wire_dtype: str) -> Tensors:
+    """The message of ``tensors`` at ``wire_dtype`` (floating tensors only; others pass as they are)."""
+    if wire_dtype == FLOAT32:
+        return dict(tensors)
+    out: Tensors = {}
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            out[name] = t
+        elif wire_dtype == BFLOAT16:
+            out[name] = t.detach().to(torch.bfloat16)
+        else:
+            rows = t.detach().float().reshape(t.shape[0] if t.dim() > 1 else 1, -1)
+            scale = rows.abs().amax(dim=1) / INT8_MAX if rows.numel() else torch.zeros(rows.shape[0])
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row: codes of 0
+            codes = torch.round(rows / scale[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+            out[name] = codes.reshape(t.shape)
+            out[name + SCALE] = scale
+    return out
+
+
+def decompress(message: Mapping[str, torch.Tensor], wire_dtype: str, what: str) -> Tensors:
+    """``compress``'s inverse, in float32 (float32 messages as they are); a malformed message is refused."""
+    if wire_dtype == FLOAT32:
+        return dict(message)
+    out: Tensors = {}
+    for name, t in message.items():
+        if name.endswith(SCALE):
+            if name[: -len(SCALE)] not in message:
+                raise FedSPError(f"{what} holds a scale {name!r} without its tensor")
+            continue
+        if wire_dtype == INT8 and t.dtype == torch.int8:
+            scale = message.get(name + SCALE)
+            rows = t.shape[0] if t.dim() > 1 else 1
+            if scale is None or scale.dtype != torch.float32 or tuple(scale.shape) != (rows,):
+                got = "none" if scale is None else f"{scale.dtype} {tuple(scale.shape)}"
+                raise FedSPError(
+                    f"{what} tensor {name!r}: int8 codes need a float32 scale of shape ({rows},), got {got}"
+                )
+            if not bool(torch.isfinite(scale).all()):
+                raise FedSPError(f"{what} tensor {name!r} has a scale of NaN or Inf")
+            out[name] = (t.reshape(rows, -1).float() * scale[:, None]).reshape(t.shape)
+        elif t.is_floating_point():
+            out[name] = t.float()
+        else:
+            out[name] = t
+    return out
+
+
+def encode_broadcast(sent: Mapping[str, torch.Tensor], wire_dtype: str) -> bytes:
+    """The round's broadcast at ``wire_dtype``."""
+    return encode(compress(sent, wire_dtype))
+
+
+def decode_broadcast(payload: bytes, wire_dtype: str) -> Tensors:
+    """What a client received: the broadcast as the wire carried it (float32 when compressed)."""
+    return decompress(decode(payload), wire_dtype, "broadcast")
+
+
+def encode_update(
+    state: Mapping[str, torch.Tensor],
+    received: Mapping[str, torch.Tensor],
+    wire_dtype: str,
+    residual: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[bytes, Tensors | None]:
+    """A client's update and its new residual (error feedback; None at float32, which sends the state).
+
+    Compressed: the change ``state - received`` plus the ``residual`` its earlier rounds left out is
+    rounded to ``wire_dtype``; the new residual is what that rounding left out.
+    """
+    if wire_dtype == FLOAT32:
+        return encode(state), None
+    change = {name: state[name].detach().float() - received[name].float() for name in state}
+    if residual is not None and set(residual) == set(change):
+        change = {name: value + residual[name].float() for name, value in change.items()}
+    message = compress(change, wire_dtype)
+    arrived = decompress(message, wire_dtype, "update")
+    return encode(message), {name: change[name] - arrived[name] for name in change}
+
+
+def decode_update(payload: bytes, sent: Mapping[str, torch.Tensor], wire_dtype: str) -> Tensors:
+    """A client's new state as the server sees it: the state itself (float32), or the broadcast the
+    server kept plus the decoded change, in the broadcast's dtypes."""
+    message = decode(payload)
+    if wire_dtype == FLOAT32:
+        return message
+    change = decompress(message, wire_dtype, "update")
+    if set(change) != set(sent):
+        raise FedSPError(f"update has keys {sorted(change)}, expected {sorted(sent)}")
+    for name, value in change.items():
+        if tuple(value.shape) != tuple(sent[name].shape):
+            raise FedSPError(
+                f"update tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(sent[name].shape)}"
+            )
+    return {name: (sent[name].float() + change[name]).to(sent[name].dtype) for name in sent}

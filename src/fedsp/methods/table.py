@@ -70,7 +70,8 @@ PROTECTION = frozenset(
         "attackers",
     }
 )
-GROUPS = (TRAINING, FEDERATION, PREFIX, MODEL_LR, AUX, KD, SPLIT, PROTECTION)
+WIRE = frozenset({"wire_dtype"})  # how each round's messages are encoded (fedsp.wire): federated methods
+GROUPS = (TRAINING, FEDERATION, PREFIX, MODEL_LR, AUX, KD, SPLIT, PROTECTION, WIRE)
 SPECIFIC = frozenset().union(*GROUPS)
 
 # What a client holds of the global model.
@@ -151,8 +152,8 @@ class MethodSpec:
         }
 
 
-_ALL = TRAINING | FEDERATION | PREFIX | MODEL_LR | AUX | KD | PROTECTION
-_PROMPT_ONLY = TRAINING | FEDERATION | PREFIX | PROTECTION
+_ALL = TRAINING | FEDERATION | PREFIX | MODEL_LR | AUX | KD | PROTECTION | WIRE
+_PROMPT_ONLY = TRAINING | FEDERATION | PREFIX | PROTECTION | WIRE
 _FEDSP = "fedsp.methods.fedsp:fedsp_course"
 _TABLE = [
     MethodSpec("zero-shot", "the global model as it is, no training", frozenset(), None, None, grid="main"),
@@ -235,7 +236,11 @@ _TABLE = [
         "sfprompt",
         "SFPrompt: split model (client head + tail, server body), input prompts, EL2N "
         "pruning, local-loss steps; P = --prefix-len",
-        TRAINING | SPLIT | PROTECTION | frozenset({"partition", "alpha", "lr", "prefix_len", "prefix_init"}),
+        TRAINING
+        | SPLIT
+        | PROTECTION
+        | WIRE
+        | frozenset({"partition", "alpha", "lr", "prefix_len", "prefix_init"}),
         "fedsp.methods.sfprompt:sfprompt_course",
         ClientShape(SPLIT_HEAD),
         grid="opt-in",

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from fedsp import wire
 from fedsp.config import RunConfig
 from fedsp.methods.table import SPLIT_HEAD, spec_for
 from fedsp.models.adapters import decoder_layers
@@ -64,17 +65,27 @@ def private_weights(model: PreTrainedModel, config: RunConfig) -> dict[str, str]
     private, shared = {}, set()
     for index, layer in enumerate(layers):
         for name, param in layer.named_parameters():
-            if index in allowed:
-                shared.add(fingerprint(param))
-            else:
-                private[fingerprint(param)] = f"layer {index}: {name}"
+            for form in _forms(param, config.wire_dtype):
+                if index in allowed:
+                    shared.add(fingerprint(form))
+                else:
+                    private[fingerprint(form)] = f"layer {index}: {name}"
     layer_params = {id(p) for layer in layers for p in layer.parameters()}
     shared |= {
-        fingerprint(p) for p in model.parameters() if id(p) not in layer_params
+        fingerprint(form)
+        for p in model.parameters()
+        if id(p) not in layer_params
+        for form in _forms(p, config.wire_dtype)
     }  # embeddings, norm, head
     # a private weight whose values are also those of a weight clients may hold (e.g. norms still all ones) is
     # no secret: only the others are checked
     return {digest: where for digest, where in private.items() if digest not in shared}
+
+
+def _forms(param: torch.Tensor, wire_dtype: str) -> list[torch.Tensor]:
+    """A weight as it is and as ``--wire-dtype`` would carry it (bfloat16 values, or int8 codes)."""
+    compressed = wire.compress({"w": param.detach()}, wire_dtype)["w"]
+    return [param] if compressed is param or wire_dtype == wire.FLOAT32 else [param, compressed]
 
 
 class Audit:

@@ -29,6 +29,7 @@ from fedsp.runtime.checkpoint import ClientStore
 from fedsp.runtime.messages import LOST_STATE, NEED_AUX, OK, STEP, Order, Reply, Turn
 
 log = logging.getLogger("fedsp.clients")
+RESIDUAL = "wire_residual"  # kept with a client's state: what its compressed updates left out so far
 
 
 def client_round(
@@ -40,6 +41,7 @@ def client_round(
     shipped: Mapping[str, torch.Tensor] | None = None,
     has_model: bool = True,
     attack: Attack | None = None,
+    wire_dtype: str = wire.FLOAT32,
 ) -> Reply:
     """The client's half of a round, the same in every engine.
 
@@ -65,12 +67,15 @@ def client_round(
     store.end_turns()  # an earlier round left unfinished (the client failed, or the server gave up on it)
     with torch.random.fork_rng(devices=[]):  # the caller's RNG is untouched
         client = build()
+        residual = None
         if saved is not None:
-            client.load_state_dict(saved[1])
+            state = dict(saved[1])
+            residual = state.pop(RESIDUAL, None)
+            client.load_state_dict(state)
         torch.manual_seed(participation.client_rng_seed(seed, order.rnd, order.partition))
-        sent = wire.decode(prefix)
+        sent = wire.decode_broadcast(prefix, wire_dtype)
         outcome = client.fit({name: t.clone() for name, t in sent.items()})
-    return _conclude(order, store, client, sent, outcome, attack)
+    return _conclude(order, store, client, sent, outcome, attack, wire_dtype, residual)
 
 
 def client_turn(
@@ -80,6 +85,7 @@ def client_turn(
     seed: int,
     has_model: bool = True,
     attack: Attack | None = None,
+    wire_dtype: str = wire.FLOAT32,
 ) -> Reply:
     """The client's answer to the server's ``turn`` in the middle of its round (split learning)."""
     saved = store.load_turn(turn.rnd) if has_model else None
@@ -95,7 +101,8 @@ def client_turn(
         turns = int(saved["turns"]) + 1
         torch.manual_seed(participation.client_rng_seed(seed, turn.rnd, turn.partition) + turns)
         outcome = client.answer(Request(turn.step, wire.decode(turn.payload)))
-    return _conclude(order, store, client, saved["sent"], outcome, attack, turns)
+    residual = saved.get(RESIDUAL)
+    return _conclude(order, store, client, saved["sent"], outcome, attack, wire_dtype, residual, turns)
 
 
 def _conclude(
@@ -105,15 +112,24 @@ def _conclude(
     sent: dict[str, torch.Tensor],
     outcome: ClientUpdate | Request,
     attack: Attack | None,
+    wire_dtype: str = wire.FLOAT32,
+    residual: dict[str, torch.Tensor] | None = None,
     turns: int = 0,
 ) -> Reply:
-    """The reply to the server: the next split message (the round in progress kept), or the update."""
+    """The reply to the server: the next split message (the round in progress kept), or the update.
+
+    ``sent`` is the broadcast as received; ``residual`` what the rounding of the earlier updates left
+    out (error feedback, compressed ``wire_dtype`` only), kept with the client's state.
+    """
     if isinstance(outcome, Request):
-        store.save_turn(order.rnd, {"client": client.state_dict(), "sent": sent, "turns": turns})
+        turn = {"client": client.state_dict(), "sent": sent, "turns": turns, RESIDUAL: residual}
+        store.save_turn(order.rnd, turn)
         return Reply(order.partition, STEP, wire.encode(outcome.tensors), step=outcome.step)
     sends = outcome.state if attack is None else attacked(attack, sent, outcome.state)
-    store.save(order.rnd, client.state_dict())
+    payload, left_out = wire.encode_update(sends, sent, wire_dtype, residual)
+    state = client.state_dict()
+    store.save(order.rnd, state if left_out is None else {**state, RESIDUAL: left_out})
     store.end_turns(order.rnd)
     metrics = {name: float(value) for name, value in outcome.metrics.items()}
-    reply = Reply(order.partition, OK, wire.encode(sends), outcome.num_examples, metrics)
+    reply = Reply(order.partition, OK, payload, outcome.num_examples, metrics)
     return faults.after_fit(order, sent, reply)

@@ -87,7 +87,8 @@ def before_turn(order: Order, turns: int) -> None:
 
 
 def after_fit(order: Order, sent: dict[str, torch.Tensor], reply: Reply) -> Reply:
-    """The reply as the planned faults make it (``sent``: the round's broadcast, as the client got it)."""
+    """The reply as the planned faults make it (``sent``: the round's broadcast, as the client got it;
+    the moves read the update as a float32 state: tests of --wire-dtype float32)."""
     if reply.status != OK:
         return reply
     if wants(order, "malformed"):

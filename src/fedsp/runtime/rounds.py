@@ -38,6 +38,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from fedsp import wire
@@ -103,10 +104,10 @@ class RoundDriver:
         seed = session.aggregator.sampling_seed if session.aggregator is not None else config.seed
         sampled = participation.sample_clients(session.course.num_clients, config.fraction_fit, seed, rnd)
         sent = session.course.server.broadcast()
-        session.record_sent(rnd, "prefix", sent, sampled)
-        down = wire.encode(sent)
+        session.record_sent(rnd, "prefix", wire.compress(sent, config.wire_dtype), sampled)
+        down = wire.encode_broadcast(sent, config.wire_dtype)
         # 3) the exchange
-        replies, failed, bytes_up = self.exchange(rnd, sampled, down)
+        replies, failed, bytes_up = self.exchange(rnd, sampled, down, sent)
         summed, self.summed = self.summed, None
         # 4) which updates count, and with what weight (under secure aggregation the server sees no
         # update, so it can check none: it gets their sum)
@@ -169,9 +170,12 @@ class RoundDriver:
         return replies
 
     def exchange(
-        self, rnd: int, sampled: list[int], down: bytes
+        self, rnd: int, sampled: list[int], down: bytes, sent: dict[str, torch.Tensor]
     ) -> tuple[list[tuple[int, ClientUpdate]], dict[int, str], dict[int, int]]:
-        """Orders out, replies in: (partition, update) by partition, failures, bytes up per partition."""
+        """Orders out, replies in: (partition, update) by partition, failures, bytes up per partition.
+
+        ``down`` is the encoded broadcast, ``sent`` the broadcast as the server keeps it (a compressed
+        update is a change from it)."""
         session = self.session
         assert session.course is not None
         updates: dict[int, ClientUpdate] = {}
@@ -212,7 +216,7 @@ class RoundDriver:
                     bytes_up[k] = 0
                 else:
                     try:
-                        state = wire.decode(reply.payload)
+                        state = wire.decode_update(reply.payload, sent, session.config.wire_dtype)
                     except FedSPError as err:  # as a reply Flower cannot parse: a failure, sent again
                         failed[k] = f"malformed reply ({err})"
                         continue
@@ -404,13 +408,26 @@ class InProcessEngine:
         k = order.partition
         build = partial(self.course.make_client, k)
         return client_round(
-            order, prefix, self.store(k), build, self.config.seed, attack=attack_for(self.config, k)
+            order,
+            prefix,
+            self.store(k),
+            build,
+            self.config.seed,
+            attack=attack_for(self.config, k),
+            wire_dtype=self.config.wire_dtype,
         )
 
     def _turn(self, turn: Turn) -> Reply:
         k = turn.partition
         build = partial(self.course.make_client, k)
-        return client_turn(turn, self.store(k), build, self.config.seed, attack=attack_for(self.config, k))
+        return client_turn(
+            turn,
+            self.store(k),
+            build,
+            self.config.seed,
+            attack=attack_for(self.config, k),
+            wire_dtype=self.config.wire_dtype,
+        )
 
 
 def _guarded(call: Callable[[Any], Reply], order: Order | Turn) -> Reply:

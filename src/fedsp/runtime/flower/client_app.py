@@ -180,7 +180,15 @@ def work(job: Job) -> Done:
     if job.kind == "split":
         turn = Turn(order.rnd, order.partition, order.step, job.payload)
         build = _builder(order, job.node_config, store, None, timer)
-        reply = client_turn(turn, store, build, order.config.seed, has_model=store.has_aux(), attack=attack)
+        reply = client_turn(
+            turn,
+            store,
+            build,
+            order.config.seed,
+            has_model=store.has_aux(),
+            attack=attack,
+            wire_dtype=order.config.wire_dtype,
+        )
         return Done(reply, timer[0])
     # an order: the client model, shipped now (else on this node's disk); the round; the update
     shipped = wire.decode(job.aux) if job.aux is not None else None
@@ -194,6 +202,7 @@ def work(job: Job) -> Done:
         shipped=shipped,
         has_model=store.has_aux(),
         attack=attack,
+        wire_dtype=order.config.wire_dtype,
     )
     return Done(None if faults.wants(step, "empty-reply") else reply, timer[0])
 
