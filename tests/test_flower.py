@@ -205,6 +205,22 @@ def test_int8_messages_through_the_client_handlers_equal_the_inprocess_run(tmp_p
     assert summary["comm"]["bytes_up_per_round"] < 0.3 * float32_bytes  # per client
 
 
+def test_a_low_rank_client_model_rebuilt_on_a_node_equals_the_inprocess_run(tmp_path):
+    # Prepare: the client model's embedding as rank-8 factors; a node builds the structure from the global
+    # architecture and loads the shipped factors into it
+    config = replace(TINY, aux_embedding="lowrank:8")
+    here = inprocess.run(replace(config, out=str(tmp_path / "inprocess")))
+    session = Session.start(replace(config, out=str(tmp_path / "handlers")))
+    # Execute
+    server_app.serve(LocalGrid(3, tmp_path), session, wait_s=5)
+    summary = session.finish()
+    # Assert: the same prefix, bit for bit, and the smaller model was what was shipped
+    ours, theirs = _prefix(session.out_dir), _prefix(here.out_dir)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert summary["comm"] == here.results["comm"]
+    assert any(name.endswith("embed_tokens.down") for name in session.course.shipped_once)
+
+
 def test_flower_simulation_equals_the_inprocess_run(reference, tmp_path):
     # Prepare
     from fedsp.runtime.flower import simulation

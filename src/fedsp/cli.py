@@ -50,6 +50,8 @@ _HELP = {
     "aux_layer_choice": "which layers: bottom, middle, top, or indices like 0,15",
     "aux_layer_order": "which of N > 1 auxiliary layers runs at each depth: cyclic (0,1,..,N-1,0,1,..; "
     "the reference code's) or blocks (each layer one contiguous block of depths)",
+    "aux_embedding": "the auxiliary model's embedding and tied head: full (the global model's) or lowrank:R "
+    "(two factors of rank R from its SVD, then distilled: a smaller client model)",
     "kd_steps": "knowledge-distillation steps for the auxiliary model (0 = no KD)",
     "kd_lr": "KD learning rate",
     "kd_batch_size": "KD batch size",

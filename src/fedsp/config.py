@@ -25,6 +25,7 @@ import yaml
 from fedsp.errors import FedSPError
 from fedsp.files import io_reason
 from fedsp.methods.table import ENGINES, METHODS, SPLIT_HEAD, spec_for
+from fedsp.models.embedding import parse_embedding
 from fedsp.models.precision import DTYPE_CHOICES, resolve_dtype
 from fedsp.protection import (
     MEAN,
@@ -82,6 +83,7 @@ class RunConfig:
     aux_layers: int = 1
     aux_layer_choice: str | tuple[int, ...] = "bottom"
     aux_layer_order: str = "cyclic"  # which of N > 1 layers runs at each depth (models/auxiliary.py)
+    aux_embedding: str = "full"  # lowrank:R: the client's embedding and head as factors (models/embedding)
     kd_steps: int = 20
     kd_lr: float = 5e-4
     kd_batch_size: int = 8
@@ -140,6 +142,14 @@ class RunConfig:
         _check_choice("dtype", self.dtype, DTYPE_CHOICES)
         _check_choice("aux-layer-order", self.aux_layer_order, LAYER_ORDERS)
         _check_choice("wire-dtype", self.wire_dtype, WIRE_DTYPES)
+        if (
+            parse_embedding(self.aux_embedding) is not None
+            and "aux_embedding" not in spec_for(self.method).reads
+        ):
+            raise FedSPError(
+                f"--aux-embedding {self.aux_embedding} shrinks a distilled auxiliary model; the clients of "
+                f"--method {self.method} hold none (use fedsp or its ablations, or --aux-embedding full)"
+            )
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))
         # a run records the dtype it computed in (config.json, --resume, grid cells), never "auto"
         object.__setattr__(self, "dtype", resolve_dtype(self.dtype, self.device))

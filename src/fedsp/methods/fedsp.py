@@ -47,6 +47,7 @@ from fedsp.methods.kd import distilled_auxiliary_model
 from fedsp.methods.optim import OptimConfig, Phase, set_trainable
 from fedsp.methods.table import ALTERNATE, AUXILIARY, GLOBAL, JOINT, PROMPT_ONLY, ClientShape, spec_for
 from fedsp.models.auxiliary import build_auxiliary_model, depth_plan, unique_parameter_count
+from fedsp.models.embedding import factorise_embedding, parse_embedding
 from fedsp.models.forward import answer_loss, mean_answer_loss
 from fedsp.models.loading import LoadedModel
 from fedsp.models.prefix import (
@@ -293,16 +294,23 @@ def client_seed(config: RunConfig, partition: int) -> int:
 
 
 def client_model_from(
-    shape: ClientShape, skeleton: PreTrainedModel, layers: Sequence[int], order: str = "cyclic"
+    shape: ClientShape,
+    skeleton: PreTrainedModel,
+    layers: Sequence[int],
+    order: str = "cyclic",
+    embedding: str = "full",
 ) -> PreTrainedModel:
     """The structure of what a client holds, built from the global architecture ``skeleton``.
 
     Its weights are then replaced by the ones the server shipped (a Flower node
-    never has the global weights, only their shapes). ``order``: ``--aux-layer-order``.
+    never has the global weights, only their shapes). ``order``: ``--aux-layer-order``;
+    ``embedding``: ``--aux-embedding`` (a low-rank one's factors are left for the shipped ones).
     """
     if shape.holds == GLOBAL:
         return skeleton.requires_grad_(False)
-    return build_auxiliary_model(skeleton, list(layers), share=shape.share, order=order)
+    aux = build_auxiliary_model(skeleton, list(layers), share=shape.share, order=order)
+    rank = parse_embedding(embedding)
+    return aux if rank is None else factorise_embedding(aux, rank, initialise=False)
 
 
 def make_client(

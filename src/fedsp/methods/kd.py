@@ -32,6 +32,7 @@ from fedsp.data.batching import BatchStream, Encoded, collate
 from fedsp.files import atomic_write
 from fedsp.methods.optim import OptimConfig, Phase
 from fedsp.models.auxiliary import build_auxiliary_model, depth_plan, select_layers
+from fedsp.models.embedding import factorise_embedding, parse_embedding
 from fedsp.models.forward import hidden_states
 from fedsp.models.loading import LoadedModel, cache_dir
 
@@ -145,9 +146,11 @@ def cache_key(
     config: KDConfig,
     rows: Sequence[Encoded],
     seed: int,
+    embedding: str = "full",
 ) -> str:
     """A digest of everything the distilled weights depend on (``plan``: the selected layer each depth
-    runs, :func:`~fedsp.models.auxiliary.depth_plan`; None when the layers are not shared)."""
+    runs, :func:`~fedsp.models.auxiliary.depth_plan`; None when the layers are not shared; ``embedding``:
+    ``--aux-embedding``, in the digest only when not the full embedding, so older keys stay valid)."""
     digest = hashlib.sha256()
     meta = {
         "model": model_name,
@@ -157,6 +160,8 @@ def cache_key(
         "kd": config.fingerprint(),
         "seed": seed,
     }
+    if embedding != "full":
+        meta["embedding"] = embedding
     digest.update(json.dumps(meta, sort_keys=True, default=str).encode())
     for row in rows:
         digest.update(str(row.ids).encode())
@@ -195,7 +200,13 @@ def distilled_auxiliary_model(
     num_layers = loaded.model.config.num_hidden_layers
     selected = layers or select_layers(num_layers, config.aux_layers, config.aux_layer_choice)
     order = config.aux_layer_order
-    aux = build_auxiliary_model(loaded.model, selected, share=share, order=order)
+    rank = parse_embedding(config.aux_embedding)
+
+    def build() -> PreTrainedModel:
+        aux = build_auxiliary_model(loaded.model, selected, share=share, order=order)
+        return aux if rank is None else factorise_embedding(aux, rank)
+
+    aux = build()
     steps = config.kd_steps if kd_steps is None else kd_steps
     if steps == 0:
         return aux, selected, []
@@ -210,7 +221,9 @@ def distilled_auxiliary_model(
     )
     model_config = {**loaded.model.config.to_dict(), "weights_dtype": str(loaded.model.dtype)}
     plan = depth_plan(num_layers, len(selected), order) if share else None
-    key = cache_key(loaded.name, model_config, selected, plan, kd_config, server_rows, config.seed)
+    key = cache_key(
+        loaded.name, model_config, selected, plan, kd_config, server_rows, config.seed, config.aux_embedding
+    )
     path = cache_dir() / "aux" / f"{key}.safetensors"
     if path.is_file():
         try:
@@ -221,7 +234,7 @@ def distilled_auxiliary_model(
                 f"cached auxiliary model {path} cannot be read ({err}); distilling it again", stacklevel=2
             )
             path.unlink(missing_ok=True)
-            aux = build_auxiliary_model(loaded.model, selected, share=share, order=order)
+            aux = build()
     losses = distill(
         loaded.model,
         aux,

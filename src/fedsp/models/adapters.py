@@ -113,13 +113,18 @@ def output_weight(model: nn.Module) -> torch.Tensor:
     return cast(torch.Tensor, cast(PreTrainedModel, model).get_output_embeddings().weight)
 
 
+def _embedding_tensor(model: nn.Module) -> torch.Tensor:
+    """A tensor of the input embedding (its matrix, or a factor of a low-rank one)."""
+    return next(cast(PreTrainedModel, model).get_input_embeddings().parameters())
+
+
 def model_device(model: nn.Module) -> torch.device:
     """Where the model's weights live (batches and prefixes follow it)."""
-    return embedding_weight(model).device
+    return _embedding_tensor(model).device
 
 
 def weights_dtype(model: nn.Module) -> torch.dtype:
-    return embedding_weight(model).dtype
+    return _embedding_tensor(model).dtype
 
 
 def check_lengths(config: PretrainedConfig, prefix_len: int, max_length: int) -> None:

@@ -24,6 +24,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from fedsp.data.batching import IGNORE
 from fedsp.models.adapters import model_device, weights_dtype
+from fedsp.models.embedding import LowRankHead
 from fedsp.models.prefix import Prefix
 
 
@@ -82,6 +83,8 @@ def head_logits(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """
     if hidden.dtype == torch.float32:
         return head(hidden)
+    if isinstance(head, LowRankHead):
+        return head.float_logits(hidden)
     bias = getattr(head, "bias", None)
     weight = cast(torch.Tensor, head.weight)
     return F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())

@@ -69,7 +69,7 @@ def build_client(
         held = {id(p) for m in client_modules(skeleton, config.split_layer) for p in m.parameters()}
         _load_exact(skeleton, shipped, {n for n, p in skeleton.named_parameters() if id(p) in held})
         return split_client(config, skeleton, rows, partition, pad_id)
-    model = client_model_from(shape, skeleton, layers, config.aux_layer_order)
+    model = client_model_from(shape, skeleton, layers, config.aux_layer_order, config.aux_embedding)
     _load_exact(model, shipped)
     return make_client(
         config, shape, model, rows, partition, pad_id, skeleton.config.num_hidden_layers, layers
