@@ -114,3 +114,27 @@ def test_the_distillation_cache_tells_the_embeddings_apart():
     # Assert: the full embedding keeps the key it always had; a low-rank one gets its own
     assert cache_key(*args) == cache_key(*args, "full")
     assert cache_key(*args, "lowrank:8") not in (cache_key(*args), cache_key(*args, "lowrank:16"))
+
+
+def test_an_untied_head_gets_its_own_factors_and_other_embeddings_are_refused():
+    # Prepare: an auxiliary model whose head no longer shares the embedding's matrix
+    model = load_global_model("tiny-llama", seed=0).model
+    aux = build_auxiliary_model(model, [0]).eval()
+    head = aux.get_output_embeddings()
+    head.weight = torch.nn.Parameter(head.weight.detach().clone() + 0.01)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    # Execute
+    small = factorise_embedding(copy.deepcopy(aux), 64).eval()
+    with torch.no_grad():
+        want, got = aux(input_ids=ids).logits, small(input_ids=ids).logits
+    # Assert: full rank reproduces the untied model; the head's factors are its own
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert small.get_output_embeddings().factors is not small.get_input_embeddings()
+
+    class Scaled(torch.nn.Embedding):  # an embedding that does more than a lookup (as Gemma's)
+        pass
+
+    other = copy.deepcopy(aux)
+    other.set_input_embeddings(Scaled(model.config.vocab_size, 64))
+    with pytest.raises(FedSPError, match=r"input embedding \(Scaled\) is not a plain lookup table"):
+        factorise_embedding(other, 8)

@@ -223,11 +223,12 @@ def build_cells(
             for s in seeds
         ]
     if table == "partitions":
+        # a method that reads no --partition (zero-shot, the centralised ones) gets one cell per seed
         return [
-            Cell(m, t, s, overrides if spec_for(m).trains else ())
+            Cell(m, t, s, o)
             for t in tasks
             for m in methods
-            for overrides in (partition_overrides(t) if spec_for(m).trains else [()])
+            for o in (partition_overrides(t) if "partition" in spec_for(m).reads else [()])
             for s in (seeds if spec_for(m).trains else [0])
         ]
     if table == "efficiency":
@@ -247,9 +248,10 @@ def partition_overrides(task: str) -> list[tuple[tuple[str, Any], ...]]:
 
 
 def partition_label(cell: Cell) -> str:
-    """``fedsp, iid``, ``fedsp, dirichlet 0.1``, ``fedsp, by:subject_name``; the method for zero-shot."""
+    """``fedsp, iid``, ``fedsp, dirichlet 0.1``, ``fedsp, by:subject_name``; the method alone for one that
+    reads no partition (zero-shot, the centralised ones)."""
     settings = dict(cell.overrides)
-    if not spec_for(cell.method).trains:
+    if "partition" not in spec_for(cell.method).reads:
         return cell.method
     kind = settings.get("partition", "iid")
     return f"{cell.method}, {kind}" + (f" {settings['alpha']}" if kind == "dirichlet" else "")

@@ -5,13 +5,16 @@ A modern small LLM's embedding is most of what FedSP ships to a client: SmolLM2'
 lowrank:R`` replaces the client's V x E matrix W by two factors, ``down`` (V x R) and ``up``
 (R x E), initialised from W's truncated SVD (``down = U_R S_R^1/2``, ``up = S_R^1/2 V_R^T``,
 the best rank-R approximation of W in Frobenius norm), then distilled with the rest of the
-auxiliary model by the usual KD step:
+auxiliary model by the usual KD step (which matches last hidden states: it tunes the factors through
+the input side; the head reuses them as they come out, and is never distilled on its own):
 
 - a token's embedding is row ``down[token] @ up``: the tokenisation is exactly the global
   model's, no token is lost;
 - the LM head computes ``(h @ up^T) @ down^T``: with tied embeddings (SmolLM2, GPT-2, OPT,
   tiny models) the head shares the factors, as the original head shares W; an untied head
-  is factorised the same way, with its own factors;
+  is factorised the same way, with its own factors (from its own SVD, not distilled);
+- only a plain ``nn.Embedding`` and a bias-free ``nn.Linear`` head are factorised (a scaled
+  embedding such as Gemma's is refused); the padding row gets gradients like any other;
 - the global model is unchanged: the prefix a client trains has the global model's key/value
   shape whatever R is, and plugs into the global model as it is.
 
@@ -21,6 +24,7 @@ holds and is sent once is ``(V + E) R`` numbers per factorised matrix instead of
 
 from __future__ import annotations
 
+import re
 from typing import cast
 
 import torch
@@ -32,16 +36,16 @@ from fedsp.errors import FedSPError
 
 FULL = "full"
 LOWRANK = "lowrank"
-EMBEDDING_FORMS = (FULL, f"{LOWRANK}:R")
 
 
 def parse_embedding(text: str) -> int | None:
-    """``full`` -> None; ``lowrank:R`` -> R (at least 1); anything else refused in one line."""
+    """``full`` -> None; ``lowrank:R`` -> R (at least 1, written without leading zeros or spaces, so one
+    rank has one spelling); anything else refused in one line."""
     if text == FULL:
         return None
-    kind, _, rank = text.partition(":")
-    if kind == LOWRANK and rank.strip().isdigit() and int(rank) >= 1:
-        return int(rank)
+    found = re.fullmatch(r"lowrank:([1-9][0-9]*)", text)
+    if found:
+        return int(found.group(1))
     raise FedSPError(
         f"--aux-embedding {text!r} is not valid; choose {FULL} or {LOWRANK}:R with a rank R of at least 1"
     )
@@ -109,14 +113,25 @@ def factorise_embedding(model: PreTrainedModel, rank: int, initialise: bool = Tr
     """
     embedding = model.get_input_embeddings()
     head = model.get_output_embeddings()
-    weight = cast(torch.Tensor, embedding.weight)
+    # only a plain lookup and a plain product are factorised: a scaled embedding (Gemma's) or a head with
+    # a bias would lose what they add
+    if type(embedding) is not nn.Embedding or embedding.max_norm is not None:
+        raise FedSPError(
+            f"--aux-embedding {LOWRANK}:{rank}: this model's input embedding "
+            f"({type(embedding).__name__}) is not a plain lookup table; use --aux-embedding full"
+        )
+    if head is not None and (type(head) is not nn.Linear or head.bias is not None):
+        raise FedSPError(
+            f"--aux-embedding {LOWRANK}:{rank}: this model's LM head ({type(head).__name__}"
+            f"{', with a bias' if getattr(head, 'bias', None) is not None else ''}) is not a plain product; "
+            "use --aux-embedding full"
+        )
+    weight = embedding.weight
     width = weight.shape[1]
     if not 1 <= rank <= width:
         raise FedSPError(
             f"--aux-embedding {LOWRANK}:{rank}: the rank must be between 1 and the embedding width {width}"
         )
-    if getattr(head, "bias", None) is not None:
-        raise FedSPError(f"--aux-embedding {LOWRANK}:{rank}: an LM head with a bias is not supported")
     tied = head is not None and head.weight is weight
     factors = _factors(weight, rank, initialise)
     model.set_input_embeddings(factors)
@@ -124,7 +139,3 @@ def factorise_embedding(model: PreTrainedModel, rank: int, initialise: bool = Tr
         head_factors = factors if tied else _factors(cast(torch.Tensor, head.weight), rank, initialise)
         model.set_output_embeddings(LowRankHead(head_factors))
     return model
-
-
-def is_factorised(model: nn.Module) -> bool:
-    return isinstance(cast(PreTrainedModel, model).get_input_embeddings(), LowRankEmbedding)

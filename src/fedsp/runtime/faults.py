@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from fedsp import wire
+from fedsp.errors import FedSPError
 from fedsp.runtime.messages import OK, Order, Reply
 
 ENV = "FEDSP_FAULTS"
@@ -99,6 +100,11 @@ def after_fit(order: Order, sent: dict[str, torch.Tensor], reply: Reply) -> Repl
     moves = [f for f in planned() if f.applies(order) and f.kind in ("scale", "sign-flip", "nan")]
     if moves and not wants(order, "malformed"):
         state = wire.decode(reply.payload)
+        if any(name.endswith(wire.SCALE) for name in state):  # int8 codes (bfloat16 ones look like states)
+            raise FedSPError(
+                f"FEDSP_FAULTS {', '.join(f.kind for f in moves)} moves a float32 state; this run's updates "
+                "are compressed changes (--wire-dtype): use float32"
+            )
         for fault in moves:
             factor = {"scale": fault.value, "sign-flip": -1.0}.get(fault.kind)
             for name, tensor in state.items():
