@@ -104,6 +104,9 @@ def test_a_run_with_a_low_rank_client_model_plugs_its_prefix_into_the_global_mod
     assert b["comm"]["model_bytes_once"] < a["comm"]["model_bytes_once"]
     assert b["comm"]["params_up_per_round"] == a["comm"]["params_up_per_round"]
     assert b["rounds_completed"] == 2 and 0 <= b["final"]["acc"] <= 1
+    # Assert: results.json says what each client keeps on disk: less with the smaller model
+    assert a["client_state"]["clients"] == b["client_state"]["clients"] == 3
+    assert 0 < b["client_state"]["bytes_per_client"] < a["client_state"]["bytes_per_client"]
 
 
 def test_the_distillation_cache_tells_the_embeddings_apart():

@@ -148,18 +148,22 @@ class ClientStore:
         found = (re.fullmatch(r"state-(\d+)\.pt", p.name) for p in self.root.iterdir())
         return sorted(int(m.group(1)) for m in found if m)
 
-    def save(self, rnd: int, state: dict[str, Any]) -> None:
+    def save(self, rnd: int, state: dict[str, Any]) -> int:
         """Keep the state produced by round ``rnd`` and the latest one before it; the others are deleted.
+        Returns the bytes the new state takes on disk.
 
         The one before is what a server that crashed in round ``rnd`` resumes this client from (with
         partial participation it can be many rounds older than ``rnd - 1``).
         """
-        atomic_save(state, self.root / f"state-{rnd}.pt")
+        path = self.root / f"state-{rnd}.pt"
+        atomic_save(state, path)
+        size = path.stat().st_size
         earlier = [r for r in self.rounds() if r < rnd]
         keep = {rnd, earlier[-1]} if earlier else {rnd}
         for old in self.rounds():
             if old not in keep:  # older ones, and later ones of a round the server never completed
                 (self.root / f"state-{old}.pt").unlink(missing_ok=True)
+        return size
 
     def load_before(self, rnd: int) -> tuple[int, dict[str, Any]] | None:
         """The latest state from a round before ``rnd`` (None: the client has not trained yet, or lost it)."""

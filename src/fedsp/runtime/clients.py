@@ -26,7 +26,7 @@ from fedsp.protection import Attack
 from fedsp.runtime import faults, participation
 from fedsp.runtime.attacks import attacked
 from fedsp.runtime.checkpoint import ClientStore
-from fedsp.runtime.messages import LOST_STATE, NEED_AUX, OK, STEP, Order, Reply, Turn
+from fedsp.runtime.messages import LOST_STATE, NEED_AUX, OK, STATE_BYTES, STEP, Order, Reply, Turn
 
 log = logging.getLogger("fedsp.clients")
 RESIDUAL = "wire_residual"  # kept with a client's state: what its compressed updates left out so far
@@ -128,8 +128,9 @@ def _conclude(
     sends = outcome.state if attack is None else attacked(attack, sent, outcome.state)
     payload, left_out = wire.encode_update(sends, sent, wire_dtype, residual)
     state = client.state_dict()
-    store.save(order.rnd, state if left_out is None else {**state, RESIDUAL: left_out})
+    size = store.save(order.rnd, state if left_out is None else {**state, RESIDUAL: left_out})
     store.end_turns(order.rnd)
     metrics = {name: float(value) for name, value in outcome.metrics.items()}
+    metrics[STATE_BYTES] = float(size)  # what the client keeps on disk between rounds (a count only)
     reply = Reply(order.partition, OK, payload, outcome.num_examples, metrics)
     return faults.after_fit(order, sent, reply)

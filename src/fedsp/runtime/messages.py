@@ -22,6 +22,7 @@ from typing import Protocol
 # a reply's status: an update; "send me the client model" (never had it, or lost its state); a failure;
 # a message to the server in the middle of the client's round (split learning), answered by a Turn
 OK, NEED_AUX, LOST_STATE, FAILED, STEP = "ok", "need-aux", "lost-state", "failed", "step"
+STATE_BYTES = "state_bytes"  # a reply's metric: the bytes of the state the client saved (a count only)
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from fedsp.models.auxiliary import unique_parameter_count
 from fedsp.models.loading import LoadedModel, load_global_model
 from fedsp.runtime import checkpoint, outputs, results
 from fedsp.runtime.audit import Audit
+from fedsp.runtime.messages import STATE_BYTES
 from fedsp.runtime.outputs import NOTHING_TRAINED
 from fedsp.runtime.privacy import Aggregator, Summed
 
@@ -430,6 +431,12 @@ class Session:
                 split_total = sum(h.get("split_bytes", 0) for h in rounds)
                 out["comm"]["split_bytes_total"] = split_total
                 out["comm"]["total_bytes"] += split_total
+            sizes = [b for b in last.get("client_metrics", {}).get(STATE_BYTES, []) if b is not None]
+            if sizes:  # what each client keeps on disk between rounds (its client model held apart)
+                out["client_state"] = {
+                    "bytes_per_client": round(statistics.fmean(sizes)),
+                    "clients": len(sizes),
+                }
             out["prefix"] = {
                 "params": last["params_down"],
                 "fraction_of_global": last["params_down"] / global_params,
