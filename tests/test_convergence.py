@@ -218,3 +218,11 @@ def test_a_cell_without_per_round_accuracy_is_refused_by_name(tmp_path):
         FedSPError, match=r"metrics.jsonl: no accuracy for rounds \[1, 2\]; .*eval_every_round=True"
     ):
         write_convergence(grid, [cell])
+
+
+def test_bytes_sent_read_in_megabytes_then_gigabytes():
+    from fedsp.experiments.convergence import _sent
+
+    assert _sent({"bytes_cumulative": [1.5e6, 2.5e6]}) == " (2 MB)"
+    assert _sent({"bytes_cumulative": [5.75e9]}) == " (5.75 GB)"
+    assert _sent({"bytes_cumulative": []}) == ""

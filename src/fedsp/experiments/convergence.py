@@ -215,7 +215,7 @@ def _summary(out: Path, stem: str, by_task: dict[str, dict[str, Rows]], missing:
         )
     if missing:
         notes.append(f"Missing (not run or unfinished), left out: {', '.join(missing)}.")
-    title = "Convergence: accuracy (%) by round, mean ± sd over seeds (MB sent by then)"
+    title = "Convergence: accuracy (%) by round, mean ± sd over seeds (bytes sent by then)"
     return write_table(out, stem, header, table, title, notes)
 
 
@@ -238,9 +238,13 @@ def _first_within(series: Points, target: float, untrained: bool) -> str:
 
 
 def _sent(point: dict[str, list[float]]) -> str:
-    """`` (1.23 MB)``: the mean bytes sent by that point; nothing for a method that sends nothing."""
+    """`` (1.23 MB)`` (GB from 1 GB on): the mean bytes sent by that point; nothing for a method that
+    sends nothing."""
     sent = point["bytes_cumulative"]
-    return f" ({statistics.mean(sent) / 1e6:.3g} MB)" if sent else ""
+    if not sent:
+        return ""
+    mean = statistics.mean(sent)
+    return f" ({mean / 1e9:.3g} GB)" if mean >= 1e9 else f" ({mean / 1e6:.3g} MB)"
 
 
 def _sends(point: dict[str, list[float]]) -> bool:
