@@ -165,22 +165,14 @@ def test_kill_9_at_random_points_then_resume_gives_the_uninterrupted_prefix(tmp_
         "import json, sys; from fedsp.config import RunConfig; from fedsp.runtime import inprocess; "
         "inprocess.run(RunConfig.from_dict(json.loads(sys.argv[1])))"
     )
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-
-    def start(out) -> subprocess.Popen:
-        keys = json.dumps(replace(config, out=str(out)).to_dict())
-        return subprocess.Popen([sys.executable, "-c", child, keys], env=env)
-
-    # how long a whole run takes in a child process on this machine now (idle: about 8 s, the first
-    # checkpoint after about 5 s): the kills fall between 35% and 105% of it, whatever the load
-    t0 = time.perf_counter()
-    start(tmp_path / "timed").wait()
-    whole = time.perf_counter() - t0
     outcomes = {"resumed": 0, "no checkpoint yet": 0, "finished before the kill": 0}
     for trial in range(20):
         out = tmp_path / f"killed-{trial}"
-        proc = start(out)
-        time.sleep(rng.uniform(0.35, 1.05) * whole)
+        keys = json.dumps(replace(config, out=str(out)).to_dict())
+        proc = subprocess.Popen(
+            [sys.executable, "-c", child, keys], env={**os.environ, "PYTHONHASHSEED": "0"}
+        )
+        time.sleep(rng.uniform(3.0, 8.5))  # the first checkpoint comes after about 5 s, the end after 8
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         finished = (out / "results.json").is_file()
