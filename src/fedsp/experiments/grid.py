@@ -228,7 +228,7 @@ def build_cells(
             Cell(m, t, s, o)
             for t in tasks
             for m in methods
-            for o in (partition_overrides(t) if "partition" in spec_for(m).reads else [()])
+            for o in (partition_overrides(t) if _partitioned(m) else [()])
             for s in (seeds if spec_for(m).trains else [0])
         ]
     if table == "efficiency":
@@ -247,11 +247,16 @@ def partition_overrides(task: str) -> list[tuple[tuple[str, Any], ...]]:
     return [(), *dirichlet, *([(("partition", f"by:{natural}"),)] if natural else [])]
 
 
+def _partitioned(method: str) -> bool:
+    """Whether ``method`` reads ``--partition`` (zero-shot and the centralised methods do not)."""
+    return "partition" in spec_for(method).reads
+
+
 def partition_label(cell: Cell) -> str:
     """``fedsp, iid``, ``fedsp, dirichlet 0.1``, ``fedsp, by:subject_name``; the method alone for one that
     reads no partition (zero-shot, the centralised ones)."""
     settings = dict(cell.overrides)
-    if "partition" not in spec_for(cell.method).reads:
+    if not _partitioned(cell.method):
         return cell.method
     kind = settings.get("partition", "iid")
     return f"{cell.method}, {kind}" + (f" {settings['alpha']}" if kind == "dirichlet" else "")
