@@ -63,6 +63,25 @@ def test_round_trip_is_within_the_stated_error(wire_dtype):
             assert message[name + wire.SCALE].shape == (groups.shape[0],)
 
 
+@pytest.mark.parametrize("wire_dtype", ["float32", "bfloat16", "int8"])
+def test_the_client_model_shipped_once_is_what_the_server_keeps(wire_dtype):
+    # Prepare: a client model's weights, the server's copy
+    params = {name: t.clone() for name, t in _tensors(3).items() if t.is_floating_point()}
+    original = {name: t.clone() for name, t in params.items()}
+    # Act: ship it; a client decodes the message (after a trip through the bytes on the wire)
+    message = wire.ship_once(params, wire_dtype)
+    received = wire.decode_shipped(wire.decode(wire.encode(message)), wire_dtype)
+    # Assert: the server's copy now holds exactly what the client decodes, within the dtype's error
+    for name, value in params.items():
+        assert torch.equal(received[name], value)
+        bound = {"float32": 0.0, "bfloat16": 2**-8 * original[name].abs(), "int8": None}[wire_dtype]
+        if wire_dtype == "int8":
+            scale = wire.compress({"x": original[name]}, "int8")["x" + wire.SCALE]
+            bound = float(scale.max()) / 2 + 1e-7
+        assert bool(((value - original[name]).abs() <= bound + 1e-12).all())
+    assert (wire.num_bytes(message) < wire.num_bytes(original)) == (wire_dtype != "float32")
+
+
 def test_compressed_messages_are_smaller():
     # Prepare: a prefix-sized message
     prefix = {"prefix.key_values": torch.randn(4, 2 * 30 * 576)}
@@ -155,6 +174,12 @@ def test_runs_send_fewer_bytes_and_pass_the_audit(runs):
             {"torch.float32"} if d == "bfloat16" else set()
         )
         assert runs[d].results["audit"]["passed"]
+    # Assert: the auxiliary model shipped once is compressed too, and the audit saw it compressed
+    for d, factor in (("bfloat16", 0.55), ("int8", 0.3)):
+        assert comm[d]["model_bytes_once"] <= factor * comm["float32"]["model_bytes_once"]
+        sent = json.loads((runs[d].out_dir / "audit.json").read_text())["sent"]
+        shipped = {e["dtype"] for e in sent if e["kind"] == "shipped_once"}
+        assert f"torch.{d}" in shipped
     # Assert: training still moved the prefix, and close to where float32 took it
     prefixes = {
         d: torch.load(run.out_dir / CHECKPOINT, weights_only=False)["server"]["prefix"]

@@ -83,6 +83,8 @@ _HELP = {
     "(true/false)",
     "wire_dtype": "how each round's prefix travels: float32 (as trained), or bfloat16 / int8 (per-row "
     "scale): then updates are sent as their change from the broadcast, with error feedback",
+    "state_moments": "the dtype of the AdamW moments a client keeps on its disk between rounds: float32 "
+    "or bfloat16 (half the bytes; the weights it trains are kept exactly)",
     "aggregation": f"how the round's updates are combined: {RULE_FORMS}",
     "dp_noise_multiplier": "client-level differential privacy: Gaussian noise of Z x clip on the sum of the "
     "clipped updates (needs --dp-clip)",

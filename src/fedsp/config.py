@@ -36,7 +36,9 @@ from fedsp.protection import (
     parse_partitions,
     parse_rule,
 )
-from fedsp.wire import FLOAT32, WIRE_DTYPES
+from fedsp.wire import BFLOAT16, FLOAT32, WIRE_DTYPES
+
+STATE_MOMENTS = (FLOAT32, BFLOAT16)  # --state-moments: how a client keeps its AdamW moments between rounds
 
 PARTITIONS = ("iid", "dirichlet", "by:FIELD")  # by:FIELD: each client whole groups of a row field
 MAX_PREFIX_LEN = 4096  # a sane bound, checked before any work (the paper's prefixes are 40 tokens)
@@ -116,6 +118,7 @@ class RunConfig:
     client_timeout: float | None = None  # seconds a round waits for a client's reply; None: no limit
     audit: bool = False  # record every tensor sent to clients (audit.json in the results folder)
     wire_dtype: str = "float32"  # each round's messages: float32, or bfloat16 / int8 deltas (fedsp.wire)
+    state_moments: str = "float32"  # the dtype of the AdamW moments a client keeps between rounds
     # the data owners' protection (fedsp.protection; README "Privacy and robustness")
     aggregation: str = "mean"  # mean, median, trimmed-mean:F, clipped-mean:C
     dp_noise_multiplier: float | None = None  # client-level DP: Gaussian noise Z * clip on the sum
@@ -142,6 +145,7 @@ class RunConfig:
         _check_choice("dtype", self.dtype, DTYPE_CHOICES)
         _check_choice("aux-layer-order", self.aux_layer_order, LAYER_ORDERS)
         _check_choice("wire-dtype", self.wire_dtype, WIRE_DTYPES)
+        _check_choice("state-moments", self.state_moments, STATE_MOMENTS)
         if (
             parse_embedding(self.aux_embedding) is not None
             and "aux_embedding" not in spec_for(self.method).reads

@@ -12,8 +12,10 @@ Every payload is a flat ``{name: tensor}`` dict serialised with safetensors
 Parameter and byte counts in the results come from these functions, so they
 measure what is sent; every engine (in-process, Flower) moves these bytes.
 
-``--wire-dtype`` (the round's prefix, prompts or tail; not split-learning
-activations, not the client model shipped once):
+``--wire-dtype`` (the round's prefix, prompts or tail, and the distilled auxiliary
+model shipped once, :func:`ship_once`; not split-learning activations, and not
+FedPrompt's global model or SFPrompt's head and tail, parts of the server's own
+model, which are shipped as they are):
   - ``float32``: every tensor as it is, the client's update its new state;
   - ``bfloat16``: floating tensors rounded to bfloat16 (relative error at most
     2^-8 of each value);
@@ -181,6 +183,24 @@ def decompress(message: Mapping[str, torch.Tensor], wire_dtype: str, what: str) 
         else:
             out[name] = t
     return out
+
+
+def ship_once(params: Mapping[str, torch.Tensor], wire_dtype: str) -> Tensors:
+    """The client model's message at ``wire_dtype``, sent once to each client; ``params`` (the server's
+    copy, the template of in-process clients) are overwritten with what a client decodes, so that every
+    engine's clients start from the same weights."""
+    message = compress(params, wire_dtype)
+    if wire_dtype != FLOAT32:
+        decoded = decompress(message, wire_dtype, "client model")
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(decoded[name].to(param.dtype))
+    return message
+
+
+def decode_shipped(message: Mapping[str, torch.Tensor], wire_dtype: str) -> Tensors:
+    """The client model a client builds from the message :func:`ship_once` made (kept as received)."""
+    return decompress(message, wire_dtype, "client model")
 
 
 def encode_broadcast(sent: Mapping[str, torch.Tensor], wire_dtype: str) -> bytes:

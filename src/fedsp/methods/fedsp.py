@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from fedsp import wire
 from fedsp.config import RunConfig
 from fedsp.data.batching import BatchStream, Encoded, fixed_batches
 from fedsp.data.shards import RunData
@@ -414,4 +415,6 @@ def fedsp_course(config: RunConfig, loaded: LoadedModel, data: RunData) -> Cours
         return make_client(config, shape, model, data.client_rows[k], k, pad, num_layers, layers)
 
     shipped: dict[str, torch.Tensor] = dict(template.named_parameters())
+    if shape.holds == AUXILIARY:  # the server's own copy of the client model: compressed as it is sent
+        shipped = wire.ship_once(shipped, config.wire_dtype)
     return Course(server, make, len(data.client_rows), info, shipped, notes=notes)

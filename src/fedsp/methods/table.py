@@ -70,7 +70,8 @@ PROTECTION = frozenset(
         "attackers",
     }
 )
-WIRE = frozenset({"wire_dtype"})  # how each round's messages are encoded (fedsp.wire): federated methods
+# how each round's messages are encoded (fedsp.wire) and how a client keeps its state between rounds
+WIRE = frozenset({"wire_dtype", "state_moments"})
 GROUPS = (TRAINING, FEDERATION, PREFIX, MODEL_LR, AUX, KD, SPLIT, PROTECTION, WIRE)
 SPECIFIC = frozenset().union(*GROUPS)
 

@@ -7,7 +7,10 @@ folder whose configuration differs. A client's state (``Client.state_dict``:
 its trained auxiliary model, optimiser and data-stream states) lives in a
 :class:`ClientStore` directory per node, tagged with the round that produced
 it; the last two are kept, so a server that crashed mid-round can re-run that
-round from the clients' previous states.
+round from the clients' previous states. With ``--state-moments bfloat16`` the
+AdamW moments in a client's state are kept in bfloat16 (:func:`compact_state`);
+the weights it trains stay exact, and a loaded optimiser casts the moments back
+to its parameters' dtype.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numpy as np
 import torch
 
 from fedsp import wire
-from fedsp.config import SPEED_ONLY, RunConfig
+from fedsp.config import SPEED_ONLY, STATE_MOMENTS, RunConfig
 from fedsp.errors import FedSPError
 from fedsp.files import atomic_write
 
@@ -91,13 +94,46 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> str:
     )
 
 
+MOMENT_DTYPES = dict(zip(STATE_MOMENTS, (torch.float32, torch.bfloat16), strict=True))  # --state-moments
+
+
+def compact_state(state: Any, moments: str) -> Any:
+    """``state`` with the floating tensors of every optimiser state in it (AdamW's ``exp_avg`` and
+    ``exp_avg_sq``; not ``step``) in the ``moments`` dtype; everything else as it is (not copied)."""
+    dtype = MOMENT_DTYPES[moments]
+    if dtype == torch.float32:
+        return state
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, dict) and set(value) == {"state", "param_groups"}:  # an optimiser's state_dict
+            per_param = {
+                key: {name: t.to(dtype) if _moment(name, t) else t for name, t in entries.items()}
+                for key, entries in value["state"].items()
+            }
+            return {"state": per_param, "param_groups": value["param_groups"]}
+        if isinstance(value, dict):
+            return {key: walk(item) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return type(value)(walk(item) for item in value)
+        return value
+
+    return walk(state)
+
+
+def _moment(name: str, value: Any) -> bool:
+    return name != "step" and torch.is_tensor(value) and value.is_floating_point()
+
+
 class ClientStore:
-    """One client's state on its own disk: the auxiliary model it received and its per-round state."""
+    """One client's state on its own disk: the auxiliary model it received and its per-round state.
+
+    ``moments``: the dtype its optimiser moments are kept in between rounds (``--state-moments``)."""
 
     AUX = "aux.safetensors"
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, moments: str = "float32") -> None:
         self.root = Path(root)
+        self.moments = moments
 
     def has_aux(self) -> bool:
         return (self.root / self.AUX).is_file()
@@ -156,7 +192,7 @@ class ClientStore:
         partial participation it can be many rounds older than ``rnd - 1``).
         """
         path = self.root / f"state-{rnd}.pt"
-        atomic_save(state, path)
+        atomic_save(compact_state(state, self.moments), path)
         size = path.stat().st_size
         earlier = [r for r in self.rounds() if r < rnd]
         keep = {rnd, earlier[-1]} if earlier else {rnd}

@@ -352,7 +352,7 @@ class InProcessEngine:
         self.root = clients_folder(session.out_dir)
 
     def store(self, partition: int) -> ClientStore:
-        return ClientStore(self.root / f"partition-{partition}")
+        return ClientStore(self.root / f"partition-{partition}", self.config.state_moments)
 
     def exchange(self, orders: Sequence[Order], prefix: bytes) -> list[Reply]:
         return self._each(orders, partial(self._call, prefix=prefix))

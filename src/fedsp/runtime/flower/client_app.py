@@ -64,7 +64,9 @@ def partition_of(node_config: Mapping[str, Any]) -> int:
     return int(node_config["partition-id"])
 
 
-def store_for(node_config: Mapping[str, Any], run_key: str, partition: int) -> ClientStore:
+def store_for(
+    node_config: Mapping[str, Any], run_key: str, partition: int, moments: str = "float32"
+) -> ClientStore:
     from fedsp.runtime.checkpoint import ClientStore
 
     root = (
@@ -72,7 +74,7 @@ def store_for(node_config: Mapping[str, Any], run_key: str, partition: int) -> C
         or os.environ.get("FEDSP_FLOWER_STATE_DIR")
         or configure_environment() / "client-state"
     )
-    return ClientStore(Path(str(root)) / run_key / f"partition-{partition}")
+    return ClientStore(Path(str(root)) / run_key / f"partition-{partition}", moments)
 
 
 @app.query()
@@ -174,7 +176,7 @@ def work(job: Job) -> Done:
     here = partition_of(job.node_config)
     if order.partition != here:
         raise FedSPError(f"order for partition {order.partition} reached partition {here}")
-    store = store_for(job.node_config, order.run_key, order.partition)
+    store = store_for(job.node_config, order.run_key, order.partition, order.config.state_moments)
     attack = attack_for(order.config, order.partition)
     timer: list[float] = [0.0]
     if job.kind == "split":
@@ -215,6 +217,7 @@ def _builder(
     timer: list[float],
 ) -> Callable[[], Client]:
     """How this node makes its client: from the shipped (or stored) client model and its own rows."""
+    from fedsp import wire
     from fedsp.runtime.flower.client_side import build_client, client_rows, tokenizer_for
 
     def build() -> Client:
@@ -223,7 +226,9 @@ def _builder(
         data_dir = str(node_config["data-dir"]) if node_config.get("data-dir") else None
         rows = client_rows(config, order.partition, data_dir, cache=store.root)
         pad_id = tokenizer_for(config.model).pad_token_id
-        weights = shipped if shipped is not None else store.load_aux()
+        # kept as it came (compressed with --wire-dtype int8/bfloat16: less disk per client), decoded here
+        message = shipped if shipped is not None else store.load_aux()
+        weights = wire.decode_shipped(message, config.wire_dtype)
         client = build_client(
             config, order.model_config, order.client_layers, weights, rows, order.partition, pad_id
         )
