@@ -7,6 +7,8 @@
     .venv/bin/python bench/flower_overhead.py --clients 100 --per-round 10 --rounds 3 --engines flower
     .venv/bin/python bench/flower_overhead.py --clients 5 --per-round 5 --server-steps 0 \
         --engines flower,flower+secagg      # SecAgg+'s cost, and its error on the prefix
+    .venv/bin/python bench/flower_overhead.py --model smollm2 --clients 1000 --per-round 10 --rounds 3 \
+        --engines inprocess,flower --set task=sciq --set local_steps=1 --timeout 3000   # 1,000 owners
 
 Engines: ``inprocess`` (``fedsp run``), ``flower`` (``fedsp run --engine flower``: Ray simulation),
 ``loopback`` (``scripts/flower_loopback.py``: a SuperLink and one SuperNode per client on 127.0.0.1,
@@ -29,6 +31,12 @@ For the loopback engine, ``client_process`` is where a ClientApp process's time 
 message kind over every message of the run (``FEDSP_CLIENT_PROFILE``, see
 ``fedsp.runtime.flower.client_app.Profile``): before the handler (Python, Flower, the app's loading),
 imports, building the client, the work, and the handler in all.
+``--set KEY=VALUE`` (repeatable) sets any other run option (``RunConfig`` field, value as JSON or
+text), e.g. ``--set aux_embedding=lowrank:128 --set state_moments=bfloat16 --set wire_dtype=int8``.
+Disk: the clients' folder (``clients/`` in the results folder, every client's stored client model and
+states, both engines) is measured with the memory: ``peak_clients_disk_mb`` its largest total,
+``clients_on_disk`` how many client folders it then held, and ``state_bytes_per_client`` the state a
+client keeps between rounds (``results.json`` ``client_state``).
 ``--json-out FILE`` also writes the lines as a JSON list.
 """
 
@@ -77,18 +85,38 @@ prefix = server.get("prefix") or server["state"]  # a prefix (FedSP and its rela
 torch.save(prefix, out.parent / "prefix.pt")
 per = max(1, len(rounds))
 sent = sum(r["bytes_down"] + r["bytes_up"] + r.get("split_bytes", 0) for r in rounds)
+state = json.loads((out / "results.json").read_text()).get("client_state") or {}
 print("RESULT", json.dumps({"seconds_per_round": sum(r["seconds"] for r in rounds) / per,
                             "bytes_per_round": sent / per,
+                            "state_bytes_per_client": state.get("bytes_per_client"),
                             "wall_seconds": time.perf_counter() - t0}))
 """
 
 
-class TreeMemory:
-    """Peak summed RSS and PSS (MB) of a process and all its descendants, sampled in a thread."""
+def folder_bytes(root: Path) -> tuple[int, int]:
+    """Bytes of the files under ``root`` (0 when absent), and how many folders it holds directly."""
+    total, folders = 0, 0
+    if not root.is_dir():
+        return 0, 0
+    for entry in root.iterdir():
+        folders += entry.is_dir()
+    for path, _, files in os.walk(root):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(path, name)).st_size
+            except OSError:  # written or removed meanwhile
+                pass
+    return total, folders
 
-    def __init__(self, pid: int, every_s: float = 0.25) -> None:
-        self.root, self.every_s = psutil.Process(pid), every_s
+
+class TreeMemory:
+    """Peak summed RSS and PSS (MB) of a process and all its descendants, sampled in a thread; with
+    ``folder``, the peak size of that folder (MB) and how many folders it then held."""
+
+    def __init__(self, pid: int, every_s: float = 0.25, folder: Path | None = None) -> None:
+        self.root, self.every_s, self.folder = psutil.Process(pid), every_s, folder
         self.peak_rss = self.peak_pss = 0.0
+        self.peak_disk, self.folders_at_peak = 0.0, 0
         self.processes_seen: set[int] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -110,6 +138,10 @@ class TreeMemory:
                 self.processes_seen.add(proc.pid)
             self.peak_rss = max(self.peak_rss, rss / 2**20)
             self.peak_pss = max(self.peak_pss, pss / 2**20)
+            if self.folder is not None:
+                size, folders = folder_bytes(self.folder)
+                if size / 2**20 > self.peak_disk:
+                    self.peak_disk, self.folders_at_peak = size / 2**20, folders
             self._stop.wait(self.every_s)
 
     def stop(self) -> None:
@@ -131,6 +163,7 @@ def measure(engine: str, args: argparse.Namespace) -> dict[str, object]:
     }
     if args.server_steps is not None:
         keys["server_steps"] = args.server_steps
+    keys.update(args.set)
     profile = out.parent / "client-profile.jsonl"
     proc = subprocess.Popen(
         [sys.executable, "-c", CHILD, json.dumps(keys), engine],
@@ -139,7 +172,7 @@ def measure(engine: str, args: argparse.Namespace) -> dict[str, object]:
         text=True,
         env={**os.environ, PROFILE_ENV: str(profile)},
     )
-    memory = TreeMemory(proc.pid)
+    memory = TreeMemory(proc.pid, folder=out / "clients")
     stdout, stderr = proc.communicate(timeout=args.timeout + 60)
     memory.stop()
     lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
@@ -156,6 +189,9 @@ def measure(engine: str, args: argparse.Namespace) -> dict[str, object]:
         "peak_tree_rss_mb": round(memory.peak_rss, 1),
         "peak_tree_pss_mb": round(memory.peak_pss, 1),
         "processes": len(memory.processes_seen),
+        "peak_clients_disk_mb": round(memory.peak_disk, 1),
+        "clients_on_disk": memory.folders_at_peak,
+        "options": {k: v for k, v in keys.items() if k not in ("out", "timeout")},
         "prefix_file": str(out.parent / "prefix.pt"),
     }
     if engine.startswith("loopback") and profile.is_file():
@@ -177,6 +213,17 @@ def client_process(profile: Path) -> dict[str, dict[str, float]]:
     return out
 
 
+def run_option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` -> (KEY, VALUE as JSON, else as text)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=3)
@@ -188,6 +235,14 @@ def main() -> None:
     parser.add_argument("--method", default="fedsp", help="a federated method (default fedsp)")
     parser.add_argument("--timeout", type=float, default=590.0, help="seconds per engine (default 590)")
     parser.add_argument("--json-out", help="also write the results as a JSON list to this file")
+    parser.add_argument(
+        "--set",
+        action="append",
+        type=run_option,
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other run option (a RunConfig field), repeatable",
+    )
     args = parser.parse_args()
     import torch
 

@@ -36,7 +36,7 @@ from functools import partial
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedsp import wire
 from fedsp.config import RunConfig
@@ -48,7 +48,7 @@ from fedsp.methods.kd import distilled_auxiliary_model
 from fedsp.methods.optim import OptimConfig, Phase, set_trainable
 from fedsp.methods.table import ALTERNATE, AUXILIARY, GLOBAL, JOINT, PROMPT_ONLY, ClientShape, spec_for
 from fedsp.models.auxiliary import build_auxiliary_model, depth_plan, unique_parameter_count
-from fedsp.models.embedding import factorise_embedding, parse_embedding
+from fedsp.models.embedding import LOWRANK, factorise_embedding, parse_embedding
 from fedsp.models.forward import answer_loss, mean_answer_loss
 from fedsp.models.loading import LoadedModel
 from fedsp.models.prefix import (
@@ -59,6 +59,7 @@ from fedsp.models.prefix import (
     initial_prefix,
     prefix_for,
 )
+from fedsp.models.vocabulary import PrunedVocabulary, prune_embedding, pruned_embedding, vocabulary_buffers
 
 StateMap = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -99,8 +100,10 @@ class FedSPClient:
         pad_id: int,
         seed: int,
         plan: ClientPlan = ClientPlan(),
+        oov_rate: float | None = None,
     ) -> None:
         self.aux_model = aux_model
+        self.oov_rate = oov_rate  # a pruned vocabulary: the share of its tokens written in kept pieces
         self.prefix = Prefix(prefix_config)
         self.rows = list(rows)
         self.config = config
@@ -123,7 +126,7 @@ class FedSPClient:
         self.prefix.load_wire_state(self.plan.receive(state) if self.plan.receive else state)
         self.aux_model.train()  # dropout on in both phases, as in the reference's training loop
         self.prefix.train()
-        metrics: dict[str, float] = {}
+        metrics: dict[str, float] = {} if self.oov_rate is None else {"oov_rate": self.oov_rate}
         if self.align is not None:  # ALTERNATE
             # 1) global-model alignment: auxiliary model trained, prefix frozen
             set_trainable(self.prefix, False)
@@ -305,13 +308,19 @@ def client_model_from(
 
     Its weights are then replaced by the ones the server shipped (a Flower node
     never has the global weights, only their shapes). ``order``: ``--aux-layer-order``;
-    ``embedding``: ``--aux-embedding`` (a low-rank one's factors are left for the shipped ones).
+    ``embedding``: ``--aux-embedding`` (a low-rank one's factors, a pruned one's rows and kept ids are
+    left for the shipped ones).
     """
     if shape.holds == GLOBAL:
         return skeleton.requires_grad_(False)
     aux = build_auxiliary_model(skeleton, list(layers), share=shape.share, order=order)
-    rank = parse_embedding(embedding)
-    return aux if rank is None else factorise_embedding(aux, rank, initialise=False)
+    design = parse_embedding(embedding)
+    if design is None:
+        return aux
+    kind, size = design
+    if kind == LOWRANK:
+        return factorise_embedding(aux, size, initialise=False)
+    return prune_embedding(aux, torch.arange(size), initialise=False)
 
 
 def make_client(
@@ -323,9 +332,22 @@ def make_client(
     pad_id: int,
     num_global_layers: int,
     layers: Sequence[int],
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> FedSPClient:
-    """Client ``partition`` of the method: ``model`` is what it holds (its own copy when it trains it)."""
+    """Client ``partition`` of the method: ``model`` is what it holds (its own copy when it trains it).
+
+    A model with a pruned vocabulary (``--aux-embedding pruned:V``) gets the client's ``rows`` rewritten
+    into its kept ids, with ``tokenizer``'s merges; the share of rewritten tokens is the client's
+    ``oov_rate`` (reported by each of its rounds)."""
     plan = ClientPlan(shape.mode)
+    pruned, oov_rate = pruned_embedding(model), None
+    if pruned is not None:
+        if tokenizer is None:
+            raise ValueError("a client model with a pruned vocabulary needs the tokenizer")
+        kept = [int(i) for i in torch.as_tensor(pruned.kept_ids).tolist()]
+        vocabulary = PrunedVocabulary.of(tokenizer, kept, f"--aux-embedding {config.aux_embedding}")
+        oov_rate = vocabulary.out_of_vocabulary(rows)
+        rows, pad_id = [vocabulary.encode_row(row) for row in rows], vocabulary.pieces(pad_id)[0]
     if shape.holds == AUXILIARY and not shape.share:  # one prefix layer per kept layer, mapped to L
         blocks = depth_plan(num_global_layers, len(layers), config.aux_layer_order)
         plan = ClientPlan(
@@ -345,6 +367,7 @@ def make_client(
         pad_id,
         seed=client_seed(config, partition),
         plan=plan,
+        oov_rate=oov_rate,
     )
 
 
@@ -412,9 +435,11 @@ def fedsp_course(config: RunConfig, loaded: LoadedModel, data: RunData) -> Cours
     def make(k: int) -> FedSPClient:
         # A frozen model no client modifies is shared in one process; a trained one is the client's own copy.
         model = copy.deepcopy(template) if shape.trains_model else template
-        return make_client(config, shape, model, data.client_rows[k], k, pad, num_layers, layers)
+        return make_client(
+            config, shape, model, data.client_rows[k], k, pad, num_layers, layers, loaded.tokenizer
+        )
 
     shipped: dict[str, torch.Tensor] = dict(template.named_parameters())
     if shape.holds == AUXILIARY:  # the server's own copy of the client model: compressed as it is sent
-        shipped = wire.ship_once(shipped, config.wire_dtype)
+        shipped = {**wire.ship_once(shipped, config.wire_dtype), **vocabulary_buffers(template)}
     return Course(server, make, len(data.client_rows), info, shipped, notes=notes)

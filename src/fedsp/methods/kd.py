@@ -9,7 +9,9 @@ the student's states before the loss; the reference code has none (default).
 The teacher's states are computed once per example and kept (they never
 change), so each KD step costs only the student's forward and backward.
 :func:`distilled_auxiliary_model` builds the auxiliary model of a run and
-distils it, or reuses the distilled weights from the cache folder.
+distils it, or reuses the distilled weights from the cache folder. With a pruned
+vocabulary (fedsp.models.vocabulary) the student reads the kept ids, and each row
+is distilled up to its first token that is not kept.
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ from transformers import PreTrainedModel
 
 from fedsp.config import RunConfig
 from fedsp.data.batching import BatchStream, Encoded, collate
+from fedsp.errors import FedSPError
 from fedsp.files import atomic_write
 from fedsp.methods.optim import OptimConfig, Phase
 from fedsp.models.auxiliary import build_auxiliary_model, depth_plan, select_layers
-from fedsp.models.embedding import factorise_embedding, parse_embedding
+from fedsp.models.embedding import LOWRANK, factorise_embedding, parse_embedding
 from fedsp.models.forward import hidden_states
 from fedsp.models.loading import LoadedModel, cache_dir
+from fedsp.models.vocabulary import choose_vocabulary, prune_embedding
 
 
 @dataclass(frozen=True)
@@ -93,8 +97,11 @@ def distill(
     pad_id: int,
     seed: int,
     progress: bool = True,
+    student_ids: torch.Tensor | None = None,
 ) -> list[float]:
-    """Train ``student`` to match ``teacher``'s last hidden states; returns the loss per step."""
+    """Train ``student`` to match ``teacher``'s last hidden states; returns the loss per step.
+
+    ``student_ids``: global id -> the student's id (a pruned vocabulary; ``rows`` use kept ids only)."""
     stream = BatchStream(rows, config.batch_size, pad_id, seed)
     teacher_states = _TeacherStates(teacher, rows)
     w_s = (
@@ -114,7 +121,8 @@ def distill(
         picked = stream.next_rows()
         batch = collate(picked, pad_id)
         target = teacher_states.batch(batch, [r.ids for r in picked])
-        hidden = hidden_states(student, batch["input_ids"], batch["attention_mask"])
+        ids = batch["input_ids"] if student_ids is None else student_ids[batch["input_ids"]]
+        hidden = hidden_states(student, ids, batch["attention_mask"])
         if w_s is not None:
             hidden = w_s(hidden.float())
         losses.append(phase.step(masked_mse(hidden, target, batch["attention_mask"])))
@@ -200,11 +208,32 @@ def distilled_auxiliary_model(
     num_layers = loaded.model.config.num_hidden_layers
     selected = layers or select_layers(num_layers, config.aux_layers, config.aux_layer_choice)
     order = config.aux_layer_order
-    rank = parse_embedding(config.aux_embedding)
+    design = parse_embedding(config.aux_embedding)
+    vocabulary, kd_rows, student_ids = None, server_rows, None
+    if design is not None and design[0] != LOWRANK:  # pruned: chosen from the server's rows
+        vocab_size = int(loaded.model.get_input_embeddings().weight.shape[0])  # type: ignore[index]
+        vocabulary = choose_vocabulary(loaded.tokenizer, server_rows, design[1], vocab_size)
+        # distilled on each row up to its first token that is not kept: there the teacher's and the
+        # student's positions are the same tokens (what follows a rewritten token is shifted)
+        kd_rows = []
+        for row in server_rows:
+            cut = next((i for i, t in enumerate(row.ids) if t not in vocabulary.position), len(row.ids))
+            if cut >= 2:
+                kd_rows.append(Encoded(row.ids[:cut], 0))
+        student_ids = vocabulary.lookup(vocab_size)
+        if not kd_rows:
+            raise FedSPError(
+                f"--aux-embedding {config.aux_embedding}: no row of the server's shard begins with two kept "
+                "tokens, so none can distil the client model; raise V"
+            )
 
     def build() -> PreTrainedModel:
         aux = build_auxiliary_model(loaded.model, selected, share=share, order=order)
-        return aux if rank is None else factorise_embedding(aux, rank)
+        if design is None:
+            return aux
+        if vocabulary is None:
+            return factorise_embedding(aux, design[1])
+        return prune_embedding(aux, vocabulary.kept)
 
     aux = build()
     steps = config.kd_steps if kd_steps is None else kd_steps
@@ -238,11 +267,12 @@ def distilled_auxiliary_model(
     losses = distill(
         loaded.model,
         aux,
-        server_rows,
+        kd_rows,
         kd_config,
         loaded.tokenizer.pad_token_id,
         config.seed,
         progress=config.progress,
+        student_ids=student_ids,
     )
     save_student(aux, path)
     return aux, selected, losses

@@ -36,18 +36,21 @@ from fedsp.errors import FedSPError
 
 FULL = "full"
 LOWRANK = "lowrank"
+PRUNED = "pruned"  # fedsp.models.vocabulary
 
 
-def parse_embedding(text: str) -> int | None:
-    """``full`` -> None; ``lowrank:R`` -> R (at least 1, written without leading zeros or spaces, so one
-    rank has one spelling); anything else refused in one line."""
+def parse_embedding(text: str) -> tuple[str, int] | None:
+    """``full`` -> None; ``lowrank:R`` -> (``lowrank``, R); ``pruned:V`` -> (``pruned``, V) (at least 1,
+    written without leading zeros or spaces, so one design has one spelling); anything else refused in
+    one line. (V's range depends on the tokenizer: checked when the vocabulary is chosen.)"""
     if text == FULL:
         return None
-    found = re.fullmatch(r"lowrank:([1-9][0-9]*)", text)
+    found = re.fullmatch(rf"({LOWRANK}|{PRUNED}):([1-9][0-9]*)", text)
     if found:
-        return int(found.group(1))
+        return found.group(1), int(found.group(2))
     raise FedSPError(
-        f"--aux-embedding {text!r} is not valid; choose {FULL} or {LOWRANK}:R with a rank R of at least 1"
+        f"--aux-embedding {text!r} is not valid; choose {FULL}, {LOWRANK}:R with a rank R of at least 1, "
+        f"or {PRUNED}:V with V kept tokens"
     )
 
 

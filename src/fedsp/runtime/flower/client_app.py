@@ -230,7 +230,14 @@ def _builder(
         message = shipped if shipped is not None else store.load_aux()
         weights = wire.decode_shipped(message, config.wire_dtype)
         client = build_client(
-            config, order.model_config, order.client_layers, weights, rows, order.partition, pad_id
+            config,
+            order.model_config,
+            order.client_layers,
+            weights,
+            rows,
+            order.partition,
+            pad_id,
+            tokenizer_for(config.model),
         )
         timer[0] += time.perf_counter() - t0
         return client

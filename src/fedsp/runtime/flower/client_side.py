@@ -43,6 +43,7 @@ from fedsp.models.loading import (
     use_attention,
 )
 from fedsp.models.precision import pick_attention
+from fedsp.models.vocabulary import vocabulary_buffers
 from fedsp.runtime.checkpoint import atomic_save
 
 
@@ -54,9 +55,10 @@ def build_client(
     rows: list[Encoded],
     partition: int,
     pad_id: int,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> Client:
     """The method's client for ``partition`` (its shape from the method table), holding the ``shipped``
-    weights."""
+    weights (``tokenizer``: the global model's, for a pruned vocabulary)."""
     shape = spec_for(config.method).client
     if shape is None:
         raise FedSPError(f"method {config.method!r} has no clients this node can build")
@@ -72,7 +74,7 @@ def build_client(
     model = client_model_from(shape, skeleton, layers, config.aux_layer_order, config.aux_embedding)
     _load_exact(model, shipped)
     return make_client(
-        config, shape, model, rows, partition, pad_id, skeleton.config.num_hidden_layers, layers
+        config, shape, model, rows, partition, pad_id, skeleton.config.num_hidden_layers, layers, tokenizer
     )
 
 
@@ -91,8 +93,10 @@ def _skeleton(model_config: str, dtype: str) -> PreTrainedModel:
 def _load_exact(
     model: PreTrainedModel, shipped: dict[str, torch.Tensor], names: set[str] | None = None
 ) -> None:
-    """Copy ``shipped`` into ``model``'s parameters ``names`` (all of them by default), which must match."""
-    own = {n: p for n, p in model.named_parameters() if names is None or n in names}
+    """Copy ``shipped`` into ``model``'s parameters ``names`` (all of them by default), and the kept ids
+    of a pruned vocabulary, which must match."""
+    own: dict[str, torch.Tensor] = {n: p for n, p in model.named_parameters() if names is None or n in names}
+    own.update(vocabulary_buffers(model))
     if set(own) != set(shipped):
         missing, extra = sorted(set(own) - set(shipped))[:3], sorted(set(shipped) - set(own))[:3]
         raise FedSPError(
