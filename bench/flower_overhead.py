@@ -18,7 +18,8 @@ itself); ``+secagg`` after an engine's name runs it with
 ``--secure-aggregation`` (Flower's SecAgg+). Each engine runs in a fresh subprocess, one after the
 other, so run all of them in one invocation to compare them under the same machine load. One JSON
 line per engine: mean seconds and bytes (down + up, every message, split learning's included) per
-round (rounds 2.., so start-up and the first shipping of the auxiliary model are excluded), wall
+round (rounds 2.., so start-up and the first shipping of the auxiliary model are excluded; round 1's
+own is ``first_round_seconds``, with Flower's discovery of the nodes in it), wall
 seconds, and peak memory of the whole process tree (the engine's process, Ray's workers, SuperLink,
 SuperNodes and their ClientApp processes), sampled every 0.25 s: summed RSS (shared pages counted
 once per process) and summed PSS (shared pages split between processes). ``prefix_max_abs_diff``:
@@ -78,7 +79,8 @@ else:
     else:
         from fedsp.runtime.inprocess import run
     out = run(config).out_dir
-rounds = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()][2:]
+every = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+rounds = every[2:]
 import torch
 server = torch.load(out / "checkpoint.pt", weights_only=False)["server"]
 prefix = server.get("prefix") or server["state"]  # a prefix (FedSP and its relatives), or prompts + tail
@@ -87,6 +89,7 @@ per = max(1, len(rounds))
 sent = sum(r["bytes_down"] + r["bytes_up"] + r.get("split_bytes", 0) for r in rounds)
 state = json.loads((out / "results.json").read_text()).get("client_state") or {}
 print("RESULT", json.dumps({"seconds_per_round": sum(r["seconds"] for r in rounds) / per,
+                            "first_round_seconds": every[1]["seconds"],
                             "bytes_per_round": sent / per,
                             "state_bytes_per_client": state.get("bytes_per_client"),
                             "wall_seconds": time.perf_counter() - t0}))
@@ -94,13 +97,13 @@ print("RESULT", json.dumps({"seconds_per_round": sum(r["seconds"] for r in round
 
 
 def folder_bytes(root: Path) -> tuple[int, int]:
-    """Bytes of the files under ``root`` (0 when absent), and how many folders it holds directly."""
+    """Bytes of the files under ``root`` (0 when absent), and how many client folders (``partition-K``,
+    at any depth) it holds."""
     total, folders = 0, 0
     if not root.is_dir():
         return 0, 0
-    for entry in root.iterdir():
-        folders += entry.is_dir()
-    for path, _, files in os.walk(root):
+    for path, subfolders, files in os.walk(root):
+        folders += sum(name.startswith("partition-") for name in subfolders)
         for name in files:
             try:
                 total += os.stat(os.path.join(path, name)).st_size

@@ -50,8 +50,9 @@ _HELP = {
     "aux_layer_choice": "which layers: bottom, middle, top, or indices like 0,15",
     "aux_layer_order": "which of N > 1 auxiliary layers runs at each depth: cyclic (0,1,..,N-1,0,1,..; "
     "the reference code's) or blocks (each layer one contiguous block of depths)",
-    "aux_embedding": "the auxiliary model's embedding and tied head: full (the global model's) or lowrank:R "
-    "(two factors of rank R from its SVD, then distilled: a smaller client model)",
+    "aux_embedding": "the auxiliary model's embedding and tied head: full (the global model's), lowrank:R "
+    "(two factors of rank R from its SVD, then distilled) or pruned:V (V kept tokens; a client's other "
+    "tokens written as their BPE merge parts): a smaller client model",
     "kd_steps": "knowledge-distillation steps for the auxiliary model (0 = no KD)",
     "kd_lr": "KD learning rate",
     "kd_batch_size": "KD batch size",
@@ -81,8 +82,9 @@ _HELP = {
     "client_timeout": "seconds a round waits for a client's reply (both engines); late clients are left out",
     "audit": "record every tensor sent to clients and check none is a private global-model weight "
     "(true/false)",
-    "wire_dtype": "how each round's prefix travels: float32 (as trained), or bfloat16 / int8 (per-row "
-    "scale): then updates are sent as their change from the broadcast, with error feedback",
+    "wire_dtype": "how each round's prefix and the client model shipped once travel: float32 (as trained), "
+    "or bfloat16 / int8 (a scale per 64 values): then updates are sent as their change from the "
+    "broadcast, with error feedback",
     "state_moments": "the dtype of the AdamW moments a client keeps on its disk between rounds: float32 "
     "or bfloat16 (half the bytes; the weights it trains are kept exactly)",
     "aggregation": f"how the round's updates are combined: {RULE_FORMS}",
