@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from fedsp import wire
 from fedsp.config import RunConfig
@@ -76,20 +76,9 @@ def bpe_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
 def bpe() -> LoadedModel:
     """A tiny Llama over the BPE tokenizer (tied embeddings)."""
     tokenizer = bpe_tokenizer()
-    vocab = len(tokenizer)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config = copy.deepcopy(load_global_model("tiny-llama", seed=0).model.config)  # tiny-llama's shape
+    config.vocab_size = len(tokenizer)
+    config.eos_token_id = config.bos_token_id = config.pad_token_id = tokenizer.eos_token_id
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval().requires_grad_(False)
     return LoadedModel(model, tokenizer, "tiny-llama-bpe")

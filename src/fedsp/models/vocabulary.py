@@ -28,6 +28,7 @@ tokenizer's merges.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -52,9 +53,11 @@ class PrunedEmbedding(nn.Embedding):
         self.register_buffer("kept_ids", kept.to(torch.int64).clone())
 
 
+@functools.lru_cache(maxsize=4)
 def byte_level_bpe(tokenizer: PreTrainedTokenizerBase, what: str) -> tuple[dict[str, int], list[list[str]]]:
     """The vocabulary and merges of a byte-level BPE tokenizer (GPT-2, SmolLM2, Llama 3, Qwen, OPT);
-    any other tokenizer is refused in one line (a byte-fallback one cannot rewrite its tokens)."""
+    any other tokenizer is refused in one line (a byte-fallback one cannot rewrite its tokens).
+    Parsed once per tokenizer (the server's choice and each client built read it; not to be modified)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     spec: dict[str, Any] = json.loads(backend.to_str()) if backend is not None else {}
     model = spec.get("model") or {}
@@ -81,6 +84,19 @@ def byte_level_bpe(tokenizer: PreTrainedTokenizerBase, what: str) -> tuple[dict[
     return vocab, merges
 
 
+@functools.lru_cache(maxsize=4)
+def merge_parts(tokenizer: PreTrainedTokenizerBase, what: str) -> dict[int, tuple[int, int]]:
+    """Token id -> the ids of the two tokens its BPE merge joined (the first merge that makes a token is
+    its own). Read once per tokenizer: every client built in a process (each round) asks again."""
+    vocab, merges = byte_level_bpe(tokenizer, what)
+    parts: dict[int, tuple[int, int]] = {}
+    for left, right in merges:
+        joined = vocab.get(left + right)
+        if joined is not None and joined not in parts and left in vocab and right in vocab:
+            parts[joined] = (vocab[left], vocab[right])
+    return parts
+
+
 class PrunedVocabulary:
     """The kept global ids (sorted; row i of the client's embedding is ``kept[i]``) and how any
     other token is written in them (its BPE merge's two parts, recursively)."""
@@ -94,13 +110,7 @@ class PrunedVocabulary:
     @classmethod
     def of(cls, tokenizer: PreTrainedTokenizerBase, kept: Iterable[int], what: str) -> PrunedVocabulary:
         """The vocabulary of ``kept`` ids, rewriting others with ``tokenizer``'s merges."""
-        vocab, merges = byte_level_bpe(tokenizer, what)
-        parts: dict[int, tuple[int, int]] = {}
-        for left, right in merges:
-            joined = vocab.get(left + right)
-            if joined is not None and joined not in parts and left in vocab and right in vocab:
-                parts[joined] = (vocab[left], vocab[right])  # the first merge that makes a token is its own
-        return cls(kept, parts)
+        return cls(kept, merge_parts(tokenizer, what))
 
     def __len__(self) -> int:
         return len(self.kept)
