@@ -9,8 +9,8 @@ import pytest
 
 from fedsp.cli import build_parser
 from fedsp.errors import FedSPError
-from fedsp.experiments.compare import plan, write_tables
-from fedsp.experiments.convergence import COLUMNS, write_convergence
+from fedsp.experiments.compare import plan, run_compare, write_tables
+from fedsp.experiments.convergence import COLUMNS, read_rows, write_convergence
 from fedsp.experiments.grid import Cell, Grid, build_cells, check_comparable
 from fedsp.runtime.inprocess import run
 
@@ -148,10 +148,23 @@ def test_figure_is_a_png_and_the_markdown_has_the_seed_means(tiny_grid):
     assert table["fedprompt"]["first within 1 point of fedprompt's last round"].startswith("round ")
 
 
-def _cell(grid: Grid, cell: Cell, accs: list[float], sent: tuple[int, int, int], final: float = 0.0) -> None:
-    """A finished cell as a run writes it: round 0, then rounds with acc and bytes (down, up, shipped)."""
+SETTINGS = {"model": "tiny-llama", "dtype": "float32", "eval_limit": 6, "max_length": 64, "clients": 2}
+
+
+def _cell(
+    grid: Grid,
+    cell: Cell,
+    accs: list[float],
+    sent: tuple[int, int, int],
+    final: float = 0.0,
+    **settings,
+) -> None:
+    """A finished cell as a run writes it: its settings, round 0, then rounds with acc and bytes (down, up,
+    shipped)."""
     folder = grid.cell_dir(cell)
     folder.mkdir(parents=True)
+    config = {**SETTINGS, "local_steps": 1, "method": cell.method, "seed": cell.seed, **settings}
+    (folder / "config.json").write_text(json.dumps(config))
     records = [{"round": 0, "val_loss": 3.0}]
     for rnd, acc in enumerate(accs, 1):
         record = {"round": rnd, "server_loss": 2.0, "val_loss": 3.0 - 0.1 * rnd, "acc": acc, "acc_norm": acc}
@@ -226,3 +239,81 @@ def test_bytes_sent_read_in_megabytes_then_gigabytes():
     assert _sent({"bytes_cumulative": [1.5e6, 2.5e6]}) == " (2 MB)"
     assert _sent({"bytes_cumulative": [5.75e9]}) == " (5.75 GB)"
     assert _sent({"bytes_cumulative": []}) == ""
+
+
+def test_an_earlier_grids_csv_merges_its_seeds_and_this_grids_own_cells_win(tmp_path):
+    # Prepare: an earlier grid ran FedSP seed 0 and FedPrompt seed 0; this one FedSP seeds 0 and 1
+    earlier = Grid([], {}, tmp_path / "earlier")
+    _cell(earlier, Cell("fedsp", "arc_easy", 0, EVERY), [0.20, 0.40], (100, 50, 1000))
+    _cell(earlier, Cell("fedprompt", "arc_easy", 0, EVERY), [0.30, 0.50], (1000, 500, 0))
+    _cell(earlier, Cell("fedprompt", "sciq", 0, EVERY), [0.70, 0.80], (1000, 500, 0))
+    earlier_cells = [Cell(m, "arc_easy", 0, EVERY) for m in ("fedsp", "fedprompt")]
+    write_convergence(earlier, [*earlier_cells, Cell("fedprompt", "sciq", 0, EVERY)])
+    grid = Grid([], {}, tmp_path / "now")
+    _cell(grid, Cell("fedsp", "arc_easy", 0, EVERY), [0.24, 0.44], (100, 50, 1000))
+    _cell(grid, Cell("fedsp", "arc_easy", 1, EVERY), [0.26, 0.46], (100, 50, 1000))
+    cells = [Cell(m, "arc_easy", s, EVERY) for m in ("fedsp", "fedprompt") for s in (0, 1)]
+    # Execute
+    merged = read_rows(tmp_path / "earlier" / "convergence_arc_easy.csv")
+    written = write_convergence(grid, cells, merged=merged)
+    table = _markdown(written[0])
+    rows = _rows(written[1])
+    # Assert: FedSP's seed 0 is this grid's (24, 44), not the earlier one's (20, 40); FedPrompt's is merged
+    assert table["fedsp"]["last round"] == "45.0 ± 1.4 (0.0013 MB)" and table["fedsp"]["seeds"] == "2"
+    assert table["fedprompt"]["last round"] == "50.0 (0.003 MB)"
+    assert [r["accuracy"] for r in rows if r["method"] == "fedsp" and r["seed"] == "0"] == [
+        "",
+        "24.0",
+        "44.0",
+    ]
+    # Assert: the merged cell is named, only FedPrompt seed 1 is missing; SciQ (not asked for) left out
+    text = written[0].read_text()
+    assert "Merged from an earlier grid's CSV (--merge): arc_easy fedprompt seed 0." in text
+    assert "left out: arc_easy__fedprompt__eval_every_round=True__s1." in text
+    assert {r["task"] for r in rows} == {"arc_easy"} and "sciq" not in text
+    # Assert: the merged rows come back as they were written (the CSV round-trips)
+    again = read_rows(written[1])
+    assert [r for r in again if r["method"] == "fedprompt"] == [
+        r for r in merged if r["method"] == "fedprompt"
+    ]
+
+
+def test_merged_rows_with_other_settings_or_a_bad_csv_are_refused_by_name(tmp_path):
+    # Prepare: the earlier grid evaluated 200 questions, this one 6; a CSV of another tool
+    earlier = Grid([], {}, tmp_path / "earlier")
+    _cell(earlier, Cell("fedprompt", "arc_easy", 0, EVERY), [0.30, 0.50], (1000, 500, 0), eval_limit=200)
+    write_convergence(earlier, [Cell("fedprompt", "arc_easy", 0, EVERY)])
+    grid = Grid([], {}, tmp_path / "now")
+    _cell(grid, Cell("fedsp", "arc_easy", 0, EVERY), [0.24, 0.44], (100, 50, 1000))
+    cells = [Cell(m, "arc_easy", 0, EVERY) for m in ("fedsp", "fedprompt")]
+    merged = read_rows(tmp_path / "earlier" / "convergence_arc_easy.csv")
+    other = tmp_path / "other.csv"
+    other.write_text("task,method,seed\narc_easy,fedsp,0\n")
+    # Execute / Assert
+    with pytest.raises(
+        FedSPError,
+        match=r"'arc_easy' were run with different settings: eval_limit 6 \(fedsp seed 0\); "
+        r"eval_limit 200 \(fedprompt seed 0\)",
+    ):
+        write_convergence(grid, cells, merged=merged)
+    with pytest.raises(FedSPError, match=r"--merge .*other.csv: not a convergence CSV .*no column round"):
+        read_rows(other)
+    with pytest.raises(FedSPError, match=r"--merge .*absent.csv: cannot be read"):
+        read_rows(tmp_path / "absent.csv")
+
+
+def test_merge_only_with_the_convergence_table_and_merged_cells_are_not_run(tmp_path):
+    # Prepare: an earlier grid's CSV holding FedSP seed 0
+    earlier = Grid([], {}, tmp_path / "earlier")
+    _cell(earlier, Cell("fedsp", "arc_easy", 0, EVERY), [0.20, 0.40], (100, 50, 1000))
+    csv_path = write_convergence(earlier, [Cell("fedsp", "arc_easy", 0, EVERY)])[1]
+    parser = build_parser()
+    argv = ["compare", "--methods", "fedsp", "--seeds", "0", "--out", str(tmp_path / "now")]
+    # Execute: nothing is left to run, so the command only writes the table
+    code = run_compare(parser.parse_args([*argv, "--tables", "convergence", "--merge", str(csv_path)]))
+    # Assert
+    assert code == 0
+    assert not (tmp_path / "now" / "cells").exists()
+    assert "Missing" not in (tmp_path / "now" / "convergence.md").read_text()
+    with pytest.raises(FedSPError, match=r"--merge: only with --tables convergence alone \(not methods,"):
+        run_compare(parser.parse_args([*argv, "--tables", "methods,convergence", "--merge", str(csv_path)]))

@@ -3,6 +3,7 @@
     fedsp compare --tables methods --tasks arc_easy --seeds 0,1 --scale cpu --out results/paper
     fedsp compare --tables methods,efficiency --methods zero-shot,fedsp,fedprompt,sfprompt --seeds 0
     fedsp compare --tables convergence --methods zero-shot,fedsp,fedprompt --seeds 0,1,2 --rounds 20
+    fedsp compare --tables convergence ... --merge docs/figures/convergence_arc_easy.csv  # earlier seeds
 
 Every cell is an ordinary run folder under ``<out>/cells/``; finished cells
 are reused, so the same command continues an interrupted grid. The tables
@@ -12,7 +13,9 @@ are reused, so the same command continues an interrupted grid. The tables
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from fedsp.config import METHODS
 from fedsp.data.tasks import CUSTOM, GENERATIVE_TASKS
@@ -91,6 +94,12 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--tables-only", action="store_true", help="write the tables from finished cells, run nothing"
     )
+    p.add_argument(
+        "--merge",
+        default=None,
+        help="comma-separated convergence CSVs of earlier grids (convergence_<task>.csv): their cells of "
+        "the --tasks and --methods join the figure and table and are not run again (--tables convergence)",
+    )
 
 
 def _split(text: str) -> list[str]:
@@ -137,6 +146,12 @@ def plan(args: argparse.Namespace) -> tuple[Grid, dict[str, list[Cell]]]:
 
 def run_compare(args: argparse.Namespace) -> int:
     grid, by_table = plan(args)
+    merged = merged_rows(args, by_table)
+    if merged:  # a cell an earlier grid ran comes from its CSV, not run again (unless this grid has it)
+        earlier = {convergence.row_key(row) for row in merged}
+        grid.cells = [
+            c for c in grid.cells if (c.task, c.method, c.seed) not in earlier or grid.reusable(c) is not None
+        ]
     for cell in grid.cells:  # validate every cell's configuration before running any
         cell.config(grid.base, grid.out)
     if args.tables_only:
@@ -149,14 +164,26 @@ def run_compare(args: argparse.Namespace) -> int:
 
         grid.run(run)
     check_comparable(grid)
-    written = write_tables(grid, by_table)
+    written = write_tables(grid, by_table, merged)
     for path in written:
         extra = [s for s in (".csv", ".png") if s != path.suffix and path.with_suffix(s).exists()]
         print(f"wrote {path}" + (f" (+ {', '.join(extra)})" if extra else ""))
     return 0
 
 
-def write_tables(grid: Grid, by_table: dict[str, list[Cell]]) -> list[Path]:
+def merged_rows(args: argparse.Namespace, by_table: dict[str, list[Cell]]) -> convergence.Rows:
+    """The rows of ``--merge``'s CSVs (none without it); only with ``--tables convergence`` alone."""
+    paths = _split(getattr(args, "merge", None) or "")
+    if not paths:
+        return []
+    if list(by_table) != ["convergence"]:
+        raise FedSPError(f"--merge: only with --tables convergence alone (not {','.join(by_table)})")
+    return [row for path in paths for row in convergence.read_rows(Path(path))]
+
+
+def write_tables(
+    grid: Grid, by_table: dict[str, list[Cell]], merged: Sequence[dict[str, Any]] = ()
+) -> list[Path]:
     written = []
     for table, cells in by_table.items():
         if table == "methods":
@@ -190,7 +217,7 @@ def write_tables(grid: Grid, by_table: dict[str, list[Cell]]) -> list[Path]:
         elif table == "depth":
             written.append(tables.depth_figure(grid, cells))
         elif table == "convergence":
-            written.extend(convergence.write_convergence(grid, cells))
+            written.extend(convergence.write_convergence(grid, cells, merged=merged))
         elif table == "partitions":
             labels = list(dict.fromkeys(partition_label(c) for c in cells))
             written.append(

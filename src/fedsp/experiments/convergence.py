@@ -11,6 +11,11 @@ and for all tasks ``convergence.md`` (and its ``.csv``): accuracy, mean ± sd ov
 20 and the last, with the bytes sent by then, and the first round at which each method comes within one
 point of FedPrompt's last-round accuracy.
 
+Each CSV row also carries the settings that make cells comparable (:data:`SETTINGS`), so the tidy CSV of an
+earlier grid can be merged into this one (``fedsp compare --merge``): a figure whose seeds were run on
+different machines or days. Merged rows of a cell this grid has are left out (the grid's own win); rows
+run with other settings than the rest of their task are refused.
+
 A round's bytes are what ``results.json``'s ``comm.total_bytes`` sums over the rounds: the round's payloads
 (``bytes_down``, ``bytes_up``), the client model when shipped (``bytes_shipped``) and SFPrompt's split
 messages (``split_bytes``). Round 0 is the state before training: its validation loss, 0 bytes and no
@@ -22,6 +27,7 @@ they are drawn against rounds only.
 from __future__ import annotations
 
 import csv
+import json
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,10 +42,24 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from fedsp.errors import FedSPError  # noqa: E402
 from fedsp.experiments.grid import Cell, Grid  # noqa: E402
 from fedsp.experiments.tables import mean_sd, write_table  # noqa: E402
-from fedsp.methods.table import spec_for  # noqa: E402
+from fedsp.methods.table import METHODS, spec_for  # noqa: E402
 from fedsp.runtime.results import read_metrics  # noqa: E402
 
-COLUMNS = ["task", "method", "seed", "round", "accuracy", "val_loss", "bytes_round", "bytes_cumulative"]
+# the settings every cell of a task must share: the evaluation's (all cells), the federation's (trained ones)
+EVALUATED_ON = ("model", "dtype", "eval_limit", "max_length")
+TRAINED_WITH = ("clients", "local_steps")
+SETTINGS = (*EVALUATED_ON, *TRAINED_WITH)
+COLUMNS = [
+    "task",
+    "method",
+    "seed",
+    "round",
+    "accuracy",
+    "val_loss",
+    "bytes_round",
+    "bytes_cumulative",
+    *SETTINGS,
+]
 MARKED_ROUNDS = (2, 10, 20)  # the Markdown table's columns, with the last round
 WITHIN = 1.0  # accuracy points below the reference method's last-round accuracy
 REFERENCE = "fedprompt"
@@ -57,7 +77,8 @@ def round_bytes(record: dict[str, Any]) -> int:
 def cell_rows(grid: Grid, cell: Cell) -> Rows:
     """The tidy rows of a finished cell: one per round, round 0 included; one for an untrained method."""
     spec = spec_for(cell.method)
-    keys = {"task": cell.task, "method": cell.method, "seed": cell.seed}
+    config = json.loads((grid.cell_dir(cell) / "config.json").read_text())
+    keys = {"task": cell.task, "method": cell.method, "seed": cell.seed, **_settings(config)}
     if not spec.trains:  # the zero-shot accuracy, the same at every round
         acc = 100 * grid.results[cell.name]["final"]["acc"]
         nothing = {"val_loss": None, "bytes_round": 0, "bytes_cumulative": 0}
@@ -90,13 +111,26 @@ def cell_rows(grid: Grid, cell: Cell) -> Rows:
     return rows
 
 
-def write_convergence(grid: Grid, cells: Sequence[Cell], stem: str = "convergence") -> list[Path]:
-    """Per task the tidy CSV and the figure, then the Markdown table; the paths (Markdown first)."""
-    missing = [cell.name for cell in cells if cell.name not in grid.results]
+def write_convergence(
+    grid: Grid, cells: Sequence[Cell], stem: str = "convergence", merged: Sequence[dict[str, Any]] = ()
+) -> list[Path]:
+    """Per task the tidy CSV and the figure, then the Markdown table; the paths (Markdown first).
+
+    ``merged``: tidy rows of earlier grids (:func:`read_rows`); those of the tasks and methods of ``cells``
+    join the grid's own, except a cell's the grid has finished itself."""
     by_task: dict[str, dict[str, Rows]] = {}  # task -> method -> rows of all its seeds
+    own = set()
     for cell in cells:
         if cell.name in grid.results:
             by_task.setdefault(cell.task, {}).setdefault(cell.method, []).extend(cell_rows(grid, cell))
+            own.add((cell.task, cell.method, cell.seed))
+    wanted = {(cell.task, cell.method) for cell in cells}
+    added = [row for row in merged if (row["task"], row["method"]) in wanted and row_key(row) not in own]
+    for row in added:
+        by_task.setdefault(row["task"], {}).setdefault(row["method"], []).append(row)
+    _check_settings(by_task)
+    covered = own | {row_key(row) for row in added}
+    missing = [cell.name for cell in cells if (cell.task, cell.method, cell.seed) not in covered]
     grid.out.mkdir(parents=True, exist_ok=True)
     written = []
     for task, by_method in by_task.items():
@@ -107,7 +141,81 @@ def write_convergence(grid: Grid, cells: Sequence[Cell], stem: str = "convergenc
             writer.writerows(row for rows in by_method.values() for row in rows)
         _figure(task, by_method, path.with_suffix(".png"))
         written.append(path)
-    return [_summary(grid.out, stem, by_task, missing), *written]
+    merged_note = sorted({f"{task} {method} seed {seed}" for task, method, seed in map(row_key, added)})
+    return [_summary(grid.out, stem, by_task, missing, merged_note), *written]
+
+
+def row_key(row: dict[str, Any]) -> tuple[str, str, int]:
+    """The cell a tidy row belongs to: task, method, seed."""
+    return row["task"], row["method"], int(row["seed"])
+
+
+def read_rows(path: Path) -> Rows:
+    """The rows of a tidy convergence CSV this module wrote (``convergence_<task>.csv``), typed back."""
+    path = Path(path)
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            lacking = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+            if lacking:
+                raise FedSPError(
+                    f"--merge {path}: not a convergence CSV of this version (no column {', '.join(lacking)})"
+                )
+            raw = list(reader)
+    except OSError as err:
+        raise FedSPError(f"--merge {path}: cannot be read ({err.strerror or err})") from None
+    rows = []
+    for line, row in enumerate(raw, 2):
+        try:
+            rows.append(
+                {
+                    **{column: row[column] for column in ("task", "method", *SETTINGS)},
+                    "seed": int(row["seed"]),
+                    "round": int(row["round"]),
+                    "accuracy": _number(row["accuracy"], float),
+                    "val_loss": _number(row["val_loss"], float),
+                    "bytes_round": _number(row["bytes_round"], int),
+                    "bytes_cumulative": _number(row["bytes_cumulative"], int),
+                }
+            )
+        except ValueError as err:
+            raise FedSPError(f"--merge {path}, line {line}: {err}") from None
+        if row["method"] not in METHODS:
+            raise FedSPError(f"--merge {path}, line {line}: method {row['method']!r} not known")
+    return rows
+
+
+def _number(text: str, kind: type) -> Any:
+    return None if text == "" else kind(text)
+
+
+def _settings(config: dict[str, Any]) -> dict[str, str]:
+    """A cell's comparable settings as the CSV holds them (text; an unset one empty)."""
+    return {key: "" if config.get(key) is None else str(config[key]) for key in SETTINGS}
+
+
+def _check_settings(by_task: dict[str, dict[str, Rows]]) -> None:
+    """Refuse a task whose cells (own or merged) were evaluated, or trained, with different settings."""
+    for task, by_method in by_task.items():
+        for keys, trained_only in ((EVALUATED_ON, False), (TRAINED_WITH, True)):
+            seen: dict[tuple[str, ...], set[str]] = {}
+            for method, rows in by_method.items():
+                if trained_only and not spec_for(method).trains:
+                    continue
+                for row in rows:
+                    value = tuple(str(row[key]) for key in keys)
+                    seen.setdefault(value, set()).add(f"{method} seed {row['seed']}")
+            if len(seen) > 1:  # name the settings that differ, each group with its cells
+                differ = [i for i in range(len(keys)) if len({value[i] for value in seen}) > 1]
+                found = "; ".join(
+                    ", ".join(f"{keys[i]} {value[i] or 'unset'}" for i in differ)
+                    + f" ({', '.join(sorted(who))})"
+                    for value, who in seen.items()
+                )
+                raise FedSPError(
+                    f"convergence cells of {task!r} were run with different settings: {found}; "
+                    "rerun them with the same options"
+                )
 
 
 def points(rows: Rows) -> Points:
@@ -174,7 +282,9 @@ def _band(ax, xs: Sequence[float], values: list[list[float]], label: str, colour
         ax.fill_between(xs, [min(v) for v in values], [max(v) for v in values], color=colour, alpha=0.2)
 
 
-def _summary(out: Path, stem: str, by_task: dict[str, dict[str, Rows]], missing: list[str]) -> Path:
+def _summary(
+    out: Path, stem: str, by_task: dict[str, dict[str, Rows]], missing: list[str], merged: Sequence[str] = ()
+) -> Path:
     """Accuracy at the marked rounds and the last, with the bytes sent by then; when FedPrompt's is met."""
     last = max(
         (row["round"] for by_method in by_task.values() for rows in by_method.values() for row in rows),
@@ -215,6 +325,8 @@ def _summary(out: Path, stem: str, by_task: dict[str, dict[str, Rows]], missing:
         )
     if missing:
         notes.append(f"Missing (not run or unfinished), left out: {', '.join(missing)}.")
+    if merged:
+        notes.append(f"Merged from an earlier grid's CSV (--merge): {', '.join(merged)}.")
     title = "Convergence: accuracy (%) by round, mean ± sd over seeds (bytes sent by then)"
     return write_table(out, stem, header, table, title, notes)
 
