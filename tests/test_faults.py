@@ -158,7 +158,9 @@ def test_a_huge_example_claim_is_cut_to_the_cap_and_recorded(tmp_path, monkeypat
 def test_kill_9_at_random_points_then_resume_gives_the_uninterrupted_prefix(tmp_path):
     # Prepare: the uninterrupted run, and 20 runs of the same configuration killed with SIGKILL
     config = replace(TINY, rounds=6, local_steps=3, eval_every_round=True)  # rounds of about 0.1 s
+    started = time.perf_counter()
     reference = inprocess.run(replace(config, out=str(tmp_path / "reference")))
+    span = time.perf_counter() - started  # a run once its process is up (imports are what vary most)
     expected = _prefix(reference.out_dir)
     rng = random.Random(0)
     child = (
@@ -172,7 +174,12 @@ def test_kill_9_at_random_points_then_resume_gives_the_uninterrupted_prefix(tmp_
         proc = subprocess.Popen(
             [sys.executable, "-c", child, keys], env={**os.environ, "PYTHONHASHSEED": "0"}
         )
-        time.sleep(rng.uniform(3.0, 8.5))  # the first checkpoint comes after about 5 s, the end after 8
+        # the kill at a random point of the run itself, timed from its folder's first file: a child's
+        # imports take 3-10 s depending on the machine and its load
+        deadline = time.monotonic() + 120
+        while not (out / "config.json").is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 1.2 * span))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         finished = (out / "results.json").is_file()
