@@ -173,7 +173,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
 def merged_rows(args: argparse.Namespace, by_table: dict[str, list[Cell]]) -> convergence.Rows:
     """The rows of ``--merge``'s CSVs (none without it); only with ``--tables convergence`` alone."""
-    paths = _split(getattr(args, "merge", None) or "")
+    paths = _split(args.merge or "")
     if not paths:
         return []
     if list(by_table) != ["convergence"]:

@@ -178,7 +178,7 @@ def read_rows(path: Path) -> Rows:
                     "bytes_cumulative": _number(row["bytes_cumulative"], int),
                 }
             )
-        except ValueError as err:
+        except (TypeError, ValueError) as err:  # a short line leaves its last fields None
             raise FedSPError(f"--merge {path}, line {line}: {err}") from None
         if row["method"] not in METHODS:
             raise FedSPError(f"--merge {path}, line {line}: method {row['method']!r} not known")
