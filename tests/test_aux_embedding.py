@@ -8,10 +8,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fedsp.config import RunConfig
+from fedsp.config import RunConfig, parse_embedding
 from fedsp.errors import FedSPError
 from fedsp.models.auxiliary import build_auxiliary_model, unique_parameter_count
-from fedsp.models.embedding import LowRankEmbedding, LowRankHead, factorise_embedding, parse_embedding
+from fedsp.models.embedding import LowRankEmbedding, LowRankHead, factorise_embedding
 from fedsp.models.forward import head_logits
 from fedsp.models.loading import load_global_model
 from fedsp.runtime import inprocess

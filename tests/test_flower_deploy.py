@@ -217,6 +217,19 @@ def test_script_refuses_certificates_that_do_not_match_in_one_line(tmp_path):
     assert not (tmp_path / "work" / "logs").exists()  # refused before any process started
 
 
+def test_a_clientapp_process_imports_neither_torch_nor_transformers():
+    """Every message starts a fresh ``flwr-clientapp`` that imports the ClientApp and hands the job to
+    the node's warm worker: importing torch and transformers there (seconds each, three nodes on two
+    cores) made each deployed SFPrompt round several times slower."""
+    probe = (
+        "import sys, fedsp.runtime.flower.client_app, fedsp.runtime.flower.secagg, fedsp.config;"
+        "print(sorted(m for m in ('torch', 'transformers', 'safetensors') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+
+
 # ---- real deployments on 127.0.0.1 ----
 
 

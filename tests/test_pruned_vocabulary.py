@@ -12,13 +12,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from fedsp import wire
-from fedsp.config import RunConfig
+from fedsp.config import RunConfig, parse_embedding
 from fedsp.data.batching import Encoded
 from fedsp.data.shards import prepare_data
 from fedsp.errors import FedSPError
 from fedsp.methods.table import build_course
 from fedsp.models.auxiliary import build_auxiliary_model
-from fedsp.models.embedding import parse_embedding
 from fedsp.models.loading import LoadedModel, byte_tokenizer, load_global_model
 from fedsp.models.vocabulary import PrunedVocabulary, choose_vocabulary, prune_embedding
 from fedsp.runtime.flower.client_side import build_client

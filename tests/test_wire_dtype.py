@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedsp import wire
-from fedsp.config import RunConfig
+from fedsp.config import WIRE_DTYPES, RunConfig
 from fedsp.errors import FedSPError
 from fedsp.methods.table import spec_for
 from fedsp.runtime import audit, inprocess
@@ -86,7 +86,7 @@ def test_compressed_messages_are_smaller():
     # Prepare: a prefix-sized message
     prefix = {"prefix.key_values": torch.randn(4, 2 * 30 * 576)}
     # Execute
-    sizes = {d: len(wire.encode_broadcast(prefix, d)) for d in wire.WIRE_DTYPES}
+    sizes = {d: len(wire.encode_broadcast(prefix, d)) for d in WIRE_DTYPES}
     # Assert: bfloat16 about half, int8 about a quarter (plus a float32 scale per 64 values)
     assert sizes["bfloat16"] <= 0.51 * sizes["float32"]
     assert sizes["int8"] <= 0.27 * sizes["float32"]
@@ -155,9 +155,7 @@ def test_bad_options_get_one_line_errors():
 def runs(tmp_path_factory):
     """The tiny run at each wire dtype (audit on)."""
     root = tmp_path_factory.mktemp("wire")
-    return {
-        d: inprocess.run(replace(TINY, wire_dtype=d, audit=True, out=str(root / d))) for d in wire.WIRE_DTYPES
-    }
+    return {d: inprocess.run(replace(TINY, wire_dtype=d, audit=True, out=str(root / d))) for d in WIRE_DTYPES}
 
 
 def test_runs_send_fewer_bytes_and_pass_the_audit(runs):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import tomllib
 import warnings
 from dataclasses import dataclass, field
@@ -25,7 +26,6 @@ import yaml
 from fedsp.errors import FedSPError
 from fedsp.files import io_reason
 from fedsp.methods.table import ENGINES, METHODS, SPLIT_HEAD, spec_for
-from fedsp.models.embedding import parse_embedding
 from fedsp.models.precision import DTYPE_CHOICES, resolve_dtype
 from fedsp.protection import (
     MEAN,
@@ -36,7 +36,13 @@ from fedsp.protection import (
     parse_partitions,
     parse_rule,
 )
-from fedsp.wire import BFLOAT16, FLOAT32, WIRE_DTYPES
+
+# The spellings of --wire-dtype (encoded by fedsp.wire) and --aux-embedding (built by fedsp.models.embedding
+# and fedsp.models.vocabulary) live here, with no torch: a ClientApp process reads a RunConfig and imports
+# this module, and torch and transformers take seconds to import.
+FLOAT32, BFLOAT16, INT8 = "float32", "bfloat16", "int8"
+WIRE_DTYPES = (FLOAT32, BFLOAT16, INT8)
+FULL, LOWRANK, PRUNED = "full", "lowrank", "pruned"
 
 STATE_MOMENTS = (FLOAT32, BFLOAT16)  # --state-moments: how a client keeps its AdamW moments between rounds
 
@@ -401,6 +407,21 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise FedSPError(f"config file {str(path)!r} must hold a table of keys, got {type(data).__name__}")
     return data
+
+
+def parse_embedding(text: str) -> tuple[str, int] | None:
+    """``full`` -> None; ``lowrank:R`` -> (``lowrank``, R); ``pruned:V`` -> (``pruned``, V) (at least 1,
+    written without leading zeros or spaces, so one design has one spelling); anything else refused in
+    one line. (V's range depends on the tokenizer: checked when the vocabulary is chosen.)"""
+    if text == FULL:
+        return None
+    found = re.fullmatch(rf"({LOWRANK}|{PRUNED}):([1-9][0-9]*)", text)
+    if found:
+        return found.group(1), int(found.group(2))
+    raise FedSPError(
+        f"--aux-embedding {text!r} is not valid; choose {FULL}, {LOWRANK}:R with a rank R of at least 1, "
+        f"or {PRUNED}:V with V kept tokens"
+    )
 
 
 def parse_layer_choice(text: str) -> str | tuple[int, ...]:

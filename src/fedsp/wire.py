@@ -45,11 +45,10 @@ import torch.nn.functional as F
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from fedsp.config import BFLOAT16, FLOAT32, INT8  # the spellings of --wire-dtype
 from fedsp.errors import FedSPError
 
 Tensors = dict[str, torch.Tensor]
-FLOAT32, BFLOAT16, INT8 = "float32", "bfloat16", "int8"
-WIRE_DTYPES = (FLOAT32, BFLOAT16, INT8)
 SCALE = "::scale"  # the int8 scales of tensor <name> travel as <name>::scale
 INT8_MAX = 127
 GROUP = 64  # int8: consecutive values sharing one scale (a prefix row spans every layer's keys and values)

@@ -39,7 +39,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedsp import wire
-from fedsp.config import RunConfig
+from fedsp.config import LOWRANK, RunConfig, parse_embedding
 from fedsp.data.batching import BatchStream, Encoded, fixed_batches
 from fedsp.data.shards import RunData
 from fedsp.errors import FedSPError
@@ -48,7 +48,7 @@ from fedsp.methods.kd import distilled_auxiliary_model
 from fedsp.methods.optim import OptimConfig, Phase, set_trainable
 from fedsp.methods.table import ALTERNATE, AUXILIARY, GLOBAL, JOINT, PROMPT_ONLY, ClientShape, spec_for
 from fedsp.models.auxiliary import build_auxiliary_model, depth_plan, unique_parameter_count
-from fedsp.models.embedding import LOWRANK, factorise_embedding, parse_embedding
+from fedsp.models.embedding import factorise_embedding
 from fedsp.models.forward import answer_loss, mean_answer_loss
 from fedsp.models.loading import LoadedModel
 from fedsp.models.prefix import (

@@ -29,13 +29,13 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from fedsp.config import RunConfig
+from fedsp.config import LOWRANK, RunConfig, parse_embedding
 from fedsp.data.batching import BatchStream, Encoded, collate
 from fedsp.errors import FedSPError
 from fedsp.files import atomic_write
 from fedsp.methods.optim import OptimConfig, Phase
 from fedsp.models.auxiliary import build_auxiliary_model, depth_plan, select_layers
-from fedsp.models.embedding import LOWRANK, factorise_embedding, parse_embedding
+from fedsp.models.embedding import factorise_embedding
 from fedsp.models.forward import hidden_states
 from fedsp.models.loading import LoadedModel, cache_dir
 from fedsp.models.vocabulary import choose_vocabulary, prune_embedding

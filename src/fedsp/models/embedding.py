@@ -24,7 +24,6 @@ holds and is sent once is ``(V + E) R`` numbers per factorised matrix instead of
 
 from __future__ import annotations
 
-import re
 from typing import cast
 
 import torch
@@ -32,26 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from fedsp.config import LOWRANK
 from fedsp.errors import FedSPError
-
-FULL = "full"
-LOWRANK = "lowrank"
-PRUNED = "pruned"  # fedsp.models.vocabulary
-
-
-def parse_embedding(text: str) -> tuple[str, int] | None:
-    """``full`` -> None; ``lowrank:R`` -> (``lowrank``, R); ``pruned:V`` -> (``pruned``, V) (at least 1,
-    written without leading zeros or spaces, so one design has one spelling); anything else refused in
-    one line. (V's range depends on the tokenizer: checked when the vocabulary is chosen.)"""
-    if text == FULL:
-        return None
-    found = re.fullmatch(rf"({LOWRANK}|{PRUNED}):([1-9][0-9]*)", text)
-    if found:
-        return found.group(1), int(found.group(2))
-    raise FedSPError(
-        f"--aux-embedding {text!r} is not valid; choose {FULL}, {LOWRANK}:R with a rank R of at least 1, "
-        f"or {PRUNED}:V with V kept tokens"
-    )
 
 
 class LowRankEmbedding(nn.Module):
