@@ -156,7 +156,7 @@ def test_a_huge_example_claim_is_cut_to_the_cap_and_recorded(tmp_path, monkeypat
 
 
 def test_kill_9_at_random_points_then_resume_gives_the_uninterrupted_prefix(tmp_path):
-    # Prepare: the uninterrupted run, and 20 runs of the same configuration killed with SIGKILL
+    # Prepare: the uninterrupted run, and 8 runs of the same configuration killed with SIGKILL
     config = replace(TINY, rounds=6, local_steps=3, eval_every_round=True)  # rounds of about 0.1 s
     started = time.perf_counter()
     reference = inprocess.run(replace(config, out=str(tmp_path / "reference")))
@@ -168,7 +168,7 @@ def test_kill_9_at_random_points_then_resume_gives_the_uninterrupted_prefix(tmp_
         "inprocess.run(RunConfig.from_dict(json.loads(sys.argv[1])))"
     )
     outcomes = {"resumed": 0, "no checkpoint yet": 0, "finished before the kill": 0}
-    for trial in range(20):
+    for trial in range(8):
         out = tmp_path / f"killed-{trial}"
         keys = json.dumps(replace(config, out=str(out)).to_dict())
         proc = subprocess.Popen(
@@ -195,7 +195,7 @@ def test_kill_9_at_random_points_then_resume_gives_the_uninterrupted_prefix(tmp_
         assert all(torch.equal(got[k], expected[k]) for k in expected), trial
         outcomes["finished before the kill" if finished else "resumed"] += 1
     print("kill -9 trials:", outcomes)
-    assert sum(outcomes.values()) == 20 and outcomes["resumed"] >= 5
+    assert sum(outcomes.values()) == 8 and outcomes["resumed"] >= 2  # 13 of 20 resumed on an idle machine
 
 
 def test_a_second_process_on_a_live_folder_is_refused_naming_the_pid(tmp_path, capsys):
@@ -226,11 +226,11 @@ def test_a_second_process_on_a_live_folder_is_refused_naming_the_pid(tmp_path, c
 
 
 def test_kill_9_of_a_flower_simulation_then_resume_gives_the_uninterrupted_prefix(tmp_path):
-    # Prepare: the uninterrupted simulation, and two killed after 1 and after 3 completed rounds
-    from fedsp.runtime.flower import simulation
-
+    # Prepare: the uninterrupted run (in-process: the simulation computes the same prefix to 1e-6, which
+    # test_flower checks, and a Ray start less keeps the suite short), and two simulations killed after 1
+    # and after 3 completed rounds
     config = replace(TINY, rounds=4, engine="flower")
-    expected = _prefix(simulation.run(replace(config, out=str(tmp_path / "reference"))).out_dir)
+    expected = _prefix(inprocess.run(replace(config, engine="inprocess", out=str(tmp_path / "ref"))).out_dir)
     child = (
         "import json, sys; from fedsp.config import RunConfig; from fedsp.runtime.flower import simulation; "
         "simulation.run(RunConfig.from_dict(json.loads(sys.argv[1])))"

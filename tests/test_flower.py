@@ -331,20 +331,28 @@ def test_sfprompt_on_flower_equals_sfprompt_in_process(dtype, tmp_path):
     from fedsp.runtime.flower import simulation
 
     config = replace(SPLIT, dtype=dtype)
-    # Execute: the same run in one process and as a Flower simulation (split steps as messages)
+    # Execute: the same run in one process and with split steps as messages: float32 as a Flower
+    # simulation, bfloat16 through the ClientApp's handlers on a local grid (the same messages and
+    # handlers without Ray's start-up: bfloat16 matmuls are slow on most CPUs)
     here = inprocess.run(replace(config, out=str(tmp_path / "inprocess")))
-    there = simulation.run(replace(config, out=str(tmp_path / "flower"), engine="flower"))
+    if dtype == "float32":
+        there = simulation.run(replace(config, out=str(tmp_path / "flower"), engine="flower"))
+        there_dir, there_results = there.out_dir, there.results
+    else:
+        session = Session.start(replace(config, out=str(tmp_path / "handlers")))
+        server_app.serve(LocalGrid(3, tmp_path), session, wait_s=30)
+        there_dir, there_results = session.out_dir, session.finish()
     # Assert: the same prompts and tail (to 1e-6), accuracy, losses and split traffic; audit passed
-    ours, theirs = _split_state(there.out_dir), _split_state(here.out_dir)
+    ours, theirs = _split_state(there_dir), _split_state(here.out_dir)
     assert set(ours) == {"prompts", "tail.norm.weight"}
     assert all(torch.allclose(ours[k], theirs[k], atol=1e-6, rtol=0) for k in theirs)
-    assert there.results["final"] == here.results["final"]
-    assert [m["val_loss"] for m in _metrics(there.out_dir)] == pytest.approx(
+    assert there_results["final"] == here.results["final"]
+    assert [m["val_loss"] for m in _metrics(there_dir)] == pytest.approx(
         [m["val_loss"] for m in _metrics(here.out_dir)], abs=1e-6
     )
-    comm = there.results["comm"]
+    comm = there_results["comm"]
     assert comm == here.results["comm"] and comm["split_bytes_total"] > 0
-    assert there.results["audit"]["passed"] and here.results["audit"]["passed"]
+    assert there_results["audit"]["passed"] and here.results["audit"]["passed"]
 
 
 def test_sfprompt_client_failing_in_the_middle_of_split_steps_is_dropped_from_the_round(

@@ -138,8 +138,7 @@ def test_a_run_written_by_another_version_resumes(tmp_path, interrupted_run, rea
 
 def test_shared_top_level_modules_import_only_leaves():
     # config, errors, files, wire and protection are read by every layer: they may import each other and
-    # three leaf modules (the method table, pure data; the dtype rules; the auxiliary embedding's forms),
-    # nothing else of the package
+    # two leaf modules (the method table, pure data; the dtype rules), nothing else of the package
     allowed = {
         "fedsp",
         "fedsp.errors",
@@ -149,12 +148,11 @@ def test_shared_top_level_modules_import_only_leaves():
         "fedsp.protection",
         "fedsp.methods.table",
         "fedsp.models.precision",
-        "fedsp.models.embedding",
     }
     for name in ("config", "errors", "files", "wire", "protection"):
         imported = {m for m in _imports(PACKAGE / f"{name}.py") if m.count(".") <= 2}
         assert {m.rsplit(".", 1)[0] if m not in allowed else m for m in imported} <= allowed, name
-    for leaf in ("methods/table.py", "models/precision.py", "models/embedding.py"):
+    for leaf in ("methods/table.py", "models/precision.py"):
         tree = ast.parse((PACKAGE / leaf).read_text())
         runtime = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
         modules = {n.module for n in runtime if isinstance(n, ast.ImportFrom) and n.module}
