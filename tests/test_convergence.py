@@ -317,3 +317,42 @@ def test_merge_only_with_the_convergence_table_and_merged_cells_are_not_run(tmp_
     assert "Missing" not in (tmp_path / "now" / "convergence.md").read_text()
     with pytest.raises(FedSPError, match=r"--merge: only with --tables convergence alone \(not methods,"):
         run_compare(parser.parse_args([*argv, "--tables", "methods,convergence", "--merge", str(csv_path)]))
+
+
+def test_a_cell_interrupted_after_a_round_continues_from_it(tiny_grid, tmp_path, monkeypatch):
+    # Prepare: the FedPrompt cell of the fixture's grid, in a new grid, stopped by Ctrl-C as round 2 starts
+    from fedsp.runtime import rounds
+
+    done, _ = tiny_grid
+    cell = Cell("fedprompt", "arc_easy", 0, EVERY)
+    grid = Grid([cell], done.base, tmp_path / "out")
+    fit = rounds.client_round
+
+    def killing(order, *args, **kwargs):
+        if order.rnd == 2:
+            raise KeyboardInterrupt
+        return fit(order, *args, **kwargs)
+
+    monkeypatch.setattr(rounds, "client_round", killing)
+    with pytest.raises(KeyboardInterrupt):
+        grid.run(run, say=lambda text: None)
+    monkeypatch.setattr(rounds, "client_round", fit)
+    resumed_from = []
+
+    def runner(config, resume):
+        resumed_from.append(resume)
+        return run(config, resume)
+
+    # Execute: the same grid again
+    said: list[str] = []
+    grid.run(runner, say=said.append)
+    # Assert: the cell continued from its folder (round 1 kept, not run again) and matches the uninterrupted
+    assert resumed_from == [grid.cell_dir(cell)]
+    assert any("continuing the interrupted run" in line for line in said)
+
+    def metrics(g: Grid) -> list[dict]:
+        return [json.loads(line) for line in (g.cell_dir(cell) / "metrics.jsonl").read_text().splitlines()]
+
+    assert [m["round"] for m in metrics(grid)] == [0, 1, 2, 3]
+    expected = [m["val_loss"] for m in metrics(done)]
+    assert [m["val_loss"] for m in metrics(grid)] == pytest.approx(expected, abs=1e-5)

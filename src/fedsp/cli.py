@@ -14,7 +14,7 @@ from typing import Any
 
 from fedsp.config import PARTITIONS, RunConfig, load_config_file
 from fedsp.data.tasks import TASKS
-from fedsp.errors import FedSPError, RunFinished
+from fedsp.errors import FedSPError, RunFinished, RunInterrupted
 from fedsp.evaluation import METRIC_COLUMNS
 from fedsp.files import io_reason
 from fedsp.methods.table import METHODS, spec_for
@@ -193,11 +193,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         kept = "; completed rounds are kept (--resume continues)" if args.command == "run" else ""
         print(f"fedsp: error: {where}{io_reason(err)}{kept}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("fedsp: interrupted; completed rounds are in the results folder", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(f"fedsp: {interrupted(err, args.command)}", file=sys.stderr)
         return 130
     print(format_summary(outcome.results, str(outcome.out_dir)))
     return 0
+
+
+def interrupted(err: KeyboardInterrupt, command: str) -> str:
+    """What Ctrl-C left: a run's completed rounds and how to continue them, or nothing."""
+    if command == "compare":  # a cell interrupted after a round continues from it
+        return "interrupted; the same fedsp compare continues the unfinished cells"
+    if not isinstance(err, RunInterrupted):
+        return "interrupted"
+    if err.folder is None:
+        return "interrupted before the first round completed; nothing was kept"
+    after = f"round {err.completed}" if err.completed else "the set-up (no round completed)"
+    return f"interrupted after {after}; fedsp run --resume {err.folder} continues"
 
 
 def format_summary(res: dict, out_dir: str) -> str:

@@ -13,3 +13,12 @@ class FedSPError(ValueError):
 
 class RunFinished(FedSPError):
     """``--resume`` on a run that completed: nothing to do (the CLI says so and exits 0)."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: ``folder`` is its results folder (None: removed, no round completed) and
+    ``completed`` the last round it holds (0: none; ``--resume`` continues after it)."""
+
+    def __init__(self, folder: str | None, completed: int) -> None:
+        super().__init__(folder, completed)
+        self.folder, self.completed = folder, completed

@@ -36,6 +36,7 @@ from fedsp.data.tasks import NATURAL_FIELDS
 from fedsp.errors import FedSPError
 from fedsp.evaluation import describe
 from fedsp.methods.table import grid_methods, spec_for
+from fedsp.runtime.checkpoint import CHECKPOINT
 
 DIRICHLET_ALPHAS = (1.0, 0.1)  # the partitions table's label skews, mild then strong
 PER_TASK = "per_task"  # a preset's settings for some tasks, over its others (see the module docstring)
@@ -129,6 +130,12 @@ class Grid:
         folder = self.cell_dir(cell)
         if not (folder / "results.json").is_file():
             return None
+        self._check_settings(cell)
+        return json.loads((folder / "results.json").read_text())
+
+    def _check_settings(self, cell: Cell) -> None:
+        """Refuse a cell folder written with other settings than this grid's for that cell."""
+        folder = self.cell_dir(cell)
         written = json.loads((folder / "config.json").read_text())
         saved = RunConfig.from_dict(written, strict=False, source=str(folder / "config.json")).to_dict()
         wanted = cell.config(self.base, self.out).to_dict()
@@ -138,10 +145,15 @@ class Grid:
                 f"grid cell {folder} was run with other settings ({', '.join(differs)}); "
                 "use another --out or remove that folder"
             )
-        return json.loads((folder / "results.json").read_text())
 
-    def run(self, runner: Callable[[RunConfig], Any], say: Callable[[str], None] = print) -> None:
-        """Run the cells not yet finished, in order; reuse the others."""
+    def run(
+        self, runner: Callable[[RunConfig, Path | None], Any], say: Callable[[str], None] = print
+    ) -> None:
+        """Run the cells not yet finished, in order; reuse the others.
+
+        ``runner(config, resume)``: a cell interrupted after a completed round (its folder holds a
+        checkpoint) continues from it (``resume`` = its folder); one interrupted earlier starts again.
+        """
         todo = []
         for cell in self.cells:
             done = self.reusable(cell)
@@ -156,10 +168,14 @@ class Grid:
         started = time.perf_counter()
         for i, cell in enumerate(todo, 1):
             folder = self.cell_dir(cell)
-            if folder.exists():  # interrupted before results.json: start that cell again
+            resume = folder if (folder / CHECKPOINT).is_file() else None
+            if resume is not None:
+                self._check_settings(cell)
+                say(f"[{i}/{len(todo)}] {cell.name}: continuing the interrupted run in {folder}")
+            elif folder.exists():  # interrupted before any round completed: start that cell again
                 shutil.rmtree(folder)
             t0 = time.perf_counter()
-            outcome = runner(cell.config(self.base, self.out))
+            outcome = runner(cell.config(self.base, self.out), resume)
             self.results[cell.name] = outcome.results
             elapsed = time.perf_counter() - started
             eta = elapsed / i * (len(todo) - i)

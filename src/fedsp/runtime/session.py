@@ -33,7 +33,7 @@ import torch
 from fedsp import wire
 from fedsp.config import RunConfig
 from fedsp.data.shards import RunData, generation_stop, prepare_data
-from fedsp.errors import RunFinished
+from fedsp.errors import RunFinished, RunInterrupted
 from fedsp.evaluation import EvalResult, describe, evaluate_examples, headline, metric_figures
 from fedsp.files import atomic_write, remove_stale_temporaries
 from fedsp.methods.base import ClientUpdate, Course, ManyPrefixes
@@ -466,6 +466,10 @@ def run_course(config: RunConfig, resume: Path | None, drive: Callable[[Session]
         if session.course is not None:
             drive(session)
         summary = session.finish()
+    except KeyboardInterrupt as err:
+        session.abandon()
+        kept = str(session.out_dir) if session.out_dir.is_dir() else None
+        raise RunInterrupted(kept, max((h["round"] for h in session.history), default=0)) from err
     except BaseException:
         session.abandon()
         raise
