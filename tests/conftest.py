@@ -115,23 +115,35 @@ def random_prefix() -> Callable[..., Prefix]:
 
 
 @pytest.fixture
-def interrupted_run(monkeypatch) -> Callable[[RunConfig, int], Path]:
-    """``interrupted_run(config, rnd)``: an in-process run stopped (KeyboardInterrupt) as round ``rnd``
-    starts its clients, its earlier rounds checkpointed; the results folder."""
-    from fedsp.runtime import inprocess, rounds
+def interrupt_at(monkeypatch) -> Callable[[int | None], None]:
+    """``interrupt_at(rnd)``: from now on, Ctrl-C (KeyboardInterrupt) as round ``rnd`` starts its clients,
+    its earlier rounds completed and checkpointed; ``interrupt_at(None)``: no more."""
+    from fedsp.runtime import rounds
 
-    def run(config: RunConfig, rnd: int) -> Path:
-        fit = rounds.client_round
+    fit = rounds.client_round
 
+    def arm(rnd: int | None) -> None:
         def killing(order, *args, **kwargs):
             if order.rnd == rnd:
                 raise KeyboardInterrupt
             return fit(order, *args, **kwargs)
 
-        monkeypatch.setattr(rounds, "client_round", killing)
+        monkeypatch.setattr(rounds, "client_round", fit if rnd is None else killing)
+
+    return arm
+
+
+@pytest.fixture
+def interrupted_run(interrupt_at) -> Callable[[RunConfig, int], Path]:
+    """``interrupted_run(config, rnd)``: an in-process run stopped (KeyboardInterrupt) as round ``rnd``
+    starts its clients, its earlier rounds checkpointed; the results folder."""
+    from fedsp.runtime import inprocess
+
+    def run(config: RunConfig, rnd: int) -> Path:
+        interrupt_at(rnd)
         with pytest.raises(KeyboardInterrupt):
             inprocess.run(config)
-        monkeypatch.setattr(rounds, "client_round", fit)
+        interrupt_at(None)
         assert config.out is not None
         return Path(config.out)
 

@@ -97,24 +97,10 @@ def test_existing_out_folder_is_refused_and_kept(tiny_run, capsys):
     assert (out / "results.json").read_text() == before
 
 
-def _interrupt_at(monkeypatch, rnd: int) -> None:
-    """Ctrl-C as round ``rnd`` starts its clients (the earlier rounds completed and checkpointed)."""
-    from fedsp.runtime import rounds
-
-    fit = rounds.client_round
-
-    def killing(order, *args, **kwargs):
-        if order.rnd == rnd:
-            raise KeyboardInterrupt
-        return fit(order, *args, **kwargs)
-
-    monkeypatch.setattr(rounds, "client_round", killing)
-
-
-def test_ctrl_c_says_which_round_completed_and_how_to_resume(tmp_path, monkeypatch, capsys):
+def test_ctrl_c_says_which_round_completed_and_how_to_resume(tmp_path, interrupt_at, capsys):
     # Prepare: a run stopped as round 2 starts
     out = tmp_path / "cut"
-    _interrupt_at(monkeypatch, 2)
+    interrupt_at(2)
     # Act
     code = main([*TINY, "--out", str(out)])
     # Assert: exit 130, the last line naming the last completed round and the resume command
@@ -122,15 +108,15 @@ def test_ctrl_c_says_which_round_completed_and_how_to_resume(tmp_path, monkeypat
     assert code == 130
     assert err[-1] == f"fedsp: interrupted after round 1; fedsp run --resume {out} continues"
     # ... which works: the run finishes from there
-    monkeypatch.undo()
+    interrupt_at(None)
     assert main(["run", "--resume", str(out), "--quiet"]) == 0
     rounds = [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rounds == [0, 1, 2]
 
 
-def test_ctrl_c_before_any_round_says_nothing_was_kept(tmp_path, monkeypatch, capsys):
+def test_ctrl_c_before_any_round_says_nothing_was_kept(tmp_path, interrupt_at, capsys):
     out = tmp_path / "cut"
-    _interrupt_at(monkeypatch, 1)
+    interrupt_at(1)
     code = main([*TINY, "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 130

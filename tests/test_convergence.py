@@ -319,24 +319,15 @@ def test_merge_only_with_the_convergence_table_and_merged_cells_are_not_run(tmp_
         run_compare(parser.parse_args([*argv, "--tables", "methods,convergence", "--merge", str(csv_path)]))
 
 
-def test_a_cell_interrupted_after_a_round_continues_from_it(tiny_grid, tmp_path, monkeypatch):
+def test_a_cell_interrupted_after_a_round_continues_from_it(tiny_grid, tmp_path, interrupt_at):
     # Prepare: the FedPrompt cell of the fixture's grid, in a new grid, stopped by Ctrl-C as round 2 starts
-    from fedsp.runtime import rounds
-
     done, _ = tiny_grid
     cell = Cell("fedprompt", "arc_easy", 0, EVERY)
     grid = Grid([cell], done.base, tmp_path / "out")
-    fit = rounds.client_round
-
-    def killing(order, *args, **kwargs):
-        if order.rnd == 2:
-            raise KeyboardInterrupt
-        return fit(order, *args, **kwargs)
-
-    monkeypatch.setattr(rounds, "client_round", killing)
+    interrupt_at(2)
     with pytest.raises(KeyboardInterrupt):
         grid.run(run, say=lambda text: None)
-    monkeypatch.setattr(rounds, "client_round", fit)
+    interrupt_at(None)
     resumed_from = []
 
     def runner(config, resume):

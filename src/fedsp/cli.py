@@ -206,10 +206,9 @@ def interrupted(err: KeyboardInterrupt, command: str) -> str:
         return "interrupted; the same fedsp compare continues the unfinished cells"
     if not isinstance(err, RunInterrupted):
         return "interrupted"
-    if err.folder is None:
+    if err.folder is None:  # a folder this run made is kept only once a round completed
         return "interrupted before the first round completed; nothing was kept"
-    after = f"round {err.completed}" if err.completed else "the set-up (no round completed)"
-    return f"interrupted after {after}; fedsp run --resume {err.folder} continues"
+    return f"interrupted after round {err.completed}; fedsp run --resume {err.folder} continues"
 
 
 def format_summary(res: dict, out_dir: str) -> str:

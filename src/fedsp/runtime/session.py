@@ -466,12 +466,11 @@ def run_course(config: RunConfig, resume: Path | None, drive: Callable[[Session]
         if session.course is not None:
             drive(session)
         summary = session.finish()
-    except KeyboardInterrupt as err:
+    except BaseException as err:
         session.abandon()
-        kept = str(session.out_dir) if session.out_dir.is_dir() else None
-        raise RunInterrupted(kept, max((h["round"] for h in session.history), default=0)) from err
-    except BaseException:
-        session.abandon()
+        if isinstance(err, KeyboardInterrupt):  # say what is left: the folder (if kept) and its last round
+            kept = str(session.out_dir) if session.out_dir.is_dir() else None
+            raise RunInterrupted(kept, max((h["round"] for h in session.history), default=0)) from err
         raise
     session.release()
     return RunOutcome(session.out_dir, summary)
