@@ -347,3 +347,59 @@ def test_a_cell_interrupted_after_a_round_continues_from_it(tiny_grid, tmp_path,
     assert [m["round"] for m in metrics(grid)] == [0, 1, 2, 3]
     expected = [m["val_loss"] for m in metrics(done)]
     assert [m["val_loss"] for m in metrics(grid)] == pytest.approx(expected, abs=1e-5)
+
+
+def test_cells_run_two_at_a_time_give_the_same_numbers_as_one_at_a_time(tiny_grid, tmp_path):
+    # Prepare: the fixture's FedSP and FedPrompt seed-0 cells (run one at a time) in a new grid
+    done, _ = tiny_grid
+    cells = [Cell("fedsp", "arc_easy", 0, EVERY), Cell("fedprompt", "arc_easy", 0, EVERY)]
+    grid = Grid(cells, done.base, tmp_path / "out")
+    said: list[str] = []
+    # Execute: two worker processes (the KD cache of the fixture's grid is not shared: distilled again)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEDSP_CACHE_DIR", str(tmp_path / "cache"))
+        grid.run(run, say=said.append, jobs=2)
+    # Assert: both cells finished, with the same validation losses and accuracy every round
+    assert said[0].endswith("2 to run in " + str(tmp_path / "out") + ", 2 at a time")
+    assert sorted(line.split()[1] for line in said[1:]) == sorted(f"{c.name}:" for c in cells)
+
+    def metrics(g: Grid, cell: Cell) -> list[dict]:
+        return [json.loads(x) for x in (g.cell_dir(cell) / "metrics.jsonl").read_text().splitlines()]
+
+    for cell in cells:
+        assert [m["round"] for m in metrics(grid, cell)] == [0, 1, 2, 3]
+        assert [m["val_loss"] for m in metrics(grid, cell)] == pytest.approx(
+            [m["val_loss"] for m in metrics(done, cell)], abs=1e-4
+        )
+        assert [m.get("acc") for m in metrics(grid, cell)] == [m.get("acc") for m in metrics(done, cell)]
+        assert grid.results[cell.name]["final"] == pytest.approx(done.results[cell.name]["final"], abs=1e-4)
+
+
+def _fails_on_seed_1(config, resume):
+    """A grid runner (module level: it crosses to a worker process) whose seed-1 cells fail."""
+    if config.seed == 1:
+        raise FedSPError("seed 1 refused by the test")
+    return run(config, resume)
+
+
+def test_a_failing_cell_stops_the_grid_and_the_running_cell_finishes(tiny_grid, tmp_path):
+    # Prepare: three cells, two workers; the first fails at once, the second is running beside it
+    done, _ = tiny_grid
+    failing = Cell("fedprompt", "arc_easy", 1, EVERY)
+    running = Cell("fedprompt", "arc_easy", 0, EVERY)
+    never = Cell("zero-shot", "arc_easy", 0, EVERY)
+    grid = Grid([failing, running, never], done.base, tmp_path / "out")
+    said: list[str] = []
+    # Execute
+    with pytest.raises(FedSPError, match="seed 1 refused by the test"):
+        grid.run(_fails_on_seed_1, say=said.append, jobs=2)
+    # Assert: the running cell finished and kept its results; the third never started
+    assert any(f"{failing.name} failed: seed 1 refused" in line and "the 1 running" in line for line in said)
+    assert (grid.cell_dir(running) / "results.json").is_file()
+    assert not grid.cell_dir(never).exists()
+
+
+def test_jobs_below_one_is_refused_by_name():
+    args = build_parser().parse_args(["compare", "--jobs", "0"])
+    with pytest.raises(FedSPError, match="--jobs 0: must be at least 1"):
+        plan(args)

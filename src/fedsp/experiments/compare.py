@@ -4,6 +4,7 @@
     fedsp compare --tables methods,efficiency --methods zero-shot,fedsp,fedprompt,sfprompt --seeds 0
     fedsp compare --tables convergence --methods zero-shot,fedsp,fedprompt --seeds 0,1,2 --rounds 20
     fedsp compare --tables convergence ... --merge docs/figures/convergence_arc_easy.csv  # earlier seeds
+    fedsp compare --tables partitions --tasks hellaswag --methods zero-shot,fedsp,fedprompt --jobs 2
 
 Every cell is an ordinary run folder under ``<out>/cells/``; finished cells
 are reused, so the same command continues an interrupted grid. The tables
@@ -92,6 +93,13 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--out", default="results/paper", help="grid folder (cells and tables); reused if present")
     p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="cells run at once, each in its own process with an equal share of the CPU cores as torch "
+        "threads",
+    )
+    p.add_argument(
         "--tables-only", action="store_true", help="write the tables from finished cells, run nothing"
     )
     p.add_argument(
@@ -119,6 +127,8 @@ def plan(args: argparse.Namespace) -> tuple[Grid, dict[str, list[Cell]]]:
         seeds = [int(s) for s in _split(args.seeds)]
     except ValueError:
         raise FedSPError(f"--seeds {args.seeds!r} must be comma-separated integers") from None
+    if args.jobs < 1:
+        raise FedSPError(f"--jobs {args.jobs}: must be at least 1")
     tasks = _split(args.tasks)
     generative = [t for t in tasks if t in GENERATIVE_TASKS or t == CUSTOM]
     if generative:
@@ -162,7 +172,7 @@ def run_compare(args: argparse.Namespace) -> int:
     else:
         from fedsp.runtime.inprocess import run
 
-        grid.run(run)
+        grid.run(run, jobs=args.jobs)
     check_comparable(grid)
     written = write_tables(grid, by_table, merged)
     for path in written:

@@ -4,7 +4,8 @@ Each cell is one ``fedsp run`` (method x task x seed, plus option overrides
 such as ``aux_layers=2``) written to ``<out>/cells/<cell name>/``. A cell whose
 folder holds a ``results.json`` written with the same configuration is reused,
 so an interrupted grid continues where it stopped; a folder without
-``results.json`` is an interrupted cell and is run again; a folder written with
+``results.json`` is an interrupted cell: it continues from its checkpoint, or
+starts again if no round completed; a folder written with
 other settings is refused (choose another ``--out``); settings that change only
 the speed (``fedsp.config.SPEED_ONLY``, e.g. the evaluation batch size) may differ.
 
@@ -24,9 +25,12 @@ length its longest evaluated context needs, so no evaluated question is cut.
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,12 +151,18 @@ class Grid:
             )
 
     def run(
-        self, runner: Callable[[RunConfig, Path | None], Any], say: Callable[[str], None] = print
+        self,
+        runner: Callable[[RunConfig, Path | None], Any],
+        say: Callable[[str], None] = print,
+        jobs: int = 1,
     ) -> None:
         """Run the cells not yet finished, in order; reuse the others.
 
         ``runner(config, resume)``: a cell interrupted after a completed round (its folder holds a
         checkpoint) continues from it (``resume`` = its folder); one interrupted earlier starts again.
+        ``jobs`` > 1 runs that many cells at once, each in its own process (``runner`` must then be a
+        module-level function) with an equal share of the CPU cores as torch threads. A cell that fails
+        stops the grid: the cells not started are not run, the running ones finish (nothing is lost).
         """
         todo = []
         for cell in self.cells:
@@ -164,25 +174,101 @@ class Grid:
         say(
             f"grid: {len(self.cells)} cells, {len(self.cells) - len(todo)} reused, "
             f"{len(todo)} to run in {self.out}"
+            + (f", {jobs} at a time" if jobs > 1 and len(todo) > 1 else "")
         )
-        started = time.perf_counter()
-        for i, cell in enumerate(todo, 1):
-            folder = self.cell_dir(cell)
-            resume = folder if (folder / CHECKPOINT).is_file() else None
-            if resume is not None:
-                self._check_settings(cell)
-                say(f"[{i}/{len(todo)}] {cell.name}: continuing the interrupted run in {folder}")
-            elif folder.exists():  # interrupted before any round completed: start that cell again
-                shutil.rmtree(folder)
+        progress = _Progress(len(todo), say)
+        if jobs > 1 and len(todo) > 1:
+            self._run_parallel(todo, runner, progress, jobs)
+            return
+        for cell in todo:
+            resume = self._prepare(cell, progress)
             t0 = time.perf_counter()
             outcome = runner(cell.config(self.base, self.out), resume)
             self.results[cell.name] = outcome.results
-            elapsed = time.perf_counter() - started
-            eta = elapsed / i * (len(todo) - i)
-            say(
-                f"[{i}/{len(todo)}] {cell.name}: {describe(outcome.results['final'])} "
-                f"({time.perf_counter() - t0:.0f} s; about {eta / 60:.0f} min left)"
-            )
+            progress.done(cell, outcome.results, time.perf_counter() - t0)
+
+    def _prepare(self, cell: Cell, progress: _Progress) -> Path | None:
+        """The folder to resume the cell from (its settings checked), or None to start it afresh."""
+        folder = self.cell_dir(cell)
+        if (folder / CHECKPOINT).is_file():
+            self._check_settings(cell)
+            progress.say(f"{cell.name}: continuing the interrupted run in {folder}")
+            return folder
+        if folder.exists():  # interrupted before any round completed: start that cell again
+            shutil.rmtree(folder)
+        return None
+
+    def _run_parallel(
+        self,
+        todo: list[Cell],
+        runner: Callable[[RunConfig, Path | None], Any],
+        progress: _Progress,
+        jobs: int,
+    ) -> None:
+        workers = min(jobs, len(todo))
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch state
+        pool = ProcessPoolExecutor(
+            workers, mp_context=context, initializer=_limit_threads, initargs=(threads,)
+        )
+        waiting = list(todo)
+        running: dict[Future, tuple[Cell, float]] = {}
+        failure: BaseException | None = None
+        try:
+            while running or (waiting and failure is None):
+                while waiting and failure is None and len(running) < workers:  # start cells as slots free
+                    cell = waiting.pop(0)
+                    resume = self._prepare(cell, progress)
+                    job = pool.submit(_run_cell, runner, cell.config(self.base, self.out), resume)
+                    running[job] = (cell, time.perf_counter())
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for job in finished:
+                    cell, t0 = running.pop(job)
+                    error = job.exception()
+                    if error is None:
+                        self.results[cell.name] = job.result()
+                        progress.done(cell, self.results[cell.name], time.perf_counter() - t0)
+                    elif failure is None:
+                        failure = error
+                        progress.say(
+                            f"{cell.name} failed: {error}; no further cell starts"
+                            + (f", the {len(running)} running finish first" if running else "")
+                        )
+        except BaseException:  # Ctrl-C: the running cells keep their checkpoints; start nothing more
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+        if failure is not None:
+            raise failure
+
+
+class _Progress:
+    """The grid's lines: each finished cell with its result, its time and an estimate of what is left."""
+
+    def __init__(self, total: int, say: Callable[[str], None]) -> None:
+        self.total, self.say, self.finished, self.started = total, say, 0, time.perf_counter()
+
+    def done(self, cell: Cell, results: dict[str, Any], seconds: float) -> None:
+        self.finished += 1
+        eta = (time.perf_counter() - self.started) / self.finished * (self.total - self.finished)
+        self.say(
+            f"[{self.finished}/{self.total}] {cell.name}: {describe(results['final'])} "
+            f"({seconds:.0f} s; about {eta / 60:.0f} min left)"
+        )
+
+
+def _limit_threads(threads: int) -> None:
+    """A grid worker process's share of the cores (``--jobs``)."""
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _run_cell(
+    runner: Callable[[RunConfig, Path | None], Any], config: RunConfig, resume: Path | None
+) -> dict[str, Any]:
+    """One cell in a worker process; only its results (a plain dict) travel back."""
+    return runner(config, resume).results
 
 
 def check_comparable(grid: Grid) -> None:
