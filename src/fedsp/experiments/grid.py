@@ -325,7 +325,8 @@ def build_cells(
             for s in seeds
         ]
     if table == "partitions":
-        # a method that reads no --partition (zero-shot, the centralised ones) gets one cell per seed
+        # a method that reads no --partition (zero-shot, the centralised ones) gets one cell per seed,
+        # an untrained one (zero-shot) one cell in all (seed 0: it does not depend on the training seed)
         return [
             Cell(m, t, s, o)
             for t in tasks

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 from torch import nn
 from tqdm.auto import tqdm
@@ -176,12 +177,14 @@ def cache_key(
     return digest.hexdigest()[:24]
 
 
-def save_student(student: PreTrainedModel, path: Path) -> None:
-    """Save the unique parameters (shared ones once), atomically."""
-    atomic_write(path, save({name: p.detach().contiguous().cpu() for name, p in student.named_parameters()}))
+def save_student(student: PreTrainedModel, path: Path, losses: Sequence[float] = ()) -> None:
+    """Save the unique parameters (shared ones once) and the KD losses that made them, atomically."""
+    tensors = {name: p.detach().contiguous().cpu() for name, p in student.named_parameters()}
+    atomic_write(path, save(tensors, metadata={"kd_losses": json.dumps([float(x) for x in losses])}))
 
 
-def load_student(student: PreTrainedModel, path: Path) -> None:
+def load_student(student: PreTrainedModel, path: Path) -> list[float]:
+    """Load a saved student's parameters; returns the KD losses saved with them ([] if none were)."""
     saved = load_file(str(path))
     own = dict(student.named_parameters())
     if set(saved) != set(own):
@@ -189,6 +192,9 @@ def load_student(student: PreTrainedModel, path: Path) -> None:
     with torch.no_grad():
         for name, param in own.items():
             param.copy_(saved[name])
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    return [float(x) for x in json.loads(metadata.get("kd_losses", "[]"))]
 
 
 def distilled_auxiliary_model(
@@ -203,7 +209,7 @@ def distilled_auxiliary_model(
 
     ``share=False`` keeps the selected layers unshared (one pass each); ``kd_steps``
     overrides the configuration (0: the raw layers); ``layers`` overrides the layer choice.
-    Returns (aux_model, selected_layers, kd_losses); ``kd_losses`` is empty when the cache was used.
+    Returns (aux_model, selected_layers, kd_losses); a cached model comes with the losses that made it.
     """
     num_layers = loaded.model.config.num_hidden_layers
     selected = layers or select_layers(num_layers, config.aux_layers, config.aux_layer_choice)
@@ -256,8 +262,7 @@ def distilled_auxiliary_model(
     path = cache_dir() / "aux" / f"{key}.safetensors"
     if path.is_file():
         try:
-            load_student(aux, path)
-            return aux, selected, []
+            return aux, selected, load_student(aux, path)
         except Exception as err:  # truncated or foreign: say which file, then distil it again
             warnings.warn(
                 f"cached auxiliary model {path} cannot be read ({err}); distilling it again", stacklevel=2
@@ -274,5 +279,5 @@ def distilled_auxiliary_model(
         progress=config.progress,
         student_ids=student_ids,
     )
-    save_student(aux, path)
+    save_student(aux, path, losses)
     return aux, selected, losses
