@@ -278,6 +278,35 @@ def test_an_earlier_grids_csv_merges_its_seeds_and_this_grids_own_cells_win(tmp_
     ]
 
 
+def test_merged_methods_and_seeds_come_in_the_grids_order_not_the_csvs(tmp_path):
+    # Prepare: three earlier grids' CSVs, merged in the order FedPrompt seed 1, FedSP, zero-shot, FedPrompt
+    # seed 0 (as separate runs are joined by hand); this grid names zero-shot, FedSP, FedPrompt
+    paths = []
+    for name, cell, accs in [
+        ("fp1", Cell("fedprompt", "arc_easy", 1, EVERY), [0.32, 0.52]),
+        ("sp0", Cell("fedsp", "arc_easy", 0, EVERY), [0.20, 0.40]),
+        ("zs", Cell("zero-shot", "arc_easy", 0), []),
+        ("fp0", Cell("fedprompt", "arc_easy", 0, EVERY), [0.30, 0.50]),
+    ]:
+        earlier = Grid([], {}, tmp_path / name)
+        _cell(earlier, cell, accs, (10, 10, 0), final=0.25)
+        write_convergence(earlier, [cell])
+        paths.append(tmp_path / name / "convergence_arc_easy.csv")
+    merged = [row for path in paths for row in read_rows(path)]
+    cells = [Cell("zero-shot", "arc_easy", 0)] + [
+        Cell(m, "arc_easy", s, EVERY) for m in ("fedsp", "fedprompt") for s in (0, 1)
+    ]
+    # Execute
+    written = write_convergence(Grid([], {}, tmp_path / "now"), cells, merged=merged)
+    # Assert: the table's rows follow --methods; the CSV's too, each method's seeds in order, then rounds
+    assert list(_markdown(written[0])) == ["zero-shot", "fedsp", "fedprompt"]
+    rows = _rows(written[1])
+    assert [(r["method"], r["seed"], r["round"]) for r in rows if r["method"] == "fedprompt"] == [
+        ("fedprompt", s, r) for s in "01" for r in "012"
+    ]
+    assert list(dict.fromkeys(r["method"] for r in rows)) == ["zero-shot", "fedsp", "fedprompt"]
+
+
 def test_merged_rows_with_other_settings_or_a_bad_csv_are_refused_by_name(tmp_path):
     # Prepare: the earlier grid evaluated 200 questions, this one 6; a CSV of another tool
     earlier = Grid([], {}, tmp_path / "earlier")

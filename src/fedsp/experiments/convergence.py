@@ -128,6 +128,7 @@ def write_convergence(
     added = [row for row in merged if (row["task"], row["method"]) in wanted and row_key(row) not in own]
     for row in added:
         by_task.setdefault(row["task"], {}).setdefault(row["method"], []).append(row)
+    by_task = _in_grid_order(by_task, cells)
     _check_settings(by_task)
     covered = own | {row_key(row) for row in added}
     missing = [cell.name for cell in cells if (cell.task, cell.method, cell.seed) not in covered]
@@ -143,6 +144,21 @@ def write_convergence(
         written.append(path)
     merged_note = sorted({f"{task} {method} seed {seed}" for task, method, seed in map(row_key, added)})
     return [_summary(grid.out, stem, by_task, missing, merged_note), *written]
+
+
+def _in_grid_order(by_task: dict[str, dict[str, Rows]], cells: Sequence[Cell]) -> dict[str, dict[str, Rows]]:
+    """Tasks and methods in the order the grid names them (``--tasks``, ``--methods``), whichever CSV or
+    cell their rows came from; each method's rows by seed, then round."""
+    order = list(dict.fromkeys((cell.task, cell.method) for cell in cells))
+    return {
+        task: {
+            method: sorted(by_task[task][method], key=lambda row: (int(row["seed"]), int(row["round"])))
+            for t, method in order
+            if t == task and method in by_task[task]
+        }
+        for task in dict.fromkeys(t for t, _ in order)
+        if task in by_task
+    }
 
 
 def row_key(row: dict[str, Any]) -> tuple[str, str, int]:
