@@ -4,8 +4,11 @@ a truncated cache entry or client state is noticed and rebuilt, and scoring is b
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from dataclasses import replace
+
+import torch
 
 from fedsp.cli import main
 from fedsp.config import RunConfig
@@ -13,7 +16,7 @@ from fedsp.data.tasks import MCExample
 from fedsp.evaluation.multiple_choice import evaluate_multiple_choice
 from fedsp.files import atomic_write
 from fedsp.runtime import inprocess
-from fedsp.runtime.checkpoint import CHECKPOINT
+from fedsp.runtime.checkpoint import CHECKPOINT, atomic_save
 
 TINY = RunConfig(
     model="tiny-llama",
@@ -51,6 +54,21 @@ def test_leftover_temporaries_of_a_killed_writer_are_removed_on_resume(tmp_path,
     code = main(["run", "--resume", str(out), "--quiet"])
     # Assert
     assert code == 0 and not list(out.glob(".*.tmp"))
+
+
+def test_a_resumed_runs_wall_time_counts_the_interrupted_process_too(tmp_path, interrupted_run):
+    # Prepare: a run stopped after round 1 whose first process, say, ran for 1000 s
+    out = interrupted_run(replace(TINY, out=str(tmp_path / "run")), 2)
+    saved = torch.load(out / CHECKPOINT, weights_only=False)
+    assert 0 < saved["wall_seconds"] < 1000
+    atomic_save({**saved, "wall_seconds": 1000.0}, out / CHECKPOINT)
+    # Execute
+    t0 = time.perf_counter()
+    code = main(["run", "--resume", str(out), "--quiet"])
+    leg = time.perf_counter() - t0
+    # Assert: the run's wall time is both processes' (the pause between them not counted)
+    wall = json.loads((out / "results.json").read_text())["wall_seconds"]
+    assert code == 0 and 1000 < wall < 1000 + leg
 
 
 def test_a_truncated_client_state_is_treated_as_lost_and_the_run_completes(

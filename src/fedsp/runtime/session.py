@@ -199,6 +199,9 @@ class Session:
             self.audit.load_state_dict(saved["audit"])
         self.runtime_state = saved.get("runtime", {})
         self.first_round = saved["round"] + 1
+        # wall_seconds counts every process's time on the run (not the pause between them); absent in
+        # checkpoints of older versions: only this process's time is counted
+        self.started -= saved.get("wall_seconds", 0.0)
         # metrics.jsonl may hold a round that finished after the checkpoint was written: keep the checkpoint's
         lines = "".join(json.dumps(results._clean(h)) + "\n" for h in self.history)
         atomic_write(self.out_dir / "metrics.jsonl", lines.encode())
@@ -227,6 +230,7 @@ class Session:
                 "audit": self.audit.state_dict() if self.audit else None,
                 "runtime": self.runtime_state,
                 "aggregator": self.aggregator.state_dict() if self.aggregator else None,
+                "wall_seconds": time.perf_counter() - self.started,
             },
         )
 
