@@ -88,6 +88,25 @@ def test_prefix_moves_to_cuda_in_place_so_its_optimiser_keeps_working(qa_batch):
     assert param.abs().sum() > 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["fedsp", "fedprompt", "sfprompt", "local-only"])
+def test_a_course_on_cuda_matches_the_same_course_on_the_cpu(tmp_path, read_metrics, method):
+    # Prepare: two rounds, so that round 2 loads each client's saved optimiser state before its first step
+    from fedsp.cli import main
+
+    common = ["run", "--model", "tiny-llama", "--method", method, "--clients", "2", "--rounds", "2"]
+    common += ["--local-steps", "2", "--kd-steps", "2", "--eval-limit", "8", "--val-limit", "8"]
+    common += ["--prefix-len", "4", "--max-length", "96", "--quiet"]
+    # Execute
+    for device in ("cpu", "cuda"):
+        assert main([*common, "--device", device, "--out", str(tmp_path / device)]) == 0
+    # Assert: every round ran on both, to the same validation losses (float32 on both)
+    cpu, cuda = read_metrics(tmp_path / "cpu"), read_metrics(tmp_path / "cuda")
+    assert [r["round"] for r in cuda] == [r["round"] for r in cpu] == [0, 1, 2]
+    for on_cpu, on_cuda in zip(cpu, cuda, strict=True):
+        assert on_cuda["val_loss"] == pytest.approx(on_cpu["val_loss"], rel=1e-4)
+
+
 def test_prefix_for_is_created_on_the_model_device():
     meta_model = load_global_model("tiny-llama", device="cpu").model.to("meta")
     assert prefix_for(meta_model, 2).table.device.type == "meta"

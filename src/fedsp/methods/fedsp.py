@@ -104,7 +104,9 @@ class FedSPClient:
     ) -> None:
         self.aux_model = aux_model
         self.oov_rate = oov_rate  # a pruned vocabulary: the share of its tokens written in kept pieces
-        self.prefix = Prefix(prefix_config)
+        # on the client model's device from the start: a phase state loaded before the first forward
+        # (round 2 on) lands on its parameters' device, so they must not move afterwards
+        self.prefix = Prefix(prefix_config).follow(aux_model)
         self.rows = list(rows)
         self.config = config
         self.plan = plan
