@@ -34,7 +34,7 @@ TINY = RunConfig(
 @pytest.mark.parametrize("family", ["tiny-llama", "tiny-gpt2", "tiny-opt"])
 def test_full_rank_factors_reproduce_the_auxiliary_models_logits(family):
     # Prepare: an auxiliary model and the same one with its embedding factorised at full rank
-    model = load_global_model(family, seed=0).model
+    model = load_global_model(family, seed=0, device="cpu").model
     aux = build_auxiliary_model(model, [0]).eval()
     width = aux.get_input_embeddings().weight.shape[1]
     small = factorise_embedding(copy.deepcopy(aux), width).eval()
@@ -51,7 +51,7 @@ def test_full_rank_factors_reproduce_the_auxiliary_models_logits(family):
 
 def test_low_rank_factors_are_the_best_approximation_and_count_fewer_parameters():
     # Prepare
-    model = load_global_model("tiny-llama", seed=0).model
+    model = load_global_model("tiny-llama", seed=0, device="cpu").model
     aux = build_auxiliary_model(model, [0])
     weight = aux.get_input_embeddings().weight.detach().clone()
     vocab, width = weight.shape
@@ -121,7 +121,7 @@ def test_the_distillation_cache_tells_the_embeddings_apart():
 
 def test_an_untied_head_gets_its_own_factors_and_other_embeddings_are_refused():
     # Prepare: an auxiliary model whose head no longer shares the embedding's matrix
-    model = load_global_model("tiny-llama", seed=0).model
+    model = load_global_model("tiny-llama", seed=0, device="cpu").model
     aux = build_auxiliary_model(model, [0]).eval()
     head = aux.get_output_embeddings()
     head.weight = torch.nn.Parameter(head.weight.detach().clone() + 0.01)

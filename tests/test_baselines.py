@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedsp.cli import main
-from fedsp.config import METHODS, RunConfig
+from fedsp.config import METHODS, MIN_SERVER_STEPS, RunConfig
 from fedsp.data.shards import prepare_data
 from fedsp.errors import FedSPError
 from fedsp.methods.aggregation import weighted_average
@@ -182,7 +182,8 @@ def test_fedprompt_clients_hold_the_whole_global_model_and_leave_it_unchanged():
 def test_the_fedprompt_baselines_server_only_averages_unless_told(method, server_steps, tuned):
     # The paper's FedPrompt is FedAvg of the clients' prefixes alone; --server-steps brings FedSP's step back
     loaded, course = _course(method, server_steps=server_steps)
-    assert course.server.config.steps == (TINY["local_steps"] if tuned else 0)
+    default = max(TINY["local_steps"], MIN_SERVER_STEPS) if tuned else 0
+    assert course.server.config.steps == (default if server_steps is None else server_steps)
     clients = [course.make_client(k) for k in range(course.num_clients)]
     updates = [c.fit(course.server.broadcast()) for c in clients]
     state = weighted_average([(u.state, u.num_examples) for u in updates])
@@ -190,6 +191,24 @@ def test_the_fedprompt_baselines_server_only_averages_unless_told(method, server
     course.server.tune()
     after = course.server.broadcast()
     assert torch.equal(after["table"], state["table"]) != tuned
+
+
+@pytest.mark.parametrize(
+    "method,local_steps,server_steps,expected",
+    [
+        ("fedsp", 2, None, 4),  # T = 2: the floor (measured: 4 beat 2 on ARC-Easy and SciQ)
+        ("fedsp", 10, None, 10),  # the paper's scripts (T = 10 or 20): T, as in the paper
+        ("fedsp-no-kd", 1, None, 4),
+        ("fedsp", 2, 2, 2),  # stated: as given, the old default reproduced
+        ("fedsp", 2, 0, 0),
+        ("fedprompt", 2, None, 0),  # the paper's FedPrompt only averages
+        ("fedprompt-single", 10, None, 0),
+    ],
+)
+def test_fedsp_servers_tune_t_steps_but_at_least_four(method, local_steps, server_steps, expected):
+    config = RunConfig(method=method, local_steps=local_steps, server_steps=server_steps)
+    assert MIN_SERVER_STEPS == 4
+    assert config.effective_server_steps == expected
 
 
 @pytest.mark.parametrize("method", ["fedsp", "fedprompt"])

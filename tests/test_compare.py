@@ -104,7 +104,7 @@ def test_methods_table_has_an_sfprompt_row(tiny_grid):
     # Assert: the notes say which server tuned the prefix (the paper's FedPrompt only averages) and
     # local-only's spread over its owners
     markdown = written[0].read_text()
-    assert "Server prefix-tuning steps per round: fedsp 1, fedprompt 0 (" in markdown
+    assert "Server prefix-tuning steps per round: fedsp 4, fedprompt 0 (" in markdown
     spread = grid.results[Cell("local-only", "arc_easy", 0).name]["local_only"]["spread"]["acc"]
     assert f"arc_easy seed 0: {100 * spread['min']:.1f}-{100 * spread['max']:.1f}" in markdown
 
@@ -123,7 +123,7 @@ def test_efficiency_table_puts_split_traffic_and_compute_beside_fedsp(tiny_grid)
     # Assert: no zero-shot row; FedPrompt's server only averages;
     # SFPrompt holds layers 0 and 1 and exchanges prompts + final norm
     assert list(table) == ["fedsp", "fedprompt", "local-only", "sfprompt"]
-    assert fedsp["server steps per round"] == "1" and table["fedprompt"]["server steps per round"] == "0"
+    assert fedsp["server steps per round"] == "4" and table["fedprompt"]["server steps per round"] == "0"
     assert sfp["global layers held"] == "0,1" and fedsp["global layers held"] == "0"
     assert sfp["client params"] == f"{res['client_model']['params']:,}"
     assert sfp["params down / up per round"] == "320 / 320"  # 4 prompts x 64 + a norm of 64
@@ -211,3 +211,25 @@ def test_compare_dtype_reaches_every_cell_and_a_float32_grid_is_not_reused_as_bf
     # Assert: refused, naming the setting
     with pytest.raises(FedSPError, match="dtype"):
         other.reusable(other.cells[0])
+
+
+def test_a_cell_run_under_the_old_server_steps_default_is_not_reused_silently(tmp_path):
+    # Prepare: a finished FedSP cell whose config leaves --server-steps unset and whose results say it
+    # tuned 2 server steps a round (T = 2), as every FedSP cell did before the default became max(T, 4)
+    args = build_parser().parse_args(
+        ["compare", "--model", "tiny-llama", "--methods", "fedsp", "--seeds", "0", "--out", str(tmp_path)]
+    )
+    grid, _ = plan(args)
+    cell = grid.cells[0]
+    config = cell.config(grid.base, grid.out)
+    assert config.server_steps is None and config.local_steps < 4
+    folder = grid.cell_dir(cell)
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config.to_dict()))
+    (folder / "results.json").write_text(json.dumps({"server_steps": config.local_steps}))
+    # Execute / Assert: refused, saying how to reuse it
+    with pytest.raises(FedSPError, match=f"run with {config.local_steps} server steps.*--server-steps"):
+        grid.reusable(cell)
+    # the cell as it would run today is reused
+    (folder / "results.json").write_text(json.dumps({"server_steps": config.effective_server_steps}))
+    assert grid.reusable(cell) == {"server_steps": config.effective_server_steps}

@@ -163,7 +163,7 @@ def test_evaluation_scores_a_hand_built_example(tiny):
         row = encode_pair(tiny.tokenizer, example.context, " " + choice, 128)
         batch = collate([row], tiny.tokenizer.pad_token_id)
         with torch.no_grad():
-            logits = tiny.model(input_ids=batch["input_ids"]).logits[0].log_softmax(-1)
+            logits = tiny.model(input_ids=batch["input_ids"].to(tiny.model.device)).logits[0].log_softmax(-1)
         n = len(row.ids)
         sums.append(sum(float(logits[t - 1, row.ids[t]]) for t in range(n - row.num_answer, n)))
     best = max(range(3), key=sums.__getitem__)

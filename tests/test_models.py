@@ -19,7 +19,7 @@ FAMILIES = list(TINY_MODELS)
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def tiny(request):
-    return load_global_model(request.param, seed=0)
+    return load_global_model(request.param, seed=0, device="cpu")
 
 
 def _batch(tokenizer, pairs, max_length=64):

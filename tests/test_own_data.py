@@ -273,21 +273,23 @@ def test_fedsp_export_writes_an_adapter_peft_loads(finished_run, tmp_path):
 
     out = tmp_path / "exported"
     assert main(["export", str(finished_run), "--out", str(out)]) == 0
-    loaded = load_global_model("tiny-llama", seed=0)
+    loaded = load_global_model("tiny-llama", seed=0, device="cpu")
     prefix = read_prefix_file(finished_run / "prefix.safetensors")
     ids = torch.tensor([list(b"Say blue: blue")])
     with torch.no_grad():
         ours = loaded.model.get_output_embeddings()(
             hidden_states(loaded.model, ids, torch.ones_like(ids), prefix)
         )
-        peft_model = PeftModel.from_pretrained(load_global_model("tiny-llama", seed=0).model, str(out))
+        peft_model = PeftModel.from_pretrained(
+            load_global_model("tiny-llama", seed=0, device="cpu").model, str(out)
+        )
         theirs = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
     assert torch.allclose(ours.log_softmax(-1), theirs.log_softmax(-1), atol=1e-5)
 
 
 def test_an_older_runs_rotary_prefix_is_turned_to_todays_positions(random_prefix):
     # Prepare: logits as fedsp computed them before (real tokens at 0..T-1 after the prefix)
-    loaded = load_global_model("tiny-llama", seed=0)
+    loaded = load_global_model("tiny-llama", seed=0, device="cpu")
     model, old = loaded.model, random_prefix(loaded.model, 4)
     ids = torch.tensor([list(b"Say red: red")])
     mask = torch.ones_like(ids)

@@ -83,7 +83,7 @@ def test_partitions_table_reports_each_federation_of_a_tiny_task(tmp_path, arc_r
         assert (
             table[partition_label(cell)]["arc_easy"] == f"{100 * grid.results[cell.name]['final']['acc']:.1f}"
         )
-    assert "Server prefix-tuning steps per round: fedsp 1 (" in written[0].read_text()
+    assert "Server prefix-tuning steps per round: fedsp 4 (" in written[0].read_text()
     # Assert: results.json says how the rows were dealt out: under IID every client holds all 4 answers;
     # by answerKey each holds whole groups (as many answers as groups) and they hold them apart
     iid = grid.results["arc_easy__fedsp__s0"]["shards"]

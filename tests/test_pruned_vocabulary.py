@@ -157,7 +157,7 @@ def test_a_rewritten_answer_token_stays_an_answer_token(bpe):
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-opt"])
 def test_the_pruned_model_gives_the_kept_columns_of_the_full_models_logits(name):
     # Prepare: an auxiliary model and a third of its vocabulary kept (tied and untied heads)
-    loaded = load_global_model(name, seed=0)
+    loaded = load_global_model(name, seed=0, device="cpu")
     aux = build_auxiliary_model(loaded.model, [0]).eval()
     kept = sorted(random.Random(0).sample(range(257), 90))
     small = prune_embedding(copy.deepcopy(aux), kept).eval()

@@ -34,8 +34,8 @@ _HELP = {
     "alpha": "Dirichlet concentration for --partition dirichlet (smaller = more skewed)",
     "data_seed": "seed of the data partition (reference: 12345)",
     "local_steps": "T: steps per phase per round (client alignment, client prompt tuning)",
-    "server_steps": "server prefix-tuning steps per round (default: --local-steps; 0 for fedprompt and "
-    "fedprompt-single, whose server only averages as in the paper)",
+    "server_steps": "server prefix-tuning steps per round (default: --local-steps, at least 4; 0 for "
+    "fedprompt and fedprompt-single, whose server only averages as in the paper)",
     "batch_size": "training batch size",
     "lr": "learning rate of the prefix phases",
     "align_lr": "learning rate of model weights (clients' auxiliary-model phase; finetune)",

@@ -135,7 +135,14 @@ class Grid:
         if not (folder / "results.json").is_file():
             return None
         self._check_settings(cell)
-        return json.loads((folder / "results.json").read_text())
+        results: dict[str, Any] = json.loads((folder / "results.json").read_text())
+        ran, wanted = results.get("server_steps"), cell.config(self.base, self.out).effective_server_steps
+        if ran is not None and int(ran) != wanted:  # the same settings, read under an older default
+            raise FedSPError(
+                f"grid cell {folder} was run with {ran} server steps a round, where this grid's settings "
+                f"now mean {wanted}; pass --server-steps {ran} to reuse it, or use another --out"
+            )
+        return results
 
     def _check_settings(self, cell: Cell) -> None:
         """Refuse a cell folder written with other settings than this grid's for that cell."""
