@@ -57,9 +57,9 @@ LAYER_ORDERS = ("cyclic", "blocks")  # --aux-layer-order (fedsp.models.auxiliary
 SPEED_ONLY = ("progress", "eval_batch_size")
 
 # FedSP's server tunes at least this many prefix steps a round. The paper's T server steps, with the CPU
-# presets' T = 2, left FedSP 2 points below FedPrompt after 20 rounds on ARC-Easy and SciQ; 4 steps gained
-# 1.5-2 points on both (2 seeds each, docs/results.md, "The server's prefix steps"). T >= 4 (the paper's
-# own scripts: T = 10 or 20) is unchanged.
+# presets' T = 2, left FedSP 2-3 points below FedPrompt after 20 rounds on ARC-Easy and SciQ; 4 steps
+# gained 1.5-2 points on both (2 seeds each, docs/results.md, "The server's prefix steps"). T >= 4
+# (the paper's own scripts: T = 10 or 20) is unchanged.
 MIN_SERVER_STEPS = 4
 
 

@@ -134,27 +134,31 @@ class Grid:
         folder = self.cell_dir(cell)
         if not (folder / "results.json").is_file():
             return None
-        self._check_settings(cell)
         results: dict[str, Any] = json.loads((folder / "results.json").read_text())
-        ran, wanted = results.get("server_steps"), cell.config(self.base, self.out).effective_server_steps
-        if ran is not None and int(ran) != wanted:  # the same settings, read under an older default
-            raise FedSPError(
-                f"grid cell {folder} was run with {ran} server steps a round, where this grid's settings "
-                f"now mean {wanted}; pass --server-steps {ran} to reuse it, or use another --out"
-            )
+        self._check_settings(cell, results)
         return results
 
-    def _check_settings(self, cell: Cell) -> None:
-        """Refuse a cell folder written with other settings than this grid's for that cell."""
+    def _check_settings(self, cell: Cell, results: dict[str, Any] | None = None) -> None:
+        """Refuse a cell folder written with other settings than this grid's for that cell; with its
+        ``results``, also one whose recorded server steps are not what the same settings mean today
+        (``server_steps`` unset was read under an older default)."""
         folder = self.cell_dir(cell)
         written = json.loads((folder / "config.json").read_text())
         saved = RunConfig.from_dict(written, strict=False, source=str(folder / "config.json")).to_dict()
-        wanted = cell.config(self.base, self.out).to_dict()
+        config = cell.config(self.base, self.out)
+        wanted = config.to_dict()
         differs = sorted(k for k in wanted if k not in SPEED_ONLY and saved.get(k) != wanted[k])
         if differs:
             raise FedSPError(
                 f"grid cell {folder} was run with other settings ({', '.join(differs)}); "
                 "use another --out or remove that folder"
+            )
+        ran = (results or {}).get("server_steps")
+        if ran is not None and int(ran) != config.effective_server_steps:
+            raise FedSPError(
+                f"grid cell {folder} was run with {ran} server steps a round, where this grid's settings "
+                f"now mean {config.effective_server_steps}; pass --server-steps {ran} to reuse it, or use "
+                "another --out"
             )
 
     def run(
