@@ -11,7 +11,8 @@ Step kinds (one optimiser step each, AdamW + clipping as in the runs):
   kd      auxiliary model (student) trained to the global model's last hidden states;
   eval    scoring 8 ARC-Easy validation questions (32 choice sequences) with the prefix.
 Paths, run in one process on the same batches, in rotating order per repetition:
-  ours         the package's code (logits only where used, length buckets, cached teacher / context);
+  ours         the package's code (logits only where used, length buckets where they pay: float32 on a
+               CPU; cached teacher / context);
   nobucket     the same without length buckets (training kinds) / without the context cache (eval);
   plain        PEFT ``PrefixTuningConfig`` on the transformers model, full logits, every row padded
                to the longest training row (eval: the longest evaluation sequence); KD computes the

@@ -6,12 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
 
 from fedsp.data.batching import IGNORE, collate, encode_pair
 from fedsp.data.tasks import MCExample
 from fedsp.evaluation.multiple_choice import evaluate_multiple_choice
+from fedsp.models import forward
 from fedsp.models.auxiliary import build_auxiliary_model
-from fedsp.models.forward import answer_loss, continuation_logprobs, length_buckets
+from fedsp.models.forward import answer_loss, buckets_pay, continuation_logprobs, length_buckets
 from fedsp.models.loading import TINY_MODELS, load_global_model
 
 
@@ -55,6 +57,27 @@ def test_bucketed_loss_and_gradients_equal_the_whole_batch(tiny, with_prefix, qa
     # Assert: losses within 1e-3 (float32), gradients equal up to rounding
     assert abs(grads[True][0] - grads[False][0]) < 1e-3
     assert torch.allclose(grads[True][1], grads[False][1], atol=1e-5, rtol=1e-4)
+
+
+def test_buckets_are_used_for_float32_on_a_cpu_only(tiny, qa_batch, monkeypatch):
+    # Prepare: the same architecture off the CPU (the meta device stands in for a GPU: nothing is computed)
+    # and in bfloat16; a record of the splits answer_loss asks for
+    with torch.device("meta"):
+        elsewhere = AutoModelForCausalLM.from_config(tiny.model.config)
+    batch = qa_batch(tiny.tokenizer)
+    splits = []
+    real = forward.length_buckets
+    monkeypatch.setattr(forward, "length_buckets", lambda lengths: splits.append(lengths) or real(lengths))
+    # Execute / Assert: float32 on the CPU only (a launch-bound GPU runs whole batches faster)
+    assert buckets_pay(tiny.model)
+    assert not buckets_pay(elsewhere)
+    assert not buckets_pay(elsewhere.to(torch.bfloat16))
+    # Execute / Assert: answer_loss splits the batch when buckets pay, and runs it whole when not
+    answer_loss(tiny.model, batch)
+    assert len(splits) == 1
+    monkeypatch.setattr(forward, "buckets_pay", lambda model: False)
+    answer_loss(tiny.model, batch)
+    assert len(splits) == 1
 
 
 def test_bucketed_prefix_gradient_equals_the_whole_batch(tiny, qa_batch, random_prefix):

@@ -102,11 +102,9 @@ def answer_loss(
     then divided by the answer-token count: the same mean over the same batch,
     with fewer padding tokens through the model. (A training-mode prefix draws
     its dropout mask once per group instead of once per batch.) Buckets are
-    used in float32 only: they made float32 steps 1.14-1.22x faster, bfloat16
-    steps on an AMX CPU 12-16% slower (docs/performance.md, section 7).
+    used where they pay (:func:`buckets_pay`).
     """
-    # bfloat16 runs whole batches: AMX matmuls want many tokens per call, and buckets cost 12-16% there
-    bucket = bucket and weights_dtype(model) == torch.float32
+    bucket = bucket and buckets_pay(model)
     groups = length_buckets(batch["attention_mask"].sum(-1).tolist()) if bucket else [None]
     total: torch.Tensor | None = None
     count = 0
@@ -117,6 +115,17 @@ def answer_loss(
         count += targets.numel()
     assert total is not None
     return total / count
+
+
+def buckets_pay(model: PreTrainedModel) -> bool:
+    """Whether a training batch runs faster in length buckets on ``model``: float32 on a CPU only.
+
+    They made float32 steps on the CPU 1.14-1.22x faster; bfloat16 steps on an AMX CPU 12-16% slower
+    (AMX matmuls want many tokens per call); float32 steps on an idle H200 about 2x slower (0.11-0.12 s
+    against 0.055-0.062 s at batch 8: a launch-bound GPU pays for every extra forward, not for padding).
+    docs/performance.md, sections 7 and "The CUDA path".
+    """
+    return weights_dtype(model) == torch.float32 and model_device(model).type == "cpu"
 
 
 # Fixed cost of one extra forward (Python, kernel launches, per-call weight traffic), in padded tokens.
