@@ -129,6 +129,10 @@ def test_tidy_csv_holds_every_round_of_every_cell(tiny_grid):
             # Assert: the client model (FedSP's auxiliary, FedPrompt's global) is shipped in round 1
             assert sent[1:] == [m["bytes_down"] + m["bytes_up"] + m["bytes_shipped"] for m in records[1:]]
             assert sent[1] - sent[2] == records[1]["bytes_shipped"] > 0
+    # Assert: each row names the server's prefix steps a round its run took (FedSP: at least 4; the paper's
+    # FedPrompt: none, the server only averages; zero-shot: no server at all)
+    steps = {(r["method"], r["server_steps"]) for r in rows}
+    assert steps == {("zero-shot", ""), ("fedsp", "4"), ("fedprompt", "0")}
 
 
 def test_figure_is_a_png_and_the_markdown_has_the_seed_means(tiny_grid):
@@ -157,10 +161,11 @@ def _cell(
     accs: list[float],
     sent: tuple[int, int, int],
     final: float = 0.0,
+    server_steps: int | None = None,
     **settings,
 ) -> None:
     """A finished cell as a run writes it: its settings, round 0, then rounds with acc and bytes (down, up,
-    shipped)."""
+    shipped); ``server_steps`` in its results.json when given."""
     folder = grid.cell_dir(cell)
     folder.mkdir(parents=True)
     config = {**SETTINGS, "local_steps": 1, "method": cell.method, "seed": cell.seed, **settings}
@@ -174,6 +179,8 @@ def _cell(
         records.append(record)
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     grid.results[cell.name] = {"final": {"acc": final, "n": 6}}
+    if server_steps is not None:
+        grid.results[cell.name]["server_steps"] = server_steps
 
 
 def test_markdown_means_and_the_round_each_method_comes_within_a_point_of_fedprompt(tmp_path):
@@ -329,6 +336,38 @@ def test_merged_rows_with_other_settings_or_a_bad_csv_are_refused_by_name(tmp_pa
         read_rows(other)
     with pytest.raises(FedSPError, match=r"--merge .*absent.csv: cannot be read"):
         read_rows(tmp_path / "absent.csv")
+
+
+def test_a_seed_run_with_other_server_steps_is_refused_and_the_steps_are_named(tmp_path):
+    # Prepare: an earlier grid's FedSP seed 0 ran 2 server steps a round (the old default), this grid's seed 1
+    # runs 4; FedPrompt's two seeds 0 (the server only averages); a CSV written before the column existed
+    earlier = Grid([], {}, tmp_path / "earlier")
+    _cell(earlier, Cell("fedsp", "arc_easy", 0, EVERY), [0.20, 0.40], (100, 50, 1000), server_steps=2)
+    csv_path = write_convergence(earlier, [Cell("fedsp", "arc_easy", 0, EVERY)])[1]
+    grid = Grid([], {}, tmp_path / "now")
+    _cell(grid, Cell("fedsp", "arc_easy", 1, EVERY), [0.24, 0.44], (100, 50, 1000), server_steps=4)
+    for seed in (0, 1):
+        _cell(grid, Cell("fedprompt", "arc_easy", seed, EVERY), [0.3, 0.5], (100, 50, 0), server_steps=0)
+    cells = [Cell(m, "arc_easy", s, EVERY) for m in ("fedsp", "fedprompt") for s in (0, 1)]
+    old = tmp_path / "old.csv"
+    lines = csv_path.read_text().splitlines()
+    old.write_text("".join(line.rsplit(",", 1)[0] + "\n" for line in lines))  # the last column removed
+    # Execute / Assert: the two FedSP seeds are not averaged; the message names each count and its seeds
+    with pytest.raises(
+        FedSPError,
+        match=r"cells of 'arc_easy', fedsp: the server tuned the prefix for different numbers of steps a "
+        r"round: 2 \(seed 0\); 4 \(seed 1\); rerun them with the same --server-steps",
+    ):
+        write_convergence(grid, cells, merged=read_rows(csv_path))
+    with pytest.raises(
+        FedSPError, match=r"old.csv: .*\(no column server_steps\); write it again .*--tables-only"
+    ):
+        read_rows(old)
+    # Execute: this grid's own seeds only (FedSP seed 0 missing)
+    written = write_convergence(grid, cells)
+    # Assert: the Markdown says how many steps each method's server took
+    text = written[0].read_text()
+    assert "Server prefix-tuning steps per round: fedsp 4, fedprompt 0 (0: the server only averages)." in text
 
 
 def test_merge_only_with_the_convergence_table_and_merged_cells_are_not_run(tmp_path):

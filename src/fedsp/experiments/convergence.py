@@ -11,10 +11,11 @@ and for all tasks ``convergence.md`` (and its ``.csv``): accuracy, mean ± sd ov
 20 and the last, with the bytes sent by then, and the first round at which each method comes within one
 point of FedPrompt's last-round accuracy.
 
-Each CSV row also carries the settings that make cells comparable (:data:`SETTINGS`), so the tidy CSV of an
-earlier grid can be merged into this one (``fedsp compare --merge``): a figure whose seeds were run on
-different machines or days. Merged rows of a cell this grid has are left out (the grid's own win); rows
-run with other settings than the rest of their task are refused.
+Each CSV row also carries the settings that make cells comparable (:data:`SETTINGS`) and the server's
+prefix steps a round that its run took (:data:`PER_METHOD`), so the tidy CSV of an earlier grid can be
+merged into this one (``fedsp compare --merge``): a figure whose seeds were run on different machines or
+days. Merged rows of a cell this grid has are left out (the grid's own win); rows run with other settings
+than the rest of their task, or with other server steps than the method's other seeds, are refused.
 
 A round's bytes are what ``results.json``'s ``comm.total_bytes`` sums over the rounds: the round's payloads
 (``bytes_down``, ``bytes_up``), the client model when shipped (``bytes_shipped``) and SFPrompt's split
@@ -41,7 +42,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedsp.errors import FedSPError  # noqa: E402
 from fedsp.experiments.grid import Cell, Grid  # noqa: E402
-from fedsp.experiments.tables import mean_sd, write_table  # noqa: E402
+from fedsp.experiments.tables import mean_sd, steps_note, write_table  # noqa: E402
 from fedsp.methods.table import METHODS, spec_for  # noqa: E402
 from fedsp.runtime.results import read_metrics  # noqa: E402
 
@@ -49,6 +50,9 @@ from fedsp.runtime.results import read_metrics  # noqa: E402
 EVALUATED_ON = ("model", "dtype", "eval_limit", "max_length")
 TRAINED_WITH = ("clients", "local_steps")
 SETTINGS = (*EVALUATED_ON, *TRAINED_WITH)
+# what each method's seeds must share, and methods may not (FedPrompt's server only averages: 0 steps);
+# results.json's effective count, so a seed run under an older default is not averaged with today's
+PER_METHOD = ("server_steps",)
 COLUMNS = [
     "task",
     "method",
@@ -59,6 +63,7 @@ COLUMNS = [
     "bytes_round",
     "bytes_cumulative",
     *SETTINGS,
+    *PER_METHOD,
 ]
 MARKED_ROUNDS = (2, 10, 20)  # the Markdown table's columns, with the last round
 WITHIN = 1.0  # accuracy points below the reference method's last-round accuracy
@@ -78,7 +83,14 @@ def cell_rows(grid: Grid, cell: Cell) -> Rows:
     """The tidy rows of a finished cell: one per round, round 0 included; one for an untrained method."""
     spec = spec_for(cell.method)
     config = json.loads((grid.cell_dir(cell) / "config.json").read_text())
-    keys = {"task": cell.task, "method": cell.method, "seed": cell.seed, **_settings(config)}
+    steps = grid.results[cell.name].get("server_steps")
+    keys = {
+        "task": cell.task,
+        "method": cell.method,
+        "seed": cell.seed,
+        **_settings(config),
+        "server_steps": "" if steps is None else str(steps),
+    }
     if not spec.trains:  # the zero-shot accuracy, the same at every round
         acc = 100 * grid.results[cell.name]["final"]["acc"]
         nothing = {"val_loss": None, "bytes_round": 0, "bytes_cumulative": 0}
@@ -175,7 +187,8 @@ def read_rows(path: Path) -> Rows:
             lacking = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
             if lacking:
                 raise FedSPError(
-                    f"--merge {path}: not a convergence CSV of this version (no column {', '.join(lacking)})"
+                    f"--merge {path}: not a convergence CSV of this version "
+                    f"(no column {', '.join(lacking)}); write it again from its grid with --tables-only"
                 )
             raw = list(reader)
     except OSError as err:
@@ -185,7 +198,7 @@ def read_rows(path: Path) -> Rows:
         try:
             rows.append(
                 {
-                    **{column: row[column] for column in ("task", "method", *SETTINGS)},
+                    **{column: row[column] for column in ("task", "method", *SETTINGS, *PER_METHOD)},
                     "seed": int(row["seed"]),
                     "round": int(row["round"]),
                     "accuracy": _number(row["accuracy"], float),
@@ -231,6 +244,19 @@ def _check_settings(by_task: dict[str, dict[str, Rows]]) -> None:
                 raise FedSPError(
                     f"convergence cells of {task!r} were run with different settings: {found}; "
                     "rerun them with the same options"
+                )
+        for method, rows in by_method.items():
+            seeds: dict[str, set[int]] = {}
+            for row in rows:
+                seeds.setdefault(str(row["server_steps"]), set()).add(int(row["seed"]))
+            if len(seeds) > 1:
+                found = "; ".join(
+                    f"{steps or 'unset'} (seed {', '.join(map(str, sorted(who)))})"
+                    for steps, who in seeds.items()
+                )
+                raise FedSPError(
+                    f"convergence cells of {task!r}, {method}: the server tuned the prefix for different "
+                    f"numbers of steps a round: {found}; rerun them with the same --server-steps"
                 )
 
 
@@ -339,6 +365,12 @@ def _summary(
             + ", ".join(f"{task} {target:.1f}" for task, target in targets.items())
             + ")."
         )
+    steps: dict[str, set[int]] = {}  # each method's, over its tasks (one value per task: checked)
+    for by_method in by_task.values():
+        for method, rows in by_method.items():
+            if rows[0]["server_steps"] != "":
+                steps.setdefault(method, set()).add(int(rows[0]["server_steps"]))
+    notes += steps_note(steps)
     if missing:
         notes.append(f"Missing (not run or unfinished), left out: {', '.join(missing)}.")
     if merged:

@@ -102,6 +102,11 @@ def server_steps_note(grid: Grid, cells: Sequence[Cell]) -> list[str]:
         res = grid.results.get(cell.name)
         if res is not None and res.get("server_steps") is not None:
             steps.setdefault(cell.method, set()).add(int(res["server_steps"]))
+    return steps_note(steps)
+
+
+def steps_note(steps: dict[str, set[int]]) -> list[str]:
+    """The line naming each method's server prefix-tuning steps per round (none when no method has any)."""
     if not steps:
         return []
     told = [f"{method} {'/'.join(str(n) for n in sorted(ns))}" for method, ns in steps.items()]
