@@ -363,9 +363,18 @@ def test_a_seed_run_with_other_server_steps_is_refused_and_the_steps_are_named(t
         FedSPError, match=r"old.csv: .*\(no column server_steps\); write it again .*--tables-only"
     ):
         read_rows(old)
-    # Execute: this grid's own seeds only (FedSP seed 0 missing)
-    written = write_convergence(grid, cells)
-    # Assert: the Markdown says how many steps each method's server took
+    bad = tmp_path / "bad.csv"
+    bad.write_text(csv_path.read_text().replace(",2\n", ",two\n"))
+    with pytest.raises(FedSPError, match=r"bad.csv, line 2: server_steps 'two' is not a step count"):
+        read_rows(bad)
+    # Execute: an earlier seed 0 that ran 4 steps, as this grid's seed 1 did, merged (its CSV read back)
+    again = Grid([], {}, tmp_path / "again")
+    _cell(again, Cell("fedsp", "arc_easy", 0, EVERY), [0.22, 0.42], (100, 50, 1000), server_steps=4)
+    merged = read_rows(write_convergence(again, [Cell("fedsp", "arc_easy", 0, EVERY)])[1])
+    written = write_convergence(grid, cells, merged=merged)
+    # Assert: both FedSP seeds averaged; the Markdown says how many steps each method's server took
+    table = _markdown(written[0])
+    assert table["fedsp"]["seeds"] == "2" and table["fedsp"]["last round"].startswith("43.0 ± 1.4")
     text = written[0].read_text()
     assert "Server prefix-tuning steps per round: fedsp 4, fedprompt 0 (0: the server only averages)." in text
 

@@ -3,6 +3,8 @@ context-once and packed-choice evaluation, on every tiny family."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -61,9 +63,11 @@ def test_bucketed_loss_and_gradients_equal_the_whole_batch(tiny, with_prefix, qa
 
 def test_buckets_are_used_for_float32_on_a_cpu_only(tiny, qa_batch, monkeypatch):
     # Prepare: the same architecture off the CPU (the meta device stands in for a GPU: nothing is computed)
-    # and in bfloat16; a record of the splits answer_loss asks for
+    # and in bfloat16 on the CPU (own configs: the fixture's is shared); a record of the splits answer_loss
+    # asks for
     with torch.device("meta"):
-        elsewhere = AutoModelForCausalLM.from_config(tiny.model.config)
+        elsewhere = AutoModelForCausalLM.from_config(copy.deepcopy(tiny.model.config))
+    half = AutoModelForCausalLM.from_config(copy.deepcopy(tiny.model.config)).to(torch.bfloat16)
     batch = qa_batch(tiny.tokenizer)
     splits = []
     real = forward.length_buckets
@@ -71,7 +75,7 @@ def test_buckets_are_used_for_float32_on_a_cpu_only(tiny, qa_batch, monkeypatch)
     # Execute / Assert: float32 on the CPU only (a launch-bound GPU runs whole batches faster)
     assert buckets_pay(tiny.model)
     assert not buckets_pay(elsewhere)
-    assert not buckets_pay(elsewhere.to(torch.bfloat16))
+    assert not buckets_pay(half)
     # Execute / Assert: answer_loss splits the batch when buckets pay, and runs it whole when not
     answer_loss(tiny.model, batch)
     assert len(splits) == 1

@@ -265,7 +265,7 @@ def test_bfloat16_logits_are_taken_in_float32():
 
 
 def test_bfloat16_loss_runs_the_whole_batch_in_one_forward(monkeypatch, qa_batch):
-    # length buckets pay in float32 only; in bfloat16 the batch goes through the model once
+    # length buckets pay in float32 on a CPU only; in bfloat16 the batch goes through the model once
     import fedsp.models.forward as forward
 
     calls = {"float32": 0, "bfloat16": 0}

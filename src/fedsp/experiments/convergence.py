@@ -209,6 +209,10 @@ def read_rows(path: Path) -> Rows:
             )
         except (TypeError, ValueError) as err:  # a short line leaves its last fields None
             raise FedSPError(f"--merge {path}, line {line}: {err}") from None
+        if not (row["server_steps"] or "0").isdigit():
+            raise FedSPError(
+                f"--merge {path}, line {line}: server_steps {row['server_steps']!r} is not a step count"
+            )
         if row["method"] not in METHODS:
             raise FedSPError(f"--merge {path}, line {line}: method {row['method']!r} not known")
     return rows

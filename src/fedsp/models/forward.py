@@ -96,13 +96,13 @@ def answer_loss(
     """Mean cross-entropy over the labelled (answer) tokens of ``batch``.
 
     ``batch`` holds ``input_ids``, ``attention_mask`` and ``labels`` (B, T),
-    right-padded; labels are ``-100`` on context and padding. With ``bucket``
+    right-padded; labels are ``-100`` on context and padding. With ``bucket``,
+    where buckets pay (:func:`buckets_pay`; ``bucket=False`` turns them off everywhere),
     the rows run in groups of similar length (:func:`length_buckets`), each
     trimmed to its own longest row, and the loss is summed over the groups
     then divided by the answer-token count: the same mean over the same batch,
     with fewer padding tokens through the model. (A training-mode prefix draws
-    its dropout mask once per group instead of once per batch.) Buckets are
-    used where they pay (:func:`buckets_pay`).
+    its dropout mask once per group instead of once per batch.)
     """
     bucket = bucket and buckets_pay(model)
     groups = length_buckets(batch["attention_mask"].sum(-1).tolist()) if bucket else [None]
@@ -121,8 +121,9 @@ def buckets_pay(model: PreTrainedModel) -> bool:
     """Whether a training batch runs faster in length buckets on ``model``: float32 on a CPU only.
 
     They made float32 steps on the CPU 1.14-1.22x faster; bfloat16 steps on an AMX CPU 12-16% slower
-    (AMX matmuls want many tokens per call); float32 steps on an idle H200 about 2x slower (0.11-0.12 s
-    against 0.055-0.062 s at batch 8: a launch-bound GPU pays for every extra forward, not for padding).
+    (AMX matmuls want many tokens per call); float32 steps on an idle H200 about 2x slower (median
+    0.13-0.16 s against 0.064-0.082 s at batch 8: a launch-bound GPU pays for each extra forward, not
+    for padding).
     docs/performance.md, sections 7 and "The CUDA path".
     """
     return weights_dtype(model) == torch.float32 and model_device(model).type == "cpu"
