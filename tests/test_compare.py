@@ -230,6 +230,16 @@ def test_a_cell_run_under_the_old_server_steps_default_is_not_reused_silently(tm
     # Execute / Assert: refused, saying how to reuse it
     with pytest.raises(FedSPError, match=f"run with {config.local_steps} server steps.*--server-steps"):
         grid.reusable(cell)
-    # the cell as it would run today is reused
+    # Execute / Assert: the option the message names reuses it; FedPrompt's server still only averages
+    old = {"server_steps": config.local_steps}
+    argv = ["compare", "--model", "tiny-llama", "--methods", "fedsp,fedprompt", "--seeds", "0"]
+    argv += ["--out", str(tmp_path), "--server-steps", str(config.local_steps)]
+    again, _ = plan(build_parser().parse_args(argv))
+    fedsp_cell, fedprompt_cell = again.cells
+    assert fedsp_cell == cell and again.reusable(cell) == old
+    assert fedprompt_cell.config(again.base, again.out).effective_server_steps == 0
+    with pytest.raises(FedSPError, match=r"--server-steps -1: must be 0 or more"):
+        plan(build_parser().parse_args([*argv[:-1], "-1"]))
+    # the cell as it would run today is reused by a grid without the option
     (folder / "results.json").write_text(json.dumps({"server_steps": config.effective_server_steps}))
     assert grid.reusable(cell) == {"server_steps": config.effective_server_steps}

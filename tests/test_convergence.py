@@ -379,6 +379,32 @@ def test_a_seed_run_with_other_server_steps_is_refused_and_the_steps_are_named(t
     assert "Server prefix-tuning steps per round: fedsp 4, fedprompt 0 (0: the server only averages)." in text
 
 
+def test_a_merged_seed_with_other_server_steps_is_refused_before_anything_runs(tmp_path):
+    # Prepare: an earlier grid's FedSP seed 0 ran 2 server steps a round; this grid (--scale cpu: T = 2,
+    # so 4 server steps today) would run seed 1
+    earlier = Grid([], {}, tmp_path / "earlier")
+    _cell(earlier, Cell("fedsp", "arc_easy", 0, EVERY), [0.20, 0.40], (100, 50, 1000), server_steps=2)
+    csv_path = write_convergence(earlier, [Cell("fedsp", "arc_easy", 0, EVERY)])[1]
+    argv = ["compare", "--tables", "convergence", "--methods", "fedsp", "--seeds", "0,1"]
+    argv += ["--out", str(tmp_path / "now"), "--merge", str(csv_path)]
+    # Execute / Assert: refused by name, with the option that would match, and nothing ran
+    with pytest.raises(
+        FedSPError,
+        match=r"--merge: arc_easy fedsp seed 0 ran 2 server steps a round, where this grid's fedsp cells "
+        r"run 4; merge seeds run with the same steps, or pass --server-steps 2 to run this grid's as "
+        r"they did",
+    ):
+        run_compare(build_parser().parse_args(argv))
+    assert not (tmp_path / "now" / "cells").exists()
+    # Execute / Assert: with --server-steps 2 the grid's cells would run as the merged seed did: accepted
+    # (--tables-only: nothing is run; seed 1 is named missing)
+    args = build_parser().parse_args([*argv, "--server-steps", "2", "--tables-only"])
+    assert run_compare(args) == 0
+    assert "Merged from an earlier grid's CSV (--merge): arc_easy fedsp seed 0." in (
+        (tmp_path / "now" / "convergence.md").read_text()
+    )
+
+
 def test_merge_only_with_the_convergence_table_and_merged_cells_are_not_run(tmp_path):
     # Prepare: an earlier grid's CSV holding FedSP seed 0
     earlier = Grid([], {}, tmp_path / "earlier")

@@ -34,6 +34,7 @@ from fedsp.experiments.grid import (
     check_comparable,
     partition_label,
 )
+from fedsp.methods.table import spec_for
 from fedsp.models.precision import DTYPE_CHOICES
 
 TABLES = ("methods", "layers", "depth", "efficiency", "convergence", "partitions")
@@ -83,6 +84,14 @@ def add_parser(sub) -> None:
         help="clients of every federated cell (default: the preset's: "
         + ", ".join(f"{name} {preset['clients']}" for name, preset in SCALES.items())
         + ")",
+    )
+    p.add_argument(
+        "--server-steps",
+        type=int,
+        default=None,
+        help="server prefix-tuning steps a round of the cells whose server tunes (FedSP and its "
+        "ablations; default: --local-steps, at least 4); the FedPrompt baselines' server still only "
+        "averages. --server-steps 2 reruns or reuses cells made before 2026-12-04",
     )
     p.add_argument("--model", default="smollm2", help="global model (as for fedsp run)")
     p.add_argument(
@@ -148,6 +157,10 @@ def plan(args: argparse.Namespace) -> tuple[Grid, dict[str, list[Cell]]]:
         if args.clients < 1:
             raise FedSPError(f"--clients {args.clients}: must be at least 1")
         base["clients"] = args.clients
+    if args.server_steps is not None:
+        if args.server_steps < 0:
+            raise FedSPError(f"--server-steps {args.server_steps}: must be 0 or more")
+        base["server_steps"] = args.server_steps  # the server-tuning methods' cells only (Cell.config)
     every_round = bool(base.get("eval_every_round"))
     by_table = {t: build_cells(t, tasks, methods, seeds, every_round) for t in wanted}
     ordered = list(dict.fromkeys(c for cells in by_table.values() for c in cells))  # unique, in order
@@ -164,6 +177,7 @@ def run_compare(args: argparse.Namespace) -> int:
         ]
     for cell in grid.cells:  # validate every cell's configuration before running any
         cell.config(grid.base, grid.out)
+    _check_merged_steps(grid, merged)
     if args.tables_only:
         for cell in grid.cells:
             done = grid.reusable(cell)
@@ -189,6 +203,26 @@ def merged_rows(args: argparse.Namespace, by_table: dict[str, list[Cell]]) -> co
     if list(by_table) != ["convergence"]:
         raise FedSPError(f"--merge: only with --tables convergence alone (not {','.join(by_table)})")
     return [row for path in paths for row in convergence.read_rows(Path(path))]
+
+
+def _check_merged_steps(grid: Grid, merged: Sequence[dict[str, Any]]) -> None:
+    """Refuse, before anything runs, merged rows whose server steps a round differ from those this grid's
+    cells of the same task and method run (the table would refuse to average them, after the run)."""
+    for cell in grid.cells:
+        rows = [row for row in merged if (row["task"], row["method"]) == (cell.task, cell.method)]
+        if not rows:
+            continue
+        config = cell.config(grid.base, grid.out)
+        runs = str(config.effective_server_steps) if "server_steps" in spec_for(cell.method).reads else ""
+        other = sorted({str(row["server_steps"]) for row in rows} - {runs})
+        if other:
+            seeds = sorted({int(row["seed"]) for row in rows if str(row["server_steps"]) in other})
+            hint = f", or pass --server-steps {other[0]} to run this grid's as they did" if other[0] else ""
+            raise FedSPError(
+                f"--merge: {cell.task} {cell.method} seed {', '.join(map(str, seeds))} ran "
+                f"{'/'.join(s or 'unset' for s in other)} server steps a round, where this grid's "
+                f"{cell.method} cells run {runs or 'none'}; merge seeds run with the same steps{hint}"
+            )
 
 
 def write_tables(

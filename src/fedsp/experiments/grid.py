@@ -104,6 +104,8 @@ class Cell:
         """The cell's run: ``base`` (a preset's ``per_task`` settings for this task over the rest), then
         the cell's own overrides."""
         shared = {k: v for k, v in base.items() if k != PER_TASK}
+        if not spec_for(self.method).server_tunes:  # fedsp compare --server-steps: FedSP's and its kin's;
+            shared.pop("server_steps", None)  # the FedPrompt baselines' server still only averages
         values = {
             **shared,
             **base.get(PER_TASK, {}).get(self.task, {}),
@@ -147,14 +149,20 @@ class Grid:
         saved = RunConfig.from_dict(written, strict=False, source=str(folder / "config.json")).to_dict()
         config = cell.config(self.base, self.out)
         wanted = config.to_dict()
-        differs = sorted(k for k in wanted if k not in SPEED_ONLY and saved.get(k) != wanted[k])
+        # server steps: compared as the count the run took (results.json), not as the option written
+        steps = "server_steps"
+        differs = sorted(k for k in wanted if k not in (*SPEED_ONLY, steps) and saved.get(k) != wanted[k])
         if differs:
             raise FedSPError(
                 f"grid cell {folder} was run with other settings ({', '.join(differs)}); "
                 "use another --out or remove that folder"
             )
-        ran = (results or {}).get("server_steps")
-        if ran is not None and int(ran) != config.effective_server_steps:
+        if steps not in spec_for(cell.method).reads:
+            return
+        ran = (results or {}).get(steps)
+        if ran is None:  # unfinished (or written before results.json recorded it): as its options read today
+            ran = RunConfig.from_dict(written, strict=False, source=str(folder)).effective_server_steps
+        if int(ran) != config.effective_server_steps:
             raise FedSPError(
                 f"grid cell {folder} was run with {ran} server steps a round, where this grid's settings "
                 f"now mean {config.effective_server_steps}; pass --server-steps {ran} to reuse it, or use "
