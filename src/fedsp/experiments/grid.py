@@ -146,7 +146,8 @@ class Grid:
         (``server_steps`` unset was read under an older default)."""
         folder = self.cell_dir(cell)
         written = json.loads((folder / "config.json").read_text())
-        saved = RunConfig.from_dict(written, strict=False, source=str(folder / "config.json")).to_dict()
+        saved_config = RunConfig.from_dict(written, strict=False, source=str(folder / "config.json"))
+        saved = saved_config.to_dict()
         config = cell.config(self.base, self.out)
         wanted = config.to_dict()
         # server steps: compared as the count the run took (results.json), not as the option written
@@ -161,7 +162,7 @@ class Grid:
             return
         ran = (results or {}).get(steps)
         if ran is None:  # unfinished (or written before results.json recorded it): as its options read today
-            ran = RunConfig.from_dict(written, strict=False, source=str(folder)).effective_server_steps
+            ran = saved_config.effective_server_steps
         if int(ran) != config.effective_server_steps:
             raise FedSPError(
                 f"grid cell {folder} was run with {ran} server steps a round, where this grid's settings "
