@@ -63,7 +63,7 @@ def test_partitions_table_reports_each_federation_of_a_tiny_task(tmp_path, arc_r
         val_limit=6,
         max_length=64,
     )
-    cells = build_cells("partitions", ["arc_easy"], ["zero-shot", "fedsp"], [0])
+    cells = build_cells("partitions", ["arc_easy"], ["zero-shot", "fedsp", "local-only"], [0])
     grid = Grid(cells, base, tmp_path / "out")
     # Execute
     grid.run(run, say=lambda text: None)
@@ -78,12 +78,22 @@ def test_partitions_table_reports_each_federation_of_a_tiny_task(tmp_path, arc_r
         "fedsp, dirichlet 1.0",
         "fedsp, dirichlet 0.1",
         "fedsp, by:answerKey",
+        "local-only, iid",
+        "local-only, dirichlet 1.0",
+        "local-only, dirichlet 0.1",
+        "local-only, by:answerKey",
     ]
     for cell in cells:
         assert (
             table[partition_label(cell)]["arc_easy"] == f"{100 * grid.results[cell.name]['final']['acc']:.1f}"
         )
-    assert "Server prefix-tuning steps per round: fedsp 4 (" in written[0].read_text()
+    text = written[0].read_text()
+    assert "Server prefix-tuning steps per round: fedsp 4 (" in text
+    # Assert: local-only's row is the mean over owners; the note gives their range under each partition
+    for cell in cells[-4:]:
+        acc = grid.results[cell.name]["local_only"]["spread"]["acc"]
+        told = f"arc_easy {partition_label(cell).split(', ')[1]} seed 0: {100 * acc['min']:.1f}-"
+        assert told in text and f"{100 * acc['max']:.1f} (sd " in text
     # Assert: results.json says how the rows were dealt out: under IID every client holds all 4 answers;
     # by answerKey each holds whole groups (as many answers as groups) and they hold them apart
     iid = grid.results["arc_easy__fedsp__s0"]["shards"]

@@ -272,12 +272,18 @@ def write_tables(
                     labels,
                     "partitions",
                     "Accuracy (%) by method and partition of the clients' data, mean ± sd over seeds (n)",
-                    tables.server_steps_note(grid, cells),
+                    tables.server_steps_note(grid, cells)
+                    + tables.local_only_note(grid, cells, _partition_and_seed),
                 )
             )
         else:
             written.append(tables.efficiency_table(grid, cells))
     return written
+
+
+def _partition_and_seed(cell: Cell) -> str:
+    """``hellaswag dirichlet 0.1 seed 1``: a partitions-table cell named without its method."""
+    return f"{cell.task} {partition_label(cell).split(', ', 1)[-1]} seed {cell.seed}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import csv
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,15 +113,19 @@ def steps_note(steps: dict[str, set[int]]) -> list[str]:
     return [f"Server prefix-tuning steps per round: {', '.join(told)} (0: the server only averages)."]
 
 
-def local_only_note(grid: Grid, cells: Sequence[Cell]) -> list[str]:
-    """local-only's accuracy is the mean over the owners' prefixes: their spread, per task and seed."""
+def local_only_note(
+    grid: Grid, cells: Sequence[Cell], name: Callable[[Cell], str] | None = None
+) -> list[str]:
+    """local-only's accuracy is the mean over the owners' prefixes: their spread, per cell, which
+    ``name`` names (``arc_easy seed 0`` unless told; the partitions table adds the partition)."""
     told = []
     for cell in cells:
         spread = (grid.results.get(cell.name) or {}).get("local_only")
         if spread:
             acc = spread["spread"]["acc"]
             told.append(
-                f"{cell.task} seed {cell.seed}: {100 * acc['min']:.1f}-{100 * acc['max']:.1f} "
+                f"{name(cell) if name else f'{cell.task} seed {cell.seed}'}: "
+                f"{100 * acc['min']:.1f}-{100 * acc['max']:.1f} "
                 f"(sd {100 * acc['sd']:.1f}, {spread['owners']} owners)"
             )
     if not told:
