@@ -209,6 +209,13 @@ def test_fedsp_servers_tune_t_steps_but_at_least_four(method, local_steps, serve
     config = RunConfig(method=method, local_steps=local_steps, server_steps=server_steps)
     assert MIN_SERVER_STEPS == 4
     assert config.effective_server_steps == expected
+    assert config.recorded_server_steps == expected  # what results.json records and grids compare
+
+
+@pytest.mark.parametrize("method", ["local-only", "sfprompt", "zero-shot", "prefix-tuning"])
+def test_methods_without_a_server_step_record_none(method):
+    # a method that reads no --server-steps records none (not 0, which says "the server only averages")
+    assert RunConfig(method=method, server_steps=3).recorded_server_steps is None
 
 
 @pytest.mark.parametrize("method", ["fedsp", "fedprompt"])

@@ -355,6 +355,12 @@ class RunConfig:
             return self.server_steps
         return max(self.local_steps, MIN_SERVER_STEPS) if spec_for(self.method).server_tunes else 0
 
+    @property
+    def recorded_server_steps(self) -> int | None:
+        """The server steps a round that ``results.json`` records and grids compare: the effective
+        count for a method with a server step (0: its server only averages), None for one without."""
+        return self.effective_server_steps if "server_steps" in spec_for(self.method).reads else None
+
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         if isinstance(self.aux_layer_choice, tuple):

@@ -34,7 +34,6 @@ from fedsp.experiments.grid import (
     check_comparable,
     partition_label,
 )
-from fedsp.methods.table import spec_for
 from fedsp.models.precision import DTYPE_CHOICES
 
 TABLES = ("methods", "layers", "depth", "efficiency", "convergence", "partitions")
@@ -212,8 +211,8 @@ def _check_merged_steps(grid: Grid, merged: Sequence[dict[str, Any]]) -> None:
         rows = [row for row in merged if (row["task"], row["method"]) == (cell.task, cell.method)]
         if not rows:
             continue
-        config = cell.config(grid.base, grid.out)
-        runs = str(config.effective_server_steps) if "server_steps" in spec_for(cell.method).reads else ""
+        steps = cell.config(grid.base, grid.out).recorded_server_steps
+        runs = "" if steps is None else str(steps)
         other = sorted({str(row["server_steps"]) for row in rows} - {runs})
         if other:
             seeds = sorted({int(row["seed"]) for row in rows if str(row["server_steps"]) in other})

@@ -158,16 +158,16 @@ class Grid:
                 f"grid cell {folder} was run with other settings ({', '.join(differs)}); "
                 "use another --out or remove that folder"
             )
-        if steps not in spec_for(cell.method).reads:
+        runs = config.recorded_server_steps
+        if runs is None:
             return
         ran = (results or {}).get(steps)
         if ran is None:  # unfinished (or written before results.json recorded it): as its options read today
             ran = saved_config.effective_server_steps
-        if int(ran) != config.effective_server_steps:
+        if int(ran) != runs:
             raise FedSPError(
                 f"grid cell {folder} was run with {ran} server steps a round, where this grid's settings "
-                f"now mean {config.effective_server_steps}; pass --server-steps {ran} to reuse it, or use "
-                "another --out"
+                f"now mean {runs}; pass --server-steps {ran} to reuse it, or use another --out"
             )
 
     def run(

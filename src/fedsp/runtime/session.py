@@ -337,8 +337,8 @@ class Session:
             "shards": self.data.shards,
             "global_model": {"params": global_params},
         }
-        if "server_steps" in spec.reads:  # 0: the server only averages (the paper's FedPrompt)
-            summary["server_steps"] = config.effective_server_steps
+        if config.recorded_server_steps is not None:  # 0: the server only averages (paper's FedPrompt)
+            summary["server_steps"] = config.recorded_server_steps
         if spec.federated:  # how updates were combined and protected, and any simulated attack
             summary["protection"] = {
                 "aggregation": config.aggregation,
