@@ -74,6 +74,18 @@ def _write(folder: Path, rows: list[dict], suffix: str = ".jsonl") -> Path:
     return folder
 
 
+def test_the_readme_example_data_loads_as_the_readme_says():
+    # the README's worked example (examples/capitals): 32 / 6 / 10 prompt-completion rows, no country twice
+    folder = Path(__file__).resolve().parents[1] / "examples" / "capitals"
+    splits = {s: load_task("custom", s, folder) for s in ("train", "validation", "test")}
+    assert {s: len(rows) for s, rows in splits.items()} == {"train": 32, "validation": 6, "test": 10}
+    rows = [row for split in splits.values() for row in split]
+    assert all(isinstance(row, GenExample) and row.prompt.endswith("?\nA:") for row in rows)
+    assert len({row.prompt for row in rows}) == 48
+    assert splits["train"][0].completion == " Paris"
+    assert splits["test"][0].prompt == "Q: What is the capital of Italy?\nA:"
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
 @pytest.mark.parametrize("kind", ["prompt-completion", "alpaca", "multiple-choice"])
 def test_each_format_loads_from_each_file_kind(kind, suffix, tmp_path):
@@ -253,6 +265,26 @@ def test_fedsp_generate_prints_the_greedy_completion_with_the_prefix(finished_ru
     # Assert: the completion, and which prefix it used
     assert captured.out.rstrip("\n") == expected.text
     assert "prefix.safetensors (best round" in captured.err
+
+
+@pytest.mark.parametrize("options", [["--no-prefix"], ["--max-new-tokens", "2", "--no-prefix"]])
+def test_fedsp_generate_takes_the_prompt_after_options(finished_run, options, capsys):
+    # Prepare: the global model alone, by hand
+    loaded = load_global_model("tiny-llama", seed=0)
+    ids = loaded.tokenizer("Say blue:", add_special_tokens=False)["input_ids"]
+    steps = 2 if "--max-new-tokens" in options else 4
+    (expected,) = generate(loaded.model, loaded.tokenizer, [ids], None, max_new_tokens=steps)
+    # Execute: the prompt after the options, as in `fedsp generate RUN --no-prefix "text"`
+    assert main(["generate", str(finished_run), *options, "Say blue:"]) == 0
+    # Assert
+    assert capsys.readouterr().out.rstrip("\n") == expected.text
+
+
+def test_fedsp_generate_refuses_a_second_prompt(finished_run, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", str(finished_run), "Say blue:", "--no-prefix", "Say red:"])
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: Say red:" in capsys.readouterr().err
 
 
 def test_fedsp_generate_reads_prompts_from_a_file(finished_run, tmp_path, capsys):

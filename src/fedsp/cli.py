@@ -162,7 +162,14 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse gives an optional positional (generate's prompt) nothing once an option follows the run
+    # folder: `fedsp generate RUN --no-prefix "text"` leaves "text" over; it is the prompt
+    if args.command == "generate" and args.prompt is None and len(extra) == 1:
+        if not extra[0].startswith("-"):
+            args.prompt, extra = extra[0], []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "compare":
             from fedsp.experiments.compare import run_compare
