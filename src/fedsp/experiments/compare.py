@@ -33,6 +33,7 @@ from fedsp.experiments.grid import (
     build_cells,
     check_comparable,
     partition_label,
+    partition_name,
 )
 from fedsp.models.precision import DTYPE_CHOICES
 
@@ -282,7 +283,7 @@ def write_tables(
 
 def _partition_and_seed(cell: Cell) -> str:
     """``hellaswag dirichlet 0.1 seed 1``: a partitions-table cell named without its method."""
-    return f"{cell.task} {partition_label(cell).split(', ', 1)[-1]} seed {cell.seed}"
+    return f"{cell.task} {partition_name(cell)} seed {cell.seed}"
 
 
 def main(argv: list[str] | None = None) -> int:

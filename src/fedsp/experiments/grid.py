@@ -378,11 +378,16 @@ def _partitioned(method: str) -> bool:
 def partition_label(cell: Cell) -> str:
     """``fedsp, iid``, ``fedsp, dirichlet 0.1``, ``fedsp, by:subject_name``; the method alone for one that
     reads no partition (zero-shot, the centralised ones)."""
-    settings = dict(cell.overrides)
     if not _partitioned(cell.method):
         return cell.method
+    return f"{cell.method}, {partition_name(cell)}"
+
+
+def partition_name(cell: Cell) -> str:
+    """``iid``, ``dirichlet 0.1``, ``by:subject_name``: how a cell's clients' data is partitioned."""
+    settings = dict(cell.overrides)
     kind = settings.get("partition", "iid")
-    return f"{cell.method}, {kind}" + (f" {settings['alpha']}" if kind == "dirichlet" else "")
+    return kind + (f" {settings['alpha']}" if kind == "dirichlet" else "")
 
 
 def _short(value: Any) -> str:
