@@ -17,6 +17,7 @@ from fedsp.data.tasks import TASKS
 from fedsp.errors import FedSPError, RunFinished, RunInterrupted
 from fedsp.evaluation import METRIC_COLUMNS
 from fedsp.files import io_reason
+from fedsp.methods.fidelity import FIDELITY, describe_fidelity
 from fedsp.methods.table import METHODS, spec_for
 from fedsp.protection import ATTACK_FORMS, RULE_FORMS
 
@@ -32,7 +33,10 @@ _HELP = {
     "partition": f"how the train split is shared out: {', '.join(PARTITIONS)} (FIELD: a field of the "
     "rows, e.g. by:activity_label; each client gets whole groups, the server an IID sample)",
     "alpha": "Dirichlet concentration for --partition dirichlet (smaller = more skewed)",
-    "data_seed": "seed of the data partition (reference: 12345)",
+    "data_seed": "seed of the data partition and of the held-out validation rows (default: --seed, so "
+    "each seed resamples the partition; 12345: the fixed partition of results before 2026-12-07)",
+    "server_rows": "cut the server's own shard to N rows (a model owner with little in-domain data; "
+    "default: its whole shard, 1/(K+1) of the train split); the clients' shards are unchanged",
     "local_steps": "T: steps per phase per round (client alignment, client prompt tuning)",
     "server_steps": "server prefix-tuning steps per round (default: --local-steps, at least 4; 0 for "
     "fedprompt and fedprompt-single, whose server only averages as in the paper)",
@@ -241,6 +245,16 @@ def format_summary(res: dict, out_dir: str) -> str:
             f"  client model: {client['params'] / 1e6:.1f} M params "
             f"({100 * client['fraction_of_global']:.1f}% of the global model{privacy})"
         )
+    gains = res.get("contributions")
+    if gains:
+        lines.append(
+            f"  validation loss lowered by the clients' aggregate {gains['clients_gain_total']:+.4f} "
+            f"(in {gains['rounds_clients_lowered_loss']} of {gains['rounds']} rounds), by the server's "
+            f"own steps {gains['server_gain_total']:+.4f}"
+        )
+    fidelity = res.get(FIDELITY)
+    if fidelity:
+        lines.append(f"  {describe_fidelity(fidelity)}")
     comm = res.get("comm")
     if comm:
         lines.append(

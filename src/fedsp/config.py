@@ -76,7 +76,10 @@ class RunConfig:
     rounds: int = 3
     partition: str = "iid"
     alpha: float = 1.0
-    data_seed: int = 12345
+    # the partition's seed; None: --seed, so each training seed also resamples the partition (and the
+    # held-out validation rows). 12345 is the seed every result before 2026-12-07 was cut with.
+    data_seed: int | None = None
+    server_rows: int | None = None  # the server's shard cut to this many rows (None: its whole shard)
     # local training (T steps per phase per round, clients and server)
     local_steps: int = 2
     server_steps: int | None = None  # None: local_steps, or 0 for methods whose server only averages
@@ -186,6 +189,10 @@ class RunConfig:
             _check_min(name, getattr(self, name), 0)
         if self.server_steps is not None:
             _check_min("server_steps", self.server_steps, 0)
+        if self.server_rows is not None:
+            _check_min("server_rows", self.server_rows, 1)
+        if self.data_seed is not None:
+            _check_min("data_seed", self.data_seed, 0)
         if self.max_length < 2:  # one context token and one answer token at the least
             raise FedSPError(f"--max-length {self.max_length} is too short for a context plus its answer")
         if self.max_new_tokens >= self.max_length:
@@ -347,10 +354,17 @@ class RunConfig:
             )
 
     @property
+    def partition_seed(self) -> int:
+        """The seed the train split is cut (and validation rows held out) with: ``--data-seed`` when
+        given, else ``--seed``, so seeds resample the partition."""
+        return self.seed if self.data_seed is None else self.data_seed
+
+    @property
     def effective_server_steps(self) -> int:
         """Server prefix-tuning steps a round: ``--server-steps`` when given; else ``--local-steps`` (the
-        paper's T) but at least :data:`MIN_SERVER_STEPS` for FedSP and its relatives, 0 for the FedPrompt
-        baselines (the paper's FedPrompt only averages)."""
+        paper's T) but at least :data:`MIN_SERVER_STEPS` for every method whose server tunes (FedSP, its
+        ablations, FedPrompt as the authors' scripts run it, server-only); 0 for one whose server only
+        averages."""
         if self.server_steps is not None:
             return self.server_steps
         return max(self.local_steps, MIN_SERVER_STEPS) if spec_for(self.method).server_tunes else 0
@@ -378,7 +392,7 @@ class RunConfig:
         for key, value in data.items():
             name = key.replace("-", "_")
             if name in known:
-                clean[name] = _coerce(name, value, known[name].type, source)
+                clean[name] = coerce_value(name, value, known[name].type, source)
             else:
                 unknown.append(key)
         if unknown and strict:
@@ -449,7 +463,7 @@ def parse_layer_choice(text: str) -> str | tuple[int, ...]:
         ) from None
 
 
-def _coerce(name: str, value: Any, annotation: Any, source: str) -> Any:
+def coerce_value(name: str, value: Any, annotation: Any, source: str) -> Any:
     text = str(annotation)
     if name == "aux_layer_choice":
         if isinstance(value, str):

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from fedsp.config import RunConfig
@@ -140,32 +141,48 @@ def hold_out(
             f"{len(train) - count}, {shards - len(train) + count} short of one row for each of the {shards} "
             "shards; lower --val-limit or --clients"
         )
-    seed = config.data_seed
+    seed = config.partition_seed
     eligible.sort(key=lambda i: hashlib.sha256(f"{seed}:{train[i].id}".encode()).hexdigest())
     held = set(eligible[:count])
     return [ex for i, ex in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
 
 
 def shard_indices(config: RunConfig, train: Sequence[Example]) -> list[list[int]]:
-    """The K+1 shards of ``train`` by ``--partition`` (see :mod:`fedsp.data.partition`)."""
+    """The K+1 shards of ``train`` by ``--partition`` (see :mod:`fedsp.data.partition`); with
+    ``--server-rows N`` the server's shard is cut to N of its rows (a seeded draw), the clients' shards
+    unchanged: the rest of the server's shard trains no one."""
+    shards = _partition(config, train)
+    if config.server_rows is not None:
+        own = shards[0]
+        if config.server_rows > len(own):
+            raise FedSPError(
+                f"--server-rows {config.server_rows} is more than the server's shard of {len(own)} rows "
+                f"({len(train)} training rows cut into {config.clients + 1} shards)"
+            )
+        rng = np.random.default_rng([config.partition_seed, 1])
+        shards[0] = sorted(int(i) for i in rng.choice(own, size=config.server_rows, replace=False))
+    return shards
+
+
+def _partition(config: RunConfig, train: Sequence[Example]) -> list[list[int]]:
     num_shards = config.clients + 1
     if len(train) < num_shards:
         raise FedSPError(
             f"task {config.task!r} has {len(train)} training examples, fewer than {num_shards} shards"
         )
     if config.partition == "iid":
-        return partition_iid(len(train), num_shards, config.data_seed)
+        return partition_iid(len(train), num_shards, config.partition_seed)
     by_field = group_field(config.partition)
     if by_field is not None:
         values = group_values([ex.meta for ex in train], by_field, [ex.id for ex in train])
-        return partition_by_group(values, num_shards, config.data_seed, by_field)
+        return partition_by_group(values, num_shards, config.partition_seed, by_field)
     if is_generative(train):
         raise FedSPError(
             f"--partition {config.partition} shares examples out by their gold choice; task {config.task!r} "
             "is generative (no choices): use --partition iid or by:FIELD"
         )
     labels = [ex.gold for ex in train if isinstance(ex, MCExample)]
-    return partition_dirichlet(labels, num_shards, config.alpha, config.data_seed)
+    return partition_dirichlet(labels, num_shards, config.alpha, config.partition_seed)
 
 
 def shards_summary(config: RunConfig, train: Sequence[Example], shards: list[list[int]]) -> dict[str, Any]:

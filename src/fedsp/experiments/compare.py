@@ -14,11 +14,12 @@ are reused, so the same command continues an interrupted grid. The tables
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedsp.config import METHODS
+from fedsp.config import METHODS, RunConfig, coerce_value
 from fedsp.data.tasks import CUSTOM, GENERATIVE_TASKS
 from fedsp.errors import FedSPError
 from fedsp.experiments import convergence, tables
@@ -37,6 +38,7 @@ from fedsp.experiments.grid import (
 )
 from fedsp.models.precision import DTYPE_CHOICES
 
+GRID_KEYS = ("method", "task", "seed", "out", "progress")  # what each cell sets itself
 TABLES = ("methods", "layers", "depth", "efficiency", "convergence", "partitions")
 
 
@@ -92,6 +94,15 @@ def add_parser(sub) -> None:
         help="server prefix-tuning steps a round of the cells whose server tunes (FedSP and its "
         "ablations; default: --local-steps, at least 4); the FedPrompt baselines' server still only "
         "averages. --server-steps 2 reruns or reuses cells made before 2026-12-04",
+    )
+    p.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a run option for every cell, over the preset (repeatable), like --set server_rows=32 or "
+        "--set val_limit=200; checked as fedsp run checks it",
     )
     p.add_argument("--model", default="smollm2", help="global model (as for fedsp run)")
     p.add_argument(
@@ -161,10 +172,29 @@ def plan(args: argparse.Namespace) -> tuple[Grid, dict[str, list[Cell]]]:
         if args.server_steps < 0:
             raise FedSPError(f"--server-steps {args.server_steps}: must be 0 or more")
         base["server_steps"] = args.server_steps  # the server-tuning methods' cells only (Cell.config)
+    base.update(parse_settings(args.settings))
     every_round = bool(base.get("eval_every_round"))
     by_table = {t: build_cells(t, tasks, methods, seeds, every_round) for t in wanted}
     ordered = list(dict.fromkeys(c for cells in by_table.values() for c in cells))  # unique, in order
     return Grid(ordered, base, Path(args.out)), by_table
+
+
+def parse_settings(items: Sequence[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items as run options (keys with dashes or underscores; values as in a config
+    file, checked by :class:`~fedsp.config.RunConfig`); the grid's own keys are refused."""
+    known = {f.name: f for f in dataclasses.fields(RunConfig)}
+    settings: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        name = key.strip().replace("-", "_")
+        if not sep or not name:
+            raise FedSPError(f"--set {item!r}: expected KEY=VALUE, like --set server_rows=32")
+        if name in GRID_KEYS:
+            raise FedSPError(f"--set {item!r}: {name} is the grid's own (use --{name.replace('_', '-')}s)")
+        if name not in known:
+            raise FedSPError(f"--set {item!r}: unknown option {key!r}; valid: {', '.join(sorted(known))}")
+        settings[name] = coerce_value(name, value.strip(), known[name].type, f"--set {item}")
+    return settings
 
 
 def run_compare(args: argparse.Namespace) -> int:

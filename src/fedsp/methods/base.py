@@ -6,7 +6,9 @@ A round, for any federated method:
   3. ``server.aggregate(state, updates)`` with the round's aggregate of the updates (made by the
      runtime's one aggregation rule, :mod:`fedsp.runtime.privacy`), then ``server.tune()`` on the
      server's own data;
-  4. ``server.validation_loss()`` (the server keeps the best state it has seen).
+  4. ``server.validation_loss()`` (the server keeps the best state it has seen); the loss of the
+     aggregate before the server's step too (``track=False``), so each round records what the clients'
+     aggregate and what the server's step changed.
 Centralised methods are a course without clients: only steps 3-4 happen.
 
 Split learning (SFPrompt): ``client.fit`` may return a :class:`Request` instead
@@ -68,7 +70,10 @@ class Server(Protocol):
 
     def tune(self) -> float: ...
 
-    def validation_loss(self) -> float: ...
+    def validation_loss(self, track: bool = True) -> float:
+        """The validation loss of the current state; ``track``: kept as the best state when lowest (False:
+        a measurement only, e.g. of the round's aggregate before the server's own step)."""
+        ...
 
     def use_best(self) -> None: ...
 

@@ -2,6 +2,8 @@
 
 - prefix-tuning: FedSP's server (:class:`~fedsp.methods.fedsp.FedSPServer`)
   with no clients, tuning the prefix on every shard;
+- server-only: FedSP's server alone on its own shard, the same steps a round as
+  in FedSP (the control: what the model owner reaches without any data owner);
 - fine-tuning (the paper's FINETUNE upper bound, :class:`FinetuneServer`):
   every weight of the global model trained, no prefix. The best weights (by
   validation loss) are kept in memory and restored for the final evaluation.
@@ -67,10 +69,10 @@ class FinetuneServer:
         return sum(losses) / len(losses) if losses else float("nan")
 
     @torch.no_grad()
-    def validation_loss(self) -> float:
+    def validation_loss(self, track: bool = True) -> float:
         self.model.eval()
         loss = mean_answer_loss(self.model, self.val_batches, None)
-        if loss < self.best_val_loss:
+        if track and loss < self.best_val_loss:
             self.best_val_loss = loss
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         return loss
@@ -114,6 +116,13 @@ def _no_clients(k: int) -> NoReturn:
 def prefix_tuning_course(config: RunConfig, loaded: LoadedModel, data: RunData) -> Course:
     """Prefix-tuning of the frozen global model on all shards."""
     server = prefix_server(config, loaded, data, _all_rows(data), _budget(config, data))
+    return Course(server, _no_clients, 0, None)
+
+
+def server_only_course(config: RunConfig, loaded: LoadedModel, data: RunData) -> Course:
+    """The model owner alone: FedSP's server with its round-0 prefix, tuning its own shard the server
+    steps a round that FedSP's server takes, and no clients (the control of every federated result)."""
+    server = prefix_server(config, loaded, data, data.server_rows, config.effective_server_steps)
     return Course(server, _no_clients, 0, None)
 
 

@@ -44,6 +44,7 @@ from fedsp.data.batching import BatchStream, Encoded, fixed_batches
 from fedsp.data.shards import RunData
 from fedsp.errors import FedSPError
 from fedsp.methods.base import ClientModelInfo, ClientUpdate, Course
+from fedsp.methods.fidelity import FIDELITY, emulator_fidelity
 from fedsp.methods.kd import distilled_auxiliary_model
 from fedsp.methods.optim import OptimConfig, Phase, set_trainable
 from fedsp.methods.table import ALTERNATE, AUXILIARY, GLOBAL, JOINT, PROMPT_ONLY, ClientShape, spec_for
@@ -231,11 +232,11 @@ class FedSPServer:
         return _mean(losses)
 
     @torch.no_grad()
-    def validation_loss(self) -> float:
+    def validation_loss(self, track: bool = True) -> float:
         """Answer-token loss of the current prefix on the validation rows; tracks the best prefix."""
         self.prefix.eval()
         loss = mean_answer_loss(self.global_model, self.val_batches, self.prefix)
-        if loss < self.best_val_loss:
+        if track and loss < self.best_val_loss:
             self.best_val_loss = loss
             self.best_state = self.prefix.wire_state()
         return loss
@@ -432,6 +433,15 @@ def fedsp_course(config: RunConfig, loaded: LoadedModel, data: RunData) -> Cours
         params = unique_parameter_count(template)
         info = ClientModelInfo(params, params / global_params, tuple(layers), model_private=True)
         notes = {"kd_losses": kd_losses, "aux_layers": layers, "shared_across_depth": shape.share}
+        notes[FIDELITY] = emulator_fidelity(
+            loaded.model,
+            template,
+            server.prefix,
+            data.server_rows,
+            server.val_batches,
+            config.batch_size,
+            loaded.tokenizer.pad_token_id,
+        )
     pad = loaded.tokenizer.pad_token_id
 
     def make(k: int) -> FedSPClient:

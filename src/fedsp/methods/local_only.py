@@ -44,9 +44,9 @@ class LocalOnly:
         """T steps for every owner; their mean training loss."""
         return _mean([owner.tune() for owner in self.owners])
 
-    def validation_loss(self) -> float:
+    def validation_loss(self, track: bool = True) -> float:
         """Every owner's validation loss (each keeps its own best prefix); their mean."""
-        return _mean([owner.validation_loss() for owner in self.owners])
+        return _mean([owner.validation_loss(track) for owner in self.owners])
 
     def use_best(self) -> None:
         for owner in self.owners:

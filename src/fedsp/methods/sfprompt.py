@@ -420,9 +420,9 @@ class SFPromptServer:
         self.body.pending.pop(partition, None)
 
     @torch.no_grad()
-    def validation_loss(self) -> float:
+    def validation_loss(self, track: bool = True) -> float:
         loss = mean_answer_loss(cast(PreTrainedModel, self.full), self.val_batches, None)  # quacks like one
-        if loss < self.best_val_loss:
+        if track and loss < self.best_val_loss:
             self.best_val_loss, self.best_state = loss, self.broadcast()
         return loss
 

@@ -124,8 +124,10 @@ class MethodSpec:
     engines: tuple[str, ...] = ENGINES
     grid: str = "all"
     secure_aggregation: bool = True  # its updates can be summed by SecAgg+ (each one a single reply)
-    # the server tunes the aggregated prefix on its own shard each round (FedSP's step 4) unless
-    # --server-steps says otherwise; False: FedAvg of the clients' prefixes alone (the paper's FedPrompt)
+    # the server tunes the aggregated prefix on its own shard each round (FedSP's step 4, and FedPrompt as
+    # the authors' scripts run it: MAKE_GLOBAL_TRAIN=True, one of the client_num + 1 shards the server's)
+    # unless --server-steps says otherwise (0: FedAvg of the clients' prefixes alone); False: a method
+    # whose server has no step of its own
     server_tunes: bool = True
 
     @property
@@ -168,21 +170,31 @@ _TABLE = [
     ),
     MethodSpec(
         "fedprompt",
-        "FedPrompt: clients hold the full global model (no model privacy), tune the prefix",
+        "FedPrompt: clients hold the full global model (no model privacy), tune the prefix; the server "
+        "tunes the average on its shard (--server-steps 0: it only averages)",
         _PROMPT_ONLY,
         _FEDSP,
         ClientShape(GLOBAL, PROMPT_ONLY),
         grid="main",
-        server_tunes=False,
     ),
     MethodSpec(
         "fedprompt-single",
-        "FedPrompt-Single: clients hold layer 0 alone (no sharing, no KD), tune the prefix",
+        "FedPrompt-Single: clients hold layer 0 alone (no sharing, no KD), tune the prefix; the server "
+        "tunes the average on its shard (--server-steps 0: it only averages)",
         _PROMPT_ONLY,
         _FEDSP,
         ClientShape(AUXILIARY, PROMPT_ONLY, share=False, kd=False, layers=(0,)),
         grid="main",
-        server_tunes=False,
+    ),
+    MethodSpec(
+        "server-only",
+        "server-only: the model owner tunes the prefix on its own shard alone, the same server steps a "
+        "round and rounds as FedSP, no clients (the control every federated result is read against)",
+        TRAINING | PREFIX | FEDERATION,
+        "fedsp.methods.centralised:server_only_course",
+        None,
+        engines=("inprocess",),  # no clients: nothing to federate
+        grid="main",
     ),
     MethodSpec(
         "fedsp-no-kd",

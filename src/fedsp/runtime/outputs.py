@@ -40,6 +40,7 @@ PREFIX_FILE = "prefix.safetensors"
 ADAPTER_DIR = "adapter"
 # the Hugging Face id of a bundled model, written into the adapter's base_model_name_or_path
 HUB_IDS = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+QUESTIONS_FILE = "questions.json"  # each evaluated question's score, zero-shot and final (paired comparisons)
 NOTHING_TRAINED = "nothing trained"  # results.json's export.why of a run that trained nothing (zero-shot)
 
 

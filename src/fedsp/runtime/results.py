@@ -123,7 +123,11 @@ def plot_curves(
     import matplotlib.pyplot as plt
 
     rounds = [m["round"] for m in metrics]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    gains = [m for m in metrics if m.get("clients_gain") is not None]
+    fig, axes = plt.subplots(1, 3 if gains else 2, figsize=(15 if gains else 10, 4))
+    ax_loss, ax_acc = axes[0], axes[1]
+    if gains:  # what each half of a round did to the validation loss (positive: it went down)
+        _plot_gains(axes[2], gains)
     ax_loss.plot(rounds, [m.get("val_loss") for m in metrics], marker="o", label="server validation loss")
     ax_loss.plot(
         rounds, [m.get("server_loss") for m in metrics], marker=".", alpha=0.6, label="server training loss"
@@ -161,7 +165,7 @@ def plot_curves(
         )
     from matplotlib.ticker import MaxNLocator
 
-    for ax in (ax_loss, ax_acc):
+    for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     fig.tight_layout()
@@ -169,3 +173,18 @@ def plot_curves(
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def _plot_gains(ax: Any, rounds: list[dict[str, Any]]) -> None:
+    """Bars per round: how much the clients' aggregate and the server's own step each lowered the server's
+    validation loss (``clients_gain``, ``server_gain`` of metrics.jsonl)."""
+    xs = [m["round"] for m in rounds]
+    width = 0.4
+    clients, server = [m["clients_gain"] for m in rounds], [m["server_gain"] for m in rounds]
+    ax.bar([x - width / 2 for x in xs], clients, width, label="clients' aggregate")
+    ax.bar([x + width / 2 for x in xs], server, width, label="server's step")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("round")
+    ax.set_ylabel("validation loss lowered by (nats)")
+    ax.set_title("who moved the model", fontsize=10)
+    ax.legend(fontsize=8)

@@ -33,10 +33,13 @@ import torch
 from fedsp import wire
 from fedsp.config import RunConfig
 from fedsp.data.shards import RunData, generation_stop, prepare_data
+from fedsp.data.tasks import MCExample
 from fedsp.errors import RunFinished, RunInterrupted
 from fedsp.evaluation import EvalResult, describe, evaluate_examples, headline, metric_figures
+from fedsp.evaluation.multiple_choice import MCResult
 from fedsp.files import atomic_write, remove_stale_temporaries
 from fedsp.methods.base import ClientUpdate, Course, ManyPrefixes
+from fedsp.methods.fidelity import FIDELITY, describe_fidelity
 from fedsp.methods.table import MethodSpec, build_course, spec_for
 from fedsp.models.adapters import check_lengths
 from fedsp.models.auxiliary import unique_parameter_count
@@ -44,7 +47,7 @@ from fedsp.models.loading import LoadedModel, load_global_model
 from fedsp.runtime import checkpoint, outputs, results
 from fedsp.runtime.audit import Audit
 from fedsp.runtime.messages import STATE_BYTES
-from fedsp.runtime.outputs import NOTHING_TRAINED
+from fedsp.runtime.outputs import NOTHING_TRAINED, QUESTIONS_FILE
 from fedsp.runtime.privacy import Aggregator, Summed
 
 
@@ -76,6 +79,7 @@ class Session:
     lock: results.RunLock | None = None  # held while this process runs in out_dir
     created: bool = False  # out_dir was made by this session (removed if the run fails before round 1)
     aggregator: Aggregator | None = None  # the round's aggregate: rule or DP, adaptive clip, accountant
+    final_scores: list[float] | None = None  # per evaluated question, the final result's (questions.json)
 
     @classmethod
     def start(cls, config: RunConfig, resume: Path | None = None) -> Session:
@@ -152,6 +156,9 @@ class Session:
             session.aggregator = Aggregator(config, config.clients if spec.federated else 0)
             session.course = build_course(config, loaded, data)
             session.once_bytes = wire.num_bytes(session.course.shipped_once)
+            fidelity = session.course.notes.get(FIDELITY)
+            if fidelity is not None:
+                session.say(f"fedsp: {describe_fidelity(fidelity)}")
             record0 = {"round": 0, "val_loss": session.course.server.validation_loss()}
             kd_losses = session.course.notes.get("kd_losses")
             if kd_losses:
@@ -273,6 +280,8 @@ class Session:
         assert self.course is not None and self.aggregator is not None
         t0 = time.perf_counter()
         server = self.course.server
+        # what the round started from: the broadcast state, the server's after the previous round
+        loss_sent = self._loss_sent(rnd) if self.spec.federated else None
         aggregate: dict[str, torch.Tensor] | None = None
         protection: dict[str, Any] = {}
         if summed is not None:
@@ -282,10 +291,14 @@ class Session:
         elif updates:
             aggregate, protection = self.aggregator.combine(rnd, sent, updates)
         server.aggregate(aggregate, updates)
+        # the clients' aggregate alone, before the server's own step: a measurement, never the best state
+        loss_aggregate = server.validation_loss(track=False) if loss_sent is not None else None
         server_loss = server.tune()
         val_loss = server.validation_loss()
         record: dict[str, Any] = {"round": rnd, "server_loss": server_loss, "val_loss": val_loss}
         record.update(protection)
+        if loss_sent is not None and loss_aggregate is not None:
+            record.update(contributions(loss_sent, loss_aggregate, val_loss))
         if self.spec.federated:
             record.update(
                 client_losses=[u.metrics.get("prompt_loss") for u in updates],
@@ -308,8 +321,13 @@ class Session:
         # the checkpoint first: metrics.jsonl never holds a round that a resume could not continue from
         self.save_checkpoint(rnd)
         results.append_metrics(self.out_dir / "metrics.jsonl", record)
+        gains = (
+            f" (clients {record['clients_gain']:+.4f}, server {record['server_gain']:+.4f})"
+            if "clients_gain" in record
+            else ""
+        )
         self.say(
-            f"round {rnd}: val_loss {val_loss:.4f}  server_loss {server_loss:.4f}"
+            f"round {rnd}: val_loss {val_loss:.4f}{gains}  server_loss {server_loss:.4f}"
             + (
                 f"  {describe(self.last_eval.summary())}"
                 if self.last_eval and self.config.eval_every_round
@@ -317,6 +335,15 @@ class Session:
             )
         )
         return record
+
+    def _loss_sent(self, rnd: int) -> float:
+        """The validation loss of the state broadcast in round ``rnd``: the server's state after round
+        ``rnd - 1``, whose loss that round recorded (measured again when the history lacks it)."""
+        assert self.course is not None
+        last = self.history[-1] if self.history else None
+        if last is not None and last["round"] == rnd - 1 and last.get("val_loss") is not None:
+            return float(last["val_loss"])
+        return self.course.server.validation_loss(track=False)
 
     def finish(self) -> dict[str, Any]:
         """Evaluate the best state (lowest validation loss), write results.json and curves.png."""
@@ -353,8 +380,10 @@ class Session:
         if self.course is None:  # nothing trained: the zero-shot accuracy is the result
             assert self.zero_shot is not None
             summary.update(final=self.zero_shot.summary(), best_round=0, rounds=0)
+            self.final_scores = self.question_scores(self.zero_shot)
         else:
             summary.update(self._trained_summary(global_params))
+        self._write_question_scores()
         summary["export"] = self._export(summary["best_round"])
         if self.audit is not None:
             summary["audit"] = self.audit.report(self.loaded.model, config, self.out_dir / "audit.json")
@@ -368,6 +397,30 @@ class Session:
                 f"{config.method} on {config.task} ({config.model})",
             )
         return summary
+
+    def question_scores(self, result: EvalResult) -> list[float] | None:
+        """Per evaluated question, 1.0 when the prediction is right and 0.0 when not (multiple choice;
+        None for generated answers, which have no single right choice)."""
+        if not isinstance(result, MCResult):
+            return None
+        golds = [ex.gold for ex in self.data.eval_examples if isinstance(ex, MCExample)]
+        return [float(p == g) for p, g in zip(result.predictions, golds, strict=True)]
+
+    def _write_question_scores(self) -> None:
+        """``questions.json``: each evaluated question's score, zero-shot and final, so that two runs on
+        the same questions can be compared pairwise (``fedsp compare``'s paired intervals)."""
+        if self.final_scores is None:
+            return
+        zero = self.question_scores(self.zero_shot) if self.zero_shot is not None else None
+        results.write_json(
+            self.out_dir / QUESTIONS_FILE,
+            {
+                "ids": [ex.id for ex in self.data.eval_examples],
+                "eval_split": self.data.eval_split,
+                "final": self.final_scores,
+                "zero_shot": zero,
+            },
+        )
 
     def _export(self, best_round: int) -> dict[str, Any]:
         """The best prefix, outside fedsp: ``prefix.safetensors`` and a PEFT adapter (``adapter/``)."""
@@ -391,17 +444,21 @@ class Session:
         owners: dict[str, Any] | None = None
         if isinstance(course.server, ManyPrefixes):  # one prefix per data owner: each one scored
             course.server.use_best()
-            scores = [
-                self.evaluate(model, prefix, f"final eval, owner {k}").summary()
+            scored = [
+                self.evaluate(model, prefix, f"final eval, owner {k}")
                 for k, (model, prefix) in enumerate(course.server.evaluation_targets())
             ]
-            owners = owner_spread(scores)
+            owners = owner_spread([result.summary() for result in scored])
             final_summary = owners["mean"]
-        elif best_round == len(self.history) - 1 and self.last_eval is not None:
-            final_summary = self.last_eval.summary()
+            self.final_scores = mean_scores([self.question_scores(result) for result in scored])
         else:
-            course.server.use_best()
-            final_summary = self.evaluate(*course.server.evaluation_target(), "final eval").summary()
+            if best_round == len(self.history) - 1 and self.last_eval is not None:
+                final = self.last_eval
+            else:
+                course.server.use_best()
+                final = self.evaluate(*course.server.evaluation_target(), "final eval")
+            final_summary = final.summary()
+            self.final_scores = self.question_scores(final)
         out: dict[str, Any] = {
             "final": final_summary,
             "best_round": best_round,
@@ -412,6 +469,8 @@ class Session:
         if owners is not None:
             out["local_only"] = owners
         rounds = [h for h in self.history if h["round"] > 0]
+        if any("clients_gain" in h for h in rounds):
+            out["contributions"] = contribution_totals(rounds)
         if self.spec.federated and rounds:
             last = rounds[-1]
             per_client = max(1, last["num_clients"])
@@ -453,7 +512,9 @@ class Session:
                 "layers": list(info.global_layers),
                 "model_private": info.model_private,
             }
-        notes = {k: v for k, v in course.notes.items() if k != "kd_losses"}
+        if FIDELITY in course.notes:
+            out[FIDELITY] = course.notes[FIDELITY]
+        notes = {k: v for k, v in course.notes.items() if k not in ("kd_losses", FIDELITY)}
         if notes:
             out["method_notes"] = notes
         return out
@@ -478,6 +539,38 @@ def run_course(config: RunConfig, resume: Path | None, drive: Callable[[Session]
         raise
     session.release()
     return RunOutcome(session.out_dir, summary)
+
+
+def contributions(loss_sent: float, loss_aggregate: float, val_loss: float) -> dict[str, float]:
+    """What one round's two halves did to the validation loss: the broadcast state's loss, the clients'
+    aggregate's (before the server's step), and the gains (positive: the loss went down) of each half."""
+    return {
+        "val_loss_sent": loss_sent,
+        "val_loss_aggregate": loss_aggregate,
+        "clients_gain": loss_sent - loss_aggregate,
+        "server_gain": loss_aggregate - val_loss,
+    }
+
+
+def contribution_totals(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """``results.json``'s ``contributions``: each half's gains summed over the rounds that measured them,
+    and in how many rounds the clients' aggregate lowered the validation loss."""
+    measured = [h for h in rounds if h.get("clients_gain") is not None]
+    clients = [float(h["clients_gain"]) for h in measured]
+    return {
+        "rounds": len(measured),
+        "clients_gain_total": sum(clients),
+        "server_gain_total": sum(float(h["server_gain"]) for h in measured),
+        "clients_gain_mean": statistics.fmean(clients) if clients else None,
+        "rounds_clients_lowered_loss": sum(1 for g in clients if g > 0),
+    }
+
+
+def mean_scores(per_owner: Sequence[list[float] | None]) -> list[float] | None:
+    """Per question, the mean of several owners' scores (local-only: the share of owners right)."""
+    if not per_owner or any(scores is None for scores in per_owner):
+        return None
+    return [statistics.fmean(column) for column in zip(*per_owner, strict=True)]
 
 
 def owner_spread(scores: Sequence[dict[str, Any]]) -> dict[str, Any]:
