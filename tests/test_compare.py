@@ -101,10 +101,10 @@ def test_methods_table_has_an_sfprompt_row(tiny_grid):
     for method in table:
         acc = grid.results[Cell(method, "arc_easy", 0).name]["final"]["acc"]
         assert table[method]["arc_easy"] == f"{100 * acc:.1f}"
-    # Assert: the notes say which server tuned the prefix (the paper's FedPrompt only averages) and
+    # Assert: the notes say which server tuned the prefix (FedPrompt's too, as the authors ran it) and
     # local-only's spread over its owners
     markdown = written[0].read_text()
-    assert "Server prefix-tuning steps per round: fedsp 4, fedprompt 0 (" in markdown
+    assert "Server prefix-tuning steps per round: fedsp 4, fedprompt 4 (" in markdown
     spread = grid.results[Cell("local-only", "arc_easy", 0).name]["local_only"]["spread"]["acc"]
     assert f"arc_easy seed 0: {100 * spread['min']:.1f}-{100 * spread['max']:.1f}" in markdown
 
@@ -112,7 +112,7 @@ def test_methods_table_has_an_sfprompt_row(tiny_grid):
 def test_efficiency_table_puts_split_traffic_and_compute_beside_fedsp(tiny_grid):
     grid, written = tiny_grid
     # Execute
-    table = _table(written[1].with_suffix(".csv"))
+    table = _table(next(p for p in written if p.stem == "table45_efficiency").with_suffix(".csv"))
     fedsp, sfp = table["fedsp"], table["sfprompt"]
     res = grid.results["arc_easy__sfprompt__s0"]
     last = _metrics(grid, "sfprompt")[-1]["client_metrics"]  # per client, last round
@@ -120,10 +120,10 @@ def test_efficiency_table_puts_split_traffic_and_compute_beside_fedsp(tiny_grid)
     def mean(*keys: str) -> float:
         return sum(sum(last[k]) for k in keys) / len(last[keys[0]])
 
-    # Assert: no zero-shot row; FedPrompt's server only averages;
+    # Assert: no zero-shot row; FedPrompt's server tunes as FedSP's;
     # SFPrompt holds layers 0 and 1 and exchanges prompts + final norm
     assert list(table) == ["fedsp", "fedprompt", "local-only", "sfprompt"]
-    assert fedsp["server steps per round"] == "4" and table["fedprompt"]["server steps per round"] == "0"
+    assert fedsp["server steps per round"] == "4" and table["fedprompt"]["server steps per round"] == "4"
     assert sfp["global layers held"] == "0,1" and fedsp["global layers held"] == "0"
     assert sfp["client params"] == f"{res['client_model']['params']:,}"
     assert sfp["params down / up per round"] == "320 / 320"  # 4 prompts x 64 + a norm of 64
@@ -230,16 +230,46 @@ def test_a_cell_run_under_the_old_server_steps_default_is_not_reused_silently(tm
     # Execute / Assert: refused, saying how to reuse it
     with pytest.raises(FedSPError, match=f"run with {config.local_steps} server steps.*--server-steps"):
         grid.reusable(cell)
-    # Execute / Assert: the option the message names reuses it; FedPrompt's server still only averages
+    # Execute / Assert: the option the message names reuses it; FedPrompt's server takes the same steps
     old = {"server_steps": config.local_steps}
     argv = ["compare", "--model", "tiny-llama", "--methods", "fedsp,fedprompt", "--seeds", "0"]
     argv += ["--out", str(tmp_path), "--server-steps", str(config.local_steps)]
     again, _ = plan(build_parser().parse_args(argv))
     fedsp_cell, fedprompt_cell = again.cells
     assert fedsp_cell == cell and again.reusable(cell) == old
-    assert fedprompt_cell.config(again.base, again.out).effective_server_steps == 0
+    assert fedprompt_cell.config(again.base, again.out).effective_server_steps == config.local_steps
     with pytest.raises(FedSPError, match=r"--server-steps -1: must be 0 or more"):
         plan(build_parser().parse_args([*argv[:-1], "-1"]))
     # the cell as it would run today is reused by a grid without the option
     (folder / "results.json").write_text(json.dumps({"server_steps": config.effective_server_steps}))
     assert grid.reusable(cell) == {"server_steps": config.effective_server_steps}
+
+
+def test_paired_table_compares_every_method_with_the_reference_on_the_same_questions(tiny_grid):
+    grid, written = tiny_grid
+    # Execute: the grid has zero-shot and no server-only: zero-shot is the reference
+    path = next(p for p in written if p.stem == "paired_vs_zero-shot")
+    # Assert: the difference is the mean per-question difference of the two questions.json files
+    diff_column = "difference to zero-shot (points) [paired 95% interval]"
+    with open(path.with_suffix(".csv"), newline="") as f:
+        by_method = {row["method"]: row for row in csv.DictReader(f)}
+    assert by_method["zero-shot"][diff_column] == "(reference)"
+
+    def scores(method: str) -> list[float]:
+        saved = json.loads((grid.cell_dir(Cell(method, "arc_easy", 0)) / "questions.json").read_text())
+        assert len(saved["ids"]) == len(saved["final"]) == 6
+        return saved["final"]
+
+    zero = scores("zero-shot")
+    for method in ("fedsp", "fedprompt", "sfprompt", "local-only"):
+        mine = scores(method)
+        expected = 100 * sum(a - b for a, b in zip(mine, zero, strict=True)) / len(zero)
+        assert by_method[method][diff_column].startswith(f"{expected:+.1f} [")
+        assert by_method[method]["seeds"] == "1 (single seed)"
+    # Assert: the federated rows carry the clients' and the server's share, the others none
+    fedsp = grid.results[Cell("fedsp", "arc_easy", 0).name]["contributions"]
+    assert by_method["fedsp"]["mean clients_gain (nats)"] == f"{fedsp['clients_gain_mean']:+.4f}"
+    assert by_method["fedsp"]["rounds the clients lowered the loss"].endswith(
+        "of 2 (" + str(round(100 * fedsp["rounds_clients_lowered_loss"] / 2)) + "%)"
+    )
+    assert by_method["local-only"]["mean clients_gain (nats)"] == "–"

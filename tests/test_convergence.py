@@ -129,10 +129,10 @@ def test_tidy_csv_holds_every_round_of_every_cell(tiny_grid):
             # Assert: the client model (FedSP's auxiliary, FedPrompt's global) is shipped in round 1
             assert sent[1:] == [m["bytes_down"] + m["bytes_up"] + m["bytes_shipped"] for m in records[1:]]
             assert sent[1] - sent[2] == records[1]["bytes_shipped"] > 0
-    # Assert: each row names the server's prefix steps a round its run took (FedSP: at least 4; the paper's
-    # FedPrompt: none, the server only averages; zero-shot: no server at all)
+    # Assert: each row names the server's prefix steps a round its run took (FedSP: at least 4; FedPrompt as
+    # the authors ran it: the same; zero-shot: no server at all)
     steps = {(r["method"], r["server_steps"]) for r in rows}
-    assert steps == {("zero-shot", ""), ("fedsp", "4"), ("fedprompt", "0")}
+    assert steps == {("zero-shot", ""), ("fedsp", "4"), ("fedprompt", "4")}
 
 
 def test_figure_is_a_png_and_the_markdown_has_the_seed_means(tiny_grid):

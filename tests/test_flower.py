@@ -47,6 +47,34 @@ def _metrics(out) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+CONTRIBUTIONS = ("val_loss_sent", "val_loss_aggregate", "clients_gain", "server_gain")
+
+
+def _contributions(out) -> list[float]:
+    """Every round's four contribution fields, in order (each round must have all four)."""
+    rounds = [m for m in _metrics(out) if m["round"] > 0]
+    assert rounds and all(set(CONTRIBUTIONS) <= set(m) for m in rounds)
+    return [float(m[key]) for m in rounds for key in CONTRIBUTIONS]
+
+
+def test_fedprompt_through_the_flower_handlers_records_the_same_contributions(tmp_path):
+    # Prepare: FedPrompt as the authors ran it (its server trains), in one process and over the
+    # ClientApp's handlers on a local grid
+    config = replace(TINY, method="fedprompt")
+    # Execute
+    here = inprocess.run(replace(config, out=str(tmp_path / "inprocess")))
+    session = Session.start(replace(config, out=str(tmp_path / "handlers")))
+    server_app.serve(LocalGrid(3, tmp_path), session, wait_s=30)
+    there = session.finish()
+    # Assert: each round's four figures agree, and they add up: sent - aggregate - server step = val_loss
+    assert _contributions(session.out_dir) == pytest.approx(_contributions(here.out_dir), abs=1e-6)
+    for m in _metrics(here.out_dir)[1:]:
+        assert m["val_loss_sent"] - m["clients_gain"] - m["server_gain"] == pytest.approx(m["val_loss"])
+    assert there["server_steps"] == 4 and there["contributions"] == pytest.approx(
+        here.results["contributions"]
+    )
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The in-process run every Flower run is compared with (audit on)."""
@@ -234,6 +262,7 @@ def test_flower_simulation_equals_the_inprocess_run(reference, tmp_path):
     assert [m["val_loss"] for m in _metrics(outcome.out_dir)] == pytest.approx(
         [m["val_loss"] for m in _metrics(reference.out_dir)], abs=1e-6
     )
+    assert _contributions(outcome.out_dir) == pytest.approx(_contributions(reference.out_dir), abs=1e-6)
     assert (
         outcome.results["audit"]["passed"]
         and len(list((outcome.out_dir / "clients").glob("*/partition-*"))) == 3
@@ -350,6 +379,7 @@ def test_sfprompt_on_flower_equals_sfprompt_in_process(dtype, tmp_path):
     assert [m["val_loss"] for m in _metrics(there_dir)] == pytest.approx(
         [m["val_loss"] for m in _metrics(here.out_dir)], abs=1e-6
     )
+    assert _contributions(there_dir) == pytest.approx(_contributions(here.out_dir), abs=1e-6)
     comm = there_results["comm"]
     assert comm == here.results["comm"] and comm["split_bytes_total"] > 0
     assert there_results["audit"]["passed"] and here.results["audit"]["passed"]

@@ -36,6 +36,7 @@ from fedsp.experiments.grid import (
     partition_label,
     partition_name,
 )
+from fedsp.methods.table import REFERENCES
 from fedsp.models.precision import DTYPE_CHOICES
 
 GRID_KEYS = ("method", "task", "seed", "out", "progress")  # what each cell sets itself
@@ -91,9 +92,9 @@ def add_parser(sub) -> None:
         "--server-steps",
         type=int,
         default=None,
-        help="server prefix-tuning steps a round of the cells whose server tunes (FedSP and its "
-        "ablations; default: --local-steps, at least 4); the FedPrompt baselines' server still only "
-        "averages. --server-steps 2 reruns or reuses cells made before 2026-12-04",
+        help="server prefix-tuning steps a round of the cells whose server tunes (FedSP, its ablations, "
+        "FedPrompt as the authors ran it, server-only; default: --local-steps, at least 4); 0: the server "
+        "only averages. --server-steps 2 reruns or reuses FedSP cells made before 2026-12-04",
     )
     p.add_argument(
         "--set",
@@ -118,6 +119,12 @@ def add_parser(sub) -> None:
         default=1,
         help="cells run at once, each in its own process with an equal share of the CPU cores as torch "
         "threads",
+    )
+    p.add_argument(
+        "--reference",
+        default=None,
+        help="the methods table's reference: each method's difference to it on the same questions, with a "
+        "paired bootstrap 95%% interval (default: server-only when among --methods, else zero-shot)",
     )
     p.add_argument(
         "--tables-only", action="store_true", help="write the tables from finished cells, run nothing"
@@ -199,6 +206,8 @@ def parse_settings(items: Sequence[str]) -> dict[str, Any]:
 
 def run_compare(args: argparse.Namespace) -> int:
     grid, by_table = plan(args)
+    if getattr(args, "reference", None) is not None:  # refused before any cell runs
+        reference_method(_split(args.methods), args.reference)
     merged = merged_rows(args, by_table)
     if merged:  # a cell an earlier grid ran comes from its CSV, not run again (unless this grid has it)
         earlier = {convergence.row_key(row) for row in merged}
@@ -218,7 +227,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
         grid.run(run, jobs=args.jobs)
     check_comparable(grid)
-    written = write_tables(grid, by_table, merged)
+    written = write_tables(grid, by_table, merged, args)
     for path in written:
         extra = [s for s in (".csv", ".png") if s != path.suffix and path.with_suffix(s).exists()]
         print(f"wrote {path}" + (f" (+ {', '.join(extra)})" if extra else ""))
@@ -255,8 +264,21 @@ def _check_merged_steps(grid: Grid, merged: Sequence[dict[str, Any]]) -> None:
             )
 
 
+def reference_method(methods: Sequence[str], asked: str | None) -> str | None:
+    """The methods table's reference: ``--reference``, else the first of the method table's
+    :data:`~fedsp.methods.table.REFERENCES` that was run."""
+    if asked is not None:
+        if asked not in methods:
+            raise FedSPError(f"--reference {asked}: not among --methods ({', '.join(methods)})")
+        return asked
+    return next((m for m in REFERENCES if m in methods), None)
+
+
 def write_tables(
-    grid: Grid, by_table: dict[str, list[Cell]], merged: Sequence[dict[str, Any]] = ()
+    grid: Grid,
+    by_table: dict[str, list[Cell]],
+    merged: Sequence[dict[str, Any]] = (),
+    args: argparse.Namespace | None = None,
 ) -> list[Path]:
     written = []
     for table, cells in by_table.items():
@@ -273,6 +295,10 @@ def write_tables(
                     tables.server_steps_note(grid, cells) + tables.local_only_note(grid, cells),
                 )
             )
+            reference = reference_method(labels, getattr(args, "reference", None))
+            paired = tables.paired_table(grid, cells, reference) if reference is not None else None
+            if paired is not None:
+                written.append(paired)
         elif table == "layers":
 
             def choice(cell: Cell) -> str:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,7 +24,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fedsp.errors import FedSPError  # noqa: E402
 from fedsp.experiments.grid import Cell, Grid  # noqa: E402
+from fedsp.experiments.stats import RESAMPLES, paired_difference, seed_means  # noqa: E402
+from fedsp.methods.table import spec_for  # noqa: E402
+from fedsp.runtime.outputs import QUESTIONS_FILE  # noqa: E402
 
 
 def _accs(grid: Grid, cells: Sequence[Cell]) -> list[float]:
@@ -258,3 +263,118 @@ def _ranges(layers: list[int]) -> str:
     if layers and layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 2:
         return f"{layers[0]}..{layers[-1]}"
     return ",".join(map(str, layers))
+
+
+def question_scores(grid: Grid, cell: Cell) -> tuple[list[str], list[float]] | None:
+    """A finished cell's evaluated question ids and their final scores (``questions.json``), or None
+    (a cell run before runs wrote it, or a generative one)."""
+    path = grid.cell_dir(cell) / QUESTIONS_FILE
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if saved.get("final") is None:
+        return None
+    return list(saved["ids"]), [float(v) for v in saved["final"]]
+
+
+def paired_table(
+    grid: Grid, cells: Sequence[Cell], reference: str, label_of: Callable[[Cell], str] = lambda c: c.method
+) -> Path | None:
+    """Per task, each method against ``reference`` on the same questions: accuracy (mean ± sd over seeds),
+    the difference with its paired bootstrap 95% interval (each question's score averaged over the seeds
+    first), and what the clients' aggregate did to the server's validation loss (mean ``clients_gain``
+    and the share of rounds it was positive). None when the reference has no finished cell."""
+    tasks = list(dict.fromkeys(c.task for c in cells))
+    groups = _grouped(grid, label_of, cells)
+    labels = list(dict.fromkeys(label_of(c) for c in cells))
+    header = [
+        "task",
+        "method",
+        "seeds",
+        "accuracy (%)",
+        f"difference to {reference} (points) [paired 95% interval]",
+        "mean clients_gain (nats)",
+        "rounds the clients lowered the loss",
+        "mean server_gain (nats)",
+    ]
+    rows: list[list[str]] = []
+    for task in tasks:
+        ref = _seed_scores(grid, groups.get((reference, task), []))
+        if ref is None:
+            continue
+        for label in labels:
+            group = [c for c in groups.get((label, task), []) if c.name in grid.results]
+            if not group:
+                continue
+            accs = _accs(grid, group)
+            scores = _seed_scores(grid, group)
+            if label == reference:
+                vs = "(reference)"
+            elif scores is None:
+                vs = "– (no questions.json)"
+            else:
+                if scores[0] != ref[0]:
+                    raise FedSPError(f"{task}: {label} and {reference} were scored on different questions")
+                vs = paired_difference(scores[1], ref[1]).percent()
+            gains = [grid.results[c.name].get("contributions") for c in group]
+            measured = [g for g in gains if g and g.get("rounds")]
+            rows.append(
+                [
+                    task,
+                    label,
+                    str(len(group)) + (" (single seed)" if len(group) == 1 and _seeded(group[0]) else ""),
+                    mean_sd(accs),
+                    vs,
+                    _gain(measured, "clients_gain_mean"),
+                    _share(measured),
+                    _gain(measured, "server_gain_total", per_round=True),
+                ]
+            )
+    if not rows:
+        return None
+    notes = [
+        f"Each method's score per question is averaged over its seeds, then compared with {reference}'s on "
+        f"the same questions; the interval is a paired bootstrap over the questions ({RESAMPLES:,} "
+        "resamples, BCa). Seeds resample the data partition. clients_gain: how much the round's aggregate "
+        "of the clients' updates lowered the server's validation loss before the server's own step; "
+        "server_gain: how much the server's step lowered it after (metrics.jsonl)."
+    ]
+    title = f"Each method against {reference}, paired over the same questions"
+    return write_table(grid.out, f"paired_vs_{reference}", header, rows, title, notes)
+
+
+def _seed_scores(grid: Grid, cells: Sequence[Cell]) -> tuple[list[str], list[float]] | None:
+    """The ids and the per-question mean over the finished cells' seeds; None if any lacks its scores."""
+    found = []
+    for cell in cells:
+        if cell.name in grid.results:
+            scores = question_scores(grid, cell)
+            if scores is None:
+                return None
+            found.append(scores)
+    if not found:
+        return None
+    ids = found[0][0]
+    if any(other != ids for other, _ in found):
+        raise FedSPError("seeds of one method were scored on different questions")
+    return ids, seed_means([values for _, values in found])
+
+
+def _seeded(cell: Cell) -> bool:
+    """A method whose result depends on its seed (one that trains)."""
+    return spec_for(cell.method).trains
+
+
+def _gain(measured: list[dict[str, Any]], key: str, per_round: bool = False) -> str:
+    if not measured:
+        return "–"
+    values = [g[key] / g["rounds"] if per_round else g[key] for g in measured]
+    return f"{statistics.mean(values):+.4f}"
+
+
+def _share(measured: list[dict[str, Any]]) -> str:
+    if not measured:
+        return "–"
+    lowered = sum(g["rounds_clients_lowered_loss"] for g in measured)
+    rounds = sum(g["rounds"] for g in measured)
+    return f"{lowered} of {rounds} ({100 * lowered / rounds:.0f}%)"

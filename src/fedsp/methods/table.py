@@ -261,6 +261,9 @@ _TABLE = [
     ),
 ]
 METHOD_SPECS: dict[str, MethodSpec] = {spec.name: spec for spec in _TABLE}
+# What a comparison is read against, in order of preference: the model owner alone (the control of every
+# federated result), else the untrained model.
+REFERENCES = ("server-only", "zero-shot")
 METHODS = tuple(METHOD_SPECS)
 
 
