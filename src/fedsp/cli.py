@@ -14,7 +14,7 @@ from typing import Any
 
 from fedsp.config import PARTITIONS, RunConfig, load_config_file
 from fedsp.data.tasks import TASKS
-from fedsp.errors import FedSPError, RunFinished, RunInterrupted
+from fedsp.errors import FedSPError, RunFinished, RunInterrupted, cli_wording
 from fedsp.evaluation import METRIC_COLUMNS
 from fedsp.files import io_reason
 from fedsp.methods.table import METHODS, spec_for
@@ -161,6 +161,11 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    with cli_wording():  # errors name options as flags here (from Python: as RunConfig fields)
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse gives an optional positional (generate's prompt) nothing once an option follows the run

@@ -198,6 +198,8 @@ class RunConfig:
                 f"--prefix-len {self.prefix_len} is beyond the sane bound of {MAX_PREFIX_LEN} tokens"
             )
         for name in ("eval_limit", "val_limit"):
+            if getattr(self, name) == 0 and not isinstance(getattr(self, name), bool):  # 0: every example
+                object.__setattr__(self, name, None)
             if getattr(self, name) is not None:
                 _check_min(name, getattr(self, name), 1)
         for name in ("lr", "align_lr", "kd_lr", "alpha"):

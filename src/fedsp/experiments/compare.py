@@ -20,7 +20,7 @@ from typing import Any
 
 from fedsp.config import METHODS
 from fedsp.data.tasks import CUSTOM, GENERATIVE_TASKS
-from fedsp.errors import FedSPError
+from fedsp.errors import FedSPError, cli_wording
 from fedsp.experiments import convergence, tables
 from fedsp.experiments.grid import (
     ALL_METHODS,
@@ -168,6 +168,12 @@ def plan(args: argparse.Namespace) -> tuple[Grid, dict[str, list[Cell]]]:
 
 
 def run_compare(args: argparse.Namespace) -> int:
+    """``fedsp compare``: plan the grid, run or reuse its cells, write the tables (errors name flags)."""
+    with cli_wording():
+        return _run_compare(args)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
     grid, by_table = plan(args)
     merged = merged_rows(args, by_table)
     if merged:  # a cell an earlier grid ran comes from its CSV, not run again (unless this grid has it)

@@ -382,7 +382,7 @@ class Session:
                 NOTHING_TRAINED if self.course is None else f"--method {self.config.method} trains no prefix"
             )
             return {"prefix": None, "why": why}
-        return outputs.write_run_outputs(self.out_dir, prefix, self.loaded.model, self.config, best_round)
+        return outputs.write_run_outputs(self.out_dir, prefix, self.loaded, self.config, best_round)
 
     def _trained_summary(self, global_params: int) -> dict[str, Any]:
         assert self.course is not None
