@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from fedsp.cli import main
 from fedsp.data.formats import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT
 

@@ -10,10 +10,10 @@ print(run.results["final"], run.metrics[-1]["val_loss"])
 print(fedsp.load_run(run.folder).generate("Say red:"))
 ```
 
-:func:`run` writes the same results folder as ``fedsp run``; :func:`load_run`
+``run`` writes the same results folder as ``fedsp run``; ``load_run``
 opens any finished one. Every problem with the input raises
-:class:`~fedsp.errors.FedSPError`, whose message names the
-:class:`~fedsp.config.RunConfig` field (``clients must be an integer >= 1``).
+``fedsp.FedSPError``, whose message names the
+``RunConfig`` field (``clients must be an integer >= 1``).
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ class Run:
 
 
 def load_run(path: str | Path) -> Run:
-    """Open a finished results folder (written by ``fedsp run`` or :func:`run`)."""
+    """Open a finished results folder (written by ``fedsp run`` or ``fedsp.run``)."""
     finished = open_run(path)
     return Run(finished.folder, finished.config, finished.results)
 
@@ -155,7 +155,7 @@ def run(config: RunConfig, *, data: Data | None = None, resume: str | Path | Non
     formats of ``--task custom`` (prompt/completion, messages, alpaca, multiple-choice), or a
     ``datasets.DatasetDict``. The rows are written once as JSON lines to ``data/<digest>/`` beside the
     results folder (the same rows reuse the same folder), and the run's ``config.json`` records that
-    folder as its ``data_dir``, with ``task="custom"``, so ``fedsp eval`` and :meth:`Run.evaluate` read
+    folder as its ``data_dir``, with ``task="custom"``, so ``fedsp eval`` and `Run.evaluate` read
     them again. ``resume``: a results folder to continue after its last completed round.
     """
     if not isinstance(config, RunConfig):

@@ -110,9 +110,7 @@ def add_parser(sub) -> None:
         choices=DTYPE_CHOICES,
         help="as for fedsp run (auto: bfloat16 where native)",
     )
-    p.add_argument(
-        "--out", default="runs/compare", help="grid folder (cells and tables); reused if present"
-    )
+    p.add_argument("--out", default="runs/compare", help="grid folder (cells and tables); reused if present")
     p.add_argument(
         "--jobs",
         type=int,
