@@ -48,6 +48,16 @@ from fedsp.runtime.outputs import NOTHING_TRAINED
 from fedsp.runtime.privacy import Aggregator, Summed
 
 
+class _RoundLines:
+    """Whether a run without progress output still prints one line a round (``fedsp run --quiet`` sets
+    it for the run it starts; grid cells and library runs with ``progress=False`` stay silent)."""
+
+    on = False
+
+
+ROUND_LINES = _RoundLines()
+
+
 @dataclass
 class RunOutcome:
     """A finished run: its results folder and what ``results.json`` holds."""
@@ -206,7 +216,12 @@ class Session:
         lines = "".join(json.dumps(results._clean(h)) + "\n" for h in self.history)
         atomic_write(self.out_dir / "metrics.jsonl", lines.encode())
         checkpoint.set_rng_states(saved["rng"])
-        self.say(f"fedsp: resuming {self.out_dir} after round {saved['round']}")
+        # said whatever --quiet: the user asked for a new run or a continued one, and should know which
+        print(
+            f"fedsp: resuming {self.out_dir} after round {saved['round']} of {self.config.rounds}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def record_sent(
         self, rnd: int, kind: str, tensors: dict[str, torch.Tensor], partitions: list[int]
@@ -308,14 +323,11 @@ class Session:
         # the checkpoint first: metrics.jsonl never holds a round that a resume could not continue from
         self.save_checkpoint(rnd)
         results.append_metrics(self.out_dir / "metrics.jsonl", record)
-        self.say(
-            f"round {rnd}: val_loss {val_loss:.4f}  server_loss {server_loss:.4f}"
-            + (
-                f"  {describe(self.last_eval.summary())}"
-                if self.last_eval and self.config.eval_every_round
-                else ""
-            )
+        line = f"round {rnd}: val_loss {val_loss:.4f}  server_loss {server_loss:.4f}" + (
+            f"  {describe(self.last_eval.summary())}" if self.last_eval and self.config.eval_every_round else ""
         )
+        if self.config.progress or ROUND_LINES.on:  # --quiet: no bars, but still one line a round
+            print(line if self.config.progress else f"{line}  ({record['seconds']:.0f} s)", flush=True)
         return record
 
     def finish(self) -> dict[str, Any]:
