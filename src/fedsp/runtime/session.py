@@ -323,9 +323,9 @@ class Session:
         # the checkpoint first: metrics.jsonl never holds a round that a resume could not continue from
         self.save_checkpoint(rnd)
         results.append_metrics(self.out_dir / "metrics.jsonl", record)
-        line = f"round {rnd}: val_loss {val_loss:.4f}  server_loss {server_loss:.4f}" + (
-            f"  {describe(self.last_eval.summary())}" if self.last_eval and self.config.eval_every_round else ""
-        )
+        line = f"round {rnd}: val_loss {val_loss:.4f}  server_loss {server_loss:.4f}"
+        if self.last_eval and self.config.eval_every_round:
+            line += f"  {describe(self.last_eval.summary())}"
         if self.config.progress or ROUND_LINES.on:  # --quiet: no bars, but still one line a round
             print(line if self.config.progress else f"{line}  ({record['seconds']:.0f} s)", flush=True)
         return record
