@@ -9,10 +9,26 @@ The Python API, at the package root:
 * :class:`FedSPError`: every problem with the input, in one line naming the field.
 """
 
-from fedsp.api import Run, load_run, run
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from fedsp.config import RunConfig
 from fedsp.errors import FedSPError
+
+if TYPE_CHECKING:
+    from fedsp.api import Run, load_run, run
 
 __version__ = "0.1.0"
 
 __all__ = ["FedSPError", "Run", "RunConfig", "__version__", "load_run", "run"]
+
+
+def __getattr__(name: str) -> Any:
+    # run / load_run / Run need torch and transformers (seconds to import): imported when first used, so
+    # `import fedsp.config` (a Flower ClientApp's first step) stays light
+    if name in ("Run", "load_run", "run"):
+        from fedsp import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'fedsp' has no attribute {name!r}")
