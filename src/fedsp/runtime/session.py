@@ -41,6 +41,7 @@ from fedsp.methods.table import MethodSpec, build_course, spec_for
 from fedsp.models.adapters import check_lengths
 from fedsp.models.auxiliary import unique_parameter_count
 from fedsp.models.loading import LoadedModel, load_global_model
+from fedsp.plotting import chance, setting_line
 from fedsp.runtime import checkpoint, outputs, results
 from fedsp.runtime.audit import Audit
 from fedsp.runtime.messages import STATE_BYTES
@@ -373,11 +374,14 @@ class Session:
         summary["wall_seconds"] = time.perf_counter() - self.started
         results.write_json(self.out_dir / "results.json", summary)
         if self.history:
+            clients = config.clients if spec.federated else None
+            setting = setting_line(config.model, config.task, clients, None, len(self.data.eval_examples))
             results.plot_curves(
                 self.history,
                 headline(self.zero_shot.summary()) if self.zero_shot else None,
                 self.out_dir / "curves.png",
-                f"{config.method} on {config.task} ({config.model})",
+                f"{config.method}: {setting} (seed {config.seed})",
+                chance(config.task),
             )
         return summary
 
