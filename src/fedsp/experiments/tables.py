@@ -24,6 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from fedsp.experiments.grid import Cell, Grid  # noqa: E402
+from fedsp.methods.table import METHOD_SPECS, spec_for  # noqa: E402
 from fedsp.plotting import chance, label_points, percent_limits, setting_line  # noqa: E402
 
 
@@ -161,7 +162,8 @@ def _bar_png(
         drawn = ax.bar(xs, [v if v == v else 0.0 for v in values], width, label=label)
         ax.bar_label(drawn, [f"{v:.1f}" if v == v else "" for v in values], fontsize=6, padding=1)
     left = -width / 2
-    zero_shot = bars.get("zero-shot")
+    untrained = [label for label in bars if label in METHOD_SPECS and not spec_for(label).trains]
+    zero_shot = bars[untrained[0]] if untrained else None
     for t, task in enumerate(tasks):
         level = chance(task)
         if level is not None:
