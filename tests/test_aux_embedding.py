@@ -83,10 +83,10 @@ def test_bad_embedding_options_get_one_line_errors(tiny):
     # Assert: the form, the rank's range, and methods whose clients hold no auxiliary model
     assert parse_embedding("full") is None and parse_embedding("lowrank:12") == ("lowrank", 12)
     for text in ("lowrank:0", "lowrank", "lowrank:-3", "lowrank:x", "svd:4"):
-        with pytest.raises(FedSPError, match=r"--aux-embedding .* choose full, lowrank:R"):
+        with pytest.raises(FedSPError, match=r"aux_embedding .* choose full, lowrank:R"):
             RunConfig(aux_embedding=text)
     for method in ("fedprompt", "fedprompt-single", "sfprompt", "prefix-tuning"):
-        with pytest.raises(FedSPError, match=rf"the clients of --method {method} hold none"):
+        with pytest.raises(FedSPError, match=rf"the clients of method {method} hold none"):
             RunConfig(method=method, aux_embedding="lowrank:8")
     aux = build_auxiliary_model(tiny.model, [0])
     with pytest.raises(FedSPError, match=r"lowrank:65: the rank must be between 1 and the embedding width"):

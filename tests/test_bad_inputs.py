@@ -264,11 +264,6 @@ CASES += [
         "messages[2].role is 'user' where 'assistant' was expected",
     ),
     (
-        "custom-chat-without-template",
-        lambda p: _custom_dir(p, rows=[_chat("user", "assistant")] * 12),
-        "this tokenizer has none",
-    ),
-    (
         "custom-completion-longer-than-max-length",
         lambda p: _custom_dir(p, rows=[{"prompt": "Say:", "completion": " red" * 40}] * 12),
         "cuts the answer (completion) of 12 of 12 training rows",

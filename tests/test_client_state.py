@@ -107,5 +107,5 @@ def test_runs_with_bfloat16_moments_keep_less_on_disk(tmp_path):
 
 
 def test_a_bad_moment_dtype_gets_a_one_line_error():
-    with pytest.raises(FedSPError, match=r"--state-moments.*float16.*float32, bfloat16"):
+    with pytest.raises(FedSPError, match=r"state_moments.*float16.*float32, bfloat16"):
         RunConfig(state_moments="float16")

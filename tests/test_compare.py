@@ -228,7 +228,7 @@ def test_a_cell_run_under_the_old_server_steps_default_is_not_reused_silently(tm
     (folder / "config.json").write_text(json.dumps(config.to_dict()))
     (folder / "results.json").write_text(json.dumps({"server_steps": config.local_steps}))
     # Execute / Assert: refused, saying how to reuse it
-    with pytest.raises(FedSPError, match=f"run with {config.local_steps} server steps.*--server-steps"):
+    with pytest.raises(FedSPError, match=f"run with {config.local_steps} server steps.*server_steps"):
         grid.reusable(cell)
     # Execute / Assert: the option the message names reuses it; FedPrompt's server takes the same steps
     old = {"server_steps": config.local_steps}
@@ -238,7 +238,7 @@ def test_a_cell_run_under_the_old_server_steps_default_is_not_reused_silently(tm
     fedsp_cell, fedprompt_cell = again.cells
     assert fedsp_cell == cell and again.reusable(cell) == old
     assert fedprompt_cell.config(again.base, again.out).effective_server_steps == config.local_steps
-    with pytest.raises(FedSPError, match=r"--server-steps -1: must be 0 or more"):
+    with pytest.raises(FedSPError, match=r"server_steps -1: must be 0 or more"):
         plan(build_parser().parse_args([*argv[:-1], "-1"]))
     # the cell as it would run today is reused by a grid without the option
     (folder / "results.json").write_text(json.dumps({"server_steps": config.effective_server_steps}))

@@ -88,9 +88,9 @@ def test_convergence_cells_evaluate_every_round_and_rounds_come_from_the_option(
     # Assert: a preset that evaluates every round shares the methods table's cells, at --rounds for any task
     assert paper_tables["convergence"] == paper_tables["methods"] == paper_grid.cells
     assert paper_grid.cells[1].config(paper_grid.base, paper_grid.out).rounds == 4
-    with pytest.raises(FedSPError, match=r"--rounds 0: must be at least 1"):
+    with pytest.raises(FedSPError, match=r"rounds 0: must be at least 1"):
         plan(parser.parse_args([*argv, "--rounds", "0"]))
-    with pytest.raises(FedSPError, match=r"--clients 0: must be at least 1"):
+    with pytest.raises(FedSPError, match=r"clients 0: must be at least 1"):
         plan(parser.parse_args([*argv, "--clients", "0"]))
 
 
@@ -356,7 +356,7 @@ def test_a_seed_run_with_other_server_steps_is_refused_and_the_steps_are_named(t
     with pytest.raises(
         FedSPError,
         match=r"cells of 'arc_easy', fedsp: the server tuned the prefix for different numbers of steps a "
-        r"round: 2 \(seed 0\); 4 \(seed 1\); rerun them with the same --server-steps",
+        r"round: 2 \(seed 0\); 4 \(seed 1\); rerun them with the same server_steps",
     ):
         write_convergence(grid, cells, merged=read_rows(csv_path))
     with pytest.raises(
@@ -391,7 +391,7 @@ def test_a_merged_seed_with_other_server_steps_is_refused_before_anything_runs(t
     with pytest.raises(
         FedSPError,
         match=r"--merge: arc_easy fedsp seed 0 ran 2 server steps a round, where this grid's fedsp cells "
-        r"run 4; merge seeds run with the same steps, or pass --server-steps 2 to run this grid's as "
+        r"run 4; merge seeds run with the same steps, or pass server_steps 2 to run this grid's as "
         r"they did",
     ):
         run_compare(build_parser().parse_args(argv))

@@ -296,9 +296,7 @@ def test_too_few_replies_stop_the_run_with_a_clear_message(tmp_path):
     session = Session.start(replace(TINY, out=str(tmp_path / "run"), min_replies=2))
     grid = LocalGrid(3, tmp_path, fail=lambda rnd, k: True)
     # Execute / Assert
-    with pytest.raises(
-        FedSPError, match=r"round 1: only 0 usable client updates, fewer than --min-replies 2"
-    ):
+    with pytest.raises(FedSPError, match=r"round 1: only 0 usable client updates, fewer than min_replies 2"):
         server_app.serve(grid, session, wait_s=5)
 
 
@@ -476,7 +474,7 @@ def test_sfprompt_server_refuses_messages_of_the_wrong_kind_dtype_or_order(tiny,
     with pytest.raises(FedSPError, match="the message has no 'attention_mask' tensor"):
         server.respond(0, Request("activations", {k: v for k, v in acts.items() if k != "attention_mask"}))
     wide = acts["activations"].new_zeros(1, SPLIT.prefix_len + SPLIT.max_length + 1, 64)
-    with pytest.raises(FedSPError, match=r"the run allows at most .* rows \(--batch-size\) of 100 positions"):
+    with pytest.raises(FedSPError, match=r"the run allows at most .* rows \(batch_size\) of 100 positions"):
         server.respond(0, Request("activations", {**acts, "activations": wide}))
     outputs = server.respond(0, Request("activations", acts))
     with pytest.raises(FedSPError, match="grad_outputs holds NaN or Inf"):

@@ -221,9 +221,10 @@ def test_a_finished_run_leaves_its_prefix_and_a_peft_adapter(finished_run):
     assert results["export"] == {
         "prefix": "prefix.safetensors",
         "adapter": "adapter",
-        "base_model": "tiny-llama",
+        "base_model": str((finished_run / "base-model").resolve()),
         "best_round": results["best_round"],
     }
+    assert (finished_run / "base-model" / "config.json").is_file()  # the tiny model, saved for PEFT
     assert (finished_run / "adapter" / "adapter_config.json").is_file()
     prefix = read_prefix_file(finished_run / "prefix.safetensors")
     assert prefix.config.num_tokens == 4

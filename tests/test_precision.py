@@ -51,7 +51,7 @@ def test_device_selection(monkeypatch):
 def test_run_config_validates_device():
     assert RunConfig().device == "auto"
     assert RunConfig(device="cpu").device == "cpu"
-    with pytest.raises(FedSPError, match="--device 'gpu' is not valid"):
+    with pytest.raises(FedSPError, match="device 'gpu' is not valid"):
         RunConfig(device="gpu")
 
 

@@ -312,7 +312,7 @@ def test_trimmed_mean_needs_2f_plus_1_updates_and_says_so(tmp_path):
     config = replace(TINY, clients=5, rounds=1, aggregation="trimmed-mean:1", out=str(tmp_path / "r"))
     session = Session.start(config)
     # Execute / Assert: one line, before the rule meets too few values
-    with pytest.raises(FedSPError, match="fewer than --aggregation trimmed-mean:1 needs 3"):
+    with pytest.raises(FedSPError, match="fewer than aggregation trimmed-mean:1 needs 3"):
         RoundDriver(session, Crashing("sign-flip", ())).play(1)
     session.release()
 

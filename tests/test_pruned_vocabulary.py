@@ -180,7 +180,7 @@ def test_bad_pruned_vocabularies_get_one_line_errors(bpe):
     # Assert: the option's form, a size below the bytes and specials or above the model's vocabulary
     assert parse_embedding("pruned:300") == ("pruned", 300)
     for text in ("pruned:0", "pruned", "pruned:-2", "pruned:1e3"):
-        with pytest.raises(FedSPError, match=r"--aux-embedding .* or pruned:V"):
+        with pytest.raises(FedSPError, match=r"aux_embedding .* or pruned:V"):
             RunConfig(aux_embedding=text)
     vocab = len(bpe.tokenizer)
     with pytest.raises(FedSPError, match=rf"pruned:256: the vocabulary size must be between 257 .* {vocab}"):
@@ -194,7 +194,7 @@ def test_bad_pruned_vocabularies_get_one_line_errors(bpe):
     # Assert: the byte tokenizer of the tiny models keeps all of its 257 tokens, and no fewer
     assert len(choose_vocabulary(byte_tokenizer(), [], 257, 257)) == 257
     # Assert: methods whose clients hold no distilled auxiliary model refuse it
-    with pytest.raises(FedSPError, match=r"--aux-embedding pruned:300 shrinks a distilled"):
+    with pytest.raises(FedSPError, match=r"aux_embedding pruned:300 shrinks a distilled"):
         RunConfig(method="fedprompt", aux_embedding="pruned:300")
 
 

@@ -214,14 +214,14 @@ def test_loss_falls_over_rounds_and_global_model_is_unchanged(tiny, toy_examples
 
 
 def test_bad_inputs_get_clear_errors(tiny, toy_examples):
-    with pytest.raises(FedSPError, match=r"--split-layer 4 is outside 1\.\.3"):
+    with pytest.raises(FedSPError, match=r"split_layer 4 is outside 1\.\.3"):
         _course(tiny, toy_examples, split_layer=4)
-    with pytest.raises(FedSPError, match="--split-layer"):
+    with pytest.raises(FedSPError, match="split_layer"):
         RunConfig(method="sfprompt", split_layer=0)
     for gamma in (0.0, 1.5):
-        with pytest.raises(FedSPError, match=r"--prune-gamma must be in \(0, 1\], got " + str(gamma)):
+        with pytest.raises(FedSPError, match=r"prune_gamma must be in \(0, 1\], got " + str(gamma)):
             RunConfig(method="sfprompt", prune_gamma=gamma)
-    with pytest.raises(FedSPError, match="--secure-aggregation is not available with --method sfprompt"):
+    with pytest.raises(FedSPError, match="secure_aggregation is not available with method sfprompt"):
         RunConfig(method="sfprompt", engine="flower", secure_aggregation=True, clients=4)
     with pytest.raises(FedSPError, match="'falcon'.*gpt2, llama"):
         split_layout(SimpleNamespace(config=SimpleNamespace(model_type="falcon")))

@@ -138,9 +138,9 @@ def test_malformed_compressed_messages_are_refused():
 
 
 def test_bad_options_get_one_line_errors():
-    with pytest.raises(FedSPError, match=r"--wire-dtype 'int4' is not valid; choose one of: float32"):
+    with pytest.raises(FedSPError, match=r"wire_dtype 'int4' is not valid; choose one of: float32"):
         RunConfig(wire_dtype="int4")
-    with pytest.raises(FedSPError, match=r"--wire-dtype int8 cannot be combined with it"):
+    with pytest.raises(FedSPError, match=r"wire_dtype int8 cannot be combined with it"):
         RunConfig(engine="flower", secure_aggregation=True, wire_dtype="int8")
     # a method that sends nothing says it ignores the option
     assert "wire_dtype" in spec_for("zero-shot").ignored_options(

@@ -7,15 +7,18 @@ command line. Input errors print one line (``fedsp: error: ...``) and exit 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import logging
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from fedsp.config import OPTIONS, RunConfig, load_config_file
 from fedsp.data.tasks import TASKS
-from fedsp.errors import FedSPError, RunFinished, RunInterrupted
+from fedsp.errors import FedSPError, RunFinished, RunInterrupted, cli_wording
 from fedsp.evaluation import METRIC_COLUMNS
 from fedsp.files import io_reason
 from fedsp.methods.fidelity import FIDELITY, describe_fidelity
@@ -49,7 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
         run.add_argument(
             "--" + name.replace("_", "-"), default=argparse.SUPPRESS, help=f"{help_text} (default: {default})"
         )
-    run.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
+    run.add_argument("--quiet", action="store_true", help="no progress bars: one line a round")
+    run.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also other libraries' warnings and progress bars (Flower's, transformers')",
+    )
     run.add_argument(
         "--resume",
         metavar="DIR",
@@ -95,6 +103,11 @@ def config_file_values(path: str) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    with cli_wording():  # errors name options as flags here (from Python: as RunConfig fields)
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse gives an optional positional (generate's prompt) nothing once an option follows the run
@@ -108,21 +121,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "compare":
             from fedsp.experiments.compare import run_compare
 
-            return run_compare(args)
+            with terminate_as_interrupt(), third_party_output(False):
+                return run_compare(args)
         if args.command in ("eval", "generate", "export"):
             from fedsp.runtime.commands import COMMANDS
 
-            return COMMANDS[args.command](args)
+            with third_party_output(False):
+                return COMMANDS[args.command](args)
         config = config_from_args(args)
         resume = Path(args.resume) if getattr(args, "resume", None) else None
-        if config.engine == "flower":
-            from fedsp.runtime.flower import simulation
+        with quiet_lines(args.quiet), terminate_as_interrupt(), third_party_output(args.verbose):
+            if config.engine == "flower":
+                from fedsp.runtime.flower import simulation
 
-            outcome = simulation.run(config, resume=resume)
-        else:
-            from fedsp.runtime import inprocess
+                outcome = simulation.run(config, resume=resume)
+            else:
+                from fedsp.runtime import inprocess
 
-            outcome = inprocess.run(config, resume=resume)
+                outcome = inprocess.run(config, resume=resume)
     except RunFinished as done:
         print(f"fedsp: {done}", file=sys.stderr)
         return 0
@@ -136,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as err:
         print(f"fedsp: {interrupted(err, args.command)}", file=sys.stderr)
-        return 130
+        return 143 if _terminated(err) else 130
     print(format_summary(outcome.results, str(outcome.out_dir)))
     return 0
 
@@ -148,15 +164,104 @@ def error_line(err: BaseException) -> str:
     return line if len(line) <= MAX_LINE else line[: MAX_LINE - 3] + "..."
 
 
+class _Drop(logging.Filter):
+    """Drops log records whose message contains ``text``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+THIRD_PARTY = ("transformers", "peft", "flwr", "torch", "ray", "huggingface_hub")
+
+
+@contextlib.contextmanager
+def third_party_output(verbose: bool) -> Iterator[None]:
+    """Other libraries' notices, warnings and progress bars are not fedsp's: silenced unless ``--verbose``
+    (Flower's run_simulation deprecation notice, transformers' "Loading weights" and "Writing model
+    shards" bars, their FutureWarnings). fedsp's own notes, warnings and Flower's errors still show."""
+    if verbose:
+        yield
+        return
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    flwr = logging.getLogger("flwr")
+    deprecated = _Drop("DEPRECATED FEATURE")
+    flwr.addFilter(deprecated)
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            for module in THIRD_PARTY:
+                warnings.filterwarnings("ignore", module=module)
+            yield
+    finally:
+        flwr.removeFilter(deprecated)
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, taken as Ctrl-C: the round in progress is dropped, completed rounds are kept."""
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """While a run goes on, SIGTERM (``kill``, a scheduler's stop) ends it as Ctrl-C does: the completed
+    rounds are kept and the resume command is printed (exit status 143)."""
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    try:
+        before = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave the signal alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _terminated(err: BaseException) -> bool:
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, Terminated):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+@contextlib.contextmanager
+def quiet_lines(quiet: bool) -> Iterator[None]:
+    """``--quiet``: no progress bars, but one line a round still."""
+    from fedsp.runtime.session import ROUND_LINES
+
+    before, ROUND_LINES.on = ROUND_LINES.on, quiet
+    try:
+        yield
+    finally:
+        ROUND_LINES.on = before
+
+
 def interrupted(err: KeyboardInterrupt, command: str) -> str:
     """What Ctrl-C left: a run's completed rounds and how to continue them, or nothing."""
     if command == "compare":  # a cell interrupted after a round continues from it
         return "interrupted; the same fedsp compare continues the unfinished cells"
+    how = "stopped (SIGTERM)" if _terminated(err) else "interrupted"
     if not isinstance(err, RunInterrupted):
-        return "interrupted"
+        return how
     if err.folder is None:  # a folder this run made is kept only once a round completed
-        return "interrupted before the first round completed; nothing was kept"
-    return f"interrupted after round {err.completed}; fedsp run --resume {err.folder} continues"
+        return f"{how} before the first round completed; nothing was kept"
+    return f"{how} after round {err.completed}; fedsp run --resume {err.folder} continues"
 
 
 def format_summary(res: dict, out_dir: str) -> str:

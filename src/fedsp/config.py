@@ -350,6 +350,10 @@ class RunConfig:
     attackers: tuple[int, ...] = option((), "evaluation only: the partitions that send --attack, like 1,4")
 
     def __post_init__(self) -> None:
+        for spec in dataclasses.fields(self):  # 0 means "all" for these, in Python as on the command line
+            value = getattr(self, spec.name)
+            if spec.metadata.get("zero_unsets") and value == 0 and not isinstance(value, bool):
+                object.__setattr__(self, spec.name, None)
         check_bounds(self)  # every numeric field against the range it declares (fedsp.options)
         _check_choice("method", self.method, METHODS)
         if not (isinstance(self.partition, str) and self.partition.startswith("by:")):

@@ -12,7 +12,8 @@ the file must have that format's keys (other keys, such as a ``category`` or
 * ``messages``: ``{"messages": [{"role": ..., "content": ...}, ...]}`` (TRL's
   conversational form): an optional ``system`` turn, then ``user`` and
   ``assistant`` turns alternating, ending with ``assistant``. Rendered with
-  the tokenizer's own chat template; the loss is on every assistant turn (its
+  the tokenizer's own chat template, or ChatML (:data:`CHATML`, with a
+  one-line note) when it has none; the loss is on every assistant turn (its
   text as the template renders it, end-of-turn marker included); generation
   continues the conversation before the last assistant turn.
 * ``alpaca``: ``{"instruction", "input", "output"}`` (the FlowerTune
@@ -33,6 +34,7 @@ Files: ``<split>.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` (see
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -54,6 +56,11 @@ ALPACA_PROMPT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+# ChatML, the chat format chat rows use on a model whose tokenizer has no chat template of its own
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 ALPACA_PROMPT_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the "
@@ -192,11 +199,8 @@ def _conversation(
             )
     if not body or body[-1]["role"] != "assistant":
         raise FedSPError(f"{where}: the conversation has no final assistant turn to learn")
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise FedSPError(
-            f"{where}: chat rows need the model's chat template, and this tokenizer has none "
-            "(use prompt-completion rows instead)"
-        )
+    if tokenizer is None:
+        raise FedSPError(f"{where}: chat rows need a tokenizer to render them")
     segments: list[tuple[str, bool]] = []
     done = ""
     prompt = ""
@@ -220,9 +224,76 @@ def render_chat(
     tokenizer: PreTrainedTokenizerBase, turns: list[dict[str, str]], open_turn: bool, where: str
 ) -> str:
     """``turns`` as the tokenizer's chat template writes them (``open_turn``: with the generation prompt
-    that opens the assistant's turn); a one-line error naming ``where`` if the template fails."""
+    that opens the assistant's turn), or as ChatML (:data:`CHATML`, said once) when the tokenizer has no
+    template; a one-line error naming ``where`` if the template fails."""
+    own = getattr(tokenizer, "chat_template", None)
+    if not own:
+        note_chatml(tokenizer)
     try:
-        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=open_turn)
+        text = tokenizer.apply_chat_template(
+            turns, chat_template=own or CHATML, tokenize=False, add_generation_prompt=open_turn
+        )
     except (TemplateError, ValueError, TypeError) as err:
         raise FedSPError(f"{where}: the chat template failed: {' '.join(str(err).split())[:200]}") from None
     return str(text)
+
+
+_NOTED: set[str] = set()
+
+
+def note_chatml(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Say once per tokenizer (by name) that chat rows fall back to ChatML."""
+    name = str(getattr(tokenizer, "name_or_path", "") or "this model")
+    if name not in _NOTED:
+        _NOTED.add(name)
+        print(
+            f"fedsp: note: {name}'s tokenizer has no chat template; chat rows use ChatML "
+            "(<|im_start|>ROLE\\nTEXT<|im_end|>)",
+            file=sys.stderr,
+        )
+
+
+def generation_prompt(
+    row: dict, where: str, tokenizer: PreTrainedTokenizerBase | None, kind: str | None = None
+) -> str:
+    """The text a model continues for ``row``, rendered as the run's training rows were.
+
+    ``row`` may be any accepted format with its answer left out: ``{"prompt"}``, ``{"messages"}`` (the
+    conversation up to its last user turn; a final assistant turn is dropped), alpaca ``{"instruction",
+    "input"?}`` or multiple-choice ``{"question"?, "context"?}``. A bare ``{"prompt"}`` row on a run
+    trained on another format (``kind``) is put into that format's template: an alpaca instruction, a
+    multiple-choice question, or a user turn.
+    """
+    if "messages" in row:
+        turns = row["messages"]
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, dict) for t in turns):
+            raise FedSPError(
+                f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects"
+            )
+        if turns[-1].get("role") == "assistant":
+            turns = turns[:-1]
+        return render_chat(_need(tokenizer, where), turns, True, where)
+    if "instruction" in row:
+        return _alpaca({**row, "output": "-"}, where)[0]  # the answer is not needed
+    if "question" in row or "context" in row:
+        return _multiple_choice({**row, "choices": ["a", "b"], "answer": 0}, "", where).context
+    if "prompt" not in row:
+        keys = ", ".join(sorted(row)) or "none"
+        raise FedSPError(
+            f'{where}: expected a "prompt", "messages", "instruction" (alpaca) or "question" '
+            f"(multiple-choice) row (keys found: {keys})"
+        )
+    prompt = _string(row, "prompt", where)
+    if kind == "alpaca":
+        return ALPACA_PROMPT_NO_INPUT.format(instruction=prompt.strip())
+    if kind == "multiple-choice":
+        return f"Question: {prompt.strip()}\nAnswer:"
+    if kind == "messages":
+        return render_chat(_need(tokenizer, where), [{"role": "user", "content": prompt}], True, where)
+    return prompt
+
+
+def _need(tokenizer: PreTrainedTokenizerBase | None, where: str) -> PreTrainedTokenizerBase:
+    if tokenizer is None:
+        raise FedSPError(f"{where}: chat rows need a tokenizer to render them")
+    return tokenizer

@@ -1,6 +1,6 @@
 """``fedsp compare``: run the grid behind one or more of the paper's tables, then write them.
 
-    fedsp compare --tables methods --tasks arc_easy --seeds 0,1 --scale cpu --out results/paper
+    fedsp compare --tables methods --tasks arc_easy --seeds 0,1 --scale cpu --out runs/paper
     fedsp compare --tables methods,efficiency --methods zero-shot,fedsp,fedprompt,sfprompt --seeds 0
     fedsp compare --tables convergence --methods zero-shot,fedsp,fedprompt --seeds 0,1,2 --rounds 20
     fedsp compare --tables convergence ... --merge docs/figures/convergence_arc_easy.csv  # earlier seeds
@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from fedsp.config import METHODS, RunConfig, coerce_value
-from fedsp.data.tasks import CUSTOM, GENERATIVE_TASKS
-from fedsp.errors import FedSPError
+from fedsp.data.tasks import CUSTOM, GENERATIVE_TASKS, custom_format
+from fedsp.errors import FedSPError, cli_wording
 from fedsp.experiments import convergence, tables
 from fedsp.experiments.grid import (
     ALL_METHODS,
@@ -59,7 +59,17 @@ def add_parser(sub) -> None:
         "hellaswag by:activity_label, medmcqa by:subject_name)",
     )
     p.add_argument(
-        "--tasks", default="arc_easy", help=f"comma-separated tasks ({', '.join(TASKS)}, hellaswag, medmcqa)"
+        "--tasks",
+        "--task",
+        default="arc_easy",
+        help=f"comma-separated tasks ({', '.join(TASKS)}, hellaswag, medmcqa; custom: your own "
+        "multiple-choice rows in --data-dir)",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="with --tasks custom: a folder of train/validation/test files of multiple-choice rows "
+        "(as for fedsp run --task custom)",
     )
     p.add_argument(
         "--methods",
@@ -112,7 +122,7 @@ def add_parser(sub) -> None:
         choices=DTYPE_CHOICES,
         help="as for fedsp run (auto: bfloat16 where native)",
     )
-    p.add_argument("--out", default="results/paper", help="grid folder (cells and tables); reused if present")
+    p.add_argument("--out", default="runs/compare", help="grid folder (cells and tables); reused if present")
     p.add_argument(
         "--jobs",
         type=int,
@@ -157,13 +167,29 @@ def plan(args: argparse.Namespace) -> tuple[Grid, dict[str, list[Cell]]]:
     if args.jobs < 1:
         raise FedSPError(f"--jobs {args.jobs}: must be at least 1")
     tasks = _split(args.tasks)
-    generative = [t for t in tasks if t in GENERATIVE_TASKS or t == CUSTOM]
+    data_dir = getattr(args, "data_dir", None)
+    if (CUSTOM in tasks) != (data_dir is not None):
+        raise FedSPError(
+            "--tasks custom and --data-dir go together: your own rows, and the folder that holds them"
+        )
+    if data_dir is not None:
+        if tasks != [CUSTOM]:
+            raise FedSPError(f"--data-dir holds the rows of --tasks custom alone, got --tasks {args.tasks}")
+        kind = custom_format("train", data_dir)
+        if kind != "multiple-choice":
+            raise FedSPError(
+                f"--data-dir {data_dir}: fedsp compare tabulates accuracy, which needs multiple-choice rows "
+                f"(choices, answer); these are {kind} rows: score them with fedsp run (EM / F1 / ROUGE-L)"
+            )
+    generative = [t for t in tasks if t in GENERATIVE_TASKS]
     if generative:
         raise FedSPError(
             f"--tasks {','.join(generative)}: fedsp compare tabulates accuracy on multiple-choice tasks; "
             "score a generative task with fedsp run (EM / F1 / ROUGE-L)"
         )
     base = {**SCALES[args.scale], "model": args.model, "dtype": args.dtype}
+    if data_dir is not None:  # one of SHARED_KEYS: every cell reads the same folder
+        base["data_dir"] = str(Path(data_dir).resolve())
     if args.rounds is not None:
         if args.rounds < 1:
             raise FedSPError(f"--rounds {args.rounds}: must be at least 1")
@@ -205,6 +231,12 @@ def parse_settings(items: Sequence[str]) -> dict[str, Any]:
 
 
 def run_compare(args: argparse.Namespace) -> int:
+    """``fedsp compare``: plan the grid, run or reuse its cells, write the tables (errors name flags)."""
+    with cli_wording():
+        return _run_compare(args)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
     grid, by_table = plan(args)
     if getattr(args, "reference", None) is not None:  # refused before any cell runs
         reference_method(_split(args.methods), args.reference)

@@ -44,6 +44,7 @@ from fedsp.errors import FedSPError  # noqa: E402
 from fedsp.experiments.grid import Cell, Grid  # noqa: E402
 from fedsp.experiments.tables import mean_sd, steps_note, write_table  # noqa: E402
 from fedsp.methods.table import METHODS, spec_for  # noqa: E402
+from fedsp.plotting import MB, chance, label_points, percent_limits, setting_line  # noqa: E402
 from fedsp.runtime.results import read_metrics  # noqa: E402
 
 # the settings every cell of a task must share: the evaluation's (all cells), the federation's (trained ones)
@@ -277,12 +278,13 @@ def points(rows: Rows) -> Points:
 
 def _figure(task: str, by_method: dict[str, Rows], path: Path) -> None:
     fig, ((acc_round, acc_bytes), (loss_round, loss_bytes)) = plt.subplots(2, 2, figsize=(11, 8))
-    log_x = False  # something was drawn against bytes
+    shown: list[float] = []  # the accuracies drawn: the axes span at least 20 points around them
     for i, (method, rows) in enumerate(by_method.items()):
         colour = f"C{i}"  # the same in every panel
         series = points(rows)
         if not spec_for(method).trains:
             acc = statistics.mean(series[0]["accuracy"])
+            shown.append(acc)
             for ax in (acc_round, acc_bytes):
                 ax.axhline(acc, color=colour, linestyle="--", label=f"{method} (untrained)")
             continue
@@ -292,28 +294,42 @@ def _figure(task: str, by_method: dict[str, Rows], path: Path) -> None:
         ):
             line = [(rnd, p) for rnd, p in series.items() if p[column]]
             _band(by_round, [rnd for rnd, _ in line], [p[column] for _, p in line], method, colour)
-            # log axis: round 0 (nothing sent yet) and methods that send nothing stay off it
-            sent = [(statistics.mean(p["bytes_cumulative"]), p[column]) for _, p in line if _sends(p)]
+            if column == "accuracy":
+                shown += [statistics.mean(p[column]) for _, p in line]
+                label_points(
+                    acc_round, [rnd for rnd, _ in line], [statistics.mean(p[column]) for _, p in line], colour
+                )
+            # methods that send nothing stay off the bytes axis (MB sent, linear)
+            sent = [(statistics.mean(p["bytes_cumulative"]) / MB, p[column]) for _, p in line if _sends(p)]
             if sent:
                 _band(by_bytes, [x for x, _ in sent], [values for _, values in sent], method, colour)
-                log_x = True
     for ax in (acc_round, loss_round):
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in (acc_bytes, loss_bytes):
-        ax.set_xlabel("bytes sent, cumulative (down + up, all clients)")
-        if log_x:
-            ax.set_xscale("log")
+        ax.set_xlabel("MB sent, cumulative (down + up, all clients)")
+    level = chance(task)
+    if level is not None:
+        shown.append(level)
     for ax in (acc_round, acc_bytes):
         ax.set_ylabel("accuracy (%)")
+        if level is not None:
+            ax.axhline(level, color="black", linestyle=":", linewidth=1, label=f"chance {level:g}")
+        ax.set_ylim(*percent_limits(shown))
     for ax in (loss_round, loss_bytes):
         ax.set_ylabel("server validation loss")
     for ax in (acc_round, acc_bytes, loss_round, loss_bytes):
         if ax.lines:
             ax.legend(fontsize=7)
     seeds = max(len({row["seed"] for row in rows}) for rows in by_method.values())
-    band = ", band: min-max over seeds" if seeds > 1 else ""
-    fig.suptitle(f"{task}: mean over {seeds} seed(s){band}")
+    band = "; band: min-max over seeds" if seeds > 1 else ""
+    first = next(iter(by_method.values()))[0]
+    clients = next(
+        (row["clients"] for rows in by_method.values() for row in rows if row.get("clients")), None
+    )
+    questions = first.get("eval_limit") or "all"
+    setting = setting_line(first.get("model"), task, clients, seeds, questions)
+    fig.suptitle(f"Convergence: {setting} (mean{' over seeds' if seeds > 1 else ''}{band})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -27,7 +27,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from fedsp.errors import FedSPError  # noqa: E402
 from fedsp.experiments.grid import Cell, Grid  # noqa: E402
 from fedsp.experiments.stats import RESAMPLES, paired_difference, seed_means  # noqa: E402
-from fedsp.methods.table import spec_for  # noqa: E402
+from fedsp.methods.table import METHOD_SPECS, spec_for  # noqa: E402
+from fedsp.plotting import chance, label_points, percent_limits, setting_line  # noqa: E402
 from fedsp.runtime.outputs import QUESTIONS_FILE  # noqa: E402
 
 
@@ -94,8 +95,19 @@ def accuracy_table(
         row.append(f"{statistics.mean(done):.1f}" if len(done) == len(tasks) else "–")
         rows.append(row)
         bars[label] = means
+    finished = [c for c in cells if c.name in grid.results]
+    seeds = len({c.seed for c in finished})
+    if seeds == 1:  # one seed: no sd, no count to show
+        title = title.replace("mean ± sd over seeds (n)", "one seed").replace(
+            "mean ± sd over seeds", "one seed"
+        )
+    questions = {
+        t: max((grid.results[c.name]["final"]["n"] for c in finished if c.task == t), default=0)
+        for t in tasks
+    }
     path = write_table(grid.out, stem, header, rows, title, notes)
-    _bar_png(bars, tasks, grid.out / f"{stem}.png", title)
+    setting = setting_line(grid.base.get("model"), None, grid.base.get("clients"), seeds, None)
+    _bar_png(bars, tasks, grid.out / f"{stem}.png", f"{title}\n{setting}", questions)
     return path
 
 
@@ -141,15 +153,51 @@ def local_only_note(
     ]
 
 
-def _bar_png(bars: dict[str, list[float]], tasks: list[str], path: Path, title: str) -> None:
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks) + 2), 4))
+def _bar_png(
+    bars: dict[str, list[float]], tasks: list[str], path: Path, title: str, questions: dict[str, int]
+) -> None:
+    """Grouped bars from zero, each labelled with its value; per task the chance accuracy (dotted) and the
+    zero-shot accuracy (dashed, when a zero-shot row is among the bars); the question counts under the
+    task names."""
+    fig, ax = plt.subplots(figsize=(max(6, 1.9 * len(tasks) + 2), 4.4))
     width = 0.8 / max(1, len(bars))
     for i, (label, values) in enumerate(bars.items()):
-        ax.bar([t + i * width for t in range(len(tasks))], values, width, label=label)
-    ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], tasks)
+        xs = [t + i * width for t in range(len(tasks))]
+        drawn = ax.bar(xs, [v if v == v else 0.0 for v in values], width, label=label)
+        ax.bar_label(drawn, [f"{v:.1f}" if v == v else "" for v in values], fontsize=6, padding=1)
+    left = -width / 2
+    untrained = [label for label in bars if label in METHOD_SPECS and not spec_for(label).trains]
+    zero_shot = bars[untrained[0]] if untrained else None
+    for t, task in enumerate(tasks):
+        level = chance(task)
+        if level is not None:
+            ax.hlines(
+                level,
+                t + left,
+                t + left + 0.8,
+                colors="black",
+                linestyles=":",
+                linewidth=1,
+                label="chance" if t == 0 else "_chance",  # one legend entry
+            )
+        if zero_shot is not None and zero_shot[t] == zero_shot[t]:
+            ax.hlines(
+                zero_shot[t],
+                t + left,
+                t + left + 0.8,
+                colors="grey",
+                linestyles="--",
+                linewidth=1,
+                label="zero-shot level" if t == 0 else "_zero-shot",
+            )
+    ax.set_xticks(
+        [t + 0.4 - width / 2 for t in range(len(tasks))],
+        [f"{task}\n({questions.get(task, 0)} questions)" for task in tasks],
+    )
+    ax.set_ylim(0, 100)  # bars start at zero: their heights compare
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=3, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -168,12 +216,25 @@ def depth_figure(grid: Grid, cells: Sequence[Cell], stem: str = "fig2_depth") ->
     tasks = list(dict.fromkeys(c.task for c in cells))
     groups = _grouped(grid, count, cells)
     fig, ax = plt.subplots(figsize=(6, 4))
+    shown: list[float] = []
     for task in tasks:
         ys = [
             statistics.mean(v) if (v := _accs(grid, groups.get((n, task), []))) else float("nan")
             for n in counts
         ]
         ax.plot([int(n) for n in counts], ys, marker="o", label=task)
+        label_points(ax, [int(n) for n in counts], ys)
+        shown += ys
+        level = chance(task)
+        if level is not None:
+            shown.append(level)
+            ax.axhline(level, color="black", linestyle=":", linewidth=1)
+    ax.set_ylim(*percent_limits(shown))
+    done = [c for c in cells if c.name in grid.results]
+    setting = setting_line(
+        grid.base.get("model"), None, grid.base.get("clients"), len({c.seed for c in done})
+    )
+    ax.set_title(f"FedSP accuracy by auxiliary layers (dotted: chance)\n{setting}", fontsize=9)
     ax.set_xlabel("auxiliary layers N")
     ax.set_ylabel("accuracy (%)")
     ax.set_xticks([int(n) for n in counts])

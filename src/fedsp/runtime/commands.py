@@ -19,7 +19,7 @@ from typing import Any
 
 from fedsp.config import RunConfig
 from fedsp.data.batching import text_ids
-from fedsp.data.formats import render_chat
+from fedsp.data.formats import generation_prompt
 from fedsp.data.shards import generation_stop
 from fedsp.data.sources import read_local
 from fedsp.data.tasks import eval_split, load_task
@@ -27,7 +27,7 @@ from fedsp.errors import FedSPError
 from fedsp.evaluation import describe, evaluate_examples
 from fedsp.evaluation.generative import generate
 from fedsp.models import export
-from fedsp.models.loading import LoadedModel, load_global_model
+from fedsp.models.loading import TINY_MODELS, LoadedModel, load_global_model
 from fedsp.runtime.outputs import (
     NOTHING_TRAINED,
     FinishedRun,
@@ -35,6 +35,7 @@ from fedsp.runtime.outputs import (
     open_run,
     prefix_metadata,
     run_prefix,
+    save_tiny_base,
 )
 
 FORMATS = ("peft", "safetensors")
@@ -54,11 +55,20 @@ def add_parsers(sub: Any) -> None:
     gen = sub.add_parser("generate", help="greedy completions with a finished run's best prefix")
     gen.add_argument("run", help="results folder of a finished run")
     gen.add_argument("prompt", nargs="?", help="the text to continue")
-    gen.add_argument("--input", help='a .jsonl file of {"prompt": ...} or {"messages": [...]} rows')
+    gen.add_argument(
+        "--input",
+        help='a .jsonl/.json/.csv file of rows in any format the run accepts, answers left out: {"prompt"}, '
+        '{"messages"}, alpaca {"instruction", "input"} or multiple-choice {"question"}',
+    )
     gen.add_argument(
         "--chat",
         action="store_true",
         help="send the prompt as a user turn (chat template; the default for a run trained on chat rows)",
+    )
+    gen.add_argument(
+        "--raw",
+        action="store_true",
+        help="continue the prompt text as it is (by default it takes the run's template: Alpaca, chat...)",
     )
     gen.add_argument("--max-new-tokens", type=int, help="tokens generated at most (default: the run's)")
     gen.add_argument("--stop", help="text that ends a completion, like '\\n' (default: the run's)")
@@ -69,35 +79,51 @@ def add_parsers(sub: Any) -> None:
     exp.add_argument("--out", required=True, help="folder (peft) or file (safetensors) to create")
 
 
-def _load(run: FinishedRun) -> LoadedModel:
+def load_model(run: FinishedRun) -> LoadedModel:
+    """The run's global model, loaded with the run's own settings (model, dtype, seed, device)."""
     c = run.config
     return load_global_model(c.model, c.dtype, c.seed, device=c.device)
 
 
-def _prefix(run: FinishedRun, loaded: LoadedModel, needed: bool = True):
+def _prefix(run: FinishedRun, loaded: LoadedModel, needed: bool = True, say: bool = True):
     prefix, where = run_prefix(run, loaded.model)
     if prefix is None and needed:
         raise FedSPError(f"{run.folder}: {where}")
-    print(f"fedsp: prefix: {where}", file=sys.stderr)
+    if say:
+        print(f"fedsp: prefix: {where}", file=sys.stderr)
     return prefix
 
 
-def run_eval(args: argparse.Namespace) -> int:
-    run = open_run(args.run)
+def evaluate_run(
+    run: FinishedRun,
+    *,
+    task: str | None = None,
+    data_dir: str | None = None,
+    eval_limit: int | None = None,
+    split: str | None = None,
+    progress: bool = True,
+    loaded: LoadedModel | None = None,
+    say: bool = True,
+) -> dict[str, Any]:
+    """Score the run's best prefix: ``{"task", "split", "n", ...figures}`` (fractions in [0, 1]).
+
+    With no arguments: the run's own evaluation examples, the same numbers as its ``final`` block.
+    ``eval_limit`` 0 means every example; None the run's own limit.
+    """
     values = run.config.to_dict()
-    if args.task or args.data_dir:
-        values.update(task=args.task or run.config.task, data_dir=args.data_dir)
-    if args.eval_limit is not None:
-        if args.eval_limit < 0:
-            raise FedSPError(f"--eval-limit must be 0 (all) or more, got {args.eval_limit}")
-        values["eval_limit"] = args.eval_limit or None
+    if task or data_dir:
+        values.update(task=task or run.config.task, data_dir=data_dir)
+    if eval_limit is not None:
+        if eval_limit < 0:
+            raise FedSPError(f"--eval-limit must be 0 (all) or more, got {eval_limit}")
+        values["eval_limit"] = eval_limit or None
     config = RunConfig.from_dict(values, strict=False)
-    split = args.split or eval_split(config.task, config.data_dir)
-    loaded = _load(run)
+    split = split or eval_split(config.task, config.data_dir)
+    loaded = loaded or load_model(run)
     examples = load_task(config.task, split, config.data_dir, loaded.tokenizer)
     examples = examples[: config.eval_limit] if config.eval_limit else examples
     untrained = (run.results.get("export") or {}).get("why") == NOTHING_TRAINED
-    prefix = _prefix(run, loaded, needed=not untrained)
+    prefix = _prefix(run, loaded, needed=not untrained, say=say)
     result = evaluate_examples(
         loaded.model,
         loaded.tokenizer,
@@ -108,87 +134,126 @@ def run_eval(args: argparse.Namespace) -> int:
         max_new_tokens=config.max_new_tokens,
         stop=generation_stop(config),
         desc="eval",
+        progress=progress,
+    )
+    return {"task": config.task, "split": split, **result.summary()}
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    run = open_run(args.run)
+    out = evaluate_run(
+        run,
+        task=args.task,
+        data_dir=args.data_dir,
+        eval_limit=args.eval_limit,
+        split=args.split,
         progress=not args.quiet,
     )
-    summary = result.summary()
-    print(f"{config.task} ({split}, {summary['n']} examples): {describe(summary)}")
-    print(json.dumps({"task": config.task, "split": split, **summary}))
+    summary = {k: v for k, v in out.items() if k not in ("task", "split")}
+    print(f"{out['task']} ({out['split']}, {summary['n']} examples): {describe(summary)}")
+    print(json.dumps(out))
     return 0
 
 
-def run_generate(args: argparse.Namespace) -> int:
-    if (args.prompt is None) == (args.input is None):
-        raise FedSPError("give either a prompt text or --input FILE.jsonl (not both)")
-    run = open_run(args.run)
-    max_new = run.config.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
+def generate_texts(
+    run: FinishedRun,
+    rows: list[tuple[str, dict]],
+    *,
+    chat: bool = False,
+    raw: bool = False,
+    max_new_tokens: int | None = None,
+    stop: str | None = None,
+    no_prefix: bool = False,
+    loaded: LoadedModel | None = None,
+    say: bool = True,
+) -> list[tuple[str, str]]:
+    """Greedy completions of ``rows`` (``(where, row)``: any row format the run accepts, answer left out),
+    each prompt rendered with the run's own template: ``(prompt text, completion)`` per row.
+
+    A bare ``{"prompt": ...}`` row takes the run's format (an Alpaca run's instruction, a chat run's user
+    turn, a multiple-choice run's question); ``chat`` makes it a user turn whatever the run; ``raw``
+    continues its text as it is.
+    """
+    max_new = run.config.max_new_tokens if max_new_tokens is None else max_new_tokens
     window = run.config.max_length  # prompt + new tokens, as the run evaluated them
     if not 1 <= max_new < window:
         raise FedSPError(
             f"--max-new-tokens {max_new} must be at least 1 and leave room for a prompt in this run's "
             f"--max-length of {window} tokens (prompt + new tokens, as the run evaluated)"
         )
-    given = {"stop": args.stop} if args.stop is not None else {}
-    stop = generation_stop(RunConfig.from_dict({**run.config.to_dict(), **given}, strict=False))
-    rows = _prompt_rows(args)
-    loaded = _load(run)
-    chat = args.chat or run.results.get("data_format") == "messages"  # a chat-trained prefix: chat prompts
-    texts = [_render(loaded, row, chat or "messages" in row, where) for where, row in rows]
+    given = {"stop": stop} if stop is not None else {}
+    stops = generation_stop(RunConfig.from_dict({**run.config.to_dict(), **given}, strict=False))
+    loaded = loaded or load_model(run)
+    kind = "messages" if chat else (None if raw else run.results.get("data_format"))
+    texts = [generation_prompt(row, where, loaded.tokenizer, kind) for where, row in rows]
     prompts = [text_ids(loaded.tokenizer, t) for t in texts]
     for (where, _), ids in zip(rows, prompts, strict=True):
         if not ids:
             raise FedSPError(f"{where}: the prompt is empty")
-        if len(ids) > window - max_new:  # cut from the left, as evaluation cuts a long context
+        if len(ids) > window - max_new and say:  # cut from the left, as evaluation cuts a long context
             print(
                 f"fedsp: note: {where} is cut to its last {window - max_new} of {len(ids)} tokens (the run's "
                 f"--max-length {window} less --max-new-tokens {max_new})",
                 file=sys.stderr,
             )
     prompts = [ids[-(window - max_new) :] for ids in prompts]
-    prefix = None if args.no_prefix else _prefix(run, loaded)
-    out = generate(loaded.model, loaded.tokenizer, prompts, prefix, max_new_tokens=max_new, stop=stop)
-    for text, generation in zip(texts, out, strict=True):
-        if args.input:
-            print(json.dumps({"prompt": text, "completion": generation.text}))
-        else:
-            print(generation.text)
+    prefix = None if no_prefix else _prefix(run, loaded, say=say)
+    out = generate(loaded.model, loaded.tokenizer, prompts, prefix, max_new_tokens=max_new, stop=stops)
+    return [(text, generation.text) for text, generation in zip(texts, out, strict=True)]
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    if (args.prompt is None) == (args.input is None):
+        raise FedSPError("give either a prompt text or --input FILE.jsonl (not both)")
+    if args.chat and args.raw:
+        raise FedSPError("--chat and --raw cannot be combined: a user turn, or the text as it is")
+    run = open_run(args.run)
+    if args.prompt is not None:
+        rows = [("the prompt", {"prompt": args.prompt})]
+    else:
+        path = Path(args.input)
+        rows = [(f"{path} row {n}", row) for n, row in read_local(path)]
+    out = generate_texts(
+        run,
+        rows,
+        chat=args.chat,
+        raw=args.raw,
+        max_new_tokens=args.max_new_tokens,
+        stop=args.stop,
+        no_prefix=args.no_prefix,
+    )
+    for text, completion in out:
+        print(json.dumps({"prompt": text, "completion": completion}) if args.input else completion)
     return 0
 
 
-def _prompt_rows(args: argparse.Namespace) -> list[tuple[str, dict]]:
-    if args.prompt is not None:
-        return [("the prompt", {"prompt": args.prompt})]
-    path = Path(args.input)
-    rows = [(f"{path} row {n}", row) for n, row in read_local(path)]
-    for where, row in rows:
-        if not isinstance(row.get("prompt"), str) and not isinstance(row.get("messages"), list):
-            keys = ", ".join(sorted(row)) or "none"
-            raise FedSPError(f'{where}: expected a "prompt" text or a "messages" list (keys found: {keys})')
-    return rows
-
-
-def _render(loaded: LoadedModel, row: dict, chat: bool, where: str) -> str:
-    if not chat:
-        return str(row["prompt"])
-    tokenizer = loaded.tokenizer
-    if not getattr(tokenizer, "chat_template", None):
-        raise FedSPError(
-            f"{where}: --chat or messages rows need a chat template, and this model's tokenizer has none"
-        )
-    turns = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
-    return render_chat(tokenizer, turns, True, where)
+def export_run(
+    run: FinishedRun,
+    out: str | Path,
+    format: str = "peft",
+    loaded: LoadedModel | None = None,
+    say: bool = True,
+) -> Path:
+    """Write the run's best prefix to ``out`` (a new path): a PEFT adapter folder, or one safetensors file."""
+    out = Path(out)
+    if format not in FORMATS:
+        raise FedSPError(f"--format {format!r} is not valid; choose one of: {', '.join(FORMATS)}")
+    if out.exists():
+        raise FedSPError(f"--out {str(out)!r} exists already; choose a new path")
+    loaded = loaded or load_model(run)
+    prefix = _prefix(run, loaded, say=say)
+    if format == "safetensors":
+        export.write_prefix_file(out, prefix, prefix_metadata(run.config, run.results.get("best_round", 0)))
+    else:
+        base = base_model_id(run.config.model)
+        if run.config.model in TINY_MODELS:  # saved in the run's folder (where it is now), named by path
+            base = str(save_tiny_base(run.folder, loaded))
+        export.write_peft_adapter(out, prefix, loaded.model.config, base)
+    return out
 
 
 def run_export(args: argparse.Namespace) -> int:
-    run = open_run(args.run)
-    out = Path(args.out)
-    if out.exists():
-        raise FedSPError(f"--out {str(out)!r} exists already; choose a new path")
-    loaded = _load(run)
-    prefix = _prefix(run, loaded)
-    if args.format == "safetensors":
-        export.write_prefix_file(out, prefix, prefix_metadata(run.config, run.results.get("best_round", 0)))
-    else:
-        export.write_peft_adapter(out, prefix, loaded.model.config, base_model_id(run.config.model))
+    out = export_run(open_run(args.run), args.out, args.format)
     print(f"fedsp: wrote {out} ({args.format})")
     return 0
 

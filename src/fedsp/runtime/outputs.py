@@ -33,11 +33,13 @@ from fedsp.config import RunConfig, load_config_file
 from fedsp.errors import FedSPError
 from fedsp.models import export
 from fedsp.models.adapters import adapter_for, kv_geometry, model_device
+from fedsp.models.loading import TINY_MODELS, LoadedModel
 from fedsp.models.prefix import Prefix, prefix_for
 from fedsp.runtime.checkpoint import CHECKPOINT, POSITIONS
 
 PREFIX_FILE = "prefix.safetensors"
 ADAPTER_DIR = "adapter"
+BASE_DIR = "base-model"  # a tiny model saved for PEFT (it cannot be downloaded)
 # the Hugging Face id of a bundled model, written into the adapter's base_model_name_or_path
 HUB_IDS = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 QUESTIONS_FILE = "questions.json"  # each evaluated question's score, zero-shot and final (paired comparisons)
@@ -48,11 +50,26 @@ def base_model_id(model: str) -> str:
     return HUB_IDS.get(model, model)
 
 
+def save_tiny_base(out_dir: Path, loaded: LoadedModel) -> Path:
+    """A tiny model (built from a config, no one can download it) saved as ``base-model/`` in the results
+    folder, once; its absolute path is what an adapter names as its base, so PEFT can load it offline."""
+    folder = (Path(out_dir) / BASE_DIR).resolve()
+    if not (folder / "config.json").is_file():
+        loaded.model.save_pretrained(folder)
+        loaded.tokenizer.save_pretrained(folder)
+    return folder
+
+
 def write_run_outputs(
-    out_dir: Path, prefix: Prefix, model: PreTrainedModel, config: RunConfig, best_round: int
+    out_dir: Path, prefix: Prefix, loaded: LoadedModel, config: RunConfig, best_round: int
 ) -> dict[str, Any]:
-    """Write ``prefix.safetensors`` and ``adapter/`` into a results folder; what results.json records."""
+    """Write ``prefix.safetensors`` and ``adapter/`` into a results folder; what results.json records.
+
+    A tiny model's adapter names the model saved beside it (``base-model/``) as its base."""
+    model = loaded.model
     base = base_model_id(config.model)
+    if config.model in TINY_MODELS:
+        base = str(save_tiny_base(out_dir, loaded))
     export.write_prefix_file(out_dir / PREFIX_FILE, prefix, prefix_metadata(config, best_round))
     export.write_peft_adapter(out_dir / ADAPTER_DIR, prefix, model.config, base, overwrite=True)
     return {"prefix": PREFIX_FILE, "adapter": ADAPTER_DIR, "base_model": base, "best_round": best_round}

@@ -125,13 +125,21 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_curves(
-    metrics: list[dict[str, Any]], zero_shot: tuple[str, float] | None, path: Path, title: str
+    metrics: list[dict[str, Any]],
+    zero_shot: tuple[str, float] | None,
+    path: Path,
+    title: str,
+    chance: float | None = None,
 ) -> None:
     """Validation loss and the evaluation figures (accuracy, or EM / F1 / ROUGE-L) per round, side by side.
 
-    ``zero_shot``: the untrained model's headline figure (name, value), drawn as a line.
+    ``zero_shot``: the untrained model's headline figure (name, value), drawn as a line; ``chance``: the
+    accuracy (%) of a random guess, drawn as a dotted line. Every score is labelled with its value, and
+    the score axis spans at least 20 points (:func:`fedsp.plotting.percent_limits`).
     """
     import matplotlib
+
+    from fedsp.plotting import label_points, percent_limits
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -153,17 +161,28 @@ def plot_curves(
         zero_shot is not None and zero_shot[0] != "acc"
     )
     names = ("exact_match", "f1", "rouge_l") if generative else ("acc", "acc_norm")
-    for name, marker in zip(names, "os^", strict=False):
+    shown: list[float] = []
+    for i, (name, marker) in enumerate(zip(names, "os^", strict=False)):
         with_figure = [m for m in metrics if m.get(name) is not None]
         if with_figure:
-            ax_acc.plot(
-                [m["round"] for m in with_figure],
-                [100 * m[name] for m in with_figure],
-                marker=marker,
-                label=name,
-            )
+            xs, ys = [m["round"] for m in with_figure], [100 * m[name] for m in with_figure]
+            ax_acc.plot(xs, ys, marker=marker, label=name, color=f"C{i}")
+            if i == 0:  # the headline figure's values; the others would pile onto it
+                label_points(ax_acc, xs, ys, colour="C0")
+            shown += ys
     if zero_shot is not None:
-        ax_acc.axhline(100 * zero_shot[1], color="grey", linestyle="--", label=f"zero-shot {zero_shot[0]}")
+        shown.append(100 * zero_shot[1])
+        ax_acc.axhline(
+            100 * zero_shot[1],
+            color="grey",
+            linestyle="--",
+            label=f"zero-shot {zero_shot[0]} {100 * zero_shot[1]:.1f}",
+        )
+    if chance is not None and not generative:
+        shown.append(chance)
+        ax_acc.axhline(chance, color="black", linestyle=":", linewidth=1, label=f"chance {chance:g}")
+    if shown:
+        ax_acc.set_ylim(*percent_limits(shown))
     ax_acc.set_xlabel("round")
     ax_acc.set_ylabel("score (%)" if generative else "accuracy (%)")
     if ax_acc.lines:

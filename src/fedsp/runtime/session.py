@@ -44,11 +44,22 @@ from fedsp.methods.table import MethodSpec, build_course, spec_for
 from fedsp.models.adapters import check_lengths
 from fedsp.models.auxiliary import unique_parameter_count
 from fedsp.models.loading import LoadedModel, load_global_model
+from fedsp.plotting import chance, setting_line
 from fedsp.runtime import checkpoint, outputs, results
 from fedsp.runtime.audit import Audit
 from fedsp.runtime.messages import STATE_BYTES
 from fedsp.runtime.outputs import NOTHING_TRAINED, QUESTIONS_FILE
 from fedsp.runtime.privacy import Aggregator, Summed
+
+
+class _RoundLines:
+    """Whether a run without progress output still prints one line a round (``fedsp run --quiet`` sets
+    it for the run it starts; grid cells and library runs with ``progress=False`` stay silent)."""
+
+    on = False
+
+
+ROUND_LINES = _RoundLines()
 
 
 @dataclass
@@ -213,7 +224,12 @@ class Session:
         lines = "".join(json.dumps(results._clean(h)) + "\n" for h in self.history)
         atomic_write(self.out_dir / "metrics.jsonl", lines.encode())
         checkpoint.set_rng_states(saved["rng"])
-        self.say(f"fedsp: resuming {self.out_dir} after round {saved['round']}")
+        # said whatever --quiet: the user asked for a new run or a continued one, and should know which
+        print(
+            f"fedsp: resuming {self.out_dir} after round {saved['round']} of {self.config.rounds}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def record_sent(
         self, rnd: int, kind: str, tensors: dict[str, torch.Tensor], partitions: list[int]
@@ -326,14 +342,11 @@ class Session:
             if "clients_gain" in record
             else ""
         )
-        self.say(
-            f"round {rnd}: val_loss {val_loss:.4f}{gains}  server_loss {server_loss:.4f}"
-            + (
-                f"  {describe(self.last_eval.summary())}"
-                if self.last_eval and self.config.eval_every_round
-                else ""
-            )
-        )
+        line = f"round {rnd}: val_loss {val_loss:.4f}{gains}  server_loss {server_loss:.4f}"
+        if self.last_eval and self.config.eval_every_round:
+            line += f"  {describe(self.last_eval.summary())}"
+        if self.config.progress or ROUND_LINES.on:  # --quiet: no bars, but still one line a round
+            print(line if self.config.progress else f"{line}  ({record['seconds']:.0f} s)", flush=True)
         return record
 
     def _loss_sent(self, rnd: int) -> float:
@@ -390,11 +403,14 @@ class Session:
         summary["wall_seconds"] = time.perf_counter() - self.started
         results.write_json(self.out_dir / "results.json", summary)
         if self.history:
+            clients = config.clients if spec.federated else None
+            setting = setting_line(config.model, config.task, clients, None, len(self.data.eval_examples))
             results.plot_curves(
                 self.history,
                 headline(self.zero_shot.summary()) if self.zero_shot else None,
                 self.out_dir / "curves.png",
-                f"{config.method} on {config.task} ({config.model})",
+                f"{config.method}: {setting} (seed {config.seed})",
+                chance(config.task),
             )
         return summary
 
@@ -435,7 +451,7 @@ class Session:
                 NOTHING_TRAINED if self.course is None else f"--method {self.config.method} trains no prefix"
             )
             return {"prefix": None, "why": why}
-        return outputs.write_run_outputs(self.out_dir, prefix, self.loaded.model, self.config, best_round)
+        return outputs.write_run_outputs(self.out_dir, prefix, self.loaded, self.config, best_round)
 
     def _trained_summary(self, global_params: int) -> dict[str, Any]:
         assert self.course is not None

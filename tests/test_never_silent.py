@@ -1,0 +1,84 @@
+"""A run is never silent and never lost: --quiet still prints a line a round, SIGTERM keeps the completed
+rounds and says how to resume, a resume says so, and other libraries' chatter stays out unless --verbose."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from fedsp.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CAPITALS = str(ROOT / "examples" / "capitals")
+TINY = [
+    *("--model", "tiny-llama", "--task", "custom", "--data-dir", CAPITALS, "--clients", "2"),
+    *("--local-steps", "2", "--kd-steps", "2", "--prefix-len", "4", "--max-length", "64"),
+    *("--max-new-tokens", "4", "--eval-limit", "4", "--val-limit", "4"),
+]
+
+
+def _rounds_done(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    return max((json.loads(line)["round"] for line in path.read_text().splitlines() if line), default=0)
+
+
+def test_quiet_prints_one_line_a_round_and_no_other_librarys_bars(tmp_path, capsys):
+    # Execute
+    assert main(["run", *TINY, "--rounds", "3", "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    # Assert: three round lines, in order, with their seconds; no bars, no third-party notices
+    rounds = [line for line in captured.out.splitlines() if line.startswith("round ")]
+    assert [line.split(":")[0] for line in rounds] == ["round 1", "round 2", "round 3"]
+    assert all(line.endswith(" s)") and "val_loss" in line for line in rounds)
+    for noise in ("Loading weights", "Writing model shards", "it/s]", "FutureWarning"):
+        assert noise not in captured.err, captured.err
+
+
+def test_sigterm_keeps_the_completed_rounds_and_resume_ends_as_an_uninterrupted_run(tmp_path, capsys):
+    # Prepare: the uninterrupted run
+    rounds = ["--rounds", "8"]
+    assert main(["run", *TINY, *rounds, "--out", str(tmp_path / "whole"), "--quiet"]) == 0
+    capsys.readouterr()
+    # Execute: the same run in a process stopped with SIGTERM once two rounds completed
+    out = tmp_path / "stopped"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    command = [sys.executable, "-m", "fedsp.cli", "run", *TINY, *rounds, "--out", str(out), "--quiet"]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and _rounds_done(out) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    kept = _rounds_done(out)
+    assert proc.returncode == 143, (proc.returncode, stderr[-2000:])
+    assert 2 <= kept < 8
+    last = stderr.strip().splitlines()[-1]
+    assert last == f"fedsp: stopped (SIGTERM) after round {kept}; fedsp run --resume {out} continues"
+    assert stdout.count("\nround ") + stdout.startswith("round ") == kept  # one line per completed round
+    # Execute: resume it
+    assert main(["run", "--resume", str(out), "--quiet"]) == 0
+    resumed = capsys.readouterr()
+    # Assert: it says it resumes, prints the remaining rounds, and ends with the same prefix and metrics
+    assert f"fedsp: resuming {out} after round {kept} of 8" in resumed.err
+    assert [line.split(":")[0] for line in resumed.out.splitlines() if line.startswith("round ")] == [
+        f"round {r}" for r in range(kept + 1, 9)
+    ]
+    whole, again = load_file(tmp_path / "whole" / "prefix.safetensors"), load_file(out / "prefix.safetensors")
+    assert whole.keys() == again.keys() and all(torch.equal(whole[k], again[k]) for k in whole)
+    final = [json.loads((f / "results.json").read_text())["final"] for f in (tmp_path / "whole", out)]
+    assert final[0] == final[1]
+    losses = [
+        [m["val_loss"] for m in map(json.loads, (f / "metrics.jsonl").read_text().splitlines())]
+        for f in (tmp_path / "whole", out)
+    ]
+    assert losses[0] == losses[1]
