@@ -36,13 +36,13 @@ from fedsp.data.shards import RunData, generation_stop, prepare_data
 from fedsp.errors import RunFinished, RunInterrupted
 from fedsp.evaluation import EvalResult, describe, evaluate_examples, headline, metric_figures
 from fedsp.files import atomic_write, remove_stale_temporaries
-from fedsp.methods.base import ClientUpdate, Course, ManyPrefixes
+from fedsp.methods.base import ClientUpdate, Course, Emulated, ManyPrefixes
 from fedsp.methods.table import MethodSpec, build_course, spec_for
 from fedsp.models.adapters import check_lengths
 from fedsp.models.auxiliary import unique_parameter_count
 from fedsp.models.loading import LoadedModel, load_global_model
 from fedsp.runtime import checkpoint, outputs, results
-from fedsp.runtime.audit import Audit
+from fedsp.runtime.audit import Audit, private_weights
 from fedsp.runtime.messages import STATE_BYTES
 from fedsp.runtime.outputs import NOTHING_TRAINED
 from fedsp.runtime.privacy import Aggregator, Summed
@@ -140,7 +140,8 @@ class Session:
             f"{len(data.eval_examples)} {data.eval_split} examples for evaluation"
         )
         session.ignored = ignored
-        session.audit = Audit() if config.audit else None
+        # the private weights as loaded: a method may change the global model's own layers in training
+        session.audit = Audit(private_weights(loaded.model, config)) if config.audit else None
         if saved is not None:
             session._restore(saved)
             return session
@@ -402,6 +403,8 @@ class Session:
         else:
             course.server.use_best()
             final_summary = self.evaluate(*course.server.evaluation_target(), "final eval").summary()
+        # the model-private methods' clients hold a model of their own: the same state scored with it
+        emulator = course.server.emulator_target() if isinstance(course.server, Emulated) else None
         out: dict[str, Any] = {
             "final": final_summary,
             "best_round": best_round,
@@ -409,6 +412,8 @@ class Session:
             "rounds_completed": sum(1 for h in self.history if h["round"] > 0),
             "federated": self.spec.federated,
         }
+        if emulator is not None:
+            out["emulator"] = self.evaluate(*emulator, "emulator eval").summary()
         if owners is not None:
             out["local_only"] = owners
         rounds = [h for h in self.history if h["round"] > 0]
@@ -453,6 +458,8 @@ class Session:
                 "layers": list(info.global_layers),
                 "model_private": info.model_private,
             }
+            if info.privacy:
+                out["client_model"]["privacy"] = info.privacy
         notes = {k: v for k, v in course.notes.items() if k != "kd_losses"}
         if notes:
             out["method_notes"] = notes
