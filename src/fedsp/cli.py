@@ -280,9 +280,13 @@ def format_summary(res: dict, out_dir: str) -> str:
         lines.append(f"  {'zero-shot':<28}" + cells(res["zero_shot"]))
     label = res["method"] + (f" (best round {res['best_round']})" if res.get("rounds") else "")
     lines.append(f"  {label:<28}" + cells(fin))
+    if res.get("emulator"):  # the same prompt or adapter on the clients' own model
+        lines.append(f"  {'  emulator (clients model)':<28}" + cells(res["emulator"]))
     client = res.get("client_model")
     if client:
         privacy = "" if client["model_private"] else "; the whole global model: no model privacy"
+        if client.get("privacy"):
+            privacy = "; model privacy " + client["privacy"].split(":")[0]
         lines.append(
             f"  client model: {client['params'] / 1e6:.1f} M params "
             f"({100 * client['fraction_of_global']:.1f}% of the global model{privacy})"

@@ -133,8 +133,10 @@ class RunConfig:
     # None: local_steps, or 0 for methods whose server only averages
     server_steps: int | None = count(
         None,
-        "server prefix-tuning steps per round (default: --local-steps, at least 4; 0 for fedprompt and "
-        "fedprompt-single, whose server only averages as in the paper)",
+        "the server's own tuning steps per round on its shard (default: --local-steps, at least 4, for "
+        "fedsp, its ablations, fedprompt and fedprompt-single as the authors' scripts run them, and "
+        "server-only; 0 for offsite-tuning, whose server only plugs the adapters in); 0: the server only "
+        "averages",
         0,
         MAX_STEPS,
     )
@@ -199,6 +201,34 @@ class RunConfig:
     )
     local_loss_steps: int = count(
         2, "sfprompt: shortcut-model steps per round before split training (--local-steps)", 0, MAX_STEPS
+    )
+    # Offsite-Tuning (fedsp.methods.offsite): the emulator clients tune the adapter layers on
+    ot_adapter_layers: int = count(
+        2,
+        "offsite-tuning: adapter layers clients tune at the bottom and at the top of the emulator, each "
+        "(whole layers of the global model, full weights; the paper's 2 + 2)",
+        1,
+        10_000,
+    )
+    ot_keep_ratio: float = real(
+        0.4,
+        "offsite-tuning: fraction in (0, 1] of the middle layers the emulator keeps (uniform layer drop; 1: "
+        "no drop; the paper's OPT-1.3B keeps 8 of 20)",
+        0,
+        1,
+        low_open=True,
+    )
+    ot_distill: bool = option(
+        False,
+        "offsite-tuning: distil the emulator's kept middle layers against the global model (--kd-steps, "
+        "--kd-lr, --kd-batch-size; cached; true/false)",
+    )
+    ot_lora_rank: int = count(
+        0,
+        "offsite-tuning: 0 trains the adapter layers' full weights (the paper's); R > 0 trains LoRA factors "
+        "of rank R on their linear maps instead (PEFT; the base weights go once, with the emulator)",
+        0,
+        100_000,
     )
     # evaluation
     eval_limit: int | None = count(

@@ -38,7 +38,7 @@ from fedsp.errors import RunFinished, RunInterrupted
 from fedsp.evaluation import EvalResult, describe, evaluate_examples, headline, metric_figures
 from fedsp.evaluation.multiple_choice import MCResult
 from fedsp.files import atomic_write, remove_stale_temporaries
-from fedsp.methods.base import ClientUpdate, Course, ManyPrefixes
+from fedsp.methods.base import ClientUpdate, Course, Emulated, ManyPrefixes
 from fedsp.methods.fidelity import FIDELITY, describe_fidelity
 from fedsp.methods.table import MethodSpec, build_course, spec_for
 from fedsp.models.adapters import check_lengths
@@ -46,7 +46,7 @@ from fedsp.models.auxiliary import unique_parameter_count
 from fedsp.models.loading import LoadedModel, load_global_model
 from fedsp.plotting import chance, setting_line
 from fedsp.runtime import checkpoint, outputs, results
-from fedsp.runtime.audit import Audit
+from fedsp.runtime.audit import Audit, private_weights
 from fedsp.runtime.messages import STATE_BYTES
 from fedsp.runtime.outputs import NOTHING_TRAINED, QUESTIONS_FILE
 from fedsp.runtime.privacy import Aggregator, Summed
@@ -155,7 +155,8 @@ class Session:
             f"{len(data.eval_examples)} {data.eval_split} examples for evaluation"
         )
         session.ignored = ignored
-        session.audit = Audit() if config.audit else None
+        # the private weights as loaded: a method may change the global model's own layers in training
+        session.audit = Audit(private_weights(loaded.model, config)) if config.audit else None
         if saved is not None:
             session._restore(saved)
             return session
@@ -399,7 +400,11 @@ class Session:
         self._write_question_scores()
         summary["export"] = self._export(summary["best_round"])
         if self.audit is not None:
-            summary["audit"] = self.audit.report(self.loaded.model, config, self.out_dir / "audit.json")
+            info = self.course.client_model if self.course is not None else None
+            holds = info.privacy if info is not None else ""
+            summary["audit"] = self.audit.report(
+                self.loaded.model, config, self.out_dir / "audit.json", holds=holds
+            )
         summary["wall_seconds"] = time.perf_counter() - self.started
         results.write_json(self.out_dir / "results.json", summary)
         if self.history:
@@ -475,6 +480,8 @@ class Session:
                 final = self.evaluate(*course.server.evaluation_target(), "final eval")
             final_summary = final.summary()
             self.final_scores = self.question_scores(final)
+        # the model-private methods' clients hold a model of their own: the same state scored with it
+        emulator = course.server.emulator_target() if isinstance(course.server, Emulated) else None
         out: dict[str, Any] = {
             "final": final_summary,
             "best_round": best_round,
@@ -482,6 +489,8 @@ class Session:
             "rounds_completed": sum(1 for h in self.history if h["round"] > 0),
             "federated": self.spec.federated,
         }
+        if emulator is not None:
+            out["emulator"] = self.evaluate(*emulator, "emulator eval").summary()
         if owners is not None:
             out["local_only"] = owners
         rounds = [h for h in self.history if h["round"] > 0]
@@ -528,6 +537,8 @@ class Session:
                 "layers": list(info.global_layers),
                 "model_private": info.model_private,
             }
+            if info.privacy:
+                out["client_model"]["privacy"] = info.privacy
         if FIDELITY in course.notes:
             out[FIDELITY] = course.notes[FIDELITY]
         notes = {k: v for k, v in course.notes.items() if k not in ("kd_losses", FIDELITY)}
