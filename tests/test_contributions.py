@@ -124,9 +124,11 @@ def test_server_rows_cuts_only_the_servers_shard():
         [r.ids for r in shard] for shard in whole.client_rows
     ]
     # Assert: more rows than the shard holds, or none, is refused by name
-    with pytest.raises(FedSPError, match=r"--server-rows 100000 is more than the server's shard of \d+ rows"):
+    with pytest.raises(
+        FedSPError, match=r"(--server-rows|server_rows) 100000 is more than the server's shard of \d+ rows"
+    ):
         prepare_data(RunConfig(**TINY, server_rows=100_000), loaded.tokenizer)
-    with pytest.raises(FedSPError, match=r"--server-rows must be an integer in \[1, "):
+    with pytest.raises(FedSPError, match=r"(--server-rows|server_rows) must be an integer in \[1, "):
         RunConfig(**TINY, server_rows=0)
 
 
