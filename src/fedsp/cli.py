@@ -39,7 +39,8 @@ _HELP = {
     "default: its whole shard, 1/(K+1) of the train split); the clients' shards are unchanged",
     "local_steps": "T: steps per phase per round (client alignment, client prompt tuning)",
     "server_steps": "server prefix-tuning steps per round (default: --local-steps, at least 4; 0 for "
-    "fedprompt and fedprompt-single, whose server only averages as in the paper)",
+    "fedprompt and fedprompt-single, whose server only averages as in the paper, and offsite-tuning, whose "
+    "server then tunes the plugged-in adapters)",
     "batch_size": "training batch size",
     "lr": "learning rate of the prefix phases",
     "align_lr": "learning rate of model weights (clients' auxiliary-model phase; finetune)",
@@ -64,6 +65,12 @@ _HELP = {
     "split_layer": "sfprompt: cut layer c (1..L-1): clients run layers 0..c-1, the server the rest",
     "prune_gamma": "sfprompt: fraction in (0, 1] of each client's examples kept (the hardest by EL2N)",
     "local_loss_steps": "sfprompt: shortcut-model steps per round before split training (--local-steps)",
+    "ot_adapter_layers": "offsite-tuning: adapter layers clients tune at the bottom and at the top of the "
+    "emulator, each (whole layers of the global model, full weights)",
+    "ot_keep_ratio": "offsite-tuning: fraction in (0, 1] of the middle layers the emulator keeps (uniform "
+    "layer drop; 1: no drop)",
+    "ot_distill": "offsite-tuning: distil the emulator's kept middle layers against the global model "
+    "(--kd-steps, --kd-lr, --kd-batch-size; cached; true/false)",
     "eval_limit": "evaluate on the first N examples of the evaluation split (0 = all)",
     "val_limit": "server validation loss on the first N validation examples (0 = all)",
     "eval_every_round": "evaluate accuracy after every round (true/false)",
@@ -238,9 +245,13 @@ def format_summary(res: dict, out_dir: str) -> str:
         lines.append(f"  {'zero-shot':<28}" + cells(res["zero_shot"]))
     label = res["method"] + (f" (best round {res['best_round']})" if res.get("rounds") else "")
     lines.append(f"  {label:<28}" + cells(fin))
+    if res.get("emulator"):  # the same prompt or adapter on the clients' own model
+        lines.append(f"  {'  emulator (clients model)':<28}" + cells(res["emulator"]))
     client = res.get("client_model")
     if client:
         privacy = "" if client["model_private"] else "; the whole global model: no model privacy"
+        if client.get("privacy"):
+            privacy = "; model privacy " + client["privacy"].split(":")[0]
         lines.append(
             f"  client model: {client['params'] / 1e6:.1f} M params "
             f"({100 * client['fraction_of_global']:.1f}% of the global model{privacy})"

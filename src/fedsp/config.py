@@ -109,6 +109,10 @@ class RunConfig:
     split_layer: int = 2  # c: clients run layers 0..c-1, the server c..L-1 (checked against L at build time)
     prune_gamma: float = 0.5  # fraction of each client's examples kept for split training (hardest by EL2N)
     local_loss_steps: int = 2  # shortcut-model (body skipped) steps per round, before split training
+    # Offsite-Tuning (fedsp.methods.offsite): the emulator clients tune the adapter layers on
+    ot_adapter_layers: int = 2  # adapter layers at the bottom and at the top, each (the paper's 2 + 2)
+    ot_keep_ratio: float = 0.4  # middle layers kept by uniform layer drop (the paper's OPT-1.3B: 8 of 20)
+    ot_distill: bool = False  # distil the kept middle layers (--kd-steps, --kd-lr, --kd-batch-size)
     # evaluation
     eval_limit: int | None = 200
     val_limit: int | None = 100
@@ -183,6 +187,7 @@ class RunConfig:
             "max_length",
             "split_layer",
             "max_new_tokens",
+            "ot_adapter_layers",
         ):
             _check_min(name, getattr(self, name), 1)
         for name in ("local_steps", "kd_steps", "local_loss_steps"):
@@ -212,6 +217,8 @@ class RunConfig:
                 raise FedSPError(f"{_flag(name)} must be positive, got {getattr(self, name)}")
         if not 0 < self.prune_gamma <= 1:
             raise FedSPError(f"--prune-gamma must be in (0, 1], got {self.prune_gamma}")
+        if not 0 < self.ot_keep_ratio <= 1:
+            raise FedSPError(f"--ot-keep-ratio must be in (0, 1], got {self.ot_keep_ratio}")
         if not 0 <= self.prefix_dropout < 1:
             raise FedSPError(f"--prefix-dropout must be in [0, 1), got {self.prefix_dropout}")
         if not (self.max_grad_norm >= 0 and math.isfinite(self.max_grad_norm)):

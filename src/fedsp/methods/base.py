@@ -94,6 +94,17 @@ class ManyPrefixes(Server, Protocol):
 
 
 @runtime_checkable
+class Emulated(Server, Protocol):
+    """A server whose clients hold a model of their own in place of the global one (the model-private
+    methods): its final state is also scored on the clients' model (``results.json``: ``emulator``)."""
+
+    def emulator_target(self) -> tuple[PreTrainedModel, Prefix | None] | None:
+        """The clients' model with the server's current prompt or adapter, as ``evaluation_target`` gives
+        the global one; None: the clients hold the global model itself, or nothing to score."""
+        ...
+
+
+@runtime_checkable
 class SplitClient(Client, Protocol):
     """A client whose round goes through the server (split learning)."""
 
@@ -124,6 +135,7 @@ class ClientModelInfo:
     fraction_of_global: float
     global_layers: tuple[int, ...]  # which global-model decoder layers the client receives
     model_private: bool  # False when clients receive the whole global model
+    privacy: str = ""  # what of the global model a client does hold, where "private" needs saying
 
 
 @dataclass

@@ -178,6 +178,20 @@ class FedSPClient:
             self.joint.load_state_dict(state["joint"])
 
 
+@dataclass
+class ClientView:
+    """The client model the server shipped, and a prefix shaped for it: the server's prefix scored as a
+    client alone would run it (``receive``: server prefix -> client prefix, for one-layer clients)."""
+
+    model: PreTrainedModel
+    prefix: Prefix
+    receive: StateMap | None = None
+
+    def target(self, state: dict[str, torch.Tensor]) -> tuple[PreTrainedModel, Prefix]:
+        self.prefix.load_wire_state(self.receive(state) if self.receive else state)
+        return self.model, self.prefix
+
+
 class FedSPServer:
     """The model owner: frozen global model + prefix + its own rows and the validation rows.
 
@@ -205,6 +219,7 @@ class FedSPServer:
         self.val_batches = fixed_batches(val_rows, eval_batch_size, pad_id)
         self.best_val_loss = float("inf")
         self.best_state = prefix.wire_state()
+        self.client_view: ClientView | None = None  # what a model-private method's clients hold
 
     def broadcast(self) -> dict[str, torch.Tensor]:
         """The prefix sent to clients this round."""
@@ -246,6 +261,11 @@ class FedSPServer:
 
     def evaluation_target(self) -> tuple[PreTrainedModel, Prefix | None]:
         return self.global_model, self.prefix
+
+    def emulator_target(self) -> tuple[PreTrainedModel, Prefix | None] | None:
+        """The clients' model (as shipped) with the current prefix as a client receives it; None when the
+        clients hold the global model (FedPrompt) or there are none."""
+        return None if self.client_view is None else self.client_view.target(self.prefix.wire_state())
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -326,6 +346,20 @@ def client_model_from(
     return prune_embedding(aux, torch.arange(size), initialise=False)
 
 
+def client_plan(
+    config: RunConfig, shape: ClientShape, num_global_layers: int, layers: Sequence[int]
+) -> ClientPlan:
+    """How a client of ``shape`` trains, and how its prefix maps to the server's (one-layer clients)."""
+    if shape.holds == AUXILIARY and not shape.share:  # one prefix layer per kept layer, mapped to L
+        blocks = depth_plan(num_global_layers, len(layers), config.aux_layer_order)
+        return ClientPlan(
+            shape.mode,
+            receive=partial(collapse_layers, plan=blocks),
+            send=partial(expand_layers, plan=blocks),
+        )
+    return ClientPlan(shape.mode)
+
+
 def make_client(
     config: RunConfig,
     shape: ClientShape,
@@ -342,7 +376,6 @@ def make_client(
     A model with a pruned vocabulary (``--aux-embedding pruned:V``) gets the client's ``rows`` rewritten
     into its kept ids, with ``tokenizer``'s merges; the share of rewritten tokens is the client's
     ``oov_rate`` (reported by each of its rounds)."""
-    plan = ClientPlan(shape.mode)
     pruned, oov_rate = pruned_embedding(model), None
     if pruned is not None:
         if tokenizer is None:
@@ -351,13 +384,7 @@ def make_client(
         vocabulary = PrunedVocabulary.of(tokenizer, kept, f"--aux-embedding {config.aux_embedding}")
         oov_rate = vocabulary.out_of_vocabulary(rows)
         rows, pad_id = [vocabulary.encode_row(row) for row in rows], vocabulary.pieces(pad_id)[0]
-    if shape.holds == AUXILIARY and not shape.share:  # one prefix layer per kept layer, mapped to L
-        blocks = depth_plan(num_global_layers, len(layers), config.aux_layer_order)
-        plan = ClientPlan(
-            shape.mode,
-            receive=partial(collapse_layers, plan=blocks),
-            send=partial(expand_layers, plan=blocks),
-        )
+    plan = client_plan(config, shape, num_global_layers, layers)
     prefix_config = prefix_for(
         model, config.prefix_len, config.prefix_projection, config.prefix_dropout
     ).config
@@ -454,4 +481,10 @@ def fedsp_course(config: RunConfig, loaded: LoadedModel, data: RunData) -> Cours
     shipped: dict[str, torch.Tensor] = dict(template.named_parameters())
     if shape.holds == AUXILIARY:  # the server's own copy of the client model: compressed as it is sent
         shipped = {**wire.ship_once(shipped, config.wire_dtype), **vocabulary_buffers(template)}
+        # the emulator's score: a pruned vocabulary reads other token ids than the evaluation's, so none
+        if pruned_embedding(template) is None:
+            view = prefix_for(template, config.prefix_len, config.prefix_projection, config.prefix_dropout)
+            server.client_view = ClientView(
+                template, view, client_plan(config, shape, num_layers, layers).receive
+            )
     return Course(server, make, len(data.client_rows), info, shipped, notes=notes)

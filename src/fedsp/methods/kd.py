@@ -99,10 +99,13 @@ def distill(
     seed: int,
     progress: bool = True,
     student_ids: torch.Tensor | None = None,
+    trainable: Sequence[nn.Parameter] | None = None,
 ) -> list[float]:
     """Train ``student`` to match ``teacher``'s last hidden states; returns the loss per step.
 
-    ``student_ids``: global id -> the student's id (a pruned vocabulary; ``rows`` use kept ids only)."""
+    ``student_ids``: global id -> the student's id (a pruned vocabulary; ``rows`` use kept ids only).
+    ``trainable``: the student's parameters KD updates (default: all of them; Offsite-Tuning's emulator
+    distils its middle layers only, its adapters stay the global model's)."""
     stream = BatchStream(rows, config.batch_size, pad_id, seed)
     teacher_states = _TeacherStates(teacher, rows)
     w_s = (
@@ -112,7 +115,8 @@ def distill(
     )
     if w_s is not None:
         nn.init.eye_(w_s.weight)
-    params = list(student.parameters()) + (list(w_s.parameters()) if w_s is not None else [])
+    own = list(student.parameters()) if trainable is None else list(trainable)
+    params = own + (list(w_s.parameters()) if w_s is not None else [])
     optim = OptimConfig(config.lr, config.weight_decay, config.warmup_ratio, grad_clip=config.max_grad_norm)
     phase = Phase(params, optim, config.steps)
     student.train()
@@ -156,10 +160,12 @@ def cache_key(
     rows: Sequence[Encoded],
     seed: int,
     embedding: str = "full",
+    extra: dict | None = None,
 ) -> str:
     """A digest of everything the distilled weights depend on (``plan``: the selected layer each depth
     runs, :func:`~fedsp.models.auxiliary.depth_plan`; None when the layers are not shared; ``embedding``:
-    ``--aux-embedding``, in the digest only when not the full embedding, so older keys stay valid)."""
+    ``--aux-embedding``, in the digest only when not the full embedding, so older keys stay valid;
+    ``extra``: anything else a caller's student depends on, in the digest only when given)."""
     digest = hashlib.sha256()
     meta = {
         "model": model_name,
@@ -171,19 +177,21 @@ def cache_key(
     }
     if embedding != "full":
         meta["embedding"] = embedding
+    if extra:
+        meta["extra"] = extra
     digest.update(json.dumps(meta, sort_keys=True, default=str).encode())
     for row in rows:
         digest.update(str(row.ids).encode())
     return digest.hexdigest()[:24]
 
 
-def save_student(student: PreTrainedModel, path: Path, losses: Sequence[float] = ()) -> None:
+def save_student(student: nn.Module, path: Path, losses: Sequence[float] = ()) -> None:
     """Save the unique parameters (shared ones once) and the KD losses that made them, atomically."""
     tensors = {name: p.detach().contiguous().cpu() for name, p in student.named_parameters()}
     atomic_write(path, save(tensors, metadata={"kd_losses": json.dumps([float(x) for x in losses])}))
 
 
-def load_student(student: PreTrainedModel, path: Path) -> list[float]:
+def load_student(student: nn.Module, path: Path) -> list[float]:
     """Load a saved student's parameters; returns the KD losses saved with them ([] if none were)."""
     saved = load_file(str(path))
     own = dict(student.named_parameters())

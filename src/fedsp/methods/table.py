@@ -6,8 +6,8 @@ An entry (:class:`MethodSpec`) says:
     (``None``: the method trains nothing);
   - what its clients hold (:class:`ClientShape`; ``None``: no clients, a
     centralised method): the auxiliary model and how it is trained, the whole
-    global model, or SFPrompt's split head. The model-privacy audit, the
-    efficiency table and the Flower client side read it;
+    global model, SFPrompt's split head, or Offsite-Tuning's emulator. The
+    model-privacy audit, the efficiency table and the Flower client side read it;
   - the options it reads (the others are reported as ignored), the engines it
     runs on, and where the experiment grid lists it.
 
@@ -54,6 +54,7 @@ MODEL_LR = frozenset({"align_lr"})
 AUX = frozenset({"aux_layers", "aux_layer_choice", "aux_layer_order", "aux_embedding"})
 KD = frozenset({"kd_steps", "kd_lr", "kd_batch_size", "kd_projection"})
 SPLIT = frozenset({"split_layer", "prune_gamma", "local_loss_steps"})  # SFPrompt
+OFFSITE = frozenset({"ot_adapter_layers", "ot_keep_ratio", "ot_distill"})  # Offsite-Tuning's emulator
 # how clients' updates are combined and protected (fedsp.protection): every federated method reads these
 PROTECTION = frozenset(
     {
@@ -72,16 +73,19 @@ PROTECTION = frozenset(
 )
 # how each round's messages are encoded (fedsp.wire) and how a client keeps its state between rounds
 WIRE = frozenset({"wire_dtype", "state_moments"})
-GROUPS = (TRAINING, FEDERATION, PREFIX, MODEL_LR, AUX, KD, SPLIT, PROTECTION, WIRE)
+GROUPS = (TRAINING, FEDERATION, PREFIX, MODEL_LR, AUX, KD, SPLIT, OFFSITE, PROTECTION, WIRE)
 SPECIFIC = frozenset().union(*GROUPS)
 
 # What a client holds of the global model.
 AUXILIARY = "auxiliary"  # an auxiliary model made from a few global layers (FedSP and its relatives)
 GLOBAL = "global"  # the whole global model, frozen (FedPrompt: no model privacy)
 SPLIT_HEAD = "split-head"  # embeddings, layers 0..c-1 and the tail (SFPrompt; the server keeps the body)
+# bottom and top adapter layers around a layer-dropped middle (Offsite-Tuning; fedsp.methods.offsite)
+EMULATOR = "emulator"
 
-# How a client trains (FedSP's client, fedsp.methods.fedsp.ClientPlan).
-ALTERNATE, JOINT, PROMPT_ONLY = "alternate", "joint", "prompt-only"
+# How a client trains (FedSP's client, fedsp.methods.fedsp.ClientPlan; ADAPTER: Offsite-Tuning's client
+# tunes the emulator's adapter layers, nothing else).
+ALTERNATE, JOINT, PROMPT_ONLY, ADAPTER = "alternate", "joint", "prompt-only", "adapter"
 
 ENGINES = ("inprocess", "flower")
 # Where the experiment grid lists a method: in every default list ("main"), in the full default list
@@ -95,17 +99,18 @@ Builder = Callable[["RunConfig", "LoadedModel", "RunData"], "Course"]
 class ClientShape:
     """What a method's client holds and how it trains it."""
 
-    holds: str  # AUXILIARY, GLOBAL or SPLIT_HEAD
-    mode: str = ALTERNATE  # ALTERNATE (FedSP), JOINT (w/o AT) or PROMPT_ONLY (FedPrompt)
+    holds: str  # AUXILIARY, GLOBAL, SPLIT_HEAD or EMULATOR
+    mode: str = ALTERNATE  # ALTERNATE (FedSP), JOINT (w/o AT), PROMPT_ONLY (FedPrompt) or ADAPTER
     share: bool = True  # auxiliary layers shared across the global depth (False: each applied once)
     kd: bool = True  # the auxiliary model is distilled (False: the raw global layers)
     layers: tuple[int, ...] | None = None  # fixed global layers; None: --aux-layers / --aux-layer-choice
 
     def __post_init__(self) -> None:
-        if self.holds not in (AUXILIARY, GLOBAL, SPLIT_HEAD) or self.mode not in (
+        if self.holds not in (AUXILIARY, GLOBAL, SPLIT_HEAD, EMULATOR) or self.mode not in (
             ALTERNATE,
             JOINT,
             PROMPT_ONLY,
+            ADAPTER,
         ):
             raise ValueError(f"unknown client shape {self}")
 
@@ -129,6 +134,10 @@ class MethodSpec:
     # unless --server-steps says otherwise (0: FedAvg of the clients' prefixes alone); False: a method
     # whose server has no step of its own
     server_tunes: bool = True
+    # "module:function" making a client on a Flower node from the global architecture (uninitialised), the
+    # client's layers and the shipped weights: (config, skeleton, layers, shipped, rows, partition, pad_id)
+    # -> Client; None: the Flower client side makes it from the client shape (FedSP's, SFPrompt's clients)
+    node_client: str | None = None
 
     @property
     def federated(self) -> bool:
@@ -144,6 +153,13 @@ class MethodSpec:
             raise RuntimeError(f"method {self.name!r} trains nothing")
         module, _, function = self.build.partition(":")
         return cast(Builder, getattr(importlib.import_module(module), function))
+
+    def node_builder(self) -> Callable[..., Any] | None:
+        """The function a Flower node makes this method's client with (None: from the client shape)."""
+        if self.node_client is None:
+            return None
+        module, _, function = self.node_client.partition(":")
+        return cast(Callable[..., Any], getattr(importlib.import_module(module), function))
 
     def ignored_options(self, config: RunConfig) -> dict[str, Any]:
         """Options set away from their defaults that this method does not read."""
@@ -258,6 +274,17 @@ _TABLE = [
         ClientShape(SPLIT_HEAD),
         grid="opt-in",
         secure_aggregation=False,  # the update is the last of a round's split messages
+    ),
+    MethodSpec(
+        "offsite-tuning",
+        "Offsite-Tuning: clients tune the bottom and top adapter layers on a layer-dropped emulator; the "
+        "server plugs the averaged adapters into the global model (lr: --align-lr)",
+        TRAINING | FEDERATION | MODEL_LR | KD | OFFSITE | PROTECTION | WIRE,
+        "fedsp.methods.offsite:offsite_course",
+        ClientShape(EMULATOR, ADAPTER),
+        grid="opt-in",
+        server_tunes=False,  # the paper's owner only plugs the adapters in; --server-steps N tunes them
+        node_client="fedsp.methods.offsite:node_client",
     ),
 ]
 METHOD_SPECS: dict[str, MethodSpec] = {spec.name: spec for spec in _TABLE}

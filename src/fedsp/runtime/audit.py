@@ -8,7 +8,11 @@ layers 0..c-1, c = ``--split-layer``) and the tail (final norm, LM head), and
 never the body, layers c..L-1, which stays on the server (what a method's
 clients hold is its entry in :mod:`fedsp.methods.table`);
 the activations and gradients of split training are not weights and are not
-recorded.
+recorded. Offsite-Tuning's clients hold an emulator: the adapter layers (whole
+global layers, sent every round), the middle layers its layer drop keeps (as they
+are, or distilled with ``--ot-distill true``) and the embeddings, norm and head; its
+promise is that the dropped layers, and with distillation every middle layer, are
+never sent as they are (:func:`fedsp.methods.offsite.promised_layers`).
 With ``--audit true`` a run fingerprints (SHA-256 of dtype, shape and bytes)
 every tensor it sends, and at the end compares them with every weight of the
 global model outside the promised layers: any match is a violation, written to
@@ -28,7 +32,7 @@ from transformers import PreTrainedModel
 
 from fedsp import wire
 from fedsp.config import RunConfig
-from fedsp.methods.table import SPLIT_HEAD, spec_for
+from fedsp.methods.table import EMULATOR, SPLIT_HEAD, spec_for
 from fedsp.models.adapters import decoder_layers
 from fedsp.models.auxiliary import select_layers
 from fedsp.runtime import results
@@ -52,6 +56,10 @@ def promised_layers(config: RunConfig, num_layers: int) -> set[int]:
     shape = spec_for(config.method).client
     if shape is not None and shape.holds == SPLIT_HEAD:
         return set(range(config.split_layer))
+    if shape is not None and shape.holds == EMULATOR:
+        from fedsp.methods.offsite import promised_layers as emulator_layers
+
+        return emulator_layers(config, num_layers)
     if shape is not None and shape.layers is not None:
         return set(shape.layers)
     return set(select_layers(num_layers, config.aux_layers, config.aux_layer_choice))
@@ -89,11 +97,15 @@ def _forms(param: torch.Tensor, wire_dtype: str) -> list[torch.Tensor]:
 
 
 class Audit:
-    """Collects what was sent; :meth:`report` checks it against the private weights."""
+    """Collects what was sent; :meth:`report` checks it against the private weights (``private``: their
+    fingerprints, :func:`private_weights`, as the run started)."""
 
-    def __init__(self) -> None:
+    def __init__(self, private: dict[str, str] | None = None) -> None:
         self.sent: list[dict[str, Any]] = []
         self._seen: set[str] = set()
+        # the private weights' fingerprints, taken before training (Offsite-Tuning's server tunes the
+        # global model's adapter layers in place); None: taken from the model at the report
+        self.private = private
 
     def record(self, rnd: int, kind: str, tensors: dict[str, torch.Tensor], partitions: list[int]) -> None:
         for name, tensor in tensors.items():
@@ -112,15 +124,19 @@ class Audit:
             self._seen.add(digest)
 
     def report(self, model: PreTrainedModel, config: RunConfig, path: Path) -> dict[str, Any]:
-        private = private_weights(model, config)
+        private = self.private if self.private is not None else private_weights(model, config)
         violations = [
             {**entry, "equals": private[entry["sha256"]]} for entry in self.sent if entry["sha256"] in private
         ]
+        num_layers = len(decoder_layers(model))
+        allowed = promised_layers(config, num_layers)
         summary = {
             "passed": not violations,
             "tensors_sent": len(self.sent),
             "violations": len(violations),
             "private_weights_checked": len(private),
+            # what was checked: no tensor sent equals a weight of these layers, as it is or at --wire-dtype
+            "private_layers": [i for i in range(num_layers) if i not in allowed],
         }
         results.write_json(path, {**summary, "violation_list": violations, "sent": self.sent})
         return summary

@@ -38,14 +38,14 @@ from fedsp.errors import RunFinished, RunInterrupted
 from fedsp.evaluation import EvalResult, describe, evaluate_examples, headline, metric_figures
 from fedsp.evaluation.multiple_choice import MCResult
 from fedsp.files import atomic_write, remove_stale_temporaries
-from fedsp.methods.base import ClientUpdate, Course, ManyPrefixes
+from fedsp.methods.base import ClientUpdate, Course, Emulated, ManyPrefixes
 from fedsp.methods.fidelity import FIDELITY, describe_fidelity
 from fedsp.methods.table import MethodSpec, build_course, spec_for
 from fedsp.models.adapters import check_lengths
 from fedsp.models.auxiliary import unique_parameter_count
 from fedsp.models.loading import LoadedModel, load_global_model
 from fedsp.runtime import checkpoint, outputs, results
-from fedsp.runtime.audit import Audit
+from fedsp.runtime.audit import Audit, private_weights
 from fedsp.runtime.messages import STATE_BYTES
 from fedsp.runtime.outputs import NOTHING_TRAINED, QUESTIONS_FILE
 from fedsp.runtime.privacy import Aggregator, Summed
@@ -144,7 +144,8 @@ class Session:
             f"{len(data.eval_examples)} {data.eval_split} examples for evaluation"
         )
         session.ignored = ignored
-        session.audit = Audit() if config.audit else None
+        # the private weights as loaded: a method may change the global model's own layers in training
+        session.audit = Audit(private_weights(loaded.model, config)) if config.audit else None
         if saved is not None:
             session._restore(saved)
             return session
@@ -459,6 +460,8 @@ class Session:
                 final = self.evaluate(*course.server.evaluation_target(), "final eval")
             final_summary = final.summary()
             self.final_scores = self.question_scores(final)
+        # the model-private methods' clients hold a model of their own: the same state scored with it
+        emulator = course.server.emulator_target() if isinstance(course.server, Emulated) else None
         out: dict[str, Any] = {
             "final": final_summary,
             "best_round": best_round,
@@ -466,6 +469,8 @@ class Session:
             "rounds_completed": sum(1 for h in self.history if h["round"] > 0),
             "federated": self.spec.federated,
         }
+        if emulator is not None:
+            out["emulator"] = self.evaluate(*emulator, "emulator eval").summary()
         if owners is not None:
             out["local_only"] = owners
         rounds = [h for h in self.history if h["round"] > 0]
@@ -512,6 +517,8 @@ class Session:
                 "layers": list(info.global_layers),
                 "model_private": info.model_private,
             }
+            if info.privacy:
+                out["client_model"]["privacy"] = info.privacy
         if FIDELITY in course.notes:
             out[FIDELITY] = course.notes[FIDELITY]
         notes = {k: v for k, v in course.notes.items() if k not in ("kd_losses", FIDELITY)}

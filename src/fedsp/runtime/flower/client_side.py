@@ -9,9 +9,11 @@ shipped (the distilled auxiliary model), and makes the client with the same
 :func:`~fedsp.methods.fedsp.make_client` as the method's course, from the
 method's client shape in the method table. An SFPrompt client loads the shipped
 head and tail into the skeleton and is made by the method's own
-:func:`~fedsp.methods.sfprompt.split_client`. Its rows come from its own data
-folder (deployment) or from the same partition of the task as the in-process
-engine (simulation).
+:func:`~fedsp.methods.sfprompt.split_client`; a method whose table entry names a
+``node_client`` (Offsite-Tuning: :func:`~fedsp.methods.offsite.node_client`, the
+emulator's frozen part loaded into its structure) makes it from the skeleton
+itself. Its rows come from its own data folder (deployment) or from the same
+partition of the task as the in-process engine (simulation).
 """
 
 from __future__ import annotations
@@ -63,6 +65,10 @@ def build_client(
     if shape is None:
         raise FedSPError(f"method {config.method!r} has no clients this node can build")
     skeleton = _skeleton(model_config, config.dtype)
+    node_client = spec_for(config.method).node_builder()
+    if node_client is not None:  # a method that makes its node's client itself (Offsite-Tuning)
+        client: Client = node_client(config, skeleton, layers, shipped, rows, partition, pad_id, tokenizer)
+        return client
     if shape.holds == SPLIT_HEAD:  # SFPrompt: the head and tail of the skeleton hold the shipped weights
         from fedsp.methods.sfprompt import split_client
         from fedsp.models.split import check_split_layer, client_modules

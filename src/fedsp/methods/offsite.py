@@ -1,0 +1,446 @@
+"""Offsite-Tuning (Xiao, Lin, Han 2023) as a federated method: clients tune adapter layers on an emulator.
+
+The model owner never ships its model; it ships an *emulator*: the global
+model's embeddings, final norm and LM head, its bottom and top
+``--ot-adapter-layers`` decoder layers (the *adapter*, ``a`` each), and the
+middle layers compressed by uniform layer drop: of the M = L - 2a middle layers
+it keeps k = max(1, round(``--ot-keep-ratio`` * M)), at evenly spaced indices
+(the first and last middle layer among them when k > 1), and drops the rest.
+With ``--ot-distill true`` the kept middle layers are then distilled against the
+global model (the project's KD, :mod:`fedsp.methods.kd`: last hidden states,
+the server's shard, ``--kd-steps`` / ``--kd-lr`` / ``--kd-batch-size``; the adapter,
+embeddings and head stay frozen, so the adapter still fits the global model),
+cached like FedSP's auxiliary model.
+
+What the paper tunes, and what this module does: the adapter layers' **full
+weights** (every parameter of the 2 + 2 layers; not LoRA, which the paper
+offers only as a further option); its default is a = 2, and its layer drop
+keeps 8 of OPT-1.3B's 20 middle layers (16 of GPT2-XL's 44), so
+``--ot-keep-ratio`` defaults to 0.4 (SmolLM2-135M: 10 of its 26 middle layers,
+a client model of 14 of 30 layers). The paper distils its emulators for
+OPT-1.3B and GPT2-XL on the Pile and uses the layer-dropped emulator alone for
+its 6.7B / 7B models; here distillation is off by default (the server's shard
+is small) and ``--ot-distill true`` turns it on. Learning rate: ``--align-lr``
+(the project's learning rate of model weights).
+
+A round (the round driver's, as for every method):
+  1. the server broadcasts the adapter (the 2a layers' weights, by global layer index);
+  2. each client loads it into its emulator and tunes it for ``--local-steps`` steps on its own rows
+     (answer-token loss, the emulator's other weights frozen), then sends the adapter back;
+  3. the round's aggregate (FedAvg, a robust rule, DP or SecAgg+: the update is only another state
+     dict) is plugged into the global model's adapter layers: the *plug-in*;
+  4. validation loss of the plug-in; the best adapter is kept. The server tunes nothing itself unless
+     ``--server-steps N`` > 0 (then N steps on the plug-in's adapter layers with its own shard).
+What crosses the wire: the emulator's frozen part once (at ``--wire-dtype``, like FedSP's auxiliary
+model; the adapter is not in it: it comes with every round), then the adapter each round, both ways.
+The emulator alone, with the best adapter, is scored too (``results.json``: ``emulator``).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from fedsp import wire
+from fedsp.config import RunConfig
+from fedsp.data.batching import BatchStream, Encoded, fixed_batches
+from fedsp.data.shards import RunData
+from fedsp.errors import FedSPError
+from fedsp.methods.base import ClientModelInfo, ClientUpdate, Course
+from fedsp.methods.fedsp import client_seed, local_config
+from fedsp.methods.kd import KDConfig, cache_key, distill, load_student, save_student
+from fedsp.methods.optim import OptimConfig, Phase
+from fedsp.models.adapters import decoder_layers
+from fedsp.models.auxiliary import build_auxiliary_model, unique_parameter_count
+from fedsp.models.forward import answer_loss, mean_answer_loss
+from fedsp.models.loading import LoadedModel, cache_dir
+from fedsp.models.prefix import Prefix
+
+Named = list[tuple[str, nn.Parameter]]
+
+
+@dataclass(frozen=True)
+class EmulatorPlan:
+    """Which global decoder layers the emulator holds, and as what."""
+
+    num_layers: int  # L, the global model's
+    bottom: tuple[int, ...]  # adapter layers 0..a-1
+    top: tuple[int, ...]  # adapter layers L-a..L-1
+    kept: tuple[int, ...]  # middle layers kept by the layer drop
+    dropped: tuple[int, ...]  # middle layers that never leave the server
+
+    @property
+    def adapters(self) -> tuple[int, ...]:
+        return self.bottom + self.top
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The emulator's decoder stack, in order: its layer j is global layer ``layers[j]``."""
+        return self.bottom + self.kept + self.top
+
+    def describe(self, distilled: bool) -> str:
+        """What a client holds of the global model, in words (results.json, the audit, the summary)."""
+        middle = "distilled (not the global weights)" if distilled else "as they are (the global weights)"
+        dropped = (
+            f"dropped layers {list(self.dropped)} never leave the server"
+            if self.dropped
+            else ("no layer is dropped (--ot-keep-ratio 1)")
+        )
+        return (
+            f"partial: adapter layers {list(self.adapters)} are whole global layers, sent every round and "
+            f"tuned by the clients; kept middle layers {list(self.kept)} are sent once, {middle}; {dropped}"
+        )
+
+
+def emulator_plan(num_layers: int, adapter_layers: int, keep_ratio: float) -> EmulatorPlan:
+    """The layers of the emulator of an L-layer model: a adapter layers at each end, and of the M middle
+    ones the k = max(1, round(keep_ratio * M)) at indices round(i * (M - 1) / (k - 1)), i = 0..k-1
+    (k = 1: the middle one)."""
+    a = adapter_layers
+    middle = list(range(a, num_layers - a))
+    if not middle:
+        raise FedSPError(
+            f"--ot-adapter-layers {a} leaves no middle layer to compress in the model's {num_layers} "
+            f"layers ({a} bottom + {a} top); use at most {(num_layers - 1) // 2}"
+        )
+    count = max(1, round(keep_ratio * len(middle)))
+    if count == 1:
+        kept = [middle[(len(middle) - 1) // 2]]
+    else:
+        kept = [middle[round(i * (len(middle) - 1) / (count - 1))] for i in range(count)]
+    return EmulatorPlan(
+        num_layers,
+        tuple(range(a)),
+        tuple(range(num_layers - a, num_layers)),
+        tuple(kept),
+        tuple(i for i in middle if i not in kept),
+    )
+
+
+def plan_for(config: RunConfig, num_layers: int) -> EmulatorPlan:
+    return emulator_plan(num_layers, config.ot_adapter_layers, config.ot_keep_ratio)
+
+
+def distilled(config: RunConfig) -> bool:
+    """The emulator's middle layers are distilled (so none of them is a global layer as it is)."""
+    return config.ot_distill and config.kd_steps > 0
+
+
+def promised_layers(config: RunConfig, num_layers: int) -> set[int]:
+    """The global layers clients may receive as they are: the adapter, and the kept middle layers unless
+    they are distilled (the model-privacy audit checks every other layer, dropped ones first of all)."""
+    plan = plan_for(config, num_layers)
+    return set(plan.adapters) | (set() if distilled(config) else set(plan.kept))
+
+
+def adapter_named(model: PreTrainedModel, held: Sequence[int], adapters: Sequence[int]) -> Named:
+    """``model``'s adapter parameters by wire name ``layers.<global index>.<name>``: its decoder layer j is
+    global layer ``held[j]`` (the global model: ``held`` = 0..L-1)."""
+    layers = decoder_layers(model)
+    if len(layers) != len(held):
+        raise ValueError(f"a model of {len(layers)} layers cannot hold the global layers {list(held)}")
+    return [
+        (f"layers.{g}.{name}", param)
+        for j, g in enumerate(held)
+        if g in adapters
+        for name, param in layers[j].named_parameters()
+    ]
+
+
+def frozen_named(emulator: PreTrainedModel, plan: EmulatorPlan) -> Named:
+    """The emulator's parameters outside the adapter: what is shipped once."""
+    adapter = {id(p) for _, p in adapter_named(emulator, plan.layers, plan.adapters)}
+    return [(name, p) for name, p in emulator.named_parameters() if id(p) not in adapter]
+
+
+def build_emulator(global_model: PreTrainedModel, plan: EmulatorPlan) -> PreTrainedModel:
+    """A frozen copy of ``global_model`` whose decoder stack is ``plan.layers``, each applied once (the global
+    model is not modified; from a node's uninitialised skeleton it is the structure to load weights into)."""
+    return build_auxiliary_model(global_model, plan.layers, share=False).requires_grad_(False)
+
+
+def emulator_for(
+    config: RunConfig, loaded: LoadedModel, plan: EmulatorPlan, rows: list[Encoded]
+) -> tuple[PreTrainedModel, list[float]]:
+    """The run's emulator and the KD losses that made it ([] without distillation); distilled weights of
+    the middle layers are cached under ``<cache>/emulator`` (a cached emulator comes with its losses)."""
+    emulator = build_emulator(loaded.model, plan)
+    if not distilled(config):
+        return emulator, []
+    layers = decoder_layers(emulator)
+    middle = nn.ModuleList(layers[plan.layers.index(g)] for g in plan.kept)
+    kd_config = KDConfig(
+        config.kd_steps,
+        config.kd_lr,
+        config.weight_decay,
+        config.warmup_ratio,
+        config.kd_batch_size,
+        config.kd_projection,
+        config.max_grad_norm,
+    )
+    model_config = {**loaded.model.config.to_dict(), "weights_dtype": str(loaded.model.dtype)}
+    key = cache_key(
+        loaded.name,
+        model_config,
+        plan.layers,
+        None,
+        kd_config,
+        rows,
+        config.seed,
+        extra={"method": "offsite-tuning", "adapters": list(plan.adapters)},
+    )
+    path: Path = cache_dir() / "emulator" / f"{key}.safetensors"
+    if path.is_file():
+        try:
+            return emulator, load_student(middle, path)
+        except Exception as err:  # truncated or foreign: say which file, then distil again
+            warnings.warn(f"cached emulator {path} cannot be read ({err}); distilling it again", stacklevel=2)
+            path.unlink(missing_ok=True)
+            emulator = build_emulator(loaded.model, plan)
+            middle = nn.ModuleList(decoder_layers(emulator)[plan.layers.index(g)] for g in plan.kept)
+    middle.requires_grad_(True)  # only the middle learns: the adapter must still fit the global model
+    try:
+        losses = distill(
+            loaded.model,
+            emulator,
+            rows,
+            kd_config,
+            loaded.tokenizer.pad_token_id,
+            config.seed,
+            progress=config.progress,
+            trainable=list(middle.parameters()),
+        )
+    finally:
+        emulator.requires_grad_(False)
+    save_student(middle, path, losses)
+    return emulator, losses
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+class AdapterClient:
+    """A data owner: the emulator (frozen but for its adapter), its rows; stateful across rounds."""
+
+    def __init__(
+        self,
+        emulator: PreTrainedModel,
+        adapter: Named,
+        rows: Sequence[Encoded],
+        optim: OptimConfig,
+        steps: int,
+        batch_size: int,
+        total_rounds: int,
+        pad_id: int,
+        seed: int,
+    ) -> None:
+        self.emulator, self.adapter, self.rows, self.steps = emulator, adapter, list(rows), steps
+        self.phase = Phase([p for _, p in adapter], optim, total_rounds * steps)
+        self.stream = BatchStream(self.rows, batch_size, pad_id, seed)
+
+    def fit(self, state: dict[str, torch.Tensor]) -> ClientUpdate:
+        # 1) the round's adapter into the emulator; 2) T steps on it alone; 3) the adapter back
+        wire.load_snapshot(self.adapter, state, "adapter")
+        params = [p for _, p in self.adapter]
+        for p in params:
+            p.requires_grad_(True)
+        self.emulator.train()  # the model's own dropout on, as in FedSP's client phases
+        try:
+            losses = [
+                self.phase.step(answer_loss(self.emulator, next(self.stream))) for _ in range(self.steps)
+            ]
+        finally:
+            self.emulator.eval()
+            for p in params:
+                p.requires_grad_(False)
+        # "prompt_loss": the loss of what the client trains, where the round's record looks for it
+        return ClientUpdate(wire.snapshot(self.adapter), len(self.rows), {"prompt_loss": _mean(losses)})
+
+    def state_dict(self) -> dict[str, Any]:
+        """Kept between rounds: the optimiser's state and the data position (the adapter comes down)."""
+        return {"adapter_phase": self.phase.state_dict(), "stream": self.stream.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.phase.load_state_dict(state["adapter_phase"])
+        self.stream.load_state_dict(state["stream"])
+
+
+class OffsiteServer:
+    """The model owner: the global model whose adapter layers take the clients' aggregate (the plug-in),
+    and its copy of the emulator (to score what the clients hold)."""
+
+    def __init__(
+        self,
+        global_model: PreTrainedModel,
+        emulator: PreTrainedModel,
+        plan: EmulatorPlan,
+        rows: Sequence[Encoded],
+        val_rows: Sequence[Encoded],
+        config: RunConfig,
+        steps: int,
+        pad_id: int,
+    ) -> None:
+        self.global_model, self.emulator, self.plan, self.steps = global_model, emulator, plan, steps
+        self.adapter = adapter_named(global_model, range(plan.num_layers), plan.adapters)
+        self.emulator_adapter = adapter_named(emulator, plan.layers, plan.adapters)
+        total = config.rounds * steps
+        self.phase = Phase([p for _, p in self.adapter], local_config(config).align, total) if steps else None
+        self.stream = BatchStream(rows, config.batch_size, pad_id, config.seed) if rows and steps else None
+        self.val_batches = fixed_batches(val_rows, config.eval_batch_size, pad_id)
+        self.best_val_loss = float("inf")
+        self.best_state = self.broadcast()
+
+    def broadcast(self) -> dict[str, torch.Tensor]:
+        """The plug-in's adapter layers, sent to the round's clients."""
+        return wire.snapshot(self.adapter)
+
+    def aggregate(self, state: dict[str, torch.Tensor] | None, updates: Sequence[ClientUpdate]) -> None:
+        if state is not None:  # plugged into the global model
+            wire.load_snapshot(self.adapter, state, "adapter")
+
+    def tune(self) -> float:
+        """``--server-steps`` steps on the plug-in's adapter layers with the server's shard (nan: none)."""
+        if self.phase is None or self.stream is None:
+            return float("nan")
+        params = [p for _, p in self.adapter]
+        for p in params:
+            p.requires_grad_(True)
+        self.global_model.train()
+        try:
+            losses = [
+                self.phase.step(answer_loss(self.global_model, next(self.stream))) for _ in range(self.steps)
+            ]
+        finally:
+            self.global_model.eval()
+            for p in params:
+                p.requires_grad_(False)
+        return _mean(losses)
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """Answer-token loss of the plug-in on the validation rows; tracks the best adapter."""
+        loss = mean_answer_loss(self.global_model, self.val_batches, None)
+        if loss < self.best_val_loss:
+            self.best_val_loss, self.best_state = loss, self.broadcast()
+        return loss
+
+    def use_best(self) -> None:
+        wire.load_snapshot(self.adapter, self.best_state, "adapter")
+
+    def evaluation_target(self) -> tuple[PreTrainedModel, Prefix | None]:
+        return self.global_model, None
+
+    def emulator_target(self) -> tuple[PreTrainedModel, Prefix | None]:
+        """The emulator with the plug-in's current adapter: what a client alone holds after the course."""
+        wire.load_snapshot(self.emulator_adapter, self.broadcast(), "adapter")
+        return self.emulator, None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "adapter": self.broadcast(),
+            "phase": self.phase.state_dict() if self.phase else None,
+            "stream": self.stream.state_dict() if self.stream else None,
+            "best_val_loss": self.best_val_loss,
+            "best_state": self.best_state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        wire.load_snapshot(self.adapter, state["adapter"], "adapter")
+        if self.phase is not None:
+            self.phase.load_state_dict(state["phase"])
+        if self.stream is not None:
+            self.stream.load_state_dict(state["stream"])
+        self.best_val_loss, self.best_state = state["best_val_loss"], state["best_state"]
+
+
+def adapter_client(
+    config: RunConfig,
+    emulator: PreTrainedModel,
+    plan: EmulatorPlan,
+    rows: Sequence[Encoded],
+    partition: int,
+    pad_id: int,
+) -> AdapterClient:
+    """Client ``partition`` over its own ``emulator``: the one way a client is made, in every engine."""
+    return AdapterClient(
+        emulator,
+        adapter_named(emulator, plan.layers, plan.adapters),
+        rows,
+        local_config(config).align,
+        config.local_steps,
+        config.batch_size,
+        config.rounds,
+        pad_id,
+        client_seed(config, partition),
+    )
+
+
+def node_client(
+    config: RunConfig,
+    skeleton: PreTrainedModel,
+    layers: Sequence[int],
+    shipped: dict[str, torch.Tensor],
+    rows: Sequence[Encoded],
+    partition: int,
+    pad_id: int,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> AdapterClient:
+    """A Flower node's client: the emulator's structure from the global architecture (uninitialised), the
+    shipped frozen part loaded into it (names, shapes and finiteness checked); the adapter comes with
+    each round's broadcast. ``layers``: the server's emulator stack, which must be this configuration's."""
+    plan = plan_for(config, skeleton.config.num_hidden_layers)
+    if tuple(layers) != plan.layers:
+        raise FedSPError(
+            f"the server's emulator holds the global layers {list(layers)}, but --ot-adapter-layers "
+            f"{config.ot_adapter_layers} --ot-keep-ratio {config.ot_keep_ratio} make {list(plan.layers)}"
+        )
+    emulator = build_emulator(skeleton, plan)
+    wire.load_snapshot(frozen_named(emulator, plan), shipped, "shipped emulator")
+    return adapter_client(config, emulator, plan, rows, partition, pad_id)
+
+
+def offsite_course(config: RunConfig, loaded: LoadedModel, data: RunData) -> Course:
+    """The server (global model + plug-in adapter), the emulator shipped once, and the client factory."""
+    model = loaded.model
+    plan = plan_for(config, len(decoder_layers(model)))
+    emulator, kd_losses = emulator_for(config, loaded, plan, data.server_rows)
+    # the frozen part as it is sent; the server's emulator copy gets what a client decodes
+    shipped = wire.ship_once(dict(frozen_named(emulator, plan)), config.wire_dtype)
+    pad = loaded.tokenizer.pad_token_id
+    steps = config.effective_server_steps
+    server = OffsiteServer(model, emulator, plan, data.server_rows, data.val_rows, config, steps, pad)
+    server.emulator_target()  # its adapter: the global model's (the round-0 plug-in)
+
+    def make(k: int) -> AdapterClient:  # each client its own emulator: it trains the adapter in it
+        return adapter_client(config, copy.deepcopy(emulator), plan, data.client_rows[k], k, pad)
+
+    params = unique_parameter_count(emulator)
+    info = ClientModelInfo(
+        params,
+        params / unique_parameter_count(model),
+        plan.layers,
+        model_private=True,
+        privacy=plan.describe(distilled(config)),
+    )
+    notes = {
+        "kd_losses": kd_losses,
+        "emulator": {
+            "adapter_layers": list(plan.adapters),
+            "kept_middle_layers": list(plan.kept),
+            "dropped_layers": list(plan.dropped),
+            "keep_ratio": config.ot_keep_ratio,
+            "distilled": distilled(config),
+            "trained": "the adapter layers' full weights",
+            "adapter_params": wire.num_params(server.broadcast()),
+        },
+    }
+    return Course(server, make, len(data.client_rows), info, shipped, notes=notes)
