@@ -63,6 +63,7 @@ def test_method_table_matches_the_configuration_choices():
         "finetune",
         "zero-shot",
         "sfprompt",
+        "offsite-tuning",
     }
 
 
@@ -331,6 +332,8 @@ def test_every_method_runs_end_to_end(method, tmp_path, monkeypatch, capsys):
         "--out",
         str(out),
     ]
+    if method == "offsite-tuning":  # tiny-llama's 4 layers: adapter layers 0 and 3 around the middle
+        args += ["--ot-adapter-layers", "1"]
     assert main(args) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["method"] == method and res["final"]["n"] == 8
