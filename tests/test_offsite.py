@@ -200,10 +200,23 @@ def test_the_audit_checks_the_dropped_layer_and_with_distillation_every_middle_l
         "violations": 0,
         "private_layers": [1, 2],
     }
+    assert reference.results["audit"]["clients_hold"].startswith("partial: adapter layers [0, 3]")
     assert distilled.results["method_notes"]["emulator"]["distilled"] is True
     assert "distilled (not the global weights)" in distilled.results["client_model"]["privacy"]
     first = _metrics(distilled.out_dir)[0]
     assert first["kd_last_loss"] < first["kd_first_loss"]
+
+
+def test_a_run_killed_in_round_2_resumes_to_the_identical_adapter(reference, interrupted_run, tmp_path):
+    # Prepare: the reference's course, stopped as round 2 starts its clients
+    folder = interrupted_run(replace(TINY, out=str(tmp_path / "killed"), audit=True), 2)
+    # Execute
+    code = main(["run", "--resume", str(folder), "--quiet"])
+    # Assert: the clients' optimiser states and the server's adapter came back exactly
+    ours, theirs = _adapter(folder), _adapter(reference.out_dir)
+    assert code == 0 and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert [m["round"] for m in _metrics(folder)] == [0, 1, 2]
+    assert json.loads((folder / "results.json").read_text())["emulator"] == reference.results["emulator"]
 
 
 def test_secure_aggregation_with_dp_gives_the_inprocess_adapter_within_the_quantisation_bound(tmp_path):

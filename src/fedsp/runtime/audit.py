@@ -123,7 +123,11 @@ class Audit:
             )
             self._seen.add(digest)
 
-    def report(self, model: PreTrainedModel, config: RunConfig, path: Path) -> dict[str, Any]:
+    def report(
+        self, model: PreTrainedModel, config: RunConfig, path: Path, holds: str = ""
+    ) -> dict[str, Any]:
+        """Check what was sent, write ``audit.json``; the summary for results.json (``holds``: what the
+        method says its clients hold of the global model, quoted beside what was checked)."""
         private = self.private if self.private is not None else private_weights(model, config)
         violations = [
             {**entry, "equals": private[entry["sha256"]]} for entry in self.sent if entry["sha256"] in private
@@ -138,6 +142,8 @@ class Audit:
             # what was checked: no tensor sent equals a weight of these layers, as it is or at --wire-dtype
             "private_layers": [i for i in range(num_layers) if i not in allowed],
         }
+        if holds:
+            summary["clients_hold"] = holds
         results.write_json(path, {**summary, "violation_list": violations, "sent": self.sent})
         return summary
 

@@ -387,7 +387,11 @@ class Session:
         self._write_question_scores()
         summary["export"] = self._export(summary["best_round"])
         if self.audit is not None:
-            summary["audit"] = self.audit.report(self.loaded.model, config, self.out_dir / "audit.json")
+            info = self.course.client_model if self.course is not None else None
+            holds = info.privacy if info is not None else ""
+            summary["audit"] = self.audit.report(
+                self.loaded.model, config, self.out_dir / "audit.json", holds=holds
+            )
         summary["wall_seconds"] = time.perf_counter() - self.started
         results.write_json(self.out_dir / "results.json", summary)
         if self.history:
