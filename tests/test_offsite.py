@@ -272,3 +272,28 @@ def test_results_hold_the_emulator_accuracy_of_every_model_private_method(method
         assert res["emulator"]["n"] == res["final"]["n"] == 8 and 0 <= res["emulator"]["acc"] <= 1
         assert "emulator (clients model)" in printed
     assert METHOD_SPECS[method].federated
+
+
+def test_lora_factors_travel_instead_of_the_layers_and_nodes_compute_what_in_process_clients_do(tmp_path):
+    # Prepare: rank-2 LoRA on the adapter layers' linear maps; the base weights go once, with the emulator
+    from fedsp.runtime.flower import server_app
+
+    config = replace(TINY, ot_lora_rank=2, rounds=1, audit=True)
+    here = inprocess.run(replace(config, out=str(tmp_path / "inprocess")))
+    session = Session.start(replace(config, out=str(tmp_path / "handlers")))
+    base = {n: p.detach().clone() for n, p in session.loaded.model.named_parameters() if "base_layer" in n}
+    # Execute
+    server_app.serve(LocalGrid(3, tmp_path), session, wait_s=5)
+    summary = session.finish()
+    # Assert: only factors cross each round (bit-equal on both engines); the global base weights unchanged
+    ours, theirs = _adapter(session.out_dir), _adapter(here.out_dir)
+    assert set(ours) == set(theirs) and all("lora_" in name for name in ours)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in ours.items() if "lora_B" in k)
+    assert all(torch.equal(p, base[n]) for n, p in session.loaded.model.named_parameters() if n in base)
+    assert any("base_layer" in name for name in session.course.shipped_once)
+    lora_params = sum(t.numel() for t in ours.values())
+    full = here.results["method_notes"]["emulator"]
+    assert summary["comm"]["params_down_per_round"] == lora_params == full["adapter_params"] < 10_000
+    assert summary["comm"] == here.results["comm"] and summary["audit"]["passed"]
+    assert "LoRA factors of rank 2" in full["trained"]

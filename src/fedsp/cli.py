@@ -71,6 +71,8 @@ _HELP = {
     "layer drop; 1: no drop)",
     "ot_distill": "offsite-tuning: distil the emulator's kept middle layers against the global model "
     "(--kd-steps, --kd-lr, --kd-batch-size; cached; true/false)",
+    "ot_lora_rank": "offsite-tuning: 0 trains the adapter layers' full weights (the paper's); R > 0 trains "
+    "LoRA factors of rank R on their linear maps instead (PEFT; the base weights go once, with the emulator)",
     "eval_limit": "evaluate on the first N examples of the evaluation split (0 = all)",
     "val_limit": "server validation loss on the first N validation examples (0 = all)",
     "eval_every_round": "evaluate accuracy after every round (true/false)",

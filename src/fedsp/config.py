@@ -113,6 +113,7 @@ class RunConfig:
     ot_adapter_layers: int = 2  # adapter layers at the bottom and at the top, each (the paper's 2 + 2)
     ot_keep_ratio: float = 0.4  # middle layers kept by uniform layer drop (the paper's OPT-1.3B: 8 of 20)
     ot_distill: bool = False  # distil the kept middle layers (--kd-steps, --kd-lr, --kd-batch-size)
+    ot_lora_rank: int = 0  # 0: the adapter layers' full weights (the paper's); R: LoRA factors of rank R
     # evaluation
     eval_limit: int | None = 200
     val_limit: int | None = 100
@@ -190,7 +191,7 @@ class RunConfig:
             "ot_adapter_layers",
         ):
             _check_min(name, getattr(self, name), 1)
-        for name in ("local_steps", "kd_steps", "local_loss_steps"):
+        for name in ("local_steps", "kd_steps", "local_loss_steps", "ot_lora_rank"):
             _check_min(name, getattr(self, name), 0)
         if self.server_steps is not None:
             _check_min("server_steps", self.server_steps, 0)

@@ -1,6 +1,7 @@
 """Offsite-Tuning (Xiao, Lin, Han 2023) as a federated method: clients tune adapter layers on an emulator.
 
-The model owner never ships its model; it ships an *emulator*: the global
+The model owner never ships its model; it ships an *emulator*
+(:mod:`fedsp.models.emulator`): the global
 model's embeddings, final norm and LM head, its bottom and top
 ``--ot-adapter-layers`` decoder layers (the *adapter*, ``a`` each), and the
 middle layers compressed by uniform layer drop: of the M = L - 2a middle layers
@@ -13,8 +14,11 @@ embeddings and head stay frozen, so the adapter still fits the global model),
 cached like FedSP's auxiliary model.
 
 What the paper tunes, and what this module does: the adapter layers' **full
-weights** (every parameter of the 2 + 2 layers; not LoRA, which the paper
-offers only as a further option); its default is a = 2, and its layer drop
+weights** (every parameter of the 2 + 2 layers; the paper also combines its
+adapter with parameter-efficient methods such as LoRA: ``--ot-lora-rank R``
+trains PEFT's LoRA factors of rank R on the adapter layers' linear maps instead,
+:func:`~fedsp.models.emulator.add_lora`, and the adapter's base weights then go
+with the emulator, once); its default is a = 2, and its layer drop
 keeps 8 of OPT-1.3B's 20 middle layers (16 of GPT2-XL's 44), so
 ``--ot-keep-ratio`` defaults to 0.4 (SmolLM2-135M: 10 of its 26 middle layers,
 a client model of 14 of 30 layers). The paper distils its emulators for
@@ -28,7 +32,8 @@ A round (the round driver's, as for every method):
   2. each client loads it into its emulator and tunes it for ``--local-steps`` steps on its own rows
      (answer-token loss, the emulator's other weights frozen), then sends the adapter back;
   3. the round's aggregate (FedAvg, a robust rule, DP or SecAgg+: the update is only another state
-     dict) is plugged into the global model's adapter layers: the *plug-in*;
+     dict) is plugged into the global model's adapter layers: the *plug-in* (with LoRA the factors A and
+     B are averaged apart, so the plug-in's change is mean(B) mean(A), not the mean of the B_k A_k);
   4. validation loss of the plug-in; the best adapter is kept. The server tunes nothing itself unless
      ``--server-steps N`` > 0 (then N steps on the plug-in's adapter layers with its own shard).
 What crosses the wire: the emulator's frozen part once (at ``--wire-dtype``, like FedSP's auxiliary
@@ -41,7 +46,6 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,74 +63,34 @@ from fedsp.methods.fedsp import client_seed, local_config
 from fedsp.methods.kd import KDConfig, cache_key, distill, load_student, save_student
 from fedsp.methods.optim import OptimConfig, Phase
 from fedsp.models.adapters import decoder_layers
-from fedsp.models.auxiliary import build_auxiliary_model, unique_parameter_count
+from fedsp.models.auxiliary import unique_parameter_count
+from fedsp.models.emulator import (
+    EmulatorPlan,
+    Named,
+    adapter_named,
+    add_lora,
+    build_emulator,
+    emulator_plan,
+    frozen_named,
+)
 from fedsp.models.forward import answer_loss, mean_answer_loss
 from fedsp.models.loading import LoadedModel, cache_dir
 from fedsp.models.prefix import Prefix
 
-Named = list[tuple[str, nn.Parameter]]
-
-
-@dataclass(frozen=True)
-class EmulatorPlan:
-    """Which global decoder layers the emulator holds, and as what."""
-
-    num_layers: int  # L, the global model's
-    bottom: tuple[int, ...]  # adapter layers 0..a-1
-    top: tuple[int, ...]  # adapter layers L-a..L-1
-    kept: tuple[int, ...]  # middle layers kept by the layer drop
-    dropped: tuple[int, ...]  # middle layers that never leave the server
-
-    @property
-    def adapters(self) -> tuple[int, ...]:
-        return self.bottom + self.top
-
-    @property
-    def layers(self) -> tuple[int, ...]:
-        """The emulator's decoder stack, in order: its layer j is global layer ``layers[j]``."""
-        return self.bottom + self.kept + self.top
-
-    def describe(self, distilled: bool) -> str:
-        """What a client holds of the global model, in words (results.json, the audit, the summary)."""
-        middle = "distilled (not the global weights)" if distilled else "as they are (the global weights)"
-        dropped = (
-            f"dropped layers {list(self.dropped)} never leave the server"
-            if self.dropped
-            else ("no layer is dropped (--ot-keep-ratio 1)")
-        )
-        return (
-            f"partial: adapter layers {list(self.adapters)} are whole global layers, sent every round and "
-            f"tuned by the clients; kept middle layers {list(self.kept)} are sent once, {middle}; {dropped}"
-        )
-
-
-def emulator_plan(num_layers: int, adapter_layers: int, keep_ratio: float) -> EmulatorPlan:
-    """The layers of the emulator of an L-layer model: a adapter layers at each end, and of the M middle
-    ones the k = max(1, round(keep_ratio * M)) at indices round(i * (M - 1) / (k - 1)), i = 0..k-1
-    (k = 1: the middle one)."""
-    a = adapter_layers
-    middle = list(range(a, num_layers - a))
-    if not middle:
-        raise FedSPError(
-            f"--ot-adapter-layers {a} leaves no middle layer to compress in the model's {num_layers} "
-            f"layers ({a} bottom + {a} top); use at most {(num_layers - 1) // 2}"
-        )
-    count = max(1, round(keep_ratio * len(middle)))
-    if count == 1:
-        kept = [middle[(len(middle) - 1) // 2]]
-    else:
-        kept = [middle[round(i * (len(middle) - 1) / (count - 1))] for i in range(count)]
-    return EmulatorPlan(
-        num_layers,
-        tuple(range(a)),
-        tuple(range(num_layers - a, num_layers)),
-        tuple(kept),
-        tuple(i for i in middle if i not in kept),
-    )
-
 
 def plan_for(config: RunConfig, num_layers: int) -> EmulatorPlan:
     return emulator_plan(num_layers, config.ot_adapter_layers, config.ot_keep_ratio)
+
+
+def lora(config: RunConfig) -> bool:
+    """Clients train LoRA factors on the adapter layers instead of their weights (``--ot-lora-rank``)."""
+    return config.ot_lora_rank > 0
+
+
+def with_lora(config: RunConfig, model: PreTrainedModel, held: Sequence[int], plan: EmulatorPlan) -> None:
+    """``model``'s adapter layers get LoRA factors when the run trains them (the same on every party)."""
+    if lora(config):
+        add_lora(model, held, plan.adapters, config.ot_lora_rank, config.seed)
 
 
 def distilled(config: RunConfig) -> bool:
@@ -139,32 +103,6 @@ def promised_layers(config: RunConfig, num_layers: int) -> set[int]:
     they are distilled (the model-privacy audit checks every other layer, dropped ones first of all)."""
     plan = plan_for(config, num_layers)
     return set(plan.adapters) | (set() if distilled(config) else set(plan.kept))
-
-
-def adapter_named(model: PreTrainedModel, held: Sequence[int], adapters: Sequence[int]) -> Named:
-    """``model``'s adapter parameters by wire name ``layers.<global index>.<name>``: its decoder layer j is
-    global layer ``held[j]`` (the global model: ``held`` = 0..L-1)."""
-    layers = decoder_layers(model)
-    if len(layers) != len(held):
-        raise ValueError(f"a model of {len(layers)} layers cannot hold the global layers {list(held)}")
-    return [
-        (f"layers.{g}.{name}", param)
-        for j, g in enumerate(held)
-        if g in adapters
-        for name, param in layers[j].named_parameters()
-    ]
-
-
-def frozen_named(emulator: PreTrainedModel, plan: EmulatorPlan) -> Named:
-    """The emulator's parameters outside the adapter: what is shipped once."""
-    adapter = {id(p) for _, p in adapter_named(emulator, plan.layers, plan.adapters)}
-    return [(name, p) for name, p in emulator.named_parameters() if id(p) not in adapter]
-
-
-def build_emulator(global_model: PreTrainedModel, plan: EmulatorPlan) -> PreTrainedModel:
-    """A frozen copy of ``global_model`` whose decoder stack is ``plan.layers``, each applied once (the global
-    model is not modified; from a node's uninitialised skeleton it is the structure to load weights into)."""
-    return build_auxiliary_model(global_model, plan.layers, share=False).requires_grad_(False)
 
 
 def emulator_for(
@@ -290,8 +228,8 @@ class OffsiteServer:
         pad_id: int,
     ) -> None:
         self.global_model, self.emulator, self.plan, self.steps = global_model, emulator, plan, steps
-        self.adapter = adapter_named(global_model, range(plan.num_layers), plan.adapters)
-        self.emulator_adapter = adapter_named(emulator, plan.layers, plan.adapters)
+        self.adapter = adapter_named(global_model, range(plan.num_layers), plan.adapters, lora(config))
+        self.emulator_adapter = adapter_named(emulator, plan.layers, plan.adapters, lora(config))
         total = config.rounds * steps
         self.phase = Phase([p for _, p in self.adapter], local_config(config).align, total) if steps else None
         self.stream = BatchStream(rows, config.batch_size, pad_id, config.seed) if rows and steps else None
@@ -373,7 +311,7 @@ def adapter_client(
     """Client ``partition`` over its own ``emulator``: the one way a client is made, in every engine."""
     return AdapterClient(
         emulator,
-        adapter_named(emulator, plan.layers, plan.adapters),
+        adapter_named(emulator, plan.layers, plan.adapters, lora(config)),
         rows,
         local_config(config).align,
         config.local_steps,
@@ -404,7 +342,8 @@ def node_client(
             f"{config.ot_adapter_layers} --ot-keep-ratio {config.ot_keep_ratio} make {list(plan.layers)}"
         )
     emulator = build_emulator(skeleton, plan)
-    wire.load_snapshot(frozen_named(emulator, plan), shipped, "shipped emulator")
+    with_lora(config, emulator, plan.layers, plan)
+    wire.load_snapshot(frozen_named(emulator, plan, lora(config)), shipped, "shipped emulator")
     return adapter_client(config, emulator, plan, rows, partition, pad_id)
 
 
@@ -414,7 +353,9 @@ def offsite_course(config: RunConfig, loaded: LoadedModel, data: RunData) -> Cou
     plan = plan_for(config, len(decoder_layers(model)))
     emulator, kd_losses = emulator_for(config, loaded, plan, data.server_rows)
     # the frozen part as it is sent; the server's emulator copy gets what a client decodes
-    shipped = wire.ship_once(dict(frozen_named(emulator, plan)), config.wire_dtype)
+    with_lora(config, emulator, plan.layers, plan)
+    with_lora(config, model, range(plan.num_layers), plan)  # the plug-in: the global model's adapter layers
+    shipped = wire.ship_once(dict(frozen_named(emulator, plan, lora(config))), config.wire_dtype)
     pad = loaded.tokenizer.pad_token_id
     steps = config.effective_server_steps
     server = OffsiteServer(model, emulator, plan, data.server_rows, data.val_rows, config, steps, pad)
@@ -429,7 +370,7 @@ def offsite_course(config: RunConfig, loaded: LoadedModel, data: RunData) -> Cou
         params / unique_parameter_count(model),
         plan.layers,
         model_private=True,
-        privacy=plan.describe(distilled(config)),
+        privacy=plan.describe(distilled(config), lora(config)),
     )
     notes = {
         "kd_losses": kd_losses,
@@ -439,7 +380,10 @@ def offsite_course(config: RunConfig, loaded: LoadedModel, data: RunData) -> Cou
             "dropped_layers": list(plan.dropped),
             "keep_ratio": config.ot_keep_ratio,
             "distilled": distilled(config),
-            "trained": "the adapter layers' full weights",
+            "trained": f"LoRA factors of rank {config.ot_lora_rank} (alpha {2 * config.ot_lora_rank}) on the "
+            "adapter layers' linear maps"
+            if lora(config)
+            else "the adapter layers' full weights",
             "adapter_params": wire.num_params(server.broadcast()),
         },
     }

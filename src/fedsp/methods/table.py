@@ -54,7 +54,9 @@ MODEL_LR = frozenset({"align_lr"})
 AUX = frozenset({"aux_layers", "aux_layer_choice", "aux_layer_order", "aux_embedding"})
 KD = frozenset({"kd_steps", "kd_lr", "kd_batch_size", "kd_projection"})
 SPLIT = frozenset({"split_layer", "prune_gamma", "local_loss_steps"})  # SFPrompt
-OFFSITE = frozenset({"ot_adapter_layers", "ot_keep_ratio", "ot_distill"})  # Offsite-Tuning's emulator
+OFFSITE = frozenset(
+    {"ot_adapter_layers", "ot_keep_ratio", "ot_distill", "ot_lora_rank"}
+)  # Offsite-Tuning's emulator
 # how clients' updates are combined and protected (fedsp.protection): every federated method reads these
 PROTECTION = frozenset(
     {
