@@ -264,10 +264,11 @@ class OffsiteServer:
         return _mean(losses)
 
     @torch.no_grad()
-    def validation_loss(self) -> float:
-        """Answer-token loss of the plug-in on the validation rows; tracks the best adapter."""
+    def validation_loss(self, track: bool = True) -> float:
+        """Answer-token loss of the plug-in on the validation rows; ``track``: keep the adapter when it is
+        the best so far (False: a measurement only)."""
         loss = mean_answer_loss(self.global_model, self.val_batches, None)
-        if loss < self.best_val_loss:
+        if track and loss < self.best_val_loss:
             self.best_val_loss, self.best_state = loss, self.broadcast()
         return loss
 
