@@ -38,12 +38,12 @@ _HELP = {
     "server_rows": "cut the server's own shard to N rows (a model owner with little in-domain data; "
     "default: its whole shard, 1/(K+1) of the train split); the clients' shards are unchanged",
     "local_steps": "T: steps per phase per round (client alignment, client prompt tuning)",
-    "server_steps": "server prefix-tuning steps per round (default: --local-steps, at least 4; 0 for "
-    "fedprompt and fedprompt-single, whose server only averages as in the paper, and offsite-tuning, whose "
-    "server then tunes the plugged-in adapters)",
+    "server_steps": "server steps per round on its own shard: prefix tuning (default: --local-steps, at "
+    "least 4; 0: the server only averages), or offsite-tuning's plugged-in adapter layers (default 0)",
     "batch_size": "training batch size",
     "lr": "learning rate of the prefix phases",
-    "align_lr": "learning rate of model weights (clients' auxiliary-model phase; finetune)",
+    "align_lr": "learning rate of model weights (clients' auxiliary-model phase; finetune; offsite-tuning's "
+    "adapter)",
     "weight_decay": "AdamW weight decay",
     "max_grad_norm": "gradient L2 norm every training phase is clipped to (KD included); 0: no clipping",
     "warmup_ratio": "fraction of each schedule spent warming up",
