@@ -48,7 +48,7 @@ def _changed(before: dict[str, torch.Tensor], module) -> bool:
 
 
 def test_method_table_matches_the_configuration_choices():
-    # The configuration offers exactly the table's methods, and these are the twelve the project documents
+    # The configuration offers exactly the table's methods, and these are the thirteen the project documents
     assert set(METHOD_SPECS) == set(METHODS)
     assert set(METHODS) == {
         "fedsp",

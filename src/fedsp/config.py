@@ -145,7 +145,7 @@ class RunConfig:
     lr: float = real(1e-2, "learning rate of the prefix phases", 0, MAX_LR, low_open=True)
     align_lr: float = real(  # clients' auxiliary-model phase
         1e-4,
-        "learning rate of model weights (clients' auxiliary-model phase; finetune)",
+        "learning rate of model weights (clients' auxiliary-model phase; finetune; offsite-tuning's adapter)",
         0,
         MAX_LR,
         low_open=True,

@@ -265,7 +265,8 @@ class OffsiteServer:
 
     @torch.no_grad()
     def validation_loss(self, track: bool = True) -> float:
-        """Answer-token loss of the plug-in on the validation rows; tracks the best adapter."""
+        """Answer-token loss of the plug-in on the validation rows; ``track``: keep the adapter when it is
+        the best so far (False: a measurement only)."""
         loss = mean_answer_loss(self.global_model, self.val_batches, None)
         if track and loss < self.best_val_loss:
             self.best_val_loss, self.best_state = loss, self.broadcast()
