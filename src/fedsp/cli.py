@@ -7,108 +7,26 @@ command line. Input errors print one line (``fedsp: error: ...``) and exit 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedsp.config import PARTITIONS, RunConfig, load_config_file
+from fedsp.config import OPTIONS, RunConfig, load_config_file
 from fedsp.data.tasks import TASKS
 from fedsp.errors import FedSPError, RunFinished, RunInterrupted
 from fedsp.evaluation import METRIC_COLUMNS
 from fedsp.files import io_reason
 from fedsp.methods.fidelity import FIDELITY, describe_fidelity
-from fedsp.methods.table import METHODS, spec_for
-from fedsp.protection import ATTACK_FORMS, RULE_FORMS
+from fedsp.methods.table import spec_for
 
-_HELP = {
-    "method": f"method: {', '.join(METHODS)}",
-    "model": "global model: smollm2 (bundled), a Hugging Face folder or id, a .gguf file, "
-    "or tiny-llama/tiny-gpt2/tiny-opt",
-    "task": f"task: {', '.join(TASKS)} (custom: your own files in --data-dir)",
-    "data_dir": "folder with <split>.jsonl/.json/.csv/.parquet files: the task's Hugging Face schema, or "
-    "with --task custom prompt/completion, messages, alpaca or multiple-choice rows (not bundled data)",
-    "clients": "number of clients K (the train split is cut into K+1 shards; shard 0 is the server's)",
-    "rounds": "federated rounds",
-    "partition": f"how the train split is shared out: {', '.join(PARTITIONS)} (FIELD: a field of the "
-    "rows, e.g. by:activity_label; each client gets whole groups, the server an IID sample)",
-    "alpha": "Dirichlet concentration for --partition dirichlet (smaller = more skewed)",
-    "data_seed": "seed of the data partition and of the held-out validation rows (default: --seed, so "
-    "each seed resamples the partition; 12345: the fixed partition of results before 2026-12-07)",
-    "server_rows": "cut the server's own shard to N rows (a model owner with little in-domain data; "
-    "default: its whole shard, 1/(K+1) of the train split); the clients' shards are unchanged",
-    "local_steps": "T: steps per phase per round (client alignment, client prompt tuning)",
-    "server_steps": "server prefix-tuning steps per round (default: --local-steps, at least 4; 0 for "
-    "fedprompt and fedprompt-single, whose server only averages as in the paper)",
-    "batch_size": "training batch size",
-    "lr": "learning rate of the prefix phases",
-    "align_lr": "learning rate of model weights (clients' auxiliary-model phase; finetune)",
-    "weight_decay": "AdamW weight decay",
-    "max_grad_norm": "gradient L2 norm every training phase is clipped to (KD included); 0: no clipping",
-    "warmup_ratio": "fraction of each schedule spent warming up",
-    "prefix_len": "P: number of prefix tokens",
-    "prefix_projection": "reparametrise the prefix through an MLP (true/false)",
-    "prefix_dropout": "dropout on the prefix in training",
-    "prefix_init": "prefix initialisation: tokens (the model's own keys/values of task text) or random",
-    "aux_layers": "N: number of global-model layers in the auxiliary model (each shared L/N times)",
-    "aux_layer_choice": "which layers: bottom, middle, top, or indices like 0,15",
-    "aux_layer_order": "which of N > 1 auxiliary layers runs at each depth: cyclic (0,1,..,N-1,0,1,..; "
-    "the reference code's) or blocks (each layer one contiguous block of depths)",
-    "aux_embedding": "the auxiliary model's embedding and tied head: full (the global model's), lowrank:R "
-    "(two factors of rank R from its SVD, then distilled) or pruned:V (V kept tokens; a client's other "
-    "tokens written as their BPE merge parts): a smaller client model",
-    "kd_steps": "knowledge-distillation steps for the auxiliary model (0 = no KD)",
-    "kd_lr": "KD learning rate",
-    "kd_batch_size": "KD batch size",
-    "kd_projection": "learnable W_S in the KD loss, as in the paper (true/false)",
-    "split_layer": "sfprompt: cut layer c (1..L-1): clients run layers 0..c-1, the server the rest",
-    "prune_gamma": "sfprompt: fraction in (0, 1] of each client's examples kept (the hardest by EL2N)",
-    "local_loss_steps": "sfprompt: shortcut-model steps per round before split training (--local-steps)",
-    "eval_limit": "evaluate on the first N examples of the evaluation split (0 = all)",
-    "val_limit": "server validation loss on the first N validation examples (0 = all)",
-    "eval_every_round": "evaluate accuracy after every round (true/false)",
-    "zero_shot_eval": "evaluate the untrained model first, on the same examples (true/false)",
-    "eval_batch_size": "evaluation batch size (sequences; speed only, results are the same)",
-    "max_length": "maximum tokens per sequence (context truncated from the left)",
-    "max_new_tokens": "generative tasks: tokens generated per example at most (greedy)",
-    "stop": "generative tasks: text that ends a generation, like '\\n' (default: the task's; custom: end of "
-    "text only)",
-    "dtype": "float32, bfloat16, or auto: bfloat16 where the CPU (AMX/AVX512-BF16) or GPU multiplies it "
-    "natively",
-    "device": "where the models run: auto (CUDA when present, else CPU), cpu or cuda",
-    "seed": "training seed",
-    "out": "results folder to create (must not exist; default runs/<method>-<task>-<time>)",
-    "engine": "federation engine: inprocess (one process, clients in turn) or flower (Flower simulation)",
-    "fraction_fit": "fraction of the clients sampled each round (seeded, the same in both engines)",
-    "min_replies": "fewest accepted client updates a round needs; fewer stops the run with an error",
-    "max_client_weight": "largest example count (FedAvg weight) a client's update counts with; larger "
-    "claims are cut to it and recorded (a deployed server cannot check a client's count)",
-    "client_timeout": "seconds a round waits for a client's reply (both engines); late clients are left out",
-    "audit": "record every tensor sent to clients and check none is a private global-model weight "
-    "(true/false)",
-    "wire_dtype": "how each round's prefix and the client model shipped once travel: float32 (as trained), "
-    "or bfloat16 / int8 (a scale per 64 values): then updates are sent as their change from the "
-    "broadcast, with error feedback",
-    "state_moments": "the dtype of the AdamW moments a client keeps on its disk between rounds: float32 "
-    "or bfloat16 (half the bytes; the weights it trains are kept exactly)",
-    "aggregation": f"how the round's updates are combined: {RULE_FORMS}",
-    "dp_noise_multiplier": "client-level differential privacy: Gaussian noise of Z x clip on the sum of the "
-    "clipped updates (needs --dp-clip)",
-    "dp_clip": "client-level DP: each update (prefix minus broadcast) clipped to this L2 norm (the initial "
-    "clip with --dp-clip-quantile)",
-    "dp_epsilon": "client-level DP budget: without --dp-noise-multiplier, the noise is chosen for the "
-    "planned rounds; with it, a round that would exceed it is not started",
-    "dp_delta": "client-level DP: the delta epsilon is reported at",
-    "dp_clip_quantile": "client-level DP: adapt the clip each round towards this fraction of unclipped "
-    "updates (Andrew et al. 2021)",
-    "dp_clip_lr": "client-level DP: learning rate of the adaptive clip",
-    "dp_noise_seed": "client-level DP: seed of the noise and the sampling, for tests and reproduction only "
-    "(written to config.json: anyone who reads it can remove the noise); unset: a secret seed",
-    "secure_aggregation": "Flower's SecAgg+: the server sees only the sum of the updates (--engine flower, "
-    "aggregation mean; true/false)",
-    "attack": f"evaluation only: what --attackers send instead of their update: {ATTACK_FORMS}",
-    "attackers": "evaluation only: the partitions that send --attack, like 1,4",
-}
+
+def option_help() -> dict[str, str]:
+    """Each ``fedsp run`` option's help text, from its :class:`RunConfig` field (``metadata["help"]``)."""
+    texts = {f.name: f.metadata["help"] for f in dataclasses.fields(RunConfig) if "help" in f.metadata}
+    texts["task"] = texts["task"].replace("{tasks}", ", ".join(TASKS))
+    return texts
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--config", help="TOML or YAML file of the same keys (options on the command line win)")
     defaults = RunConfig()
-    for name, help_text in _HELP.items():
+    for name, help_text in option_help().items():
         default = getattr(defaults, name)
         run.add_argument(
             "--" + name.replace("_", "-"), default=argparse.SUPPRESS, help=f"{help_text} (default: {default})"
@@ -145,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    values = load_config_file(args.config) if args.config else {}
+    values = config_file_values(args.config) if args.config else {}
     if getattr(args, "resume", None):
         saved = Path(args.resume) / "config.json"
         if not saved.is_file():
@@ -153,15 +71,25 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         # written by this or another version: unknown keys dropped (one warning), missing ones defaulted
         written = RunConfig.from_dict(load_config_file(saved), strict=False, source=str(saved))
         values = {**written.to_dict(), **values}
-    given = {k: v for k, v in vars(args).items() if k in _HELP}
-    for key in ("eval_limit", "val_limit"):  # 0 on the command line means "all"
-        if str(given.get(key, values.get(key, ""))) == "0":
-            given[key] = None
-    source = f"config file {args.config!r}" if args.config else "options"
-    config = RunConfig.from_dict({**values, **given}, source=source)
+    names = option_help()
+    given = RunConfig.coerce({k: v for k, v in vars(args).items() if k in names}, source=OPTIONS)
+    for spec in dataclasses.fields(RunConfig):  # --eval-limit 0: all, on the command line and in a file
+        if spec.metadata.get("zero_unsets") and given.get(spec.name, values.get(spec.name)) == 0:
+            given[spec.name] = None
+    config = RunConfig(**{**values, **given})
     if args.quiet:
-        config = RunConfig.from_dict({**config.to_dict(), "progress": False})
+        config = dataclasses.replace(config, progress=False)
     return config
+
+
+def config_file_values(path: str) -> dict[str, Any]:
+    """A ``--config`` file's keys as RunConfig values; a relative ``data_dir`` read from the file's folder
+    (a configuration names its data where it lies, wherever the command is started)."""
+    values = RunConfig.coerce(load_config_file(path), source=f"config file {path!r}")
+    data_dir = values.get("data_dir")
+    if data_dir is not None and not Path(data_dir).expanduser().is_absolute():
+        values["data_dir"] = str(Path(path).parent / data_dir)
+    return values
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,23 +12,29 @@ dropped with one warning, missing ones take their defaults.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import re
-import tomllib
 import warnings
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
+from fedsp.config_input import OPTIONS, coerce_value, load_config_file, parse_layer_choice  # noqa: F401
 from fedsp.errors import FedSPError
-from fedsp.files import io_reason
 from fedsp.methods.table import ENGINES, METHODS, SPLIT_HEAD, spec_for
 from fedsp.models.precision import DTYPE_CHOICES, resolve_dtype
+from fedsp.options import (
+    MAX_BATCH,
+    MAX_SEED,
+    MAX_STEPS,
+    check_bounds,
+    count,
+    option,
+    real,
+    shown,
+)
 from fedsp.protection import (
+    ATTACK_FORMS,
     MEAN,
+    RULE_FORMS,
     SECAGG_MIN_CLIENTS,
     SECAGG_RANGE,
     clients_per_round,
@@ -48,6 +54,8 @@ STATE_MOMENTS = (FLOAT32, BFLOAT16)  # --state-moments: how a client keeps its A
 
 PARTITIONS = ("iid", "dirichlet", "by:FIELD")  # by:FIELD: each client whole groups of a row field
 MAX_PREFIX_LEN = 4096  # a sane bound, checked before any work (the paper's prefixes are 40 tokens)
+MAX_LR = 100.0  # a learning rate beyond this only makes NaN (the defaults are 1e-4 to 1e-2)
+MAX_EXAMPLES = 10**12  # example counts (--eval-limit, --max-client-weight)
 PREFIX_INITS = ("tokens", "random")
 LAYER_ORDERS = ("cyclic", "blocks")  # --aux-layer-order (fedsp.models.auxiliary.depth_plan)
 
@@ -67,87 +75,280 @@ MIN_SERVER_STEPS = 4
 class RunConfig:
     """Everything a run depends on. Defaults are the CPU-sized main job on SmolLM2 + ARC-Easy."""
 
-    method: str = "fedsp"
-    model: str = "smollm2"
-    task: str = "arc_easy"
-    data_dir: str | None = None
+    method: str = option("fedsp", f"method: {', '.join(METHODS)}")
+    model: str = option(
+        "smollm2",
+        "global model: smollm2 (bundled), a Hugging Face folder or id, a .gguf file, "
+        "or tiny-llama/tiny-gpt2/tiny-opt",
+    )
+    task: str = option("arc_easy", "task: {tasks} (custom: your own files in --data-dir)")
+    data_dir: str | None = option(
+        None,
+        "folder with <split>.jsonl/.json/.csv/.parquet files: the task's Hugging Face schema, or with --task "
+        "custom prompt/completion, messages, alpaca or multiple-choice rows (not bundled data); in a config "
+        "file, a relative folder is read from the file's own folder",
+    )
     # federation
-    clients: int = 10
-    rounds: int = 3
-    partition: str = "iid"
-    alpha: float = 1.0
+    clients: int = count(
+        10,
+        "number of clients K (the train split is cut into K+1 shards; shard 0 is the server's)",
+        1,
+        100_000,
+    )
+    rounds: int = count(3, "federated rounds", 1, MAX_STEPS)
+    partition: str = option(
+        "iid",
+        f"how the train split is shared out: {', '.join(PARTITIONS)} (FIELD: a field of the rows, e.g. "
+        "by:activity_label; each client gets whole groups, the server an IID sample)",
+    )
+    alpha: float = real(
+        1.0,
+        "Dirichlet concentration for --partition dirichlet (smaller = more skewed)",
+        0,
+        1e6,
+        low_open=True,
+    )
     # the partition's seed; None: --seed, so each training seed also resamples the partition (and the
     # held-out validation rows). 12345 is the seed every result before 2026-12-07 was cut with.
-    data_seed: int | None = None
-    server_rows: int | None = None  # the server's shard cut to this many rows (None: its whole shard)
+    data_seed: int | None = count(
+        None,
+        "seed of the data partition and of the held-out validation rows (default: --seed, so each seed "
+        "resamples the partition; 12345: the fixed partition of results before 2026-12-07)",
+        0,
+        MAX_SEED,
+    )
+    server_rows: int | None = count(  # None: the server's whole shard
+        None,
+        "cut the server's own shard to N rows (a model owner with little in-domain data; default: its "
+        "whole shard, 1/(K+1) of the train split); the clients' shards are unchanged",
+        1,
+        MAX_EXAMPLES,
+    )
     # local training (T steps per phase per round, clients and server)
-    local_steps: int = 2
-    server_steps: int | None = None  # None: local_steps, or 0 for methods whose server only averages
-    batch_size: int = 8
-    lr: float = 1e-2  # prefix phases (clients' knowledge capturing, server tuning); see docs/results.md
-    align_lr: float = 1e-4  # clients' auxiliary-model phase
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
+    local_steps: int = count(
+        2, "T: steps per phase per round (client alignment, client prompt tuning)", 0, MAX_STEPS
+    )
+    # None: local_steps, or 0 for methods whose server only averages
+    server_steps: int | None = count(
+        None,
+        "server prefix-tuning steps per round (default: --local-steps, at least 4; 0 for fedprompt and "
+        "fedprompt-single, whose server only averages as in the paper)",
+        0,
+        MAX_STEPS,
+    )
+    batch_size: int = count(8, "training batch size", 1, MAX_BATCH)
+    # prefix phases (clients' knowledge capturing, server tuning); see docs/results.md
+    lr: float = real(1e-2, "learning rate of the prefix phases", 0, MAX_LR, low_open=True)
+    align_lr: float = real(  # clients' auxiliary-model phase
+        1e-4,
+        "learning rate of model weights (clients' auxiliary-model phase; finetune)",
+        0,
+        MAX_LR,
+        low_open=True,
+    )
+    weight_decay: float = real(0.01, "AdamW weight decay", 0, 100)
+    warmup_ratio: float = real(0.1, "fraction of each schedule spent warming up", 0, 1, high_open=True)
     # every training phase's gradient clipped to this L2 norm; 0 (default, as the reference code): none.
     # Measured: FedSP 58.5 without, 58.3 with 1.0 (3 seeds, docs/results.md)
-    max_grad_norm: float = 0.0
+    max_grad_norm: float = real(
+        0.0, "gradient L2 norm every training phase is clipped to (KD included); 0: no clipping", 0, 1e9
+    )
     # prefix
-    prefix_len: int = 40
-    prefix_projection: bool = False
-    prefix_dropout: float = 0.1
-    prefix_init: str = "tokens"
+    prefix_len: int = count(40, "P: number of prefix tokens", 1, MAX_PREFIX_LEN)
+    prefix_projection: bool = option(False, "reparametrise the prefix through an MLP (true/false)")
+    prefix_dropout: float = real(0.1, "dropout on the prefix in training", 0, 1, high_open=True)
+    prefix_init: str = option(
+        "tokens", "prefix initialisation: tokens (the model's own keys/values of task text) or random"
+    )
     # auxiliary model and KD
-    aux_layers: int = 1
-    aux_layer_choice: str | tuple[int, ...] = "bottom"
-    aux_layer_order: str = "cyclic"  # which of N > 1 layers runs at each depth (models/auxiliary.py)
-    aux_embedding: str = "full"  # lowrank:R: the client's embedding and head as factors (models/embedding)
-    kd_steps: int = 20
-    kd_lr: float = 5e-4
-    kd_batch_size: int = 8
-    kd_projection: bool = False
+    aux_layers: int = count(
+        1, "N: number of global-model layers in the auxiliary model (each shared L/N times)", 1, 10_000
+    )
+    aux_layer_choice: str | tuple[int, ...] = option(
+        "bottom", "which layers: bottom, middle, top, or indices like 0,15"
+    )
+    aux_layer_order: str = option(  # models/auxiliary.py
+        "cyclic",
+        "which of N > 1 auxiliary layers runs at each depth: cyclic (0,1,..,N-1,0,1,..; the reference "
+        "code's) or blocks (each layer one contiguous block of depths)",
+    )
+    aux_embedding: str = option(  # lowrank:R: the client's embedding and head as factors (models/embedding)
+        "full",
+        "the auxiliary model's embedding and tied head: full (the global model's), lowrank:R (two factors "
+        "of rank R from its SVD, then distilled) or pruned:V (V kept tokens; a client's other tokens "
+        "written as their BPE merge parts): a smaller client model",
+    )
+    kd_steps: int = count(
+        20, "knowledge-distillation steps for the auxiliary model (0 = no KD)", 0, MAX_STEPS
+    )
+    kd_lr: float = real(5e-4, "KD learning rate", 0, MAX_LR, low_open=True)
+    kd_batch_size: int = count(8, "KD batch size", 1, MAX_BATCH)
+    kd_projection: bool = option(False, "learnable W_S in the KD loss, as in the paper (true/false)")
     # SFPrompt (prompt length: prefix_len)
-    split_layer: int = 2  # c: clients run layers 0..c-1, the server c..L-1 (checked against L at build time)
-    prune_gamma: float = 0.5  # fraction of each client's examples kept for split training (hardest by EL2N)
-    local_loss_steps: int = 2  # shortcut-model (body skipped) steps per round, before split training
+    split_layer: int = count(  # checked against the model's L at build time
+        2, "sfprompt: cut layer c (1..L-1): clients run layers 0..c-1, the server the rest", 1, 10_000
+    )
+    prune_gamma: float = real(
+        0.5,
+        "sfprompt: fraction in (0, 1] of each client's examples kept (the hardest by EL2N)",
+        0,
+        1,
+        low_open=True,
+    )
+    local_loss_steps: int = count(
+        2, "sfprompt: shortcut-model steps per round before split training (--local-steps)", 0, MAX_STEPS
+    )
     # evaluation
-    eval_limit: int | None = 200
-    val_limit: int | None = 100
-    eval_every_round: bool = True
-    zero_shot_eval: bool = True
-    eval_batch_size: int = 128
-    max_length: int = 256
-    max_new_tokens: int = 32  # generative tasks: greedy tokens generated per example at most
-    stop: str | None = None  # generative tasks: text that ends a generation; None: the task's (SQuAD: "\n")
+    eval_limit: int | None = count(
+        200,
+        "evaluate on the first N examples of the evaluation split (0 = all)",
+        1,
+        MAX_EXAMPLES,
+        zero_unsets=True,
+    )
+    val_limit: int | None = count(
+        100,
+        "server validation loss on the first N validation examples (0 = all)",
+        1,
+        MAX_EXAMPLES,
+        zero_unsets=True,
+    )
+    eval_every_round: bool = option(True, "evaluate accuracy after every round (true/false)")
+    zero_shot_eval: bool = option(
+        True, "evaluate the untrained model first, on the same examples (true/false)"
+    )
+    eval_batch_size: int = count(
+        128, "evaluation batch size (sequences; speed only, results are the same)", 1, MAX_BATCH
+    )
+    max_length: int = count(
+        256, "maximum tokens per sequence (context truncated from the left)", 1, MAX_STEPS
+    )
+    max_new_tokens: int = count(
+        32, "generative tasks: tokens generated per example at most (greedy)", 1, MAX_STEPS
+    )
+    stop: str | None = option(
+        None,
+        "generative tasks: text that ends a generation, like '\\n' (default: the task's, SQuAD: a newline; "
+        "custom: end of text only)",
+    )
     # runtime
-    dtype: str = "float32"  # or bfloat16; auto: bfloat16 where the device multiplies it natively (not the
-    # default: 1.3-2.2x faster steps there, FedSP 0.6 points lower over 3 seeds; docs/performance.md)
-    device: str = "auto"  # auto: CUDA when present, else CPU
-    seed: int = 0
-    out: str | None = None
-    progress: bool = field(default=True, compare=False)
+    dtype: str = option(  # auto is not the default: 1.3-2.2x faster steps where it applies, FedSP 0.6
+        "float32",  # points lower over 3 seeds (docs/performance.md)
+        "float32, bfloat16, or auto: bfloat16 where the CPU (AMX/AVX512-BF16) or GPU multiplies it natively",
+    )
+    device: str = option("auto", "where the models run: auto (CUDA when present, else CPU), cpu or cuda")
+    seed: int = count(0, "training seed", 0, MAX_SEED)
+    out: str | None = option(
+        None, "results folder to create (must not exist; default runs/<method>-<task>-<time>)"
+    )
+    progress: bool = option(True, compare=False)  # --quiet sets it off
     # federation runtime: engine, partial participation, failures, audit
-    engine: str = "inprocess"
-    fraction_fit: float = 1.0  # fraction of the K clients sampled per round
-    min_replies: int = 1  # fewer accepted updates than this stops the run
-    max_client_weight: int | None = None  # a client's example count (FedAvg weight) is cut to this
-    client_timeout: float | None = None  # seconds a round waits for a client's reply; None: no limit
-    audit: bool = False  # record every tensor sent to clients (audit.json in the results folder)
-    wire_dtype: str = "float32"  # each round's messages: float32, or bfloat16 / int8 deltas (fedsp.wire)
-    state_moments: str = "float32"  # the dtype of the AdamW moments a client keeps between rounds
+    engine: str = option(
+        "inprocess",
+        "federation engine: inprocess (one process, clients in turn) or flower (Flower simulation)",
+    )
+    fraction_fit: float = real(
+        1.0,
+        "fraction of the clients sampled each round (seeded, the same in both engines)",
+        0,
+        1,
+        low_open=True,
+    )
+    min_replies: int = count(
+        1,
+        "fewest accepted client updates a round needs; fewer stops the run with an error (more than the "
+        "clients sampled a round, --clients x --fraction-fit, is refused at start)",
+        1,
+        100_000,
+    )
+    max_client_weight: int | None = count(
+        None,
+        "largest example count (FedAvg weight) a client's update counts with; larger claims are cut to it "
+        "and recorded (a deployed server cannot check a client's count)",
+        1,
+        MAX_EXAMPLES,
+    )
+    client_timeout: float | None = real(
+        None,
+        "seconds a round waits for a client's reply (both engines); late clients are left out",
+        0,
+        1e7,
+        low_open=True,
+    )
+    audit: bool = option(
+        False,
+        "record every tensor sent to clients and check none is a private global-model weight (true/false)",
+    )
+    wire_dtype: str = option(  # encoded by fedsp.wire
+        "float32",
+        "how each round's prefix and the client model shipped once travel: float32 (as trained), or "
+        "bfloat16 / int8 (a scale per 64 values): then updates are sent as their change from the broadcast, "
+        "with error feedback",
+    )
+    state_moments: str = option(
+        "float32",
+        "the dtype of the AdamW moments a client keeps on its disk between rounds: float32 or bfloat16 "
+        "(half the bytes; the weights it trains are kept exactly)",
+    )
     # the data owners' protection (fedsp.protection; README "Privacy and robustness")
-    aggregation: str = "mean"  # mean, median, trimmed-mean:F, clipped-mean:C
-    dp_noise_multiplier: float | None = None  # client-level DP: Gaussian noise Z * clip on the sum
-    dp_clip: float | None = None  # client-level DP: each update's L2 norm clipped to this (initial, adaptive)
-    dp_epsilon: float | None = None  # the privacy budget (Z chosen for the planned rounds when Z is not set)
-    dp_delta: float = 1e-5
-    dp_clip_quantile: float | None = None  # adaptive clip: the fraction of updates left unclipped it aims for
-    dp_clip_lr: float = 0.2  # adaptive clip: geometric learning rate (Flower's default)
-    dp_noise_seed: int | None = None  # None: a secret seed (checkpoint only); set: reproducible, no guarantee
-    secure_aggregation: bool = False  # Flower's SecAgg+: the server sees only the sum of the updates
-    attack: str | None = None  # evaluation only: what --attackers send instead of their update
-    attackers: tuple[int, ...] = ()
+    aggregation: str = option("mean", f"how the round's updates are combined: {RULE_FORMS}")
+    dp_noise_multiplier: float | None = real(
+        None,
+        "client-level differential privacy: Gaussian noise of Z x clip on the sum of the clipped updates "
+        "(needs --dp-clip)",
+        0,
+        1e6,
+    )
+    dp_clip: float | None = real(
+        None,
+        "client-level DP: each update (prefix minus broadcast) clipped to this L2 norm (the initial clip "
+        "with --dp-clip-quantile)",
+        0,
+        1e9,
+        low_open=True,
+    )
+    dp_epsilon: float | None = real(
+        None,
+        "client-level DP budget: without --dp-noise-multiplier, the noise is chosen for the planned "
+        "rounds; with it, a round that would exceed it is not started",
+        0,
+        1e6,
+        low_open=True,
+    )
+    dp_delta: float = real(
+        1e-5, "client-level DP: the delta epsilon is reported at", 0, 1, low_open=True, high_open=True
+    )
+    dp_clip_quantile: float | None = real(
+        None,
+        "client-level DP: adapt the clip each round towards this fraction of unclipped updates "
+        "(Andrew et al. 2021)",
+        0,
+        1,
+        low_open=True,
+        high_open=True,
+    )
+    dp_clip_lr: float = real(  # Flower's default
+        0.2, "client-level DP: learning rate of the adaptive clip", 0, MAX_LR, low_open=True
+    )
+    dp_noise_seed: int | None = count(
+        None,
+        "client-level DP: seed of the noise and the sampling, for tests and reproduction only (written to "
+        "config.json: anyone who reads it can remove the noise); unset: a secret seed",
+        0,
+        MAX_SEED,
+    )
+    secure_aggregation: bool = option(
+        False,
+        "Flower's SecAgg+: the server sees only the sum of the updates (--engine flower, aggregation mean; "
+        "true/false)",
+    )
+    attack: str | None = option(
+        None, f"evaluation only: what --attackers send instead of their update: {ATTACK_FORMS}"
+    )
+    attackers: tuple[int, ...] = option((), "evaluation only: the partitions that send --attack, like 1,4")
 
     def __post_init__(self) -> None:
+        check_bounds(self)  # every numeric field against the range it declares (fedsp.options)
         _check_choice("method", self.method, METHODS)
         if not (isinstance(self.partition, str) and self.partition.startswith("by:")):
             _check_choice("partition", self.partition, PARTITIONS)
@@ -172,27 +373,6 @@ class RunConfig:
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))
         # a run records the dtype it computed in (config.json, --resume, grid cells), never "auto"
         object.__setattr__(self, "dtype", resolve_dtype(self.dtype, self.device))
-        for name in (
-            "clients",
-            "rounds",
-            "prefix_len",
-            "aux_layers",
-            "batch_size",
-            "kd_batch_size",
-            "eval_batch_size",
-            "max_length",
-            "split_layer",
-            "max_new_tokens",
-        ):
-            _check_min(name, getattr(self, name), 1)
-        for name in ("local_steps", "kd_steps", "local_loss_steps"):
-            _check_min(name, getattr(self, name), 0)
-        if self.server_steps is not None:
-            _check_min("server_steps", self.server_steps, 0)
-        if self.server_rows is not None:
-            _check_min("server_rows", self.server_rows, 1)
-        if self.data_seed is not None:
-            _check_min("data_seed", self.data_seed, 0)
         if self.max_length < 2:  # one context token and one answer token at the least
             raise FedSPError(f"--max-length {self.max_length} is too short for a context plus its answer")
         if self.max_new_tokens >= self.max_length:
@@ -200,26 +380,6 @@ class RunConfig:
                 f"--max-new-tokens {self.max_new_tokens} leaves no room for a prompt in --max-length "
                 f"{self.max_length}; generation keeps prompt + new tokens within it"
             )
-        if self.prefix_len > MAX_PREFIX_LEN:
-            raise FedSPError(
-                f"--prefix-len {self.prefix_len} is beyond the sane bound of {MAX_PREFIX_LEN} tokens"
-            )
-        for name in ("eval_limit", "val_limit"):
-            if getattr(self, name) is not None:
-                _check_min(name, getattr(self, name), 1)
-        for name in ("lr", "align_lr", "kd_lr", "alpha"):
-            if not getattr(self, name) > 0:
-                raise FedSPError(f"{_flag(name)} must be positive, got {getattr(self, name)}")
-        if not 0 < self.prune_gamma <= 1:
-            raise FedSPError(f"--prune-gamma must be in (0, 1], got {self.prune_gamma}")
-        if not 0 <= self.prefix_dropout < 1:
-            raise FedSPError(f"--prefix-dropout must be in [0, 1), got {self.prefix_dropout}")
-        if not (self.max_grad_norm >= 0 and math.isfinite(self.max_grad_norm)):
-            raise FedSPError(
-                f"--max-grad-norm must be 0 (no clipping) or a positive norm, got {self.max_grad_norm}"
-            )
-        if not 0 <= self.warmup_ratio < 1:
-            raise FedSPError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         _check_choice("engine", self.engine, ENGINES)
         engines = spec_for(self.method).engines
         if self.engine not in engines:
@@ -227,13 +387,12 @@ class RunConfig:
                 f"--method {self.method} runs with --engine {' or '.join(engines)} only for now, "
                 f"got --engine {self.engine}"
             )
-        if not 0 < self.fraction_fit <= 1:
-            raise FedSPError(f"--fraction-fit must be in (0, 1], got {self.fraction_fit}")
-        _check_min("min_replies", self.min_replies, 1)
-        if self.max_client_weight is not None:
-            _check_min("max_client_weight", self.max_client_weight, 1)
-        if self.client_timeout is not None and not self.client_timeout > 0:
-            raise FedSPError(f"--client-timeout must be positive seconds, got {self.client_timeout}")
+        if self.min_replies > self.clients_per_round:  # refused, not capped: the run would stop anyway
+            raise FedSPError(
+                f"--min-replies {self.min_replies} is more than the {self.clients_per_round} clients sampled "
+                f"a round (--clients {self.clients}, --fraction-fit {self.fraction_fit:g}); a round can "
+                f"accept at most {self.clients_per_round} updates"
+            )
         if isinstance(self.aux_layer_choice, list):
             object.__setattr__(self, "aux_layer_choice", tuple(self.aux_layer_choice))
         self._check_protection()
@@ -259,20 +418,6 @@ class RunConfig:
                 f"(--clients {self.clients}, --fraction-fit {self.fraction_fit:g}); F must be below "
                 f"{per_round / 2:g}"
             )
-        if self.dp_clip is not None and not (math.isfinite(self.dp_clip) and self.dp_clip > 0):
-            raise FedSPError(f"--dp-clip must be a positive L2 norm, got {self.dp_clip}")
-        if self.dp_noise_multiplier is not None and not (
-            math.isfinite(self.dp_noise_multiplier) and self.dp_noise_multiplier >= 0
-        ):
-            raise FedSPError(f"--dp-noise-multiplier must be 0 or more, got {self.dp_noise_multiplier}")
-        if self.dp_epsilon is not None and not (math.isfinite(self.dp_epsilon) and self.dp_epsilon > 0):
-            raise FedSPError(f"--dp-epsilon must be positive, got {self.dp_epsilon}")
-        if not 0 < self.dp_delta < 1:
-            raise FedSPError(f"--dp-delta must be in (0, 1), got {self.dp_delta}")
-        if self.dp_clip_quantile is not None and not 0 < self.dp_clip_quantile < 1:
-            raise FedSPError(f"--dp-clip-quantile must be in (0, 1), got {self.dp_clip_quantile}")
-        if not (math.isfinite(self.dp_clip_lr) and self.dp_clip_lr > 0):
-            raise FedSPError(f"--dp-clip-lr must be positive, got {self.dp_clip_lr}")
         if self.dp and self.dp_clip is None:
             raise FedSPError("differential privacy (--dp-noise-multiplier or --dp-epsilon) needs --dp-clip C")
         if not self.dp and (self.dp_clip is not None or self.dp_clip_quantile is not None):
@@ -348,8 +493,9 @@ class RunConfig:
             )
         outside = [k for k in self.attackers if not 0 <= k < self.clients]
         if outside:
+            given = shown(",".join(map(shown, self.attackers)))
             raise FedSPError(
-                f"--attackers {','.join(map(str, self.attackers))}: {outside} are not partitions of this run "
+                f"--attackers {given}: {shown(outside)} are not partitions of this run "
                 f"(0..{self.clients - 1} with --clients {self.clients})"
             )
 
@@ -386,54 +532,33 @@ class RunConfig:
     def from_dict(cls, data: dict[str, Any], strict: bool = True, source: str = "configuration") -> RunConfig:
         """Build from plain keys (dashes or underscores). Unknown keys: an error if ``strict``, else one
         warning."""
+        return cls(**cls.coerce(data, strict, source))
+
+    @classmethod
+    def coerce(
+        cls, data: dict[str, Any], strict: bool = True, source: str = "configuration"
+    ) -> dict[str, Any]:
+        """``data``'s keys as field names and its values as the fields' types (text from a command line,
+        numbers from a file), unchecked; errors name ``source``."""
         known = {f.name: f for f in dataclasses.fields(cls)}
         clean: dict[str, Any] = {}
         unknown = []
         for key, value in data.items():
-            name = key.replace("-", "_")
+            name = str(key).replace("-", "_")
             if name in known:
                 clean[name] = coerce_value(name, value, known[name].type, source)
             else:
                 unknown.append(key)
         if unknown and strict:
-            raise FedSPError(f"{source}: unknown keys {unknown}; valid keys: {', '.join(sorted(known))}")
+            raise FedSPError(
+                f"{source}: unknown keys {shown(unknown)}; valid keys: {', '.join(sorted(known))}"
+            )
         if unknown:
             warnings.warn(
-                f"{source}: ignoring unknown keys {unknown} (written by another version?)", stacklevel=2
+                f"{source}: ignoring unknown keys {shown(unknown)} (written by another version?)",
+                stacklevel=2,
             )
-        return cls(**clean)
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML (.toml) or YAML (.yaml/.yml) file of run keys into a dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise FedSPError(f"config file {str(path)!r} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise FedSPError(
-            f"config file {str(path)!r} is not UTF-8 text (byte {err.start}); save it as UTF-8"
-        ) from None
-    except OSError as err:
-        raise FedSPError(f"config file {str(path)!r} cannot be read: {io_reason(err)}") from None
-    try:
-        if path.suffix == ".toml":
-            data = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text) or {}
-        elif path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            raise FedSPError(f"config file {str(path)!r} must end in .toml, .yaml, .yml or .json")
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, ValueError, yaml.YAMLError) as err:
-        if isinstance(err, FedSPError):
-            raise
-        where = " ".join(str(err).split())  # parsers' messages span lines: one line here
-        raise FedSPError(f"config file {str(path)!r} cannot be parsed: {where[:300]}") from None
-    if not isinstance(data, dict):
-        raise FedSPError(f"config file {str(path)!r} must hold a table of keys, got {type(data).__name__}")
-    return data
+        return clean
 
 
 def parse_embedding(text: str) -> tuple[str, int] | None:
@@ -451,72 +576,6 @@ def parse_embedding(text: str) -> tuple[str, int] | None:
     )
 
 
-def parse_layer_choice(text: str) -> str | tuple[int, ...]:
-    """``bottom`` / ``middle`` / ``top``, or comma-separated layer indices such as ``0,15``."""
-    if text in ("bottom", "middle", "top"):
-        return text
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise FedSPError(
-            f"--aux-layer-choice {text!r} must be bottom, middle, top or indices like 0,15"
-        ) from None
-
-
-def coerce_value(name: str, value: Any, annotation: Any, source: str) -> Any:
-    text = str(annotation)
-    if name == "aux_layer_choice":
-        if isinstance(value, str):
-            return parse_layer_choice(value)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return (value,)  # one layer index
-        if isinstance(value, (list, tuple)) and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value
-        ):
-            return tuple(value)
-        raise FedSPError(
-            f"{source}: aux_layer_choice = {value!r} is not valid: bottom, middle, top, or layer indices"
-        )
-    if name == "stop" and isinstance(value, str):  # "\\n" on a command line means a newline
-        text = (
-            value.encode("latin-1", "backslashreplace").decode("unicode_escape") if "\\" in value else value
-        )
-        if not text:
-            raise FedSPError(f"{source}: stop must be a non-empty text (leave it unset for the task's own)")
-        return text
-    if name == "attackers":
-        return parse_partitions(value) if value not in (None, "", []) else ()
-    if value is None:
-        return None
-    try:
-        if text.startswith("bool"):
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(value)
-                return value.lower() in ("true", "1", "yes")
-            return bool(value)
-        if text.startswith("int"):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if text.startswith("float"):
-            return float(value)
-        if text.startswith("str"):
-            return str(value)
-    except (TypeError, ValueError):
-        raise FedSPError(f"{source}: {name} = {value!r} is not a valid {text.split(' ')[0]}") from None
-    return value
-
-
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise FedSPError(f"--{name} {value!r} is not valid; choose one of: {', '.join(allowed)}")
-
-
-def _check_min(name: str, value: int, minimum: int) -> None:
-    if not isinstance(value, int) or value < minimum:
-        raise FedSPError(f"{_flag(name)} must be an integer >= {minimum}, got {value!r}")
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")

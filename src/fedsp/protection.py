@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 
 from fedsp.errors import FedSPError
+from fedsp.options import shown
 
 MEAN, MEDIAN, TRIMMED, CLIPPED = "mean", "median", "trimmed-mean", "clipped-mean"
 RULES = (MEAN, MEDIAN, TRIMMED, CLIPPED)
@@ -102,8 +103,8 @@ def parse_partitions(text: str | int | list | tuple) -> tuple[int, ...]:
             if isinstance(part, bool) or (isinstance(part, float) and not part.is_integer()):
                 raise ValueError(part)
             ids.append(int(str(part).strip()) if isinstance(part, str) else int(part))
-    except (TypeError, ValueError):
-        raise FedSPError(f"--attackers {text!r} must be partition ids like 1,4") from None
+    except (TypeError, ValueError, OverflowError):
+        raise FedSPError(f"--attackers {shown(text)} must be partition ids like 1,4") from None
     return tuple(sorted(set(ids)))
 
 

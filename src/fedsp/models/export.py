@@ -83,7 +83,18 @@ def write_prefix_file(path: Path, prefix: Prefix, metadata: dict[str, str]) -> N
         "fedsp_version": fedsp_version(),
         "positions": POSITIONS,
     }
-    atomic_write(Path(path), st_save(prefix.wire_state(), metadata=header))
+    atomic_write(Path(path), canonical_safetensors(st_save(prefix.wire_state(), metadata=header)))
+
+
+def canonical_safetensors(blob: bytes) -> bytes:
+    """The safetensors file ``blob`` with its header's keys sorted, so that identical tensors and metadata
+    give identical bytes (safetensors writes the metadata from a hash map, whose order changes from one
+    process to the next). The tensors' bytes and offsets are unchanged; readers accept any key order."""
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data stays 8-byte aligned, as safetensors writes it
+    return len(text).to_bytes(8, "little") + text + blob[8 + size :]
 
 
 def read_prefix_metadata(path: Path) -> dict[str, str]:
@@ -224,7 +235,7 @@ def write_peft_adapter(
         base_model_name_or_path=base_model,
     )
     config_json = json.dumps(config.to_dict(), indent=2, sort_keys=True)
-    weights = st_save({PEFT_TABLE_KEY: peft_table(prefix)}, metadata={"format": "pt"})
+    weights = canonical_safetensors(st_save({PEFT_TABLE_KEY: peft_table(prefix)}, metadata={"format": "pt"}))
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
