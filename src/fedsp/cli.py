@@ -21,6 +21,8 @@ from fedsp.files import io_reason
 from fedsp.methods.fidelity import FIDELITY, describe_fidelity
 from fedsp.methods.table import spec_for
 
+MAX_LINE = 500  # an error line's length at most
+
 
 def option_help() -> dict[str, str]:
     """Each ``fedsp run`` option's help text, from its :class:`RunConfig` field (``metadata["help"]``)."""
@@ -125,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fedsp: {done}", file=sys.stderr)
         return 0
     except FedSPError as err:
-        print(f"fedsp: error: {err}", file=sys.stderr)
+        print(f"fedsp: error: {error_line(err)}", file=sys.stderr)
         return 2
     except OSError as err:  # disk full, permissions...: completed rounds stay (every write is atomic)
         where = f"{err.filename}: " if err.filename else ""
@@ -137,6 +139,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     print(format_summary(outcome.results, str(outcome.out_dir)))
     return 0
+
+
+def error_line(err: BaseException) -> str:
+    """An error as one line of at most :data:`MAX_LINE` characters (a path or a value built from a file can
+    be as long as the file)."""
+    line = " ".join(str(err).split())
+    return line if len(line) <= MAX_LINE else line[: MAX_LINE - 3] + "..."
 
 
 def interrupted(err: KeyboardInterrupt, command: str) -> str:

@@ -578,4 +578,4 @@ def parse_embedding(text: str) -> tuple[str, int] | None:
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise FedSPError(f"--{name} {value!r} is not valid; choose one of: {', '.join(allowed)}")
+        raise FedSPError(f"--{name} {shown(value)} is not valid; choose one of: {', '.join(allowed)}")

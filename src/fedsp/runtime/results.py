@@ -52,31 +52,45 @@ class RunLock:
     """An exclusive lock on a results folder, held while a process runs in it (``.lock`` holds its PID).
 
     A second run, or ``--resume``, on a folder whose run is alive is refused, naming that PID. The lock
-    is the kernel's (``flock``): it goes with the process, even one killed with SIGKILL.
+    is the kernel's (``flock``): it goes with the process, even one killed with SIGKILL. Released, the
+    file is removed (a finished or failed run leaves no ``.lock``): it is unlinked while still locked, and
+    a taker checks that the file it locked is still the one at the path, so two processes never both
+    hold a folder through an old and a new file.
     """
 
     NAME = ".lock"
 
     def __init__(self, folder: Path) -> None:
         self.path = Path(folder) / self.NAME
-        self.handle = self.path.open("a+")
-        try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.handle.seek(0)
-            pid = self.handle.read().strip() or "unknown"
-            self.handle.close()
-            raise FedSPError(
-                f"results folder {str(folder)!r} is in use by a running fedsp process (PID {pid}); "
-                "wait for it to finish or stop it first"
-            ) from None
+        while True:
+            self.handle = self.path.open("a+")
+            try:
+                fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.handle.seek(0)
+                pid = self.handle.read().strip() or "unknown"
+                self.handle.close()
+                raise FedSPError(
+                    f"results folder {str(folder)!r} is in use by a running fedsp process (PID {pid}); "
+                    "wait for it to finish or stop it first"
+                ) from None
+            if self._still_at_path():
+                break
+            self.handle.close()  # its holder removed it as we took it: take the new one
         self.handle.seek(0)
         self.handle.truncate()
         self.handle.write(f"{os.getpid()}\n")
         self.handle.flush()
 
+    def _still_at_path(self) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(self.handle.fileno()).st_ino
+        except FileNotFoundError:
+            return False
+
     def release(self) -> None:
         if not self.handle.closed:
+            self.path.unlink(missing_ok=True)  # still locked: whoever opened it meanwhile retries
             fcntl.flock(self.handle, fcntl.LOCK_UN)
             self.handle.close()
 

@@ -1,0 +1,98 @@
+"""Hostile but realistic input (issue 39): config files built to hurt, wording for the right command, a
+run's files reproducible by their hash, and a disk that fills up on the server.
+
+Every refused case exits with status 2 and one line ``fedsp: error: ...``; every accepted one runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from fedsp.cli import main
+
+TINY = [
+    *("--model", "tiny-llama", "--clients", "2", "--rounds", "1", "--local-steps", "1", "--kd-steps", "0"),
+    *("--eval-limit", "4", "--val-limit", "4", "--prefix-len", "4", "--max-length", "96", "--quiet"),
+]
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fedsp: error: "), err
+    return err[0]
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    names = ["prefix.safetensors", "adapter/adapter_model.safetensors", "adapter/adapter_config.json"]
+    return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in names}
+
+
+def test_two_identical_runs_write_byte_identical_prefix_and_adapter_files(tmp_path):
+    # Execute: the same tiny run twice
+    for name in ("a", "b"):
+        assert main(["run", *TINY, "--out", str(tmp_path / name)]) == 0
+    # Assert: anyone can check a reproduction by its hash
+    assert _digests(tmp_path / "a") == _digests(tmp_path / "b")
+    assert not (tmp_path / "a" / ".lock").exists()  # a finished run leaves no lock behind
+
+
+def _laughs() -> str:
+    """A YAML "billion laughs": 9 levels of 9 aliases each, 9^9 strings once expanded."""
+    lines = ["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for level in "bcdefghi":
+        below = chr(ord(level) - 1)
+        lines.append(f"{level}: &{level} [{', '.join([f'*{below}'] * 9)}]")
+    return "\n".join(lines) + "\n"
+
+
+CONFIG_CASES = [
+    ("toml-nested-100000", "c.toml", "rounds = " + "[" * 100_000 + "\n", "nests values deeper than 16"),
+    ("yaml-nested-100000", "c.yaml", "rounds: " + "[" * 100_000 + "\n", "nests values deeper than 16"),
+    ("json-nested-100000", "c.json", '{"rounds": ' + "[" * 100_000 + "}", "nests values deeper than 16"),
+    ("yaml-nested-40", "c.yaml", "rounds: " + "[" * 40 + "]" * 40 + "\n", "rounds nests values deeper"),
+    ("yaml-billion-laughs", "c.yaml", _laughs(), "aliases (*a) are not allowed"),
+    ("toml-2mib", "c.toml", "# " + "x" * (2 << 20) + "\n", "a configuration is at most 1,048,576 bytes"),
+    ("toml-long-unknown-key", "c.toml", "x" * 100_000 + " = 1\n", "unknown keys ['xxxx"),
+    ("toml-long-value", "c.toml", 'method = "' + "x" * 100_000 + '"\n', "--method 'xxxx"),
+    ("toml-bool-rounds", "c.toml", "rounds = true\n", "rounds = True is not an integer"),
+    ("yaml-list-model", "c.yaml", "model: [a, b]\n", "model = ['a', 'b'] is not a text"),
+]
+
+
+@pytest.mark.parametrize("case,name,text,fragment", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_a_config_file_built_to_hurt_gets_one_short_line(case, name, text, fragment, tmp_path, capsys):
+    # Prepare
+    path = tmp_path / name
+    path.write_text(text)
+    # Execute
+    code = main(["run", *TINY, "--config", str(path), "--out", str(tmp_path / "run")])
+    # Assert: refused at once, in a line a person can read
+    line = _one_line(capsys)
+    assert code == 2 and fragment in line and len(line) < 600, line[:600]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_config_file_with_a_byte_order_mark_and_a_relative_data_dir_is_read(tmp_path, arc_rows):
+    # Prepare: the data next to the config file, the command started elsewhere
+    folder = tmp_path / "project"
+    (folder / "data").mkdir(parents=True)
+    for split in ("train", "validation", "test"):
+        (folder / "data" / f"{split}.jsonl").write_text(arc_rows(12))
+    (folder / "run.toml").write_bytes(b'\xef\xbb\xbfrounds = 2\ndata_dir = "data"\n')
+    from fedsp.cli import build_parser, config_from_args
+
+    # Execute
+    config = config_from_args(build_parser().parse_args(["run", "--config", str(folder / "run.toml")]))
+    # Assert
+    assert config.rounds == 2 and config.data_dir == str(folder / "data")
+
+
+def test_every_error_line_is_cut_to_a_readable_length(tmp_path, capsys):
+    # Execute: a task name of 100,000 characters reaches the results folder's name
+    code = main(["run", *TINY, "--task", "t" * 100_000])
+    # Assert
+    line = _one_line(capsys)
+    assert code == 2 and len(line) <= 520 and "t" * 100 in line
