@@ -136,7 +136,7 @@ CASES += [
     (
         "dp-noise-negative",
         lambda p: ["--dp-noise-multiplier", "-0.5", "--dp-clip", "1"],
-        "--dp-noise-multiplier must be in [0, 1e+06], got -0.5",
+        "--dp-noise-multiplier must be in [0, 10000], got -0.5",
     ),
     (
         "dp-epsilon-zero",

@@ -96,3 +96,12 @@ def test_every_error_line_is_cut_to_a_readable_length(tmp_path, capsys):
     # Assert
     line = _one_line(capsys)
     assert code == 2 and len(line) <= 520 and "t" * 100 in line
+
+
+def test_min_replies_above_the_clients_sampled_is_refused_at_start(tmp_path, capsys):
+    code = main(["run", *TINY, "--min-replies", "3", "--out", str(tmp_path / "run")])
+    line = _one_line(capsys)
+    assert code == 2 and line == (
+        "fedsp: error: --min-replies 3 is more than the 2 clients sampled a round (--clients 2, "
+        "--fraction-fit 1); a round can accept at most 2 updates"
+    )

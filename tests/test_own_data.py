@@ -280,6 +280,29 @@ def test_fedsp_generate_takes_the_prompt_after_options(finished_run, options, ca
     assert capsys.readouterr().out.rstrip("\n") == expected.text
 
 
+def test_fedsp_generate_cuts_a_long_prompt_from_the_left_as_evaluation_does(finished_run, capsys):
+    # Prepare: 12,000 tokens of prompt; the run's window is --max-length 64, so 60 tokens of it are kept
+    prompt = "Say red. " * 4000 + "Say blue:"
+    loaded = load_global_model("tiny-llama", seed=0)
+    ids = loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    prefix = read_prefix_file(finished_run / "prefix.safetensors")
+    (expected,) = generate(loaded.model, loaded.tokenizer, [ids[-60:]], prefix, max_new_tokens=4)
+    # Execute
+    assert main(["generate", str(finished_run), prompt]) == 0
+    captured = capsys.readouterr()
+    # Assert: the same completion as the prompt's last 60 tokens, and a note saying so
+    assert captured.out.rstrip("\n") == expected.text
+    assert f"the prompt is cut to its last 60 of {len(ids)} tokens (the run's --max-length 64" in captured.err
+
+
+@pytest.mark.parametrize("tokens", ["100000", "64", "0", "-3"])
+def test_fedsp_generate_names_its_own_options_in_errors(finished_run, tokens, capsys):
+    assert main(["generate", str(finished_run), f"--max-new-tokens={tokens}", "Say blue:"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"fedsp: error: --max-new-tokens {tokens} must be at least 1")
+    assert "this run's --max-length of 64 tokens" in err[0]
+
+
 def test_fedsp_generate_refuses_a_second_prompt(finished_run, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["generate", str(finished_run), "Say blue:", "--no-prefix", "Say red:"])

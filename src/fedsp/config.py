@@ -55,6 +55,9 @@ STATE_MOMENTS = (FLOAT32, BFLOAT16)  # --state-moments: how a client keeps its A
 PARTITIONS = ("iid", "dirichlet", "by:FIELD")  # by:FIELD: each client whole groups of a row field
 MAX_PREFIX_LEN = 4096  # a sane bound, checked before any work (the paper's prefixes are 40 tokens)
 MAX_LR = 100.0  # a learning rate beyond this only makes NaN (the defaults are 1e-4 to 1e-2)
+# DP noise beyond 10^4 x the clip is no model at all, and the accountant's epsilon underflows to 0 past
+# about 10^5 (with 2 clients): it would report "epsilon 0"
+MAX_NOISE_MULTIPLIER = 1e4
 MAX_EXAMPLES = 10**12  # example counts (--eval-limit, --max-client-weight)
 PREFIX_INITS = ("tokens", "random")
 LAYER_ORDERS = ("cyclic", "blocks")  # --aux-layer-order (fedsp.models.auxiliary.depth_plan)
@@ -297,7 +300,7 @@ class RunConfig:
         "client-level differential privacy: Gaussian noise of Z x clip on the sum of the clipped updates "
         "(needs --dp-clip)",
         0,
-        1e6,
+        MAX_NOISE_MULTIPLIER,
     )
     dp_clip: float | None = real(
         None,

@@ -121,8 +121,12 @@ def run_generate(args: argparse.Namespace) -> int:
         raise FedSPError("give either a prompt text or --input FILE.jsonl (not both)")
     run = open_run(args.run)
     max_new = run.config.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
-    if max_new < 1:
-        raise FedSPError(f"--max-new-tokens must be 1 or more, got {max_new}")
+    window = run.config.max_length  # prompt + new tokens, as the run evaluated them
+    if not 1 <= max_new < window:
+        raise FedSPError(
+            f"--max-new-tokens {max_new} must be at least 1 and leave room for a prompt in this run's "
+            f"--max-length of {window} tokens (prompt + new tokens, as the run evaluated)"
+        )
     given = {"stop": args.stop} if args.stop is not None else {}
     stop = generation_stop(RunConfig.from_dict({**run.config.to_dict(), **given}, strict=False))
     rows = _prompt_rows(args)
@@ -133,6 +137,13 @@ def run_generate(args: argparse.Namespace) -> int:
     for (where, _), ids in zip(rows, prompts, strict=True):
         if not ids:
             raise FedSPError(f"{where}: the prompt is empty")
+        if len(ids) > window - max_new:  # cut from the left, as evaluation cuts a long context
+            print(
+                f"fedsp: note: {where} is cut to its last {window - max_new} of {len(ids)} tokens (the run's "
+                f"--max-length {window} less --max-new-tokens {max_new})",
+                file=sys.stderr,
+            )
+    prompts = [ids[-(window - max_new) :] for ids in prompts]
     prefix = None if args.no_prefix else _prefix(run, loaded)
     out = generate(loaded.model, loaded.tokenizer, prompts, prefix, max_new_tokens=max_new, stop=stop)
     for text, generation in zip(texts, out, strict=True):

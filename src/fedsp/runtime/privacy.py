@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from fedsp.config import RunConfig
+from fedsp.config import MAX_NOISE_MULTIPLIER, RunConfig
 from fedsp.errors import FedSPError
 from fedsp.methods.aggregation import Tensors, clipped_sum, combine, delta, norm
 from fedsp.methods.base import ClientUpdate
@@ -272,9 +272,13 @@ def noise_for_budget(epsilon: float, delta: float, rounds: int, per_round: int, 
     bisection over the accountant's own answers."""
     low, high = 1e-3, 1.0
     while epsilon_after(high, rounds, per_round, population, delta) > epsilon:
-        low, high = high, high * 2
-        if high > 1e6:
-            raise FedSPError(f"--dp-epsilon {epsilon:g} cannot be met for {rounds} rounds at any noise level")
+        if high >= MAX_NOISE_MULTIPLIER:
+            raise FedSPError(
+                f"--dp-epsilon {epsilon:g} cannot be met for {rounds} rounds with any noise multiplier up to "
+                f"{MAX_NOISE_MULTIPLIER:g} (at that noise, epsilon is "
+                f"{epsilon_after(MAX_NOISE_MULTIPLIER, rounds, per_round, population, delta):.3g})"
+            )
+        low, high = high, min(high * 2, MAX_NOISE_MULTIPLIER)
     while (high - low) > 1e-3 * high:
         middle = (low + high) / 2
         if epsilon_after(middle, rounds, per_round, population, delta) > epsilon:
