@@ -300,6 +300,46 @@ CASES += [
 ]
 
 
+def _custom_dir_with(tmp_path, change) -> list[str]:
+    """A good ``_custom_dir`` whose train split ``change`` alters (a folder, a loop, a second file)."""
+    args = _custom_dir(tmp_path)
+    change(tmp_path / "own")
+    return args
+
+
+def _train_is_a_folder(folder) -> None:
+    (folder / "train.jsonl").unlink()
+    (folder / "train.jsonl").mkdir()
+
+
+def _train_is_a_loop(folder) -> None:
+    (folder / "train.jsonl").unlink()
+    (folder / "train.jsonl").symlink_to(folder / "loop.jsonl")
+    (folder / "loop.jsonl").symlink_to(folder / "train.jsonl")
+
+
+# A data path that is not a plain file, and a split in two files: each named as such (issue 39)
+CASES += [
+    (
+        "custom-train-is-a-folder",
+        lambda p: _custom_dir_with(p, _train_is_a_folder),
+        "own/train.jsonl is a folder, not a file",
+    ),
+    (
+        "custom-train-is-a-symlink-loop",
+        lambda p: _custom_dir_with(p, _train_is_a_loop),
+        "own/train.jsonl cannot be read: a loop of symbolic links",
+    ),
+    (
+        "custom-train-twice",
+        lambda p: _custom_dir_with(
+            p, lambda f: (f / "train.json").write_text((f / "train.jsonl").read_text())
+        ),
+        "holds the train split twice: train.jsonl and train.json; keep one",
+    ),
+]
+
+
 def _custom_csv(tmp_path) -> list[str]:
     folder = tmp_path / "own"
     folder.mkdir()

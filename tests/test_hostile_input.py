@@ -105,3 +105,49 @@ def test_min_replies_above_the_clients_sampled_is_refused_at_start(tmp_path, cap
         "fedsp: error: --min-replies 3 is more than the 2 clients sampled a round (--clients 2, "
         "--fraction-fit 1); a round can accept at most 2 updates"
     )
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_a_data_file_with_a_utf8_byte_order_mark_reads_as_without(suffix, tmp_path):
+    from fedsp.data.sources import read_local
+
+    # Prepare: the same rows with and without the mark some editors write
+    texts = {
+        ".jsonl": '{"prompt": "Say red:", "completion": " red"}\n',
+        ".json": '[{"prompt": "Say red:", "completion": " red"}]',
+        ".csv": "prompt,completion\nSay red:, red\n",
+    }
+    plain, marked = tmp_path / f"plain{suffix}", tmp_path / f"marked{suffix}"
+    plain.write_text(texts[suffix], encoding="utf-8")
+    marked.write_text(texts[suffix], encoding="utf-8-sig")
+    # Execute / Assert
+    assert marked.read_bytes()[:3] == b"\xef\xbb\xbf"
+    assert read_local(marked) == read_local(plain) == ((1, {"prompt": "Say red:", "completion": " red"}),)
+
+
+def test_a_permission_error_on_the_data_promises_no_resume(tmp_path, monkeypatch, capsys):
+    # Prepare: the train file cannot be looked at (simulated: the tests run as root)
+    import errno
+    import pathlib
+
+    folder = tmp_path / "own"
+    folder.mkdir()
+    for split in ("train", "validation", "test"):
+        (folder / f"{split}.jsonl").write_text('{"prompt": "Say red:", "completion": " red"}\n' * 12)
+    stat = pathlib.Path.stat
+
+    def refuse(path, *args, **kwargs):
+        if path.name == "train.jsonl":
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "stat", refuse)
+    # Execute
+    code = main(["run", *TINY, "--task", "custom", "--data-dir", str(folder), "--out", str(tmp_path / "r")])
+    # Assert: the file and the reason; no run folder, so nothing to resume
+    line = _one_line(capsys)
+    assert (
+        code == 2
+        and line == f"fedsp: error: data file {folder}/train.jsonl cannot be read: permission denied"
+    )
+    assert not (tmp_path / "r").exists()

@@ -55,5 +55,6 @@ def io_reason(err: OSError) -> str:
         errno.EDQUOT: "disk quota exceeded",
         errno.EPERM: "operation not permitted",
         errno.EISDIR: "it is a folder",
+        errno.ELOOP: "a loop of symbolic links",
     }
     return names.get(err.errno or 0, err.strerror or type(err).__name__)

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import cast
 
 from fedsp.errors import FedSPError
+from fedsp.files import io_reason
 
 SPLITS = ("train", "validation", "test")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -118,20 +119,41 @@ def read_bundled(path: Path) -> tuple[tuple[int, dict], ...]:
 
 def check_data_dir(data_dir: Path) -> Path:
     """``data_dir`` if it is an existing folder, else a FedSPError naming it."""
-    if not data_dir.exists():
-        raise FedSPError(f"data dir {data_dir} does not exist")
+    try:
+        data_dir.stat()
+    except FileNotFoundError:
+        raise FedSPError(f"data dir {data_dir} does not exist") from None
+    except OSError as err:  # a loop of symbolic links, no permission to look
+        raise FedSPError(f"data dir {data_dir} cannot be read: {io_reason(err)}") from None
     if not data_dir.is_dir():
         raise FedSPError(f"data dir {data_dir} is not a directory")
     return data_dir
 
 
 def local_file(data_dir: Path, split: str) -> Path | None:
-    """``<data_dir>/<split>`` + the first of :data:`LOCAL_SUFFIXES` that exists, or None."""
+    """``<data_dir>/<split>`` + the one of :data:`LOCAL_SUFFIXES` that exists, or None. Two files of one
+    split (``train.jsonl`` and ``train.json``), a folder, a symbolic link to nothing or a loop of them, or
+    a path that cannot be looked at are refused, each named."""
+    found = []
     for suffix in LOCAL_SUFFIXES:
         path = data_dir / f"{split}{suffix}"
-        if path.is_file():
-            return path
-    return None
+        try:
+            path.stat()  # through any symbolic link
+        except FileNotFoundError:
+            if path.is_symlink():
+                raise FedSPError(f"data file {path} is a symbolic link to a missing file") from None
+            continue
+        except OSError as err:  # a loop of symbolic links, no permission to look
+            raise FedSPError(f"data file {path} cannot be read: {io_reason(err)}") from None
+        if path.is_dir():
+            raise FedSPError(f"data file {path} is a folder, not a file")
+        found.append(path)
+    if len(found) > 1:
+        raise FedSPError(
+            f"data dir {data_dir} holds the {split} split twice: {' and '.join(p.name for p in found)}; "
+            "keep one"
+        )
+    return found[0] if found else None
 
 
 def read_local(path: Path) -> tuple[tuple[int, dict], ...]:
@@ -143,7 +165,7 @@ def read_local(path: Path) -> tuple[tuple[int, dict], ...]:
     try:
         stat = path.stat()
     except OSError as exc:
-        raise FedSPError(f"cannot read data file {path}: {exc.strerror}") from exc
+        raise FedSPError(f"cannot read data file {path}: {io_reason(exc)}") from exc
     return _read_local_cached(str(path), stat.st_mtime_ns, stat.st_size)
 
 
@@ -156,9 +178,9 @@ def _read_local_cached(path: str, _mtime_ns: int, _size: int) -> tuple[tuple[int
             raise FedSPError(f"data file {path} has no rows")
         return tuple((n, row) for n, row in enumerate(table, 1))
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")  # a leading byte order mark is dropped
     except OSError as exc:
-        raise FedSPError(f"cannot read data file {path}: {exc.strerror}") from exc
+        raise FedSPError(f"cannot read data file {path}: {io_reason(exc)}") from exc
     except UnicodeDecodeError as exc:
         raise FedSPError(f"data file {path} is not UTF-8 text: {exc.reason}") from exc
     rows: list[tuple[int, object]] = []
@@ -207,7 +229,7 @@ def _cell(column: str, value: str) -> object:
 
 def _read_csv(path: str) -> list[dict]:
     try:
-        with open(path, encoding="utf-8", newline="") as handle:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
             reader = csv.DictReader(handle)
             rows = []
             for n, row in enumerate(reader, 1):
@@ -216,7 +238,7 @@ def _read_csv(path: str) -> list[dict]:
                 rows.append({k: _cell(k, v) for k, v in row.items() if k is not None})
             return rows
     except OSError as exc:
-        raise FedSPError(f"cannot read data file {path}: {exc.strerror}") from exc
+        raise FedSPError(f"cannot read data file {path}: {io_reason(exc)}") from exc
     except UnicodeDecodeError as exc:
         raise FedSPError(f"data file {path} is not UTF-8 text: {exc.reason}") from exc
     except csv.Error as exc:
