@@ -7,6 +7,7 @@ Every refused case exits with status 2 and one line ``fedsp: error: ...``; every
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,8 @@ TINY = [
 
 
 def _one_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
+    """The one error line on stderr (notes about the data, said before it, aside)."""
+    err = [x for x in capsys.readouterr().err.strip().splitlines() if not x.startswith("fedsp: note: ")]
     assert len(err) == 1 and err[0].startswith("fedsp: error: "), err
     return err[0]
 
@@ -151,3 +153,89 @@ def test_a_permission_error_on_the_data_promises_no_resume(tmp_path, monkeypatch
         and line == f"fedsp: error: data file {folder}/train.jsonl cannot be read: permission denied"
     )
     assert not (tmp_path / "r").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path, monkeypatch):
+    """A folder on a disk that ``fill()`` fills and ``free()`` frees: an 8 MiB tmpfs where it can be
+    mounted (root), else every file write failing with ENOSPC while it is full (simulated)."""
+    import errno
+    import os
+    import subprocess
+
+    import fedsp.files
+
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(folder)], capture_output=True
+    )
+    full = {"on": False}
+    fsync = os.fsync
+
+    def fill() -> None:
+        if mounted.returncode == 0:
+            with open(folder / "filler", "wb") as handle:
+                try:
+                    while True:
+                        handle.write(b"\0" * 65536)
+                        handle.flush()
+                except OSError:
+                    pass
+        full["on"] = True
+
+    def refusing_fsync(fd: int) -> None:
+        if full["on"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        fsync(fd)
+
+    def free() -> None:
+        (folder / "filler").unlink(missing_ok=True)
+        full["on"] = False
+
+    if mounted.returncode != 0:
+        monkeypatch.setattr(fedsp.files.os, "fsync", refusing_fsync)
+    yield folder, fill, free
+    if mounted.returncode == 0:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_resume_ends_as_uninterrupted(
+    tmp_path, small_disk, monkeypatch, capsys
+):
+    from fedsp.runtime import faults
+
+    folder, fill, free = small_disk
+    two_rounds = [*TINY, "--rounds", "2"]
+    assert main(["run", *two_rounds, "--out", str(tmp_path / "reference")]) == 0
+    capsys.readouterr()
+    # Execute: the disk fills as round 2's clients start
+    before_fit = faults.before_fit
+
+    def filling(order) -> None:
+        if order.rnd == 2 and order.partition == 0:
+            fill()
+        before_fit(order)
+
+    monkeypatch.setattr(faults, "before_fit", filling)
+    run = folder / "run"
+    code = main(["run", *two_rounds, "--out", str(run)])
+    line = _one_line(capsys)
+    # Assert: the file, what it holds, the reason and what is kept; no client taken for failed
+    assert code == 2, line
+    assert line.startswith(
+        f"fedsp: error: cannot write {run}/clients/partition-0/state-2.pt (client 0's state"
+    )
+    assert line.endswith(
+        f"no space left on the device; rounds 1-1 are kept: once the disk is fixed, fedsp run --resume {run} "
+        "continues"
+    )
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics] == [0, 1] and metrics[1]["failed_clients"] == []
+    assert not (run / ".lock").exists()
+    # Execute: space freed, the run resumed
+    free()
+    monkeypatch.setattr(faults, "before_fit", before_fit)
+    assert main(["run", "--resume", str(run), "--quiet"]) == 0
+    # Assert: the prefix of the uninterrupted run, byte for byte
+    assert _digests(run) == _digests(tmp_path / "reference")
