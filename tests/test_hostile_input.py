@@ -239,3 +239,26 @@ def test_a_full_disk_stops_the_run_in_one_line_and_resume_ends_as_uninterrupted(
     assert main(["run", "--resume", str(run), "--quiet"]) == 0
     # Assert: the prefix of the uninterrupted run, byte for byte
     assert _digests(run) == _digests(tmp_path / "reference")
+
+
+def test_flowers_two_tracebacks_of_a_clients_fedsp_error_become_one_line():
+    import logging
+
+    from fedsp.runtime.flower.simulation import ClientErrorsInOneLine
+
+    # Prepare: what Flower's simulation logs for a ClientApp raising FedSPError (Ray's text, then its own)
+    reason = "partition 1: a value of 5.5e+29 in the update is beyond SecAgg+'s range of +-8"
+    remote = (
+        'ray::ClientAppActor.run() (pid=1, ip=127.0.0.1)\n  File "secagg.py", line 101, in masked\n'
+        f"    raise FedSPError(reason)\nfedsp.errors.FedSPError: {reason}\n\nThe above exception was the "
+        f"direct cause of the following exception:\nflwr.clientapp.client_app.ClientAppException: {reason}"
+    )
+    records = [
+        logging.LogRecord("flwr", logging.ERROR, "vce_api.py", 143, message, None, None)
+        for message in (remote, "Traceback (most recent call last):\n" + remote, "a round halted")
+    ]
+    # Execute
+    one_line = ClientErrorsInOneLine()
+    kept = [r.getMessage() for r in records if one_line.filter(r)]
+    # Assert
+    assert kept == [f"a client stopped: {reason}", "a round halted"]
