@@ -114,7 +114,7 @@ def file_role(path: Path) -> str:
         held = {"state": "state after round {}", "turn": "split round {} in progress"}
         found = re.fullmatch(r"(state|turn)-(\d+)\.pt", path.name)
         what = held[found.group(1)].format(found.group(2)) if found else "model"
-        return f"client {client.group(1)}'s {what}, kept in the results folder by the in-process engine"
+        return f"client {client.group(1)}'s {what}, kept in the results folder by this run's engine"
     roles = {
         "checkpoint.pt": "the checkpoint of the last round",
         "metrics.jsonl": "the rounds' metrics",
