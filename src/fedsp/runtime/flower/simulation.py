@@ -75,9 +75,10 @@ def run(config: RunConfig, resume: Path | None = None, actors: int | None = None
 
 class ClientErrorsInOneLine(logging.Filter):
     """Flower logs a ClientApp's exception twice, each with Ray's and its own traceback; one that is a
-    :class:`~fedsp.errors.FedSPError` (a client refusing its round, say) is said once, as its one line."""
+    :class:`~fedsp.errors.FedSPError` (a client refusing its round, say) or a
+    :class:`~fedsp.files.WriteError` (a disk error, which stops the run) is said once, as its one line."""
 
-    FEDSP = re.compile(r"FedSPError: (.+)")
+    FEDSP = re.compile(r"(?:FedSPError|WriteError): (.+)")
 
     def __init__(self) -> None:
         super().__init__()
