@@ -373,9 +373,11 @@ def test_local_splits_formats_and_blank_lines(tmp_path):
     assert task_splits("piqa", tmp_path) == ("train", "validation")
     assert eval_split("piqa", tmp_path) == "validation"
     assert len(load_task("piqa", "validation", str(tmp_path))) == 2
-    # .jsonl wins over .json for the same split.
+    # A split in two files (.jsonl and .json) is refused naming both: neither is picked silently
     write_json(tmp_path, "train", [row, row, row])
-    assert len(load_task("piqa", "train", tmp_path)) == 1
+    expect_error(
+        "holds the train split twice: train.jsonl and train.json", load_task, "piqa", "train", tmp_path
+    )
 
 
 # -------------------------------------------------------------------- user errors

@@ -7,6 +7,7 @@ Every refused case exits with status 2 and one line ``fedsp: error: ...``; every
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,8 @@ TINY = [
 
 
 def _one_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
+    """The one error line on stderr (notes about the data, said before it, aside)."""
+    err = [x for x in capsys.readouterr().err.strip().splitlines() if not x.startswith("fedsp: note: ")]
     assert len(err) == 1 and err[0].startswith("fedsp: error: "), err
     return err[0]
 
@@ -151,3 +153,123 @@ def test_a_permission_error_on_the_data_promises_no_resume(tmp_path, monkeypatch
         and line == f"fedsp: error: data file {folder}/train.jsonl cannot be read: permission denied"
     )
     assert not (tmp_path / "r").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path, monkeypatch):
+    """A folder on a disk that ``fill()`` fills and ``free()`` frees: an 8 MiB tmpfs where it can be
+    mounted (root), else every file write failing with ENOSPC while it is full (simulated)."""
+    import errno
+    import os
+    import subprocess
+
+    import fedsp.files
+
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(folder)], capture_output=True
+    )
+    full = {"on": False}
+    fsync = os.fsync
+
+    def fill() -> None:
+        if mounted.returncode == 0:
+            with open(folder / "filler", "wb") as handle:
+                try:
+                    while True:
+                        handle.write(b"\0" * 65536)
+                        handle.flush()
+                except OSError:
+                    pass
+        full["on"] = True
+
+    def refusing_fsync(fd: int) -> None:
+        if full["on"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        fsync(fd)
+
+    def free() -> None:
+        (folder / "filler").unlink(missing_ok=True)
+        full["on"] = False
+
+    if mounted.returncode != 0:
+        monkeypatch.setattr(fedsp.files.os, "fsync", refusing_fsync)
+    yield folder, fill, free, mounted.returncode == 0
+    if mounted.returncode == 0:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("engine", ["inprocess", pytest.param("flower", marks=pytest.mark.slow)])
+def test_a_full_disk_stops_the_run_in_one_line_and_resume_ends_as_uninterrupted(
+    engine, tmp_path, small_disk, monkeypatch, capsys
+):
+    import re
+
+    from fedsp.runtime import participation
+
+    folder, fill, free, mounted = small_disk
+    if engine == "flower" and not mounted:
+        pytest.skip("Flower's clients run in other processes: a full disk needs a real small one (mount)")
+    two_rounds = [*TINY, "--rounds", "2", "--engine", engine]
+    assert main(["run", *two_rounds, "--out", str(tmp_path / "reference")]) == 0
+    capsys.readouterr()
+    # Execute: the disk fills as round 2 starts (the clients write their states into the results folder)
+    sample = participation.sample_clients
+
+    def filling(num_clients: int, fraction: float, seed: int, rnd: int) -> list[int]:
+        if rnd == 2:
+            fill()
+        return sample(num_clients, fraction, seed, rnd)
+
+    monkeypatch.setattr(participation, "sample_clients", filling)
+    run = folder / "run"
+    code = main(["run", *two_rounds, "--out", str(run)])
+    if engine == "flower":  # Flower's own log lines come too (a deprecation warning, a client stopped)
+        err = capsys.readouterr().err
+        assert "Traceback" not in err, err[-3000:]
+        errors = [x for x in err.splitlines() if x.startswith("fedsp: error: ")]
+        assert len(errors) == 1, err[-3000:]
+        line = errors[0]
+    else:
+        line = _one_line(capsys)
+    # Assert: the file, what it holds, the reason and what is kept; no client taken for failed
+    assert code == 2, line
+    assert re.fullmatch(
+        rf"fedsp: error: cannot write {run}/clients/(\w+/)?partition-(\d)/state-2\.pt \(client \2's state "
+        rf"after round 2, kept in the results folder by this run's engine\): no space left on the device; "
+        rf"rounds 1-1 are kept: once the disk is fixed, fedsp run --resume {run} continues",
+        line,
+    ), line
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics] == [0, 1] and metrics[1]["failed_clients"] == []
+    assert not (run / ".lock").exists()
+    # Execute: space freed, the run resumed
+    free()
+    monkeypatch.setattr(participation, "sample_clients", sample)
+    assert main(["run", "--resume", str(run), "--quiet"]) == 0
+    # Assert: the prefix of the uninterrupted run, byte for byte
+    assert _digests(run) == _digests(tmp_path / "reference")
+
+
+def test_flowers_two_tracebacks_of_a_clients_fedsp_error_become_one_line():
+    import logging
+
+    from fedsp.runtime.flower.simulation import ClientErrorsInOneLine
+
+    # Prepare: what Flower's simulation logs for a ClientApp raising FedSPError (Ray's text, then its own)
+    reason = "partition 1: a value of 5.5e+29 in the update is beyond SecAgg+'s range of +-8"
+    remote = (
+        'ray::ClientAppActor.run() (pid=1, ip=127.0.0.1)\n  File "secagg.py", line 101, in masked\n'
+        f"    raise FedSPError(reason)\nfedsp.errors.FedSPError: {reason}\n\nThe above exception was the "
+        f"direct cause of the following exception:\nflwr.clientapp.client_app.ClientAppException: {reason}"
+    )
+    records = [
+        logging.LogRecord("flwr", logging.ERROR, "vce_api.py", 143, message, None, None)
+        for message in (remote, "Traceback (most recent call last):\n" + remote, "a round halted")
+    ]
+    # Execute
+    one_line = ClientErrorsInOneLine()
+    kept = [r.getMessage() for r in records if one_line.filter(r)]
+    # Assert
+    assert kept == [f"a client stopped: {reason}", "a round halted"]

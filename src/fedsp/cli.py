@@ -145,10 +145,9 @@ def _main(argv: Sequence[str] | None) -> int:
     except FedSPError as err:
         print(f"fedsp: error: {error_line(err)}", file=sys.stderr)
         return 2
-    except OSError as err:  # disk full, permissions...: completed rounds stay (every write is atomic)
+    except OSError as err:  # disk full, permissions... (a run says what it kept: fedsp.runtime.results)
         where = f"{err.filename}: " if err.filename else ""
-        kept = "; completed rounds are kept (--resume continues)" if args.command == "run" else ""
-        print(f"fedsp: error: {where}{io_reason(err)}{kept}", file=sys.stderr)
+        print(f"fedsp: error: {error_line(where + io_reason(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
         print(f"fedsp: {interrupted(err, args.command)}", file=sys.stderr)
@@ -157,7 +156,7 @@ def _main(argv: Sequence[str] | None) -> int:
     return 0
 
 
-def error_line(err: BaseException) -> str:
+def error_line(err: object) -> str:
     """An error as one line of at most :data:`MAX_LINE` characters (a path or a value built from a file can
     be as long as the file)."""
     line = " ".join(str(err).split())

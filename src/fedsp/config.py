@@ -6,7 +6,10 @@ underscores; the CLI spells them with dashes (``--local-steps``). Which
 methods exist, and which engines each runs on, is the method table's
 (:mod:`fedsp.methods.table`). A configuration written by another version
 (server and clients may differ) loads with ``strict=False``: unknown keys are
-dropped with one warning, missing ones take their defaults.
+dropped with one warning, missing ones take their defaults. Each field carries
+its help text, and each numeric one its range, in its metadata
+(:mod:`fedsp.options`): the CLI shows the one, ``__post_init__`` checks the
+other first, whichever door the value came in by.
 """
 
 from __future__ import annotations

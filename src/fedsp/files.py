@@ -18,12 +18,22 @@ from typing import BinaryIO
 TEMP_SUFFIX = ".tmp"
 
 
+class WriteError(OSError):
+    """A file could not be written for a reason of the disk (no space, no permission, read-only): the
+    run's own problem, never a client's. ``filename`` is the file meant (not its temporary name)."""
+
+
 def atomic_write(path: Path, write: bytes | Callable[[BinaryIO], object]) -> None:
-    """Write ``path`` atomically: ``write`` is the content, or a function that writes it to a file."""
+    """Write ``path`` atomically: ``write`` is the content, or a function that writes it to a file.
+
+    A failure of the disk raises :class:`WriteError` naming ``path``, whoever noticed it first (torch's
+    writer reports a full disk as ``RuntimeError: ... unexpected pos``, the OSError only as its context).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
         with os.fdopen(fd, "wb") as handle:
             if isinstance(write, bytes):
                 handle.write(write)
@@ -32,9 +42,25 @@ def atomic_write(path: Path, write: bytes | Callable[[BinaryIO], object]) -> Non
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        cause = disk_error(err)
+        if cause is None or isinstance(err, WriteError):
+            raise
+        raise WriteError(cause.errno, cause.strerror, str(path)) from err
+
+
+def disk_error(err: BaseException) -> OSError | None:
+    """The OSError with an errno behind ``err`` (itself, or what it was raised from or during), or None."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError) and current.errno is not None:
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:

@@ -13,6 +13,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,39 @@ class RunLock:
             self.path.unlink(missing_ok=True)  # still locked: whoever opened it meanwhile retries
             fcntl.flock(self.handle, fcntl.LOCK_UN)
             self.handle.close()
+
+
+def stopped_by_disk(err: OSError, folder: str | None, completed: int) -> FedSPError:
+    """The one line for a run stopped by its disk: the file, what it holds, the reason, what is kept."""
+    path = str(err.filename) if err.filename else "a file"
+    kept = (
+        f"rounds 1-{completed} are kept: once the disk is fixed, fedsp run --resume {folder} continues"
+        if folder is not None and completed > 0
+        else "no round had completed, so nothing was kept"
+    )
+    return FedSPError(f"cannot write {path} ({file_role(Path(path))}): {io_reason(err)}; {kept}")
+
+
+def file_role(path: Path) -> str:
+    """What a file of a results folder holds, in a few words (for an error about writing it)."""
+    client = re.fullmatch(r"partition-(\d+)", path.parent.name)
+    if client is not None:
+        held = {"state": "state after round {}", "turn": "split round {} in progress"}
+        found = re.fullmatch(r"(state|turn)-(\d+)\.pt", path.name)
+        what = held[found.group(1)].format(found.group(2)) if found else "model"
+        return f"client {client.group(1)}'s {what}, kept in the results folder by this run's engine"
+    roles = {
+        "checkpoint.pt": "the checkpoint of the last round",
+        "metrics.jsonl": "the rounds' metrics",
+        "results.json": "the results",
+        "config.json": "the configuration",
+        "prefix.safetensors": "the best prefix",
+        "curves.png": "the curves' plot",
+        "audit.json": "the audit of what was sent",
+    }
+    if path.name in roles:
+        return roles[path.name]
+    return "the PEFT adapter" if path.parent.name.startswith((".adapter", "adapter")) else "a file of the run"
 
 
 def _clean(value: Any) -> Any:

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from fedsp import wire
 from fedsp.errors import FedSPError
+from fedsp.files import WriteError
 from fedsp.methods.base import ClientUpdate, Request, SplitServer
 from fedsp.protection import parse_rule
 from fedsp.runtime import participation
@@ -431,9 +432,12 @@ class InProcessEngine:
 
 
 def _guarded(call: Callable[[Any], Reply], order: Order | Turn) -> Reply:
-    """``call(order)``; one client's failure is its reply, never the round's."""
+    """``call(order)``; one client's failure is its reply, never the round's. A disk error writing its state
+    is not the client's: in this process the state lives in the results folder, and the run stops."""
     try:
         return call(order)
+    except WriteError:
+        raise
     except Exception as err:
         return Reply.failed(order.partition, one_line(f"{type(err).__name__}: {err}"))
 

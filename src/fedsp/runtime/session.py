@@ -560,9 +560,12 @@ def run_course(config: RunConfig, resume: Path | None, drive: Callable[[Session]
         summary = session.finish()
     except BaseException as err:
         session.abandon()
+        kept = str(session.out_dir) if session.out_dir.is_dir() else None
+        completed = max((h["round"] for h in session.history), default=0)
         if isinstance(err, KeyboardInterrupt):  # say what is left: the folder (if kept) and its last round
-            kept = str(session.out_dir) if session.out_dir.is_dir() else None
-            raise RunInterrupted(kept, max((h["round"] for h in session.history), default=0)) from err
+            raise RunInterrupted(kept, completed) from err
+        if isinstance(err, OSError):  # a full disk, a folder made read-only...: the run's, said in one line
+            raise results.stopped_by_disk(err, kept, completed) from err
         raise
     session.release()
     return RunOutcome(session.out_dir, summary)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ from fedsp import wire
 from fedsp.config import RunConfig, load_config_file
 from fedsp.errors import FedSPError
 from fedsp.evaluation import describe
+from fedsp.files import WriteError
 from fedsp.runtime.flower import payload, secagg
 from fedsp.runtime.messages import OK, Order, Reply, Turn
 from fedsp.runtime.privacy import Summed
@@ -124,6 +126,7 @@ class FlowerEngine:
     ) -> None:
         assert session.course is not None
         self.grid, self.config, self.context = grid, session.config, context
+        self.out_dir = session.out_dir.resolve()
         self.nodes = discover(grid, session.course.num_clients, wait_s)  # partition -> node id
         self.orders = OrderMaker(session)
         self.aux_record = payload.to_record(wire.encode(session.course.shipped_once))  # encoded once
@@ -209,6 +212,7 @@ class FlowerEngine:
                 replies.append(Reply.failed(-1, "reply from an unknown node"))
                 continue
             if message.has_error():
+                self.check_disk(str(message.error.reason))
                 reason = one_line(str(message.error.reason))
                 if UNKNOWN_ACTION in reason:  # a ClientApp without the handler: an older fedsp on the node
                     reason = (
@@ -219,6 +223,16 @@ class FlowerEngine:
             else:
                 replies.append(payload.parse_reply(k, message.content))
         return replies
+
+    def check_disk(self, reason: str) -> None:
+        """A node that failed writing into this run's results folder (a simulation keeps its clients'
+        states there) failed for the server's disk, not for itself: the run stops (WriteError)."""
+        found = DISK_ERROR.search(reason)
+        if found and Path(found.group(3)).resolve().is_relative_to(self.out_dir):
+            raise WriteError(int(found.group(1)), found.group(2), found.group(3))
+
+
+DISK_ERROR = re.compile(r"\[Errno (\d+)\] ([^:'\n]+): '([^'\n]+)'")  # how an OSError names its file
 
 
 def serve(grid: Grid, session: Session, wait_s: float = 120.0, context: Context | None = None) -> None:

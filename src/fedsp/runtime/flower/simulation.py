@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 from fedsp.config import RunConfig
@@ -49,13 +50,19 @@ def run(config: RunConfig, resume: Path | None = None, actors: int | None = None
                 failure.append(err)
 
         os.environ["FEDSP_FLOWER_STATE_DIR"] = str(clients_folder(session.out_dir.resolve()))
-        logging.getLogger("flwr").setLevel(logging.WARNING if not config.progress else logging.INFO)
-        run_simulation(
-            server_app,
-            client_app,
-            num_supernodes=session.course.num_clients,
-            backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": workers}},
-        )
+        flwr_log = logging.getLogger("flwr")
+        flwr_log.setLevel(logging.WARNING if not config.progress else logging.INFO)
+        one_line = ClientErrorsInOneLine()
+        flwr_log.addFilter(one_line)
+        try:
+            run_simulation(
+                server_app,
+                client_app,
+                num_supernodes=session.course.num_clients,
+                backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": workers}},
+            )
+        finally:
+            flwr_log.removeFilter(one_line)
         if failure:
             raise failure[0]
         stopped = session.aggregator is not None and session.aggregator.stopped_at is not None
@@ -64,3 +71,26 @@ def run(config: RunConfig, resume: Path | None = None, actors: int | None = None
 
     workers = actors or max(1, min(2, os.cpu_count() or 1))
     return run_course(config, resume, drive)
+
+
+class ClientErrorsInOneLine(logging.Filter):
+    """Flower logs a ClientApp's exception twice, each with Ray's and its own traceback; one that is a
+    :class:`~fedsp.errors.FedSPError` (a client refusing its round, say) or a
+    :class:`~fedsp.files.WriteError` (a disk error, which stops the run) is said once, as its one line."""
+
+    FEDSP = re.compile(r"(?:FedSPError|WriteError): (.+)")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.said: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        found = self.FEDSP.findall(record.getMessage())
+        if not found:
+            return True
+        line = found[-1].strip()
+        if line in self.said:
+            return False
+        self.said.add(line)
+        record.msg, record.args, record.exc_info = f"a client stopped: {line}", (), None
+        return True
