@@ -1,15 +1,16 @@
 """What every method's parties look like to the round driver (:mod:`fedsp.runtime.rounds`), in any engine.
 
-A round, for any federated method:
-  1. ``server.broadcast()`` -> the tensors sent down to each sampled client;
-  2. ``client.fit(state)`` on each client -> a :class:`ClientUpdate` sent up;
-  3. ``server.aggregate(state, updates)`` with the round's aggregate of the updates (made by the
-     runtime's one aggregation rule, :mod:`fedsp.runtime.privacy`), then ``server.tune()`` on the
-     server's own data;
-  4. ``server.validation_loss()`` (the server keeps the best state it has seen); the loss of the
-     aggregate before the server's step too (``track=False``), so each round records what the clients'
+A round, for any federated method, in the glossary's six steps (docs/architecture.md):
+  1. broadcast: ``server.broadcast()`` -> the tensors sent down to each sampled client;
+  2. clients train: ``client.fit(state)`` on each client -> a :class:`ClientUpdate`;
+  3. updates back: the updates go up, and the round driver checks them;
+  4. aggregate: ``server.aggregate(state, updates)`` with the round's aggregate of the updates (made by
+     the runtime's one aggregation rule, :mod:`fedsp.runtime.privacy`);
+  5. server tunes: ``server.tune()`` on the server's own data;
+  6. validate: ``server.validation_loss()`` (the server keeps the best state it has seen); the loss of
+     the aggregate before step 5 too (``track=False``), so each round records what the clients'
      aggregate and what the server's step changed.
-Centralised methods are a course without clients: only steps 3-4 happen.
+Centralised methods are a course without clients: only steps 5-6 happen.
 
 Split learning (SFPrompt): ``client.fit`` may return a :class:`Request` instead
 of its update, a message for the server in the middle of the round; the server's

@@ -3,17 +3,18 @@
 Plain objects with no runtime code: the in-process runner calls them in a
 loop, a Flower app can call the same methods from its handlers.
 
-Client round (method notes, "A round", step 2):
-  1. load the received prefix into the auxiliary model;
-  2. global-model alignment: T steps on the auxiliary model, prefix frozen;
-  3. local knowledge capturing: T steps on the prefix, auxiliary model frozen;
-  4. return the prefix and the number of local examples.
-Server round (step 4): the round's aggregate of the prefixes (FedAvg, N_k / N, by default), T steps of
-prefix tuning on the frozen global model with its own shard, validation loss,
-keep the best prefix.
+A round's steps are numbered as in the glossary (docs/architecture.md) and :mod:`fedsp.methods.base`.
+The client's part, step 2 (clients train), in two phases of T steps:
+  a. load the received prefix into the auxiliary model;
+  b. global-model alignment: T steps on the auxiliary model, prefix frozen;
+  c. local knowledge capturing: T steps on the prefix, auxiliary model frozen;
+  d. return the prefix and the number of local examples (step 3, updates back).
+The server's part: step 4, the round's aggregate of the prefixes (FedAvg, N_k / N, by default); step 5,
+T steps of prefix tuning on the frozen global model with its own shard; step 6, validation loss,
+keeping the best prefix.
 
 The same two classes serve the prompt-only baselines and the ablations through
-``ClientPlan``: FedPrompt is a client that skips step 2 on the full model;
+``ClientPlan``: FedPrompt is a client that skips the alignment (b) on the full model;
 "w/o AT" trains model and prefix together in one phase; one-layer clients
 (FedPrompt-Single, "w/o CS") see the server's L-layer prefix averaged over
 depth and send theirs back repeated to L layers. Which of these a method is

@@ -26,13 +26,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
-
-if TYPE_CHECKING:
-    from fedsp.config import RunConfig
-    from fedsp.data.shards import RunData
-    from fedsp.methods.base import Course
-    from fedsp.models.loading import LoadedModel
+from typing import Any, cast
 
 # Options by what reads them; an option in no group is read by every method.
 TRAINING = frozenset(
@@ -94,7 +88,9 @@ ENGINES = ("inprocess", "flower")
 # ("all"), or only when named ("opt-in").
 GRID_LISTS = ("main", "all", "opt-in")
 
-Builder = Callable[["RunConfig", "LoadedModel", "RunData"], "Course"]
+# (config: RunConfig, loaded: LoadedModel, data: RunData) -> Course: the table names these types and
+# imports none of them (they all import the configuration, which reads this table)
+Builder = Callable[[Any, Any, Any], Any]
 
 
 @dataclass(frozen=True)
@@ -131,7 +127,7 @@ class MethodSpec:
     engines: tuple[str, ...] = ENGINES
     grid: str = "all"
     secure_aggregation: bool = True  # its updates can be summed by SecAgg+ (each one a single reply)
-    # the server tunes the aggregated prefix on its own shard each round (FedSP's step 4, and FedPrompt as
+    # the server tunes the aggregated prefix on its own shard each round (a round's step 5, and FedPrompt as
     # the authors' scripts run it: MAKE_GLOBAL_TRAIN=True, one of the client_num + 1 shards the server's)
     # unless --server-steps says otherwise (0: FedAvg of the clients' prefixes alone); False: a method
     # whose server has no step of its own
@@ -163,8 +159,9 @@ class MethodSpec:
         module, _, function = self.node_client.partition(":")
         return cast(Callable[..., Any], getattr(importlib.import_module(module), function))
 
-    def ignored_options(self, config: RunConfig) -> dict[str, Any]:
-        """Options set away from their defaults that this method does not read."""
+    def ignored_options(self, config: Any) -> dict[str, Any]:
+        """Options of ``config`` (a :class:`~fedsp.config.RunConfig`) set away from their defaults that
+        this method does not read."""
         defaults = type(config)()
         return {
             name: getattr(config, name)
@@ -306,6 +303,8 @@ def grid_methods(*lists: str) -> tuple[str, ...]:
     return tuple(spec.name for spec in _TABLE if spec.grid in lists)
 
 
-def build_course(config: RunConfig, loaded: LoadedModel, data: RunData) -> Course:
-    """The parties of a run of ``config.method``, built by the method's own builder."""
+def build_course(config: Any, loaded: Any, data: Any) -> Any:
+    """The parties (a :class:`~fedsp.methods.base.Course`) of a run of ``config.method`` (a
+    :class:`~fedsp.config.RunConfig`), built by the method's own builder from the loaded model
+    (:class:`~fedsp.models.loading.LoadedModel`) and the run's data (:class:`~fedsp.data.shards.RunData`)."""
     return spec_for(config.method).builder()(config, loaded, data)
