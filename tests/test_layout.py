@@ -173,6 +173,59 @@ def test_no_module_tests_a_method_by_name_outside_the_table():
     assert offenders == []
 
 
+# What a method's client holds and how it trains (the method table's ClientShape): only methods/ reads it
+SHAPE_NAMES = {"ClientShape", "AUXILIARY", "GLOBAL", "SPLIT_HEAD", "EMULATOR", "ALTERNATE", "JOINT"}
+SHAPE_NAMES |= {"PROMPT_ONLY", "ADAPTER"}
+
+
+def _method_talk(name: str, path: Path, methods: set[str]) -> list[str]:
+    """Where module ``name`` tests a client shape (imports a shape's names, reads ``holds``) or names a
+    method in a string."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module == "fedsp.methods.table":
+            found += [f"{name} imports {a.name}" for a in node.names if a.name in SHAPE_NAMES]
+        elif isinstance(node, ast.Attribute) and node.attr == "holds":
+            found.append(f"{name} reads .holds")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in methods:
+            found.append(f"{name} names {node.value!r}")
+    return found
+
+
+def test_no_module_outside_methods_tests_a_client_shape_or_names_a_method():
+    # Prepare: every method's name but "fedsp", which is also the package's (prog, cache folder, record key)
+    from fedsp.methods.table import METHODS
+
+    methods = set(METHODS) - {"fedsp"}
+    # Execute
+    offenders = [
+        line
+        for name, path in MODULES.items()
+        if not name.startswith("fedsp.methods.")
+        for line in _method_talk(name, path, methods)
+    ]
+    # Assert: none but the run summary's label of results.json's zero_shot accuracy (and the reader finds
+    # what it looks for: the table names methods)
+    assert offenders == ["fedsp.cli names 'zero-shot'"]
+    table = _method_talk("table", MODULES["fedsp.methods.table"], methods)
+    assert "table names 'sfprompt'" in table
+
+
+def test_client_level_dp_is_refused_for_the_methods_whose_clients_send_more_than_their_update():
+    # The table says which (split learning's activations and gradients cross outside the aggregate)
+    from fedsp.errors import FedSPError
+    from fedsp.methods.table import METHOD_SPECS
+
+    assert [name for name, spec in METHOD_SPECS.items() if not spec.client_dp] == ["sfprompt"]
+    with pytest.raises(FedSPError) as refused:
+        RunConfig(method="sfprompt", dp_noise_multiplier=1.0, dp_clip=0.5)
+    assert str(refused.value) == (
+        "method sfprompt sends activations and gradients to the server at every split step, outside the "
+        "aggregate; client-level DP of the aggregate would not cover them"
+    )
+    assert RunConfig(method="fedsp", dp_noise_multiplier=1.0, dp_clip=0.5).dp
+
+
 def test_a_configuration_from_another_version_loads(tmp_path):
     # Prepare: config.json as another version wrote it: a key this one does not know, one key it lacks
     written = RunConfig(model="tiny-llama", rounds=4).to_dict()

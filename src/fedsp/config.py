@@ -19,7 +19,7 @@ from typing import Any
 
 from fedsp.config_input import OPTIONS, coerce_value, load_config_file, parse_layer_choice  # noqa: F401
 from fedsp.errors import FedSPError, declare_fields
-from fedsp.methods.table import ENGINES, METHODS, SPLIT_HEAD, spec_for
+from fedsp.methods.table import ENGINES, METHODS, spec_for
 from fedsp.models.precision import DTYPE_CHOICES, resolve_dtype
 from fedsp.options import (
     MAX_BATCH,
@@ -468,8 +468,7 @@ class RunConfig:
                 f"--dp-epsilon {self.dp_epsilon:g} cannot hold with --dp-noise-multiplier 0 (no noise: no "
                 "privacy); give a positive noise multiplier, or --dp-epsilon alone to have one chosen"
             )
-        shape = spec_for(self.method).client
-        if self.dp and shape is not None and shape.holds == SPLIT_HEAD:
+        if self.dp and not spec_for(self.method).client_dp:
             raise FedSPError(
                 f"--method {self.method} sends activations and gradients to the server at every split step, "
                 "outside the aggregate; client-level DP of the aggregate would not cover them"

@@ -34,7 +34,9 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from transformers import PreTrainedModel
 
+from fedsp.errors import FedSPError
 from fedsp.models.prefix import Prefix
+from fedsp.models.vocabulary import vocabulary_buffers
 
 
 @dataclass(frozen=True)
@@ -149,3 +151,27 @@ class Course:
     client_model: ClientModelInfo | None
     shipped_once: dict[str, torch.Tensor] = field(default_factory=dict)  # sent to every client before round 1
     notes: dict[str, Any] = field(default_factory=dict)  # method-specific facts for results.json
+
+
+def load_shipped(
+    model: PreTrainedModel, shipped: dict[str, torch.Tensor], names: set[str] | None = None
+) -> None:
+    """Copy ``shipped`` into ``model``'s parameters ``names`` (all of them by default), and the kept ids
+    of a pruned vocabulary, which must match: how a Flower node's client takes the weights it was
+    shipped (a node never has the global weights, only their shapes)."""
+    own: dict[str, torch.Tensor] = {n: p for n, p in model.named_parameters() if names is None or n in names}
+    own.update(vocabulary_buffers(model))
+    if set(own) != set(shipped):
+        missing, extra = sorted(set(own) - set(shipped))[:3], sorted(set(shipped) - set(own))[:3]
+        raise FedSPError(
+            f"the shipped client model does not fit this client's architecture "
+            f"(missing {missing}, unexpected {extra})"
+        )
+    with torch.no_grad():
+        for name, param in own.items():
+            if param.shape != shipped[name].shape:
+                raise FedSPError(
+                    f"shipped tensor {name} has shape {tuple(shipped[name].shape)}, "
+                    f"expected {tuple(param.shape)}"
+                )
+            param.copy_(shipped[name])
