@@ -29,6 +29,77 @@ def _imports(path: Path) -> set[str]:
     return found
 
 
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _module_imports(name: str, path: Path) -> set[str]:
+    """The package's modules that module ``name`` imports, anywhere in its file (under TYPE_CHECKING and
+    inside functions included): ``from fedsp.x import y`` is module fedsp.x.y when that is a module, else
+    fedsp.x; relative imports resolved."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name in MODULES}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                above = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(above + ([node.module] if node.module else []))
+            if base not in MODULES:
+                continue
+            for alias in node.names:
+                sub = f"{base}.{alias.name}"
+                found.add(sub if sub in MODULES else base)
+    return found - {name}
+
+
+def _a_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of ``graph`` as the modules along it (first and last the same), None if it has none."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start)):
+            return found
+    return None
+
+
+def test_no_module_imports_itself_through_others():
+    # Prepare: every module of the package, top-level ones and each folder's __init__ included
+    graph = {name: _module_imports(name, path) for name, path in MODULES.items()}
+    assert {"fedsp", "fedsp.config", "fedsp.wire", "fedsp.cli", "fedsp.methods.table"} <= set(graph)
+    # Execute: a circle of imports, counting those under TYPE_CHECKING and inside functions
+    cycle = _a_cycle(graph)
+    # Assert
+    assert cycle is None, "import circle: " + " -> ".join(cycle or [])
+
+
+def test_the_cycle_finder_finds_a_circle_and_the_import_reader_resolves_names():
+    # the check above can fail: a circle two modules away is found, and a submodule named in `from` counts
+    assert _a_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert _a_cycle({"a": {"b"}, "b": set()}) is None
+    imported = _module_imports("fedsp.runtime.flower.client_app", MODULES["fedsp.runtime.flower.client_app"])
+    assert {"fedsp.runtime.flower.worker", "fedsp.runtime.flower.jobs"} <= imported
+
+
 def _layer(module: str) -> str | None:
     parts = module.split(".")
     return parts[1] if len(parts) > 1 and parts[1] in LAYERS else None
@@ -61,6 +132,34 @@ def test_the_round_loop_is_written_once():
     assert all(m in driver for m in ("check_updates(", "sample_clients(", "finish_round("))
 
 
+def test_every_engine_declares_what_the_round_driver_calls():
+    # Prepare: the members of the engine protocol, and every name the driver reads from its engine
+    from fedsp.errors import FedSPError
+    from fedsp.runtime.flower.server_app import FlowerEngine
+    from fedsp.runtime.messages import Engine
+    from fedsp.runtime.rounds import InProcessEngine
+
+    declared = {n for n in vars(Engine) if not n.startswith("_")}
+    driver = ast.parse((PACKAGE / "runtime" / "rounds.py").read_text())
+    called = {
+        node.attr
+        for node in ast.walk(driver)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Attribute)
+        and node.value.attr == "engine"
+    }
+    # Assert: the protocol lists each; both engines have each; no engine member is looked up by name
+    assert called == declared == {"concurrent", "exchange", "exchange_summed", "converse"}
+    for engine in (InProcessEngine, FlowerEngine):
+        assert all(hasattr(engine, name) for name in declared), engine.__name__
+    assert (InProcessEngine.concurrent, FlowerEngine.concurrent) == (False, True)
+    assert "getattr(self.engine" not in (PACKAGE / "runtime" / "rounds.py").read_text()
+    # the in-process engine cannot sum securely: one line, as before
+    with pytest.raises(FedSPError) as refused:
+        InProcessEngine.exchange_summed(object.__new__(InProcessEngine), [], b"")
+    assert str(refused.value) == "this engine cannot aggregate securely (secure_aggregation needs Flower)"
+
+
 def test_no_module_tests_a_method_by_name_outside_the_table():
     # Which methods exist and what they do is the method table's; other modules read its fields
     names = [
@@ -72,6 +171,59 @@ def test_no_module_tests_a_method_by_name_outside_the_table():
             continue
         offenders += [f"{path.name}: {n}" for n in names if n in path.read_text()]
     assert offenders == []
+
+
+# What a method's client holds and how it trains (the method table's ClientShape): only methods/ reads it
+SHAPE_NAMES = {"ClientShape", "AUXILIARY", "GLOBAL", "SPLIT_HEAD", "EMULATOR", "ALTERNATE", "JOINT"}
+SHAPE_NAMES |= {"PROMPT_ONLY", "ADAPTER"}
+
+
+def _method_talk(name: str, path: Path, methods: set[str]) -> list[str]:
+    """Where module ``name`` tests a client shape (imports a shape's names, reads ``holds``) or names a
+    method in a string."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module == "fedsp.methods.table":
+            found += [f"{name} imports {a.name}" for a in node.names if a.name in SHAPE_NAMES]
+        elif isinstance(node, ast.Attribute) and node.attr == "holds":
+            found.append(f"{name} reads .holds")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in methods:
+            found.append(f"{name} names {node.value!r}")
+    return found
+
+
+def test_no_module_outside_methods_tests_a_client_shape_or_names_a_method():
+    # Prepare: every method's name but "fedsp", which is also the package's (prog, cache folder, record key)
+    from fedsp.methods.table import METHODS
+
+    methods = set(METHODS) - {"fedsp"}
+    # Execute
+    offenders = [
+        line
+        for name, path in MODULES.items()
+        if not name.startswith("fedsp.methods.")
+        for line in _method_talk(name, path, methods)
+    ]
+    # Assert: none but the run summary's label of results.json's zero_shot accuracy (and the reader finds
+    # what it looks for: the table names methods)
+    assert offenders == ["fedsp.cli names 'zero-shot'"]
+    table = _method_talk("table", MODULES["fedsp.methods.table"], methods)
+    assert "table names 'sfprompt'" in table
+
+
+def test_client_level_dp_is_refused_for_the_methods_whose_clients_send_more_than_their_update():
+    # The table says which (split learning's activations and gradients cross outside the aggregate)
+    from fedsp.errors import FedSPError
+    from fedsp.methods.table import METHOD_SPECS
+
+    assert [name for name, spec in METHOD_SPECS.items() if not spec.client_dp] == ["sfprompt"]
+    with pytest.raises(FedSPError) as refused:
+        RunConfig(method="sfprompt", dp_noise_multiplier=1.0, dp_clip=0.5)
+    assert str(refused.value) == (
+        "method sfprompt sends activations and gradients to the server at every split step, outside the "
+        "aggregate; client-level DP of the aggregate would not cover them"
+    )
+    assert RunConfig(method="fedsp", dp_noise_multiplier=1.0, dp_clip=0.5).dp
 
 
 def test_a_configuration_from_another_version_loads(tmp_path):
@@ -137,13 +289,17 @@ def test_a_run_written_by_another_version_resumes(tmp_path, interrupted_run, rea
 
 
 def test_shared_top_level_modules_import_only_leaves():
-    # config, errors, files, wire and protection are read by every layer: they may import each other and
-    # two leaf modules (the method table, pure data; the dtype rules), nothing else of the package
+    # config, errors, files, wire and protection are read by every layer: they may import each other, the
+    # configuration's own modules (options, config_input), the spellings of the options and two leaf
+    # modules (the method table, pure data; the dtype rules), nothing else of the package
     allowed = {
         "fedsp",
         "fedsp.errors",
         "fedsp.files",
         "fedsp.wire",
+        "fedsp.spellings",
+        "fedsp.options",
+        "fedsp.config_input",
         "fedsp.config",
         "fedsp.protection",
         "fedsp.methods.table",
@@ -152,7 +308,7 @@ def test_shared_top_level_modules_import_only_leaves():
     for name in ("config", "errors", "files", "wire", "protection"):
         imported = {m for m in _imports(PACKAGE / f"{name}.py") if m.count(".") <= 2}
         assert {m.rsplit(".", 1)[0] if m not in allowed else m for m in imported} <= allowed, name
-    for leaf in ("methods/table.py", "models/precision.py"):
+    for leaf in ("methods/table.py", "models/precision.py", "spellings.py", "version.py"):
         tree = ast.parse((PACKAGE / leaf).read_text())
         runtime = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
         modules = {n.module for n in runtime if isinstance(n, ast.ImportFrom) and n.module}

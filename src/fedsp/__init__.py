@@ -15,11 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 from fedsp.config import RunConfig
 from fedsp.errors import FedSPError
+from fedsp.version import __version__
 
 if TYPE_CHECKING:
     from fedsp.api import Run, load_run, run
-
-__version__ = "0.1.0"
 
 __all__ = ["FedSPError", "Run", "RunConfig", "__version__", "load_run", "run"]
 

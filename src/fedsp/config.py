@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedsp.config_input import OPTIONS, coerce_value, load_config_file, parse_layer_choice  # noqa: F401
-from fedsp.errors import FedSPError
-from fedsp.methods.table import ENGINES, METHODS, SPLIT_HEAD, spec_for
+from fedsp.errors import FedSPError, declare_fields
+from fedsp.methods.table import ENGINES, METHODS, spec_for
 from fedsp.models.precision import DTYPE_CHOICES, resolve_dtype
 from fedsp.options import (
     MAX_BATCH,
@@ -45,25 +45,26 @@ from fedsp.protection import (
     parse_partitions,
     parse_rule,
 )
+from fedsp.spellings import (  # noqa: F401  (read from here too: the spellings of the options)
+    BFLOAT16,
+    FLOAT32,
+    FULL,
+    INT8,
+    LAYER_ORDERS,
+    LOWRANK,
+    PARTITIONS,
+    PREFIX_INITS,
+    PRUNED,
+    STATE_MOMENTS,
+    WIRE_DTYPES,
+)
 
-# The spellings of --wire-dtype (encoded by fedsp.wire) and --aux-embedding (built by fedsp.models.embedding
-# and fedsp.models.vocabulary) live here, with no torch: a ClientApp process reads a RunConfig and imports
-# this module, and torch and transformers take seconds to import.
-FLOAT32, BFLOAT16, INT8 = "float32", "bfloat16", "int8"
-WIRE_DTYPES = (FLOAT32, BFLOAT16, INT8)
-FULL, LOWRANK, PRUNED = "full", "lowrank", "pruned"
-
-STATE_MOMENTS = (FLOAT32, BFLOAT16)  # --state-moments: how a client keeps its AdamW moments between rounds
-
-PARTITIONS = ("iid", "dirichlet", "by:FIELD")  # by:FIELD: each client whole groups of a row field
 MAX_PREFIX_LEN = 4096  # a sane bound, checked before any work (the paper's prefixes are 40 tokens)
 MAX_LR = 100.0  # a learning rate beyond this only makes NaN (the defaults are 1e-4 to 1e-2)
 # DP noise beyond 10^4 x the clip is no model at all, and the accountant's epsilon underflows to 0 past
 # about 10^5 (with 2 clients): it would report "epsilon 0"
 MAX_NOISE_MULTIPLIER = 1e4
 MAX_EXAMPLES = 10**12  # example counts (--eval-limit, --max-client-weight)
-PREFIX_INITS = ("tokens", "random")
-LAYER_ORDERS = ("cyclic", "blocks")  # --aux-layer-order (fedsp.models.auxiliary.depth_plan)
 
 
 # Settings that change how a run is batched or shown, not what it computes (up to float rounding):
@@ -470,8 +471,7 @@ class RunConfig:
                 f"--dp-epsilon {self.dp_epsilon:g} cannot hold with --dp-noise-multiplier 0 (no noise: no "
                 "privacy); give a positive noise multiplier, or --dp-epsilon alone to have one chosen"
             )
-        shape = spec_for(self.method).client
-        if self.dp and shape is not None and shape.holds == SPLIT_HEAD:
+        if self.dp and not spec_for(self.method).client_dp:
             raise FedSPError(
                 f"--method {self.method} sends activations and gradients to the server at every split step, "
                 "outside the aggregate; client-level DP of the aggregate would not cover them"
@@ -598,6 +598,9 @@ class RunConfig:
                 stacklevel=2,
             )
         return clean
+
+
+declare_fields(f.name for f in dataclasses.fields(RunConfig))  # errors name these fields, not their flags
 
 
 def parse_embedding(text: str) -> tuple[str, int] | None:

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import dataclasses
 import re
-from collections.abc import Iterator
-from functools import cache
+from collections.abc import Iterable, Iterator
 
 _CLI = contextvars.ContextVar("fedsp_cli_wording", default=False)
 _FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)")
@@ -34,16 +32,22 @@ def cli_wording() -> Iterator[None]:
         _CLI.reset(token)
 
 
-@cache
-def _fields() -> frozenset[str]:
-    from fedsp.config import RunConfig  # config imports this module: read its fields when first needed
+_FIELDS: frozenset[str] = frozenset()  # RunConfig's fields, declared by fedsp.config (which imports this)
 
-    return frozenset(f.name for f in dataclasses.fields(RunConfig))
+
+def declare_fields(names: Iterable[str]) -> None:
+    """The configuration's field names: a flag whose name is one of them is worded as that field.
+
+    :mod:`fedsp.config` declares them once its :class:`~fedsp.config.RunConfig` exists (the package's
+    ``__init__`` imports it, so they are known before any error is shown); this module, a leaf, imports
+    nothing of the package."""
+    global _FIELDS
+    _FIELDS = frozenset(names)
 
 
 def _as_field(match: re.Match[str]) -> str:
     name = match.group(1).replace("-", "_")
-    return name if name in _fields() else match.group(0)
+    return name if name in _FIELDS else match.group(0)
 
 
 class FedSPError(ValueError):
@@ -59,7 +63,7 @@ class FedSPError(ValueError):
     @property
     def field(self) -> str | None:
         for match in _FLAG.finditer(super().__str__()):
-            if match.group(1).replace("-", "_") in _fields():
+            if match.group(1).replace("-", "_") in _FIELDS:
                 return match.group(1).replace("-", "_")
         return None
 

@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from fedsp.config import BFLOAT16, FLOAT32, INT8  # the spellings of --wire-dtype
 from fedsp.errors import FedSPError
+from fedsp.spellings import BFLOAT16, FLOAT32, INT8  # the spellings of --wire-dtype
 
 Tensors = dict[str, torch.Tensor]
 SCALE = "::scale"  # the int8 scales of tensor <name> travel as <name>::scale

@@ -41,7 +41,7 @@ from pathlib import Path
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
-from fedsp.data.tasks import Example, GenExample, MCExample, unique_id
+from fedsp.data.examples import Example, GenExample, MCExample, unique_id
 from fedsp.errors import FedSPError
 
 FORMATS: dict[str, frozenset[str]] = {

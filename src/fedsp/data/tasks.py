@@ -58,14 +58,16 @@ repeated native id (HellaSwag's ``ind`` repeats in train) gets ``#2``, ``#3``...
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import cache, lru_cache
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
 from fedsp.data import sources, templates
+from fedsp.data.examples import Example, GenExample, MCExample, unique_id  # noqa: F401  (read from here too)
+from fedsp.data.formats import custom_examples, detect_format
 from fedsp.errors import FedSPError
 
 TASKS: tuple[str, ...] = (
@@ -84,42 +86,6 @@ CUSTOM = "custom"
 SPLITS = sources.SPLITS
 CARVE_SEED = 12345
 CARVE_PERCENT = (("train", 70), ("validation", 10), ("test", 20))  # train: what validation and test leave
-
-
-@dataclass(frozen=True)
-class MCExample:
-    """One multiple-choice example: the prompt, the choice texts and the gold index."""
-
-    id: str
-    context: str
-    choices: tuple[str, ...]
-    gold: int
-    meta: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)  # the row's fields
-
-
-@dataclass(frozen=True)
-class GenExample:
-    """One generative example (instruction, chat, reading comprehension...).
-
-    ``prompt`` is the text the model continues (a chat rendered up to the last
-    assistant turn's generation prompt); ``completion`` the text trained on
-    right after it (exactly appended: a leading space is part of it);
-    ``references`` every accepted answer, scored against what is generated.
-    ``segments``, when given, is the whole training text as ``(text, scored)``
-    pieces in order (a chat with several assistant turns, each scored); when
-    empty the training text is ``prompt + completion`` with only the
-    completion scored.
-    """
-
-    id: str
-    prompt: str
-    completion: str
-    references: tuple[str, ...]
-    segments: tuple[tuple[str, bool], ...] = ()
-    meta: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)  # the row's fields
-
-
-Example = MCExample | GenExample
 
 
 @dataclass(frozen=True)
@@ -183,16 +149,6 @@ def _no_bundle(task: str) -> FedSPError:
         f"task {task!r} has no bundled data; pass --data-dir with train/validation/test .jsonl/.json/.csv "
         "files in its Hugging Face schema"
     )
-
-
-def unique_id(base: str, taken: set[str]) -> str:
-    """``base``, or ``base#2``, ``base#3``... whichever is not yet in ``taken`` (which it joins)."""
-    candidate, n = base, 1
-    while candidate in taken:
-        n += 1
-        candidate = f"{base}#{n}"
-    taken.add(candidate)
-    return candidate
 
 
 def row_meta(row: dict) -> dict[str, str]:
@@ -312,8 +268,6 @@ def _load_local_cached(task: str, split: str, path: str, _mtime_ns: int, _size: 
 
 def custom_format(split: str, data_dir: str | Path) -> str:
     """The row format of ``split`` of the user's own data (see :mod:`fedsp.data.formats`)."""
-    from fedsp.data.formats import detect_format
-
     path = _local_path(CUSTOM, split, Path(data_dir))
     row_no, row = sources.read_local(path)[0]
     return detect_format(row, f"{path} row {row_no}")
@@ -334,8 +288,6 @@ def load_task(
     if task == CUSTOM:
         if data_dir is None:
             raise _no_bundle(task)
-        from fedsp.data.formats import custom_examples
-
         path = _local_path(task, split, Path(data_dir))
         return custom_examples(sources.read_local(path), path, split, tokenizer)[0]
     if data_dir is None:

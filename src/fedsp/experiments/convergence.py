@@ -43,7 +43,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from fedsp.errors import FedSPError  # noqa: E402
 from fedsp.experiments.grid import Cell, Grid  # noqa: E402
 from fedsp.experiments.tables import mean_sd, steps_note, write_table  # noqa: E402
-from fedsp.methods.table import METHODS, spec_for  # noqa: E402
+from fedsp.methods.table import METHODS, PACE_REFERENCE, spec_for  # noqa: E402
 from fedsp.plotting import MB, chance, label_points, percent_limits, setting_line  # noqa: E402
 from fedsp.runtime.results import read_metrics  # noqa: E402
 
@@ -68,7 +68,7 @@ COLUMNS = [
 ]
 MARKED_ROUNDS = (2, 10, 20)  # the Markdown table's columns, with the last round
 WITHIN = 1.0  # accuracy points below the reference method's last-round accuracy
-REFERENCE = "fedprompt"
+REFERENCE = PACE_REFERENCE
 SENT = ("bytes_down", "bytes_up", "bytes_shipped", "split_bytes")
 
 Rows = list[dict[str, Any]]

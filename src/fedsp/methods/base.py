@@ -1,15 +1,16 @@
 """What every method's parties look like to the round driver (:mod:`fedsp.runtime.rounds`), in any engine.
 
-A round, for any federated method:
-  1. ``server.broadcast()`` -> the tensors sent down to each sampled client;
-  2. ``client.fit(state)`` on each client -> a :class:`ClientUpdate` sent up;
-  3. ``server.aggregate(state, updates)`` with the round's aggregate of the updates (made by the
-     runtime's one aggregation rule, :mod:`fedsp.runtime.privacy`), then ``server.tune()`` on the
-     server's own data;
-  4. ``server.validation_loss()`` (the server keeps the best state it has seen); the loss of the
-     aggregate before the server's step too (``track=False``), so each round records what the clients'
+A round, for any federated method, in the glossary's six steps (docs/architecture.md):
+  1. broadcast: ``server.broadcast()`` -> the tensors sent down to each sampled client;
+  2. clients train: ``client.fit(state)`` on each client -> a :class:`ClientUpdate`;
+  3. updates back: the updates go up, and the round driver checks them;
+  4. aggregate: ``server.aggregate(state, updates)`` with the round's aggregate of the updates (made by
+     the runtime's one aggregation rule, :mod:`fedsp.runtime.privacy`);
+  5. server tunes: ``server.tune()`` on the server's own data;
+  6. validate: ``server.validation_loss()`` (the server keeps the best state it has seen); the loss of
+     the aggregate before step 5 too (``track=False``), so each round records what the clients'
      aggregate and what the server's step changed.
-Centralised methods are a course without clients: only steps 3-4 happen.
+Centralised methods are a course without clients: only steps 5-6 happen.
 
 Split learning (SFPrompt): ``client.fit`` may return a :class:`Request` instead
 of its update, a message for the server in the middle of the round; the server's
@@ -33,7 +34,9 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from transformers import PreTrainedModel
 
+from fedsp.errors import FedSPError
 from fedsp.models.prefix import Prefix
+from fedsp.models.vocabulary import vocabulary_buffers
 
 
 @dataclass(frozen=True)
@@ -148,3 +151,27 @@ class Course:
     client_model: ClientModelInfo | None
     shipped_once: dict[str, torch.Tensor] = field(default_factory=dict)  # sent to every client before round 1
     notes: dict[str, Any] = field(default_factory=dict)  # method-specific facts for results.json
+
+
+def load_shipped(
+    model: PreTrainedModel, shipped: dict[str, torch.Tensor], names: set[str] | None = None
+) -> None:
+    """Copy ``shipped`` into ``model``'s parameters ``names`` (all of them by default), and the kept ids
+    of a pruned vocabulary, which must match: how a Flower node's client takes the weights it was
+    shipped (a node never has the global weights, only their shapes)."""
+    own: dict[str, torch.Tensor] = {n: p for n, p in model.named_parameters() if names is None or n in names}
+    own.update(vocabulary_buffers(model))
+    if set(own) != set(shipped):
+        missing, extra = sorted(set(own) - set(shipped))[:3], sorted(set(shipped) - set(own))[:3]
+        raise FedSPError(
+            f"the shipped client model does not fit this client's architecture "
+            f"(missing {missing}, unexpected {extra})"
+        )
+    with torch.no_grad():
+        for name, param in own.items():
+            if param.shape != shipped[name].shape:
+                raise FedSPError(
+                    f"shipped tensor {name} has shape {tuple(shipped[name].shape)}, "
+                    f"expected {tuple(param.shape)}"
+                )
+            param.copy_(shipped[name])

@@ -3,17 +3,18 @@
 Plain objects with no runtime code: the in-process runner calls them in a
 loop, a Flower app can call the same methods from its handlers.
 
-Client round (method notes, "A round", step 2):
-  1. load the received prefix into the auxiliary model;
-  2. global-model alignment: T steps on the auxiliary model, prefix frozen;
-  3. local knowledge capturing: T steps on the prefix, auxiliary model frozen;
-  4. return the prefix and the number of local examples.
-Server round (step 4): the round's aggregate of the prefixes (FedAvg, N_k / N, by default), T steps of
-prefix tuning on the frozen global model with its own shard, validation loss,
-keep the best prefix.
+A round's steps are numbered as in the glossary (docs/architecture.md) and :mod:`fedsp.methods.base`.
+The client's part, step 2 (clients train), in two phases of T steps:
+  a. load the received prefix into the auxiliary model;
+  b. global-model alignment: T steps on the auxiliary model, prefix frozen;
+  c. local knowledge capturing: T steps on the prefix, auxiliary model frozen;
+  d. return the prefix and the number of local examples (step 3, updates back).
+The server's part: step 4, the round's aggregate of the prefixes (FedAvg, N_k / N, by default); step 5,
+T steps of prefix tuning on the frozen global model with its own shard; step 6, validation loss,
+keeping the best prefix.
 
 The same two classes serve the prompt-only baselines and the ablations through
-``ClientPlan``: FedPrompt is a client that skips step 2 on the full model;
+``ClientPlan``: FedPrompt is a client that skips the alignment (b) on the full model;
 "w/o AT" trains model and prefix together in one phase; one-layer clients
 (FedPrompt-Single, "w/o CS") see the server's L-layer prefix averaged over
 depth and send theirs back repeated to L layers. Which of these a method is
@@ -43,12 +44,12 @@ from fedsp.config import LOWRANK, RunConfig, parse_embedding
 from fedsp.data.batching import BatchStream, Encoded, fixed_batches
 from fedsp.data.shards import RunData
 from fedsp.errors import FedSPError
-from fedsp.methods.base import ClientModelInfo, ClientUpdate, Course
+from fedsp.methods.base import ClientModelInfo, ClientUpdate, Course, load_shipped
 from fedsp.methods.fidelity import FIDELITY, emulator_fidelity
 from fedsp.methods.kd import distilled_auxiliary_model
 from fedsp.methods.optim import OptimConfig, Phase, set_trainable
 from fedsp.methods.table import ALTERNATE, AUXILIARY, GLOBAL, JOINT, PROMPT_ONLY, ClientShape, spec_for
-from fedsp.models.auxiliary import build_auxiliary_model, depth_plan, unique_parameter_count
+from fedsp.models.auxiliary import build_auxiliary_model, depth_plan, select_layers, unique_parameter_count
 from fedsp.models.embedding import factorise_embedding
 from fedsp.models.forward import answer_loss, mean_answer_loss
 from fedsp.models.loading import LoadedModel
@@ -344,6 +345,36 @@ def client_model_from(
     if kind == LOWRANK:
         return factorise_embedding(aux, size, initialise=False)
     return prune_embedding(aux, torch.arange(size), initialise=False)
+
+
+def node_client(
+    config: RunConfig,
+    skeleton: PreTrainedModel,
+    layers: Sequence[int],
+    shipped: dict[str, torch.Tensor],
+    rows: Sequence[Encoded],
+    partition: int,
+    pad_id: int,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> FedSPClient:
+    """A Flower node's client: the client model's structure from the global architecture ``skeleton``
+    (uninitialised), the ``shipped`` weights loaded into it (names and shapes checked)."""
+    shape = spec_for(config.method).client
+    assert shape is not None, config.method  # the table names this builder for methods with clients only
+    model = client_model_from(shape, skeleton, layers, config.aux_layer_order, config.aux_embedding)
+    load_shipped(model, shipped)
+    num_layers = skeleton.config.num_hidden_layers
+    return make_client(config, shape, model, rows, partition, pad_id, num_layers, layers, tokenizer)
+
+
+def promised_layers(config: RunConfig, num_layers: int) -> set[int]:
+    """The global layers a client may hold (the model-privacy audit checks the others): a fixed set
+    (FedPrompt-Single's layer 0), else the layers ``--aux-layers`` / ``--aux-layer-choice`` select.
+    FedPrompt, whose clients get the whole model, breaks this promise, and its audit says so."""
+    shape = spec_for(config.method).client
+    if shape is not None and shape.layers is not None:
+        return set(shape.layers)
+    return set(select_layers(num_layers, config.aux_layers, config.aux_layer_choice))
 
 
 def client_plan(

@@ -36,14 +36,14 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedsp import wire
 from fedsp.config import RunConfig
 from fedsp.data.batching import IGNORE, BatchStream, Encoded, collate, demonstration_tokens, fixed_batches
 from fedsp.data.shards import RunData
 from fedsp.errors import FedSPError
-from fedsp.methods.base import ClientModelInfo, ClientUpdate, Course, Request
+from fedsp.methods.base import ClientModelInfo, ClientUpdate, Course, Request, load_shipped
 from fedsp.methods.optim import OptimConfig, Phase
 from fedsp.methods.split_traffic import FlopModel, add_round, new_report
 from fedsp.models.adapters import decoder_layers, embedding_weight, model_device, output_weight
@@ -464,6 +464,29 @@ def initial_prompts(config: RunConfig, loaded: LoadedModel, server_rows: list[En
             tokens = demonstration_tokens(server_rows, config.prefix_len, loaded.tokenizer)
             values = embeddings(torch.tensor(tokens, device=weight.device)).float()
     return nn.Parameter(values)
+
+
+def node_client(
+    config: RunConfig,
+    skeleton: PreTrainedModel,
+    layers: Sequence[int],
+    shipped: dict[str, torch.Tensor],
+    rows: Sequence[Encoded],
+    partition: int,
+    pad_id: int,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> SFPromptClient:
+    """A Flower node's client: the head and tail of the global architecture ``skeleton`` (uninitialised)
+    hold the ``shipped`` weights; the body's layers stay uninitialised and never run."""
+    check_split_layer(config.split_layer, skeleton.config.num_hidden_layers)
+    held = {id(p) for m in client_modules(skeleton, config.split_layer) for p in m.parameters()}
+    load_shipped(skeleton, shipped, {n for n, p in skeleton.named_parameters() if id(p) in held})
+    return split_client(config, skeleton, rows, partition, pad_id)
+
+
+def promised_layers(config: RunConfig, num_layers: int) -> set[int]:
+    """The global layers a client holds: the head's, 0..c-1 (the model-privacy audit checks the others)."""
+    return set(range(config.split_layer))
 
 
 def split_client(

@@ -6,16 +6,21 @@ An entry (:class:`MethodSpec`) says:
     (``None``: the method trains nothing);
   - what its clients hold (:class:`ClientShape`; ``None``: no clients, a
     centralised method): the auxiliary model and how it is trained, the whole
-    global model, SFPrompt's split head, or Offsite-Tuning's emulator. The
-    model-privacy audit, the efficiency table and the Flower client side read it;
+    global model, SFPrompt's split head, or Offsite-Tuning's emulator. Only the
+    methods' own modules read it;
+  - how a Flower node makes its client (``node_client``), which global layers
+    its clients may hold (``promise``, for the model-privacy audit), and whether
+    client-level DP covers all a client sends (``client_dp``);
   - the options it reads (the others are reported as ignored), the engines it
     runs on, and where the experiment grid lists it.
 
 ``config.py`` (which methods exist, which engines each allows), ``runtime/audit.py``
 (which layers a client may hold), ``experiments/grid.py`` (default method lists),
-``cli.py`` and ``runtime/flower/client_side.py`` read this table; no module tests
-a method's name. The table imports nothing heavy (builders are named, imported
-when a run builds its course), so the configuration can read it.
+``cli.py`` and ``runtime/flower/client_side.py`` read this table; no module outside
+``methods/`` tests a method's name or a client's shape (tests/test_layout.py). The
+table imports nothing of the package (functions are named ``"module:function"``,
+imported when a run needs them), so the configuration can read it without a circle
+of imports.
 
 Adding a method: one module under ``methods/`` with its server, client and
 builder, plus one entry below.
@@ -26,13 +31,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
-
-if TYPE_CHECKING:
-    from fedsp.config import RunConfig
-    from fedsp.data.shards import RunData
-    from fedsp.methods.base import Course
-    from fedsp.models.loading import LoadedModel
+from typing import Any, cast
 
 # Options by what reads them; an option in no group is read by every method.
 TRAINING = frozenset(
@@ -94,7 +93,9 @@ ENGINES = ("inprocess", "flower")
 # ("all"), or only when named ("opt-in").
 GRID_LISTS = ("main", "all", "opt-in")
 
-Builder = Callable[["RunConfig", "LoadedModel", "RunData"], "Course"]
+# (config: RunConfig, loaded: LoadedModel, data: RunData) -> Course: the table names these types and
+# imports none of them (they all import the configuration, which reads this table)
+Builder = Callable[[Any, Any, Any], Any]
 
 
 @dataclass(frozen=True)
@@ -131,15 +132,21 @@ class MethodSpec:
     engines: tuple[str, ...] = ENGINES
     grid: str = "all"
     secure_aggregation: bool = True  # its updates can be summed by SecAgg+ (each one a single reply)
-    # the server tunes the aggregated prefix on its own shard each round (FedSP's step 4, and FedPrompt as
+    # the server tunes the aggregated prefix on its own shard each round (a round's step 5, and FedPrompt as
     # the authors' scripts run it: MAKE_GLOBAL_TRAIN=True, one of the client_num + 1 shards the server's)
     # unless --server-steps says otherwise (0: FedAvg of the clients' prefixes alone); False: a method
     # whose server has no step of its own
     server_tunes: bool = True
     # "module:function" making a client on a Flower node from the global architecture (uninitialised), the
-    # client's layers and the shipped weights: (config, skeleton, layers, shipped, rows, partition, pad_id)
-    # -> Client; None: the Flower client side makes it from the client shape (FedSP's, SFPrompt's clients)
+    # client's layers and the shipped weights: (config, skeleton, layers, shipped, rows, partition, pad_id,
+    # tokenizer) -> Client; None: no clients
     node_client: str | None = None
+    # "module:function" giving the global layers its clients may hold: (config, number of layers) -> set;
+    # the model-privacy audit checks that no other layer crosses the wire
+    promise: str = "fedsp.methods.fedsp:promised_layers"
+    # a client sends nothing but its update (client-level DP of the aggregate covers what it sends);
+    # False: split learning, whose activations and gradients cross the wire outside the aggregate
+    client_dp: bool = True
 
     @property
     def federated(self) -> bool:
@@ -153,18 +160,19 @@ class MethodSpec:
         """The function that builds this method's course (imported now, not when the table is read)."""
         if self.build is None:
             raise RuntimeError(f"method {self.name!r} trains nothing")
-        module, _, function = self.build.partition(":")
-        return cast(Builder, getattr(importlib.import_module(module), function))
+        return cast(Builder, _named(self.build))
 
     def node_builder(self) -> Callable[..., Any] | None:
-        """The function a Flower node makes this method's client with (None: from the client shape)."""
-        if self.node_client is None:
-            return None
-        module, _, function = self.node_client.partition(":")
-        return cast(Callable[..., Any], getattr(importlib.import_module(module), function))
+        """The function a Flower node makes this method's client with (None: it has no clients)."""
+        return None if self.node_client is None else _named(self.node_client)
 
-    def ignored_options(self, config: RunConfig) -> dict[str, Any]:
-        """Options set away from their defaults that this method does not read."""
+    def promised_layers(self, config: Any, num_layers: int) -> set[int]:
+        """The global layers (of ``num_layers``) that this method's clients may hold under ``config``."""
+        return cast(set[int], _named(self.promise)(config, num_layers))
+
+    def ignored_options(self, config: Any) -> dict[str, Any]:
+        """Options of ``config`` (a :class:`~fedsp.config.RunConfig`) set away from their defaults that
+        this method does not read."""
         defaults = type(config)()
         return {
             name: getattr(config, name)
@@ -173,9 +181,16 @@ class MethodSpec:
         }
 
 
+def _named(where: str) -> Callable[..., Any]:
+    """The function ``"module:function"`` names, imported now (not when the table is read)."""
+    module, _, function = where.partition(":")
+    return cast(Callable[..., Any], getattr(importlib.import_module(module), function))
+
+
 _ALL = TRAINING | FEDERATION | PREFIX | MODEL_LR | AUX | KD | PROTECTION | WIRE
 _PROMPT_ONLY = TRAINING | FEDERATION | PREFIX | PROTECTION | WIRE
 _FEDSP = "fedsp.methods.fedsp:fedsp_course"
+_FEDSP_NODE = "fedsp.methods.fedsp:node_client"
 _TABLE = [
     MethodSpec("zero-shot", "the global model as it is, no training", frozenset(), None, None, grid="main"),
     MethodSpec(
@@ -184,6 +199,7 @@ _TABLE = [
         _ALL,
         _FEDSP,
         ClientShape(AUXILIARY),
+        node_client=_FEDSP_NODE,
         grid="main",
     ),
     MethodSpec(
@@ -193,6 +209,7 @@ _TABLE = [
         _PROMPT_ONLY,
         _FEDSP,
         ClientShape(GLOBAL, PROMPT_ONLY),
+        node_client=_FEDSP_NODE,
         grid="main",
     ),
     MethodSpec(
@@ -202,6 +219,7 @@ _TABLE = [
         _PROMPT_ONLY,
         _FEDSP,
         ClientShape(AUXILIARY, PROMPT_ONLY, share=False, kd=False, layers=(0,)),
+        node_client=_FEDSP_NODE,
         grid="main",
     ),
     MethodSpec(
@@ -220,6 +238,7 @@ _TABLE = [
         _ALL - KD,
         _FEDSP,
         ClientShape(AUXILIARY, kd=False),
+        node_client=_FEDSP_NODE,
     ),
     MethodSpec(
         "fedsp-no-cs",
@@ -227,6 +246,7 @@ _TABLE = [
         _ALL,
         _FEDSP,
         ClientShape(AUXILIARY, share=False),
+        node_client=_FEDSP_NODE,
     ),
     MethodSpec(
         "fedsp-no-at",
@@ -234,6 +254,7 @@ _TABLE = [
         _ALL,
         _FEDSP,
         ClientShape(AUXILIARY, JOINT),
+        node_client=_FEDSP_NODE,
     ),
     MethodSpec(
         "prefix-tuning",
@@ -276,6 +297,9 @@ _TABLE = [
         ClientShape(SPLIT_HEAD),
         grid="opt-in",
         secure_aggregation=False,  # the update is the last of a round's split messages
+        node_client="fedsp.methods.sfprompt:node_client",
+        promise="fedsp.methods.sfprompt:promised_layers",
+        client_dp=False,
     ),
     MethodSpec(
         "offsite-tuning",
@@ -287,12 +311,16 @@ _TABLE = [
         grid="opt-in",
         server_tunes=False,  # the paper's owner only plugs the adapters in; --server-steps N tunes them
         node_client="fedsp.methods.offsite:node_client",
+        promise="fedsp.methods.offsite:promised_layers",
     ),
 ]
 METHOD_SPECS: dict[str, MethodSpec] = {spec.name: spec for spec in _TABLE}
 # What a comparison is read against, in order of preference: the model owner alone (the control of every
 # federated result), else the untrained model.
 REFERENCES = ("server-only", "zero-shot")
+# The method `fedsp convergence` times the others against: each one's first round within a point of this
+# method's last-round accuracy (fedsp.experiments.convergence).
+PACE_REFERENCE = "fedprompt"
 METHODS = tuple(METHOD_SPECS)
 
 
@@ -306,6 +334,8 @@ def grid_methods(*lists: str) -> tuple[str, ...]:
     return tuple(spec.name for spec in _TABLE if spec.grid in lists)
 
 
-def build_course(config: RunConfig, loaded: LoadedModel, data: RunData) -> Course:
-    """The parties of a run of ``config.method``, built by the method's own builder."""
+def build_course(config: Any, loaded: Any, data: Any) -> Any:
+    """The parties (a :class:`~fedsp.methods.base.Course`) of a run of ``config.method`` (a
+    :class:`~fedsp.config.RunConfig`), built by the method's own builder from the loaded model
+    (:class:`~fedsp.models.loading.LoadedModel`) and the run's data (:class:`~fedsp.data.shards.RunData`)."""
     return spec_for(config.method).builder()(config, loaded, data)

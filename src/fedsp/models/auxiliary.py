@@ -22,9 +22,9 @@ from collections.abc import Sequence
 from torch import nn
 from transformers import PreTrainedModel
 
-from fedsp.config import LAYER_ORDERS
 from fedsp.errors import FedSPError
 from fedsp.models.adapters import decoder_layers, set_decoder_layers
+from fedsp.spellings import LAYER_ORDERS
 
 LAYER_CHOICES = ("bottom", "middle", "top")
 

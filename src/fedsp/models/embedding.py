@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from fedsp.config import LOWRANK
 from fedsp.errors import FedSPError
+from fedsp.spellings import LOWRANK
 
 
 class LowRankEmbedding(nn.Module):

@@ -39,9 +39,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from fedsp.config import PRUNED
 from fedsp.data.batching import Encoded
 from fedsp.errors import FedSPError
+from fedsp.spellings import PRUNED
 
 
 class PrunedEmbedding(nn.Embedding):

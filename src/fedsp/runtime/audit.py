@@ -32,9 +32,8 @@ from transformers import PreTrainedModel
 
 from fedsp import wire
 from fedsp.config import RunConfig
-from fedsp.methods.table import EMULATOR, SPLIT_HEAD, spec_for
+from fedsp.methods.table import spec_for
 from fedsp.models.adapters import decoder_layers
-from fedsp.models.auxiliary import select_layers
 from fedsp.runtime import results
 
 
@@ -46,23 +45,13 @@ def fingerprint(tensor: torch.Tensor) -> str:
 
 
 def promised_layers(config: RunConfig, num_layers: int) -> set[int]:
-    """The decoder layers the method's table entry lets clients hold; the others are private.
-
-    SFPrompt's clients hold the head, layers 0..c-1; a fixed layer set (FedPrompt-Single's
-    layer 0) is that set; every other method is held to FedSP's promise, the layers
-    ``--aux-layers`` / ``--aux-layer-choice`` select (FedPrompt, whose clients get the
-    whole model, fails it, as it should).
+    """The decoder layers the method's table entry lets clients hold (its ``promise``); the others are
+    private. SFPrompt's clients hold the head, layers 0..c-1; Offsite-Tuning's the emulator's layers
+    sent as they are; a fixed layer set (FedPrompt-Single's layer 0) is that set; every other method is
+    held to FedSP's promise, the layers ``--aux-layers`` / ``--aux-layer-choice`` select (FedPrompt, whose
+    clients get the whole model, fails it, as it should).
     """
-    shape = spec_for(config.method).client
-    if shape is not None and shape.holds == SPLIT_HEAD:
-        return set(range(config.split_layer))
-    if shape is not None and shape.holds == EMULATOR:
-        from fedsp.methods.offsite import promised_layers as emulator_layers
-
-        return emulator_layers(config, num_layers)
-    if shape is not None and shape.layers is not None:
-        return set(shape.layers)
-    return set(select_layers(num_layers, config.aux_layers, config.aux_layer_choice))
+    return spec_for(config.method).promised_layers(config, num_layers)
 
 
 def private_weights(model: PreTrainedModel, config: RunConfig) -> dict[str, str]:

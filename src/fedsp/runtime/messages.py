@@ -17,7 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from fedsp.runtime.privacy import Summed
 
 # a reply's status: an update; "send me the client model" (never had it, or lost its state); a failure;
 # a message to the server in the middle of the client's round (split learning), answered by a Turn
@@ -63,10 +66,25 @@ class Turn:
 
 
 class Engine(Protocol):
-    """How orders reach clients and replies come back; everything else is the driver's."""
+    """How orders reach clients and replies come back; everything else is the driver's.
+
+    This is all the round driver (:class:`~fedsp.runtime.rounds.RoundDriver`) asks of an engine: the
+    in-process one (:class:`~fedsp.runtime.rounds.InProcessEngine`) and Flower's
+    (:class:`~fedsp.runtime.flower.server_app.FlowerEngine`) declare each member."""
+
+    @property
+    def concurrent(self) -> bool:
+        """Whether clients are reached together (Flower) or one at a time (in-process: a split round's
+        conversations then run one after the other, so the server holds one client's step at a time)."""
+        ...
 
     def exchange(self, orders: Sequence[Order], prefix: bytes) -> list[Reply]:
         """Deliver ``orders`` (with the encoded broadcast ``prefix``); a reply per client that answered."""
+        ...
+
+    def exchange_summed(self, orders: Sequence[Order], prefix: bytes) -> tuple[list[Reply], Summed]:
+        """``exchange`` under ``--secure-aggregation``: each client's status and clear metrics, and the
+        sum of the updates alone; an engine that cannot sum securely raises a one-line FedSPError."""
         ...
 
     def converse(self, turns: Sequence[Turn]) -> list[Reply]:

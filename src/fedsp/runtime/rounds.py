@@ -1,16 +1,17 @@
 """One round driver for every engine: the server's half of a round, written once, and the in-process engine.
 
-Server side, round ``r`` (:class:`RoundDriver`):
-  1. sample the partitions taking part (:func:`~fedsp.runtime.participation.sample_clients`,
-     seeded by (seed, r));
-  2. broadcast: ``server.broadcast()``, encoded once (:mod:`fedsp.wire`) for
-     every sampled client; the audit records it;
-  3. exchange: the engine delivers one :class:`Order` per sampled partition and
-     returns their :class:`Reply`; the client model goes along the first time
-     (or again, once, to a client that says it lost it);
-  4. check the updates (NaN/Inf, names, shapes, dtypes, outlier norm) and count
-     the bytes that came up; fewer accepted than ``--min-replies`` stops the run;
-  5. ``Session.finish_round``: aggregate, tune, validate, evaluate, checkpoint, metrics.
+Server side, round ``r`` (:class:`RoundDriver`), in the six steps every docstring numbers a round by
+(the glossary's "round", docs/architecture.md):
+  1. broadcast: sample the partitions taking part (:func:`~fedsp.runtime.participation.sample_clients`,
+     seeded by (seed, r)); ``server.broadcast()``, encoded once (:mod:`fedsp.wire`) for every sampled
+     client; the audit records it;
+  2. clients train: the engine delivers one :class:`Order` per sampled partition; the client model
+     goes along the first time (or again, once, to a client that says it lost it);
+  3. updates back: the engine returns their :class:`Reply`; the driver checks the updates (NaN/Inf,
+     names, shapes, dtypes, outlier norm) and counts the bytes that came up; fewer accepted than
+     ``--min-replies`` stops the run;
+  4. aggregate, 5. server tunes, 6. validate: ``Session.finish_round``, which then evaluates,
+     checkpoints and writes the round's metrics.
 Which partitions hold the client model and a trained state (``shipped``,
 ``trained``) is checkpointed with the server, so a resumed run knows it too.
 
@@ -96,7 +97,7 @@ class RoundDriver:
             self.play(rnd)
 
     def play(self, rnd: int) -> dict[str, Any]:
-        """One round, steps 1-5; the record appended to metrics.jsonl."""
+        """One round, steps 1-6 (4-6 in ``Session.finish_round``); the record appended to metrics.jsonl."""
         t0 = time.perf_counter()
         self.ignored_replies = self.bytes_shipped = self.split_bytes = 0
         session, config = self.session, self.session.config
@@ -164,10 +165,7 @@ class RoundDriver:
         """The engine's exchange; under secure aggregation its summed one (the sum kept in ``summed``)."""
         if not self.session.config.secure_aggregation:
             return self.engine.exchange(orders, down)
-        exchange_summed = getattr(self.engine, "exchange_summed", None)
-        if exchange_summed is None:  # the configuration refuses this; a guard for engines used directly
-            raise FedSPError("this engine cannot aggregate securely (--secure-aggregation needs Flower)")
-        replies, self.summed = exchange_summed(orders, down)
+        replies, self.summed = self.engine.exchange_summed(orders, down)
         return replies
 
     def exchange(
@@ -260,8 +258,7 @@ class RoundDriver:
         if not talking:
             return replies
         replies = dict(replies)
-        together = getattr(self.engine, "concurrent", True)
-        groups = [talking] if together else [{k: r} for k, r in talking.items()]
+        groups = [talking] if self.engine.concurrent else [{k: r} for k, r in talking.items()]
         for group in groups:
             replies.update(self._talk(rnd, group, split_bytes))
         return replies
@@ -357,6 +354,10 @@ class InProcessEngine:
 
     def exchange(self, orders: Sequence[Order], prefix: bytes) -> list[Reply]:
         return self._each(orders, partial(self._call, prefix=prefix))
+
+    def exchange_summed(self, orders: Sequence[Order], prefix: bytes) -> tuple[list[Reply], Summed]:
+        # the configuration refuses --secure-aggregation in process; a guard for this engine used directly
+        raise FedSPError("this engine cannot aggregate securely (--secure-aggregation needs Flower)")
 
     def converse(self, turns: Sequence[Turn]) -> list[Reply]:
         return self._each(turns, self._turn)

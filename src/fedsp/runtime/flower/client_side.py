@@ -34,8 +34,7 @@ from fedsp.data.sources import local_file
 from fedsp.data.tasks import load_task
 from fedsp.errors import FedSPError
 from fedsp.methods.base import Client
-from fedsp.methods.fedsp import client_model_from, make_client
-from fedsp.methods.table import SPLIT_HEAD, spec_for
+from fedsp.methods.table import spec_for
 from fedsp.models.loading import (
     DTYPES,
     TINY_MODELS,
@@ -45,7 +44,6 @@ from fedsp.models.loading import (
     use_attention,
 )
 from fedsp.models.precision import pick_attention
-from fedsp.models.vocabulary import vocabulary_buffers
 from fedsp.runtime.checkpoint import atomic_save
 
 
@@ -59,29 +57,16 @@ def build_client(
     pad_id: int,
     tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> Client:
-    """The method's client for ``partition`` (its shape from the method table), holding the ``shipped``
-    weights (``tokenizer``: the global model's, for a pruned vocabulary)."""
-    shape = spec_for(config.method).client
-    if shape is None:
-        raise FedSPError(f"method {config.method!r} has no clients this node can build")
-    skeleton = _skeleton(model_config, config.dtype)
+    """The method's client for ``partition``, holding the ``shipped`` weights (``tokenizer``: the global
+    model's, for a pruned vocabulary): made by the method's own ``node_client`` (its table entry) from the
+    global architecture, uninitialised."""
     node_client = spec_for(config.method).node_builder()
-    if node_client is not None:  # a method that makes its node's client itself (Offsite-Tuning)
-        client: Client = node_client(config, skeleton, layers, shipped, rows, partition, pad_id, tokenizer)
-        return client
-    if shape.holds == SPLIT_HEAD:  # SFPrompt: the head and tail of the skeleton hold the shipped weights
-        from fedsp.methods.sfprompt import split_client
-        from fedsp.models.split import check_split_layer, client_modules
-
-        check_split_layer(config.split_layer, skeleton.config.num_hidden_layers)
-        held = {id(p) for m in client_modules(skeleton, config.split_layer) for p in m.parameters()}
-        _load_exact(skeleton, shipped, {n for n, p in skeleton.named_parameters() if id(p) in held})
-        return split_client(config, skeleton, rows, partition, pad_id)
-    model = client_model_from(shape, skeleton, layers, config.aux_layer_order, config.aux_embedding)
-    _load_exact(model, shipped)
-    return make_client(
-        config, shape, model, rows, partition, pad_id, skeleton.config.num_hidden_layers, layers, tokenizer
+    if node_client is None:
+        raise FedSPError(f"method {config.method!r} has no clients this node can build")
+    client: Client = node_client(
+        config, _skeleton(model_config, config.dtype), layers, shipped, rows, partition, pad_id, tokenizer
     )
+    return client
 
 
 def _skeleton(model_config: str, dtype: str) -> PreTrainedModel:
@@ -94,29 +79,6 @@ def _skeleton(model_config: str, dtype: str) -> PreTrainedModel:
     model.tie_weights()  # (what the skipped initialisation would have done)
     use_attention(model, pick_attention("auto", dtype, "cpu"))  # Flower clients run on the CPU
     return model.eval()
-
-
-def _load_exact(
-    model: PreTrainedModel, shipped: dict[str, torch.Tensor], names: set[str] | None = None
-) -> None:
-    """Copy ``shipped`` into ``model``'s parameters ``names`` (all of them by default), and the kept ids
-    of a pruned vocabulary, which must match."""
-    own: dict[str, torch.Tensor] = {n: p for n, p in model.named_parameters() if names is None or n in names}
-    own.update(vocabulary_buffers(model))
-    if set(own) != set(shipped):
-        missing, extra = sorted(set(own) - set(shipped))[:3], sorted(set(shipped) - set(own))[:3]
-        raise FedSPError(
-            f"the shipped client model does not fit this client's architecture "
-            f"(missing {missing}, unexpected {extra})"
-        )
-    with torch.no_grad():
-        for name, param in own.items():
-            if param.shape != shipped[name].shape:
-                raise FedSPError(
-                    f"shipped tensor {name} has shape {tuple(shipped[name].shape)}, "
-                    f"expected {tuple(param.shape)}"
-                )
-            param.copy_(shipped[name])
 
 
 @functools.lru_cache(maxsize=4)

@@ -121,6 +121,8 @@ class FlowerEngine:
     timeout; under ``--secure-aggregation`` the same orders go through a SecAgg+ round instead
     (:meth:`exchange_summed`)."""
 
+    concurrent = True  # every client's message goes out at once (split rounds too)
+
     def __init__(
         self, grid: Grid, session: Session, wait_s: float = 120.0, context: Context | None = None
     ) -> None:

@@ -3,9 +3,9 @@
 
 Flower 1.42 starts a fresh ClientApp process for every message. With the node setting
 ``worker-idle-seconds=N`` (``--node-config``), the ClientApp's handler hands its job
-(:class:`~fedsp.runtime.flower.client_app.Job`: the order or split message, the node's settings, the
+(:class:`~fedsp.runtime.flower.jobs.Job`: the order or split message, the node's settings, the
 payloads) to this node's worker and returns its reply; the worker runs exactly the code the handler
-would (:func:`~fedsp.runtime.flower.client_app.work`), with torch, the tokenizer and the encoded rows
+would (:func:`~fedsp.runtime.flower.jobs.work`), with torch, the tokenizer and the encoded rows
 already in memory. Nothing of a client lives only in the worker: its state is in the node's store
 between messages, as without it.
 
@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from fedsp.runtime.flower.client_app import Done, Job
+    from fedsp.runtime.flower.jobs import Done, Job
 
 log = logging.getLogger("fedsp.flower.worker")
 SETTING = "worker-idle-seconds"  # node setting: keep a warm worker, stopped after this many idle seconds
@@ -75,7 +75,7 @@ def home() -> Path:
 def address(node_config: Mapping[str, Any]) -> Path:
     """The socket of this node's worker: one per state folder and partition (short: sockets have a
     length limit)."""
-    from fedsp import __version__
+    from fedsp.version import __version__
 
     # a new fedsp (version or files) gets a new worker; the old one idles out
     code = (Path(__file__).stat().st_mtime_ns, __version__)
@@ -181,8 +181,8 @@ def serve(path: Path, idle: float, parent: int) -> None:
 
     signal.signal(signal.SIGTERM, leave)
     threading.Thread(target=watch, daemon=True).start()
-    from fedsp.runtime.flower.client_app import work
     from fedsp.runtime.flower.client_side import tokenizer_for  # noqa: F401  (imports torch, models)
+    from fedsp.runtime.flower.jobs import work
 
     while True:
         try:
