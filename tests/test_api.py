@@ -93,10 +93,12 @@ def test_load_run_evaluates_generates_and_exports_as_the_cli_does(tmp_path):
 
 
 def test_errors_name_the_configuration_field(tmp_path):
-    with pytest.raises(fedsp.FedSPError, match=r"^clients must be an integer >= 1, got 0$") as err:
+    with pytest.raises(
+        fedsp.FedSPError, match=r"^clients must be an integer in \[1, 100000\], got 0$"
+    ) as err:
         fedsp.RunConfig(clients=0)
     assert err.value.field == "clients"
-    with pytest.raises(fedsp.FedSPError, match=r"^local_steps must be an integer >= 0, got -1$"):
+    with pytest.raises(fedsp.FedSPError, match=r"^local_steps must be an integer in \[0, 1000000\], got -1$"):
         fedsp.RunConfig(local_steps=-1)
     with pytest.raises(fedsp.FedSPError, match=r"data needs a 'train' split and a 'validation' or 'test'"):
         fedsp.run(fedsp.RunConfig(**TINY, out=str(tmp_path / "r")), data={"train": ROWS["alpaca"]})
@@ -105,7 +107,8 @@ def test_errors_name_the_configuration_field(tmp_path):
     # the command line keeps its flags
     bad = _cli("run", "--clients", "0")
     assert (
-        bad.returncode == 2 and bad.stderr.strip() == "fedsp: error: --clients must be an integer >= 1, got 0"
+        bad.returncode == 2
+        and bad.stderr.strip() == "fedsp: error: --clients must be an integer in [1, 100000], got 0"
     )
 
 
