@@ -117,7 +117,7 @@ def test_collapse_then_expand_is_exact_on_repeated_tables_and_averages_otherwise
     assert torch.equal(collapsed[:, 3:], (table[:, 6:9] + table[:, 9:12]) / 2)
     expanded = expand_layers({"table": collapsed}, [0, 0, 1, 1])["table"]
     assert torch.equal(collapse_layers({"table": expanded}, [0, 0, 1, 1])["table"], collapsed)
-    with pytest.raises(FedSPError, match="prefix-projection"):
+    with pytest.raises(FedSPError, match="prefix.projection"):
         collapse_layers({"embedding": table, "mlp.0.weight": table}, [0])
 
 

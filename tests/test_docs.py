@@ -67,9 +67,18 @@ def test_the_readme_is_short_and_keeps_the_ci_test_command():
 
 def test_every_page_is_in_the_site_navigation():
     config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
-    listed = {page for entry in config["nav"] for page in entry.values()}
-    pages = {p.name for p in (ROOT / "docs").glob("*.md")}
-    assert listed == pages
+
+    def pages_of(entries) -> set[str]:  # a nav entry is a page, {title: page} or {title: [entries]}
+        found: set[str] = set()
+        for entry in entries:
+            values = [entry] if isinstance(entry, str) else list(entry.values())
+            for value in values:
+                found |= pages_of(value) if isinstance(value, list) else {value}
+        return found
+
+    docs = ROOT / "docs"
+    pages = {str(p.relative_to(docs)) for p in docs.rglob("*.md")}
+    assert pages_of(config["nav"]) == pages
 
 
 def test_the_readmes_python_quick_start_runs(tmp_path):

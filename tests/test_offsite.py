@@ -82,10 +82,10 @@ def test_the_layer_drop_keeps_evenly_spaced_middle_layers_and_refuses_an_empty_m
     with pytest.raises(FedSPError) as err:
         emulator_plan(4, 2, 0.4)
     assert str(err.value) == (
-        "--ot-adapter-layers 2 leaves no middle layer to compress in the model's 4 layers (2 bottom + 2 "
+        "ot_adapter_layers 2 leaves no middle layer to compress in the model's 4 layers (2 bottom + 2 "
         "top); use at most 1"
     )
-    with pytest.raises(FedSPError, match=r"--ot-keep-ratio must be in \(0, 1\], got 0.0"):
+    with pytest.raises(FedSPError, match=r"(--ot-keep-ratio|ot_keep_ratio) must be in \(0, 1\], got 0.0"):
         replace(TINY, ot_keep_ratio=0.0)
 
 
