@@ -13,8 +13,9 @@ own rows, with the round-0 prefix, before round 1:
   prefix on each model (how far the emulator's answers are from the model's).
 
 It needs a client prefix of the server's shape (auxiliary layers shared
-across the whole depth, as in FedSP); a client that maps the prefix to fewer
-layers is reported as not measured, with the reason.
+across the whole depth, as in FedSP) and the server's token ids; a client that
+maps the prefix to fewer layers, or reads a pruned vocabulary, is reported as
+not measured, with the reason.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from transformers import PreTrainedModel
 from fedsp.data.batching import Encoded, fixed_batches
 from fedsp.models.forward import answer_loss, mean_answer_loss
 from fedsp.models.prefix import Prefix, eval_mode
+from fedsp.models.vocabulary import pruned_embedding
 
 FIDELITY = "emulator_fidelity"  # the course note, and results.json's key
 FIDELITY_BATCHES = 4  # batches of the server's rows the gradients are compared on
@@ -44,6 +46,12 @@ def emulator_fidelity(
     batches: int = FIDELITY_BATCHES,
 ) -> dict[str, Any]:
     """The fidelity figures of the module docstring (``rows``: the server's shard)."""
+    if pruned_embedding(aux_model) is not None:
+        return {
+            "measured": False,
+            "why": "the client model reads a pruned vocabulary (--aux-embedding pruned:V): the server's rows "
+            "would have to be rewritten into its kept ids first",
+        }
     if aux_model.config.num_hidden_layers != global_model.config.num_hidden_layers:
         return {
             "measured": False,
