@@ -60,6 +60,76 @@ def test_kd_lowers_hidden_state_mse(tiny, toy_examples):
     assert after < 0.7 * before
 
 
+def _mean_kl(tiny, student, batches):
+    from fedsp.models.forward import hidden_states
+
+    total = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            t = hidden_states(tiny.model, batch["input_ids"], batch["attention_mask"])
+            s = hidden_states(student, batch["input_ids"], batch["attention_mask"])
+            head_s, head_t = student.get_output_embeddings(), tiny.model.get_output_embeddings()
+            total += float(kd.masked_kl(head_s, head_t, s, t, batch["attention_mask"]))
+    return total / len(batches)
+
+
+@pytest.mark.parametrize("objective", ["logits", "both"])
+def test_kd_on_the_logits_lowers_the_kl_to_the_teacher(tiny, toy_examples, objective):
+    # Prepare
+    rows = [encode_gold(tiny.tokenizer, ex, 64) for ex in toy_examples(24)]
+    student = build_auxiliary_model(tiny.model, [0])
+    batches = fixed_batches(rows, 8, tiny.tokenizer.pad_token_id)
+    before = _mean_kl(tiny, student, batches)
+    # Execute
+    config = kd.KDConfig(steps=25, lr=3e-3, batch_size=8, objective=objective)
+    losses = kd.distill(
+        tiny.model, student, rows, config, tiny.tokenizer.pad_token_id, seed=0, progress=False
+    )
+    # Assert: the student's next-token distributions moved towards the teacher's
+    assert len(losses) == 25 and all(math.isfinite(x) for x in losses)
+    assert _mean_kl(tiny, student, batches) < 0.7 * before
+
+
+def test_kd_kl_is_zero_against_itself_ignores_padding_and_reads_kept_columns():
+    # Prepare: a 4-word head; the student's head keeps words 1 and 3
+    head = torch.nn.Linear(2, 4, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.5]]))
+    kept = torch.tensor([1, 3])
+    student_head = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        student_head.weight.copy_(head.weight[kept])
+    states = torch.tensor([[[0.3, -0.2], [1.0, 2.0], [50.0, -50.0]]])
+    mask = torch.tensor([[1, 1, 0]])
+    head.requires_grad_(False)
+    student_head.requires_grad_(False)
+    # Execute / Assert: the same model is at KL 0, the padded position (huge values) counts for nothing
+    assert float(kd.masked_kl(head, head, states, states, mask)) == pytest.approx(0.0, abs=1e-6)
+    assert float(kd.masked_kl(student_head, head, states, states, mask, kept)) == pytest.approx(0.0, abs=1e-6)
+    # a different student: KL(p || q) over the two real tokens, by hand
+    shifted = states + torch.tensor([0.5, 0.0])
+    p = torch.softmax(head(states[0, :2]), -1)
+    q = torch.log_softmax(head(shifted[0, :2]), -1)
+    expected = float((p * (p.log() - q)).sum(-1).mean())
+    assert float(kd.masked_kl(head, head, shifted, states, mask)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_kd_objective_is_in_the_cache_key_only_when_not_the_hidden_states():
+    hidden, logits = kd.KDConfig(steps=5), kd.KDConfig(steps=5, objective="logits")
+    assert "objective" not in hidden.fingerprint() and logits.fingerprint()["objective"] == "logits"
+    keys = {
+        kd.cache_key("m", {}, [0], None, c, [], 0) for c in (hidden, logits, kd.KDConfig(5, objective="both"))
+    }
+    assert len(keys) == 3
+
+
+def test_an_unknown_kd_objective_is_refused_naming_the_choices():
+    from fedsp.config import RunConfig
+
+    with pytest.raises(FedSPError, match="kd.objective.*cosine.*hidden, logits, both"):
+        RunConfig(kd_objective="cosine")
+
+
 def test_kd_masked_mse_ignores_padding():
     student = torch.zeros(1, 3, 2)
     teacher = torch.tensor([[[1.0, 1.0], [1.0, 1.0], [100.0, 100.0]]])

@@ -50,6 +50,7 @@ from fedsp.spellings import (  # noqa: F401  (read from here too: the spellings 
     FLOAT32,
     FULL,
     INT8,
+    KD_OBJECTIVES,
     LAYER_ORDERS,
     LOWRANK,
     PARTITIONS,
@@ -192,6 +193,11 @@ class RunConfig:
     kd_lr: float = real(5e-4, "KD learning rate", 0, MAX_LR, low_open=True)
     kd_batch_size: int = count(8, "KD batch size", 1, MAX_BATCH)
     kd_projection: bool = option(False, "learnable W_S in the KD loss, as in the paper (true/false)")
+    kd_objective: str = option(
+        "hidden",
+        "what KD matches: hidden (MSE of the last hidden states, the paper's), logits (KL divergence of "
+        "the next-token distributions, the teacher's from its cached states) or both (their sum)",
+    )
     # SFPrompt (prompt length: prefix_len)
     split_layer: int = count(  # checked against the model's L at build time
         2, "sfprompt: cut layer c (1..L-1): clients run layers 0..c-1, the server the rest", 1, 10_000
@@ -400,6 +406,7 @@ class RunConfig:
         _check_choice("prefix-init", self.prefix_init, PREFIX_INITS)
         _check_choice("dtype", self.dtype, DTYPE_CHOICES)
         _check_choice("aux-layer-order", self.aux_layer_order, LAYER_ORDERS)
+        _check_choice("kd-objective", self.kd_objective, KD_OBJECTIVES)
         _check_choice("wire-dtype", self.wire_dtype, WIRE_DTYPES)
         _check_choice("state-moments", self.state_moments, STATE_MOMENTS)
         if (

@@ -21,3 +21,6 @@ FULL, LOWRANK, PRUNED = "full", "lowrank", "pruned"
 PARTITIONS = ("iid", "dirichlet", "by:FIELD")  # by:FIELD: each client whole groups of a row field
 PREFIX_INITS = ("tokens", "random")
 LAYER_ORDERS = ("cyclic", "blocks")  # --aux-layer-order (fedsp.models.auxiliary.depth_plan)
+# --kd-objective (fedsp.methods.kd): what the auxiliary model is distilled to match
+HIDDEN, LOGITS, BOTH = "hidden", "logits", "both"
+KD_OBJECTIVES = (HIDDEN, LOGITS, BOTH)

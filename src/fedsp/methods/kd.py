@@ -1,10 +1,13 @@
 """Knowledge-distillation initialisation of the auxiliary model (server side, once).
 
 Student: the auxiliary model, no prefix, all parameters trainable. Teacher:
-the frozen global model, no prefix. Loss: MSE between the last hidden states
-(after the final norm), masked to real tokens (the reference code also
-averaged over padding). The paper's learnable W_S (``projection=True``) maps
-the student's states before the loss; the reference code has none (default).
+the frozen global model, no prefix. Loss (``--kd-objective``): ``hidden``, the
+paper's, the MSE between the last hidden states (after the final norm), masked
+to real tokens (the reference code also averaged over padding); ``logits``, the
+KL divergence from the teacher's next-token distribution to the student's at
+every real token (what a prompt's gradient is taken through); ``both``, their
+sum. The paper's learnable W_S (``projection=True``) maps the student's states
+before the hidden-state loss; the reference code has none (default).
 
 The teacher's states are computed once per example and kept (they never
 change), so each KD step costs only the student's forward and backward.
@@ -37,9 +40,10 @@ from fedsp.files import atomic_write
 from fedsp.methods.optim import OptimConfig, Phase
 from fedsp.models.auxiliary import build_auxiliary_model, depth_plan, select_layers
 from fedsp.models.embedding import factorise_embedding
-from fedsp.models.forward import hidden_states
+from fedsp.models.forward import head_logits, hidden_states
 from fedsp.models.loading import LoadedModel, cache_dir
 from fedsp.models.vocabulary import choose_vocabulary, prune_embedding
+from fedsp.spellings import BOTH, HIDDEN, LOGITS
 
 
 @dataclass(frozen=True)
@@ -51,9 +55,29 @@ class KDConfig:
     batch_size: int = 16
     projection: bool = False  # the paper's learnable W_S
     max_grad_norm: float = 0.0  # 0: no clipping
+    objective: str = HIDDEN  # --kd-objective: hidden, logits or both
 
     def fingerprint(self) -> dict:
-        return asdict(self)
+        """What the distilled weights depend on; the objective only when not the hidden states', so the
+        cache keys of models distilled before the option existed stay valid."""
+        out = asdict(self)
+        if self.objective == HIDDEN:
+            del out["objective"]
+        return out
+
+
+def kd_config_from(config: RunConfig, steps: int | None = None) -> KDConfig:
+    """A run's KD settings (``steps``: instead of ``--kd-steps``)."""
+    return KDConfig(
+        config.kd_steps if steps is None else steps,
+        config.kd_lr,
+        config.weight_decay,
+        config.warmup_ratio,
+        config.kd_batch_size,
+        config.kd_projection,
+        config.max_grad_norm,
+        config.kd_objective,
+    )
 
 
 class _TeacherStates:
@@ -90,6 +114,31 @@ def masked_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor)
     return ((student.float() - teacher) ** 2 * weights).sum() / (weights.sum() * student.shape[-1])
 
 
+def masked_kl(
+    student_head: nn.Module,
+    teacher_head: nn.Module,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: torch.Tensor,
+    columns: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """KL(teacher || student) of the next-token distributions, mean over real tokens.
+
+    ``student``/``teacher``: last hidden states (B,T,H); each goes through its own model's head in float32.
+    ``columns``: the teacher's vocabulary ids the student's head rows stand for (a pruned vocabulary); the
+    teacher's distribution is then renormalised over them."""
+    keep = mask.to(student.device).bool()
+    student_logits = head_logits(student_head, student[keep])  # (n, V_student)
+    with torch.no_grad():
+        head_device = next(teacher_head.parameters()).device
+        teacher_logits = head_logits(teacher_head, teacher.to(head_device)[keep.to(head_device)])
+        if columns is not None:
+            teacher_logits = teacher_logits[:, columns.to(head_device)]
+        teacher_logp = torch.log_softmax(teacher_logits, dim=-1).to(student.device)
+    student_logp = torch.log_softmax(student_logits, dim=-1)
+    return torch.nn.functional.kl_div(student_logp, teacher_logp, log_target=True, reduction="batchmean")
+
+
 def distill(
     teacher: PreTrainedModel,
     student: PreTrainedModel,
@@ -100,10 +149,12 @@ def distill(
     progress: bool = True,
     student_ids: torch.Tensor | None = None,
     trainable: Sequence[nn.Parameter] | None = None,
+    kept_ids: torch.Tensor | None = None,
 ) -> list[float]:
-    """Train ``student`` to match ``teacher``'s last hidden states; returns the loss per step.
+    """Train ``student`` to match ``teacher`` (``config.objective``); returns the loss per step.
 
-    ``student_ids``: global id -> the student's id (a pruned vocabulary; ``rows`` use kept ids only).
+    ``student_ids``: global id -> the student's id (a pruned vocabulary; ``rows`` use kept ids only);
+    ``kept_ids``: the global id each of the student's head rows stands for (the same vocabulary).
     ``trainable``: the student's parameters KD updates (default: all of them; Offsite-Tuning's emulator
     distils its middle layers only, its adapters stay the global model's)."""
     stream = BatchStream(rows, config.batch_size, pad_id, seed)
@@ -128,10 +179,21 @@ def distill(
         target = teacher_states.batch(batch, [r.ids for r in picked])
         ids = batch["input_ids"] if student_ids is None else student_ids[batch["input_ids"]]
         hidden = hidden_states(student, ids, batch["attention_mask"])
-        if w_s is not None:
-            hidden = w_s(hidden.float())
-        losses.append(phase.step(masked_mse(hidden, target, batch["attention_mask"])))
-        bar.set_postfix(mse=f"{losses[-1]:.4f}")
+        loss = torch.zeros((), device=hidden.device)
+        if config.objective in (LOGITS, BOTH):
+            loss = loss + masked_kl(
+                student.get_output_embeddings(),
+                teacher.get_output_embeddings(),
+                hidden,
+                target,
+                batch["attention_mask"],
+                kept_ids,
+            )
+        if config.objective in (HIDDEN, BOTH):
+            mapped = w_s(hidden.float()) if w_s is not None else hidden
+            loss = loss + masked_mse(mapped, target, batch["attention_mask"])
+        losses.append(phase.step(loss))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
     student.eval()
     return losses
 
@@ -253,15 +315,7 @@ def distilled_auxiliary_model(
     steps = config.kd_steps if kd_steps is None else kd_steps
     if steps == 0:
         return aux, selected, []
-    kd_config = KDConfig(
-        steps,
-        config.kd_lr,
-        config.weight_decay,
-        config.warmup_ratio,
-        config.kd_batch_size,
-        config.kd_projection,
-        config.max_grad_norm,
-    )
+    kd_config = kd_config_from(config, steps)
     model_config = {**loaded.model.config.to_dict(), "weights_dtype": str(loaded.model.dtype)}
     plan = depth_plan(num_layers, len(selected), order) if share else None
     key = cache_key(
@@ -286,6 +340,7 @@ def distilled_auxiliary_model(
         config.seed,
         progress=config.progress,
         student_ids=student_ids,
+        kept_ids=None if vocabulary is None else torch.as_tensor(list(vocabulary.kept), dtype=torch.long),
     )
     save_student(aux, path, losses)
     return aux, selected, losses

@@ -60,7 +60,7 @@ from fedsp.data.shards import RunData
 from fedsp.errors import FedSPError
 from fedsp.methods.base import ClientModelInfo, ClientUpdate, Course
 from fedsp.methods.fedsp import client_seed, local_config
-from fedsp.methods.kd import KDConfig, cache_key, distill, load_student, save_student
+from fedsp.methods.kd import cache_key, distill, kd_config_from, load_student, save_student
 from fedsp.methods.optim import OptimConfig, Phase
 from fedsp.models.adapters import decoder_layers
 from fedsp.models.auxiliary import unique_parameter_count
@@ -115,15 +115,7 @@ def emulator_for(
         return emulator, []
     layers = decoder_layers(emulator)
     middle = nn.ModuleList(layers[plan.layers.index(g)] for g in plan.kept)
-    kd_config = KDConfig(
-        config.kd_steps,
-        config.kd_lr,
-        config.weight_decay,
-        config.warmup_ratio,
-        config.kd_batch_size,
-        config.kd_projection,
-        config.max_grad_norm,
-    )
+    kd_config = kd_config_from(config)
     model_config = {**loaded.model.config.to_dict(), "weights_dtype": str(loaded.model.dtype)}
     key = cache_key(
         loaded.name,

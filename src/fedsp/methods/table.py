@@ -51,7 +51,7 @@ FEDERATION = frozenset({"partition", "alpha", "server_steps"})
 PREFIX = frozenset({"lr", "prefix_len", "prefix_projection", "prefix_dropout", "prefix_init"})
 MODEL_LR = frozenset({"align_lr"})
 AUX = frozenset({"aux_layers", "aux_layer_choice", "aux_layer_order", "aux_embedding"})
-KD = frozenset({"kd_steps", "kd_lr", "kd_batch_size", "kd_projection"})
+KD = frozenset({"kd_steps", "kd_lr", "kd_batch_size", "kd_projection", "kd_objective"})
 SPLIT = frozenset({"split_layer", "prune_gamma", "local_loss_steps"})  # SFPrompt
 OFFSITE = frozenset(
     {"ot_adapter_layers", "ot_keep_ratio", "ot_distill", "ot_lora_rank"}
