@@ -221,7 +221,7 @@ def test_answer_loss_falls_over_rounds_and_global_model_is_bit_identical(tiny, t
         last = server.validation_loss()
     # Assert
     assert last < first - 0.1
-    assert server.best_val_loss <= last
+    assert server.best.loss <= last
     assert all(torch.equal(v, tiny.model.state_dict()[k]) for k, v in snapshot.items())
 
 
@@ -291,3 +291,37 @@ def test_distilled_auxiliary_model_is_cached_and_reused(tiny, tmp_path, monkeypa
     assert len(list((tmp_path / "aux").glob("*.safetensors"))) == 2
     for (name, a), b in zip(first.named_parameters(), again.parameters(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_the_best_state_is_kept_restored_and_checkpointed_the_same_way_for_every_server():
+    from fedsp.methods.base import BestKept
+
+    # Prepare: a "server" whose state is one tensor
+    held = {"w": torch.tensor([1.0])}
+
+    def snapshot():
+        return {"w": held["w"].clone()}
+
+    def restore(state):
+        held["w"] = state["w"].clone()
+
+    best = BestKept(snapshot, restore)
+    # Execute: the state before round 1, then a better round, then a worse one
+    best.offer(2.0)
+    held["w"] = torch.tensor([2.0])
+    best.offer(1.5)
+    held["w"] = torch.tensor([3.0])
+    best.offer(1.7)
+    best.restore()
+    # Assert: the round with loss 1.5 is back, and a checkpoint holds the keys older versions wrote
+    assert held["w"].item() == 2.0 and best.loss == 1.5
+    saved = best.state_dict()
+    assert set(saved) == {"best_val_loss", "best_state"}
+    again = BestKept(snapshot, restore)
+    again.load_state_dict(saved)
+    assert again.loss == 1.5 and torch.equal(again.state["w"], torch.tensor([2.0]))
+    # without a state from the start, restoring before any round changes nothing
+    lazy = BestKept(snapshot, restore, from_start=False)
+    held["w"] = torch.tensor([9.0])
+    lazy.restore()
+    assert held["w"].item() == 9.0 and lazy.state == {}

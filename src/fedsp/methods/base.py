@@ -87,6 +87,48 @@ class Server(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+class BestKept:
+    """The lowest validation loss a server has seen and the state that had it: every method's best-round
+    bookkeeping, in one place.
+
+    ``snapshot`` copies what the server would restore (a prefix, prompts and a head, adapter layers, a whole
+    model); ``restore`` loads such a copy back. With ``from_start`` the state before round 1 is the best
+    until a round beats it; without (a whole model: a copy of it is not free), nothing is kept until a
+    round is measured, and restoring then leaves the server as it is. A checkpoint holds both under the
+    keys ``best_val_loss`` and ``best_state`` (as every version before this one wrote them)."""
+
+    def __init__(
+        self,
+        snapshot: Callable[[], dict[str, torch.Tensor]],
+        restore: Callable[[dict[str, torch.Tensor]], None],
+        from_start: bool = True,
+    ) -> None:
+        self._snapshot, self._restore = snapshot, restore
+        self.loss = float("inf")
+        self.state: dict[str, torch.Tensor] = snapshot() if from_start else {}
+
+    def offer(self, loss: float) -> None:
+        """Keep the server's current state when ``loss`` is the lowest so far."""
+        if loss < self.loss:
+            self.loss, self.state = loss, self._snapshot()
+
+    def restore(self) -> None:
+        """Put the best state back into the server (nothing kept: nothing changes)."""
+        if self.state:
+            self._restore(self.state)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_val_loss": self.loss, "best_state": self.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loss, self.state = state["best_val_loss"], state["best_state"]
+
+
+def mean_or_nan(values: Sequence[float]) -> float:
+    """The mean of ``values``; nan when there are none (a phase of 0 steps)."""
+    return sum(values) / len(values) if values else float("nan")
+
+
 @runtime_checkable
 class ManyPrefixes(Server, Protocol):
     """A server holding one prefix per data owner, scored one by one (the local-only baseline)."""

@@ -22,7 +22,7 @@ from transformers import PreTrainedModel
 from fedsp.config import RunConfig
 from fedsp.data.batching import BatchStream, Encoded, fixed_batches
 from fedsp.data.shards import RunData
-from fedsp.methods.base import ClientUpdate, Course
+from fedsp.methods.base import BestKept, ClientUpdate, Course
 from fedsp.methods.fedsp import prefix_server
 from fedsp.methods.optim import OptimConfig, Phase, set_trainable
 from fedsp.models.forward import answer_loss, mean_answer_loss
@@ -49,8 +49,10 @@ class FinetuneServer:
         self.phase = Phase(model.parameters(), optim, total_rounds * steps)
         self.stream = BatchStream(rows, batch_size, pad_id, seed)
         self.val_batches = fixed_batches(val_rows, eval_batch_size, pad_id)
-        self.best_val_loss = float("inf")
-        self.best_state: dict[str, torch.Tensor] = {}
+        self.best = BestKept(self._copy, self.model.load_state_dict, from_start=False)
+
+    def _copy(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     def broadcast(self) -> dict[str, torch.Tensor]:
         return {}
@@ -72,33 +74,29 @@ class FinetuneServer:
     def validation_loss(self, track: bool = True) -> float:
         self.model.eval()
         loss = mean_answer_loss(self.model, self.val_batches, None)
-        if track and loss < self.best_val_loss:
-            self.best_val_loss = loss
-            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        if track:
+            self.best.offer(loss)
         return loss
 
     def use_best(self) -> None:
-        if self.best_state:
-            self.model.load_state_dict(self.best_state)
+        self.best.restore()
 
     def evaluation_target(self) -> tuple[PreTrainedModel, Prefix | None]:
         return self.model, None
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "model": self._copy(),
             "phase": self.phase.state_dict(),
             "stream": self.stream.state_dict(),
-            "best_val_loss": self.best_val_loss,
-            "best_state": self.best_state,
+            **self.best.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.phase.load_state_dict(state["phase"])
         self.stream.load_state_dict(state["stream"])
-        self.best_val_loss = state["best_val_loss"]
-        self.best_state = state["best_state"]
+        self.best.load_state_dict(state)
 
 
 def _all_rows(data: RunData) -> list[Encoded]:

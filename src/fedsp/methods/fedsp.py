@@ -44,7 +44,7 @@ from fedsp.config import LOWRANK, RunConfig, parse_embedding
 from fedsp.data.batching import BatchStream, Encoded, fixed_batches
 from fedsp.data.shards import RunData
 from fedsp.errors import FedSPError
-from fedsp.methods.base import ClientModelInfo, ClientUpdate, Course, load_shipped
+from fedsp.methods.base import BestKept, ClientModelInfo, ClientUpdate, Course, load_shipped, mean_or_nan
 from fedsp.methods.fidelity import FIDELITY, emulator_fidelity
 from fedsp.methods.kd import distilled_auxiliary_model
 from fedsp.methods.optim import OptimConfig, Phase, set_trainable
@@ -135,19 +135,23 @@ class FedSPClient:
             # 1) global-model alignment: auxiliary model trained, prefix frozen
             set_trainable(self.prefix, False)
             set_trainable(self.aux_model, True)
-            metrics["align_loss"] = _mean([self.align.step(self._loss()) for _ in range(self.config.steps)])
+            metrics["align_loss"] = mean_or_nan(
+                [self.align.step(self._loss()) for _ in range(self.config.steps)]
+            )
         if self.plan.mode == JOINT:
             set_trainable(self.aux_model, True)
             for p in self.prompt.params:
                 p.requires_grad_(True)
             losses = [self.joint.step(self._loss()) for _ in range(2 * self.config.steps)]
-            metrics["align_loss"] = metrics["prompt_loss"] = _mean(losses)
+            metrics["align_loss"] = metrics["prompt_loss"] = mean_or_nan(losses)
         else:
             # 2) local knowledge capturing: prefix trained, client model frozen
             set_trainable(self.aux_model, False)
             for p in self.prompt.params:
                 p.requires_grad_(True)
-            metrics["prompt_loss"] = _mean([self.prompt.step(self._loss()) for _ in range(self.config.steps)])
+            metrics["prompt_loss"] = mean_or_nan(
+                [self.prompt.step(self._loss()) for _ in range(self.config.steps)]
+            )
         set_trainable(self.prefix, False)
         set_trainable(self.aux_model, False)
         self.aux_model.eval()
@@ -218,8 +222,7 @@ class FedSPServer:
         self.phase = Phase(prefix.parameters(), config.prompt, total_rounds * config.steps)
         self.stream = BatchStream(rows, config.batch_size, pad_id, seed) if rows else None
         self.val_batches = fixed_batches(val_rows, eval_batch_size, pad_id)
-        self.best_val_loss = float("inf")
-        self.best_state = prefix.wire_state()
+        self.best = BestKept(prefix.wire_state, prefix.load_wire_state)
         self.client_view: ClientView | None = None  # what a model-private method's clients hold
 
     def broadcast(self) -> dict[str, torch.Tensor]:
@@ -245,20 +248,19 @@ class FedSPServer:
         finally:
             self.global_model.eval()
             set_trainable(self.prefix, False)
-        return _mean(losses)
+        return mean_or_nan(losses)
 
     @torch.no_grad()
     def validation_loss(self, track: bool = True) -> float:
         """Answer-token loss of the current prefix on the validation rows; tracks the best prefix."""
         self.prefix.eval()
         loss = mean_answer_loss(self.global_model, self.val_batches, self.prefix)
-        if track and loss < self.best_val_loss:
-            self.best_val_loss = loss
-            self.best_state = self.prefix.wire_state()
+        if track:
+            self.best.offer(loss)
         return loss
 
     def use_best(self) -> None:
-        self.prefix.load_wire_state(self.best_state)
+        self.best.restore()
 
     def evaluation_target(self) -> tuple[PreTrainedModel, Prefix | None]:
         return self.global_model, self.prefix
@@ -273,8 +275,7 @@ class FedSPServer:
             "prefix": self.prefix.wire_state(),
             "phase": self.phase.state_dict(),
             "stream": self.stream.state_dict() if self.stream else None,
-            "best_val_loss": self.best_val_loss,
-            "best_state": self.best_state,
+            **self.best.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -282,8 +283,7 @@ class FedSPServer:
         self.phase.load_state_dict(state["phase"])
         if self.stream is not None:
             self.stream.load_state_dict(state["stream"])
-        self.best_val_loss = state["best_val_loss"]
-        self.best_state = state["best_state"]
+        self.best.load_state_dict(state)
 
 
 def _joint_phase(model: PreTrainedModel, prompt_params: list, config: LocalConfig, total: int) -> Phase:
@@ -293,10 +293,6 @@ def _joint_phase(model: PreTrainedModel, prompt_params: list, config: LocalConfi
         {"params": prompt_params, "lr": config.prompt.lr},
     ]
     return Phase(groups, config.prompt, total)
-
-
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
 
 
 # -- building the parties (one client factory for every engine)

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 
 from fedsp.config import RunConfig
 from fedsp.data.shards import RunData
-from fedsp.methods.base import ClientUpdate, Course
+from fedsp.methods.base import ClientUpdate, Course, mean_or_nan
 from fedsp.methods.fedsp import FedSPServer, client_seed, prefix_server
 from fedsp.models.loading import LoadedModel
 from fedsp.models.prefix import Prefix
@@ -42,11 +42,11 @@ class LocalOnly:
 
     def tune(self) -> float:
         """T steps for every owner; their mean training loss."""
-        return _mean([owner.tune() for owner in self.owners])
+        return mean_or_nan([owner.tune() for owner in self.owners])
 
     def validation_loss(self, track: bool = True) -> float:
         """Every owner's validation loss (each keeps its own best prefix); their mean."""
-        return _mean([owner.validation_loss(track) for owner in self.owners])
+        return mean_or_nan([owner.validation_loss(track) for owner in self.owners])
 
     def use_best(self) -> None:
         for owner in self.owners:
@@ -64,10 +64,6 @@ class LocalOnly:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for owner, saved in zip(self.owners, state["owners"], strict=True):
             owner.load_state_dict(saved)
-
-
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
 
 
 def _no_clients(k: int) -> NoReturn:

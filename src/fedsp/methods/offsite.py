@@ -58,7 +58,7 @@ from fedsp.config import RunConfig
 from fedsp.data.batching import BatchStream, Encoded, fixed_batches
 from fedsp.data.shards import RunData
 from fedsp.errors import FedSPError
-from fedsp.methods.base import ClientModelInfo, ClientUpdate, Course
+from fedsp.methods.base import BestKept, ClientModelInfo, ClientUpdate, Course, mean_or_nan
 from fedsp.methods.fedsp import client_seed, local_config
 from fedsp.methods.kd import cache_key, distill, kd_config_from, load_student, save_student
 from fedsp.methods.optim import OptimConfig, Phase
@@ -154,10 +154,6 @@ def emulator_for(
     return emulator, losses
 
 
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
-
-
 class AdapterClient:
     """A data owner: the emulator (frozen but for its adapter), its rows; stateful across rounds."""
 
@@ -193,7 +189,7 @@ class AdapterClient:
             for p in params:
                 p.requires_grad_(False)
         # "prompt_loss": the loss of what the client trains, where the round's record looks for it
-        return ClientUpdate(wire.snapshot(self.adapter), len(self.rows), {"prompt_loss": _mean(losses)})
+        return ClientUpdate(wire.snapshot(self.adapter), len(self.rows), {"prompt_loss": mean_or_nan(losses)})
 
     def state_dict(self) -> dict[str, Any]:
         """Kept between rounds: the optimiser's state and the data position (the adapter comes down)."""
@@ -226,8 +222,7 @@ class OffsiteServer:
         self.phase = Phase([p for _, p in self.adapter], local_config(config).align, total) if steps else None
         self.stream = BatchStream(rows, config.batch_size, pad_id, config.seed) if rows and steps else None
         self.val_batches = fixed_batches(val_rows, config.eval_batch_size, pad_id)
-        self.best_val_loss = float("inf")
-        self.best_state = self.broadcast()
+        self.best = BestKept(self.broadcast, lambda state: wire.load_snapshot(self.adapter, state, "adapter"))
 
     def broadcast(self) -> dict[str, torch.Tensor]:
         """The plug-in's adapter layers, sent to the round's clients."""
@@ -253,19 +248,19 @@ class OffsiteServer:
             self.global_model.eval()
             for p in params:
                 p.requires_grad_(False)
-        return _mean(losses)
+        return mean_or_nan(losses)
 
     @torch.no_grad()
     def validation_loss(self, track: bool = True) -> float:
         """Answer-token loss of the plug-in on the validation rows; ``track``: keep the adapter when it is
         the best so far (False: a measurement only)."""
         loss = mean_answer_loss(self.global_model, self.val_batches, None)
-        if track and loss < self.best_val_loss:
-            self.best_val_loss, self.best_state = loss, self.broadcast()
+        if track:
+            self.best.offer(loss)
         return loss
 
     def use_best(self) -> None:
-        wire.load_snapshot(self.adapter, self.best_state, "adapter")
+        self.best.restore()
 
     def evaluation_target(self) -> tuple[PreTrainedModel, Prefix | None]:
         return self.global_model, None
@@ -280,8 +275,7 @@ class OffsiteServer:
             "adapter": self.broadcast(),
             "phase": self.phase.state_dict() if self.phase else None,
             "stream": self.stream.state_dict() if self.stream else None,
-            "best_val_loss": self.best_val_loss,
-            "best_state": self.best_state,
+            **self.best.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -290,7 +284,7 @@ class OffsiteServer:
             self.phase.load_state_dict(state["phase"])
         if self.stream is not None:
             self.stream.load_state_dict(state["stream"])
-        self.best_val_loss, self.best_state = state["best_val_loss"], state["best_state"]
+        self.best.load_state_dict(state)
 
 
 def adapter_client(

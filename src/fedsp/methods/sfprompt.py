@@ -43,7 +43,15 @@ from fedsp.config import RunConfig
 from fedsp.data.batching import IGNORE, BatchStream, Encoded, collate, demonstration_tokens, fixed_batches
 from fedsp.data.shards import RunData
 from fedsp.errors import FedSPError
-from fedsp.methods.base import ClientModelInfo, ClientUpdate, Course, Request, load_shipped
+from fedsp.methods.base import (
+    BestKept,
+    ClientModelInfo,
+    ClientUpdate,
+    Course,
+    Request,
+    load_shipped,
+    mean_or_nan,
+)
 from fedsp.methods.optim import OptimConfig, Phase
 from fedsp.methods.split_traffic import FlopModel, add_round, new_report
 from fedsp.models.adapters import decoder_layers, embedding_weight, model_device, output_weight
@@ -224,8 +232,8 @@ class SFPromptClient:
             return Request("activations", self.split_forward(batch))
         self.progress = None
         metrics = {
-            "prompt_loss": _mean(progress["split_losses"]),
-            "local_loss": _mean(progress["local_losses"]),
+            "prompt_loss": mean_or_nan(progress["split_losses"]),
+            "local_loss": mean_or_nan(progress["local_losses"]),
             "el2n_mean": progress["el2n_mean"],
             "kept_rows": float(len(progress["kept"])),
             "client_flops": float(self.client_flops),
@@ -367,8 +375,7 @@ class SFPromptServer:
         self.max_batch, self.max_length = max_batch, max_length  # the largest split message it takes
         self.full = PromptedModel(model, prompts, self.tail)  # head -> body -> tail in one stack
         self.val_batches = fixed_batches(val_rows, eval_batch_size, pad_id)
-        self.best_val_loss = float("inf")
-        self.best_state = self.broadcast()
+        self.best = BestKept(self.broadcast, lambda state: _load_wire_state(self.prompts, self.tail, state))
         self.report: dict[str, Any] = {}  # split traffic and compute, per client and round (goes to results)
 
     def broadcast(self) -> dict[str, torch.Tensor]:
@@ -422,12 +429,12 @@ class SFPromptServer:
     @torch.no_grad()
     def validation_loss(self, track: bool = True) -> float:
         loss = mean_answer_loss(cast(PreTrainedModel, self.full), self.val_batches, None)  # quacks like one
-        if track and loss < self.best_val_loss:
-            self.best_val_loss, self.best_state = loss, self.broadcast()
+        if track:
+            self.best.offer(loss)
         return loss
 
     def use_best(self) -> None:
-        _load_wire_state(self.prompts, self.tail, self.best_state)
+        self.best.restore()
 
     def evaluation_target(self):
         return self.full, None
@@ -435,20 +442,15 @@ class SFPromptServer:
     def state_dict(self) -> dict[str, Any]:
         return {
             "state": self.broadcast(),
-            "best_val_loss": self.best_val_loss,
-            "best_state": self.best_state,
+            **self.best.state_dict(),
             "report": dict(self.report),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         _load_wire_state(self.prompts, self.tail, state["state"])
-        self.best_val_loss, self.best_state = state["best_val_loss"], state["best_state"]
+        self.best.load_state_dict(state)
         self.report.clear()
         self.report.update(state["report"])
-
-
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
 
 
 def initial_prompts(config: RunConfig, loaded: LoadedModel, server_rows: list[Encoded]) -> nn.Parameter:

@@ -23,7 +23,7 @@ from typing import Any
 
 from transformers import PreTrainedModel
 
-from fedsp.methods.base import ClientUpdate
+from fedsp.methods.base import ClientUpdate, mean_or_nan
 from fedsp.models.adapters import decoder_layers, output_weight
 
 # Bytes per client and round, by direction: activations up, body outputs down, their gradient up,
@@ -85,7 +85,7 @@ def add_round(report: dict[str, Any], updates: Sequence[ClientUpdate]) -> None:
         return float(update.metrics[key])
 
     def per_client(keys: Sequence[str]) -> float:  # the mean over the round's clients of a sum of figures
-        return _mean([sum(value(u, k) for k in keys) for u in updates])
+        return mean_or_nan([sum(value(u, k) for k in keys) for u in updates])
 
     report["last_round_mean_per_client"] = {
         "client_flops": per_client(["client_flops"]),
@@ -95,7 +95,3 @@ def add_round(report: dict[str, Any], updates: Sequence[ClientUpdate]) -> None:
     report["split_bytes_down_per_round"] = per_client(DOWN_KEYS)
     report["client_flops_per_round"] = per_client(["client_flops"])
     report["split_bytes_total"] += int(sum(value(u, k) for u in updates for k in SPLIT_KEYS))
-
-
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")

@@ -1,8 +1,17 @@
-"""The round's aggregate on the server, the same for every engine: the aggregation rule, or client-level DP.
+"""The round's aggregation on the server, the same for every engine: which updates count, with what
+weight, and their aggregate by the aggregation rule or client-level DP, accounted.
 
-:class:`Aggregator` is what :meth:`fedsp.runtime.session.Session.finish_round`
-calls with the round's accepted updates (or, under secure aggregation, with
-their sum):
+:meth:`Aggregator.aggregate_train` is what the round driver
+(:class:`fedsp.runtime.rounds.RoundDriver`) calls once a round, with the
+round's replies (or, under secure aggregation, with their sum), in the manner
+of a Flower strategy's ``aggregate_train``:
+  - check: an update must carry the tensors sent, finite, with a positive
+    example count, and (without DP) not be an outlier by norm
+    (:func:`fedsp.runtime.participation.check_updates`); weights capped at
+    ``--max-client-weight``; too few accepted updates end the run
+    (``--min-replies``, or what a trimmed rule needs); none of this can be
+    checked under secure aggregation, where the server sees only the sum;
+  - combine:
   - without DP: ``--aggregation`` (:func:`fedsp.methods.aggregation.combine`);
   - with DP (``--dp-noise-multiplier Z`` / ``--dp-epsilon E``, ``--dp-clip C``):
     each update ``state_k - sent`` clipped to L2 norm C, the clipped updates
@@ -40,6 +49,8 @@ from fedsp.errors import FedSPError
 from fedsp.methods.aggregation import Tensors, clipped_sum, combine, delta, norm
 from fedsp.methods.base import ClientUpdate
 from fedsp.protection import clients_per_round, parse_rule
+from fedsp.runtime import participation
+from fedsp.runtime.participation import Rejection
 
 if TYPE_CHECKING:  # Flower's accountant is imported when a run uses DP
     from flwr.serverapp import GaussianPrivacyEvent, RdpAccountant
@@ -67,8 +78,24 @@ class Summed:
     bytes_up: int = 0
 
 
+@dataclass(frozen=True)
+class RoundAggregate:
+    """What one round's aggregation decided."""
+
+    state: Tensors | None  # the aggregate the server takes (None: no update counted)
+    accepted: list[tuple[int, ClientUpdate]]  # (partition, update) of the updates that counted
+    rejected: list[Rejection]
+    capped: list[dict[str, int]]  # weights cut to --max-client-weight, as metrics.jsonl records them
+    record: dict[str, Any]  # what metrics.jsonl records of the combine (update norms, or the DP figures)
+
+    @property
+    def updates(self) -> list[ClientUpdate]:
+        return [update for _, update in self.accepted]
+
+
 class Aggregator:
-    """The rule or DP mechanism of a run, its adaptive clip and its privacy accountant (checkpointed)."""
+    """The round's aggregation: check, cap, the rule or DP mechanism, its adaptive clip and its privacy
+    accountant (checkpointed)."""
 
     def __init__(self, config: RunConfig, num_clients: int) -> None:
         self.config, self.num_clients = config, num_clients
@@ -139,6 +166,44 @@ class Aggregator:
         if self.accountant.num_releases == 0:
             return 0.0
         return self.accountant.get_epsilon(self.config.dp_delta)
+
+    def aggregate_train(
+        self,
+        rnd: int,
+        sent: Tensors,
+        sampled: Sequence[int],
+        replies: Sequence[tuple[int, ClientUpdate]],
+        failed: dict[int, str],
+        summed: Summed | None = None,
+    ) -> RoundAggregate:
+        """Round ``rnd``'s aggregation from the clients' ``replies`` to ``sent`` (``failed``: partition ->
+        why it gave none; ``summed``: under secure aggregation, the sum the server sees instead)."""
+        accepted = list(replies)
+        rejected: list[Rejection] = []
+        capped: list[dict[str, int]] = []
+        if summed is None:
+            # under DP every update is clipped: none is too long, and dropping one by the others' norms
+            # would make who counts depend on the other clients' data
+            accepted, rejected = participation.check_updates(
+                sent, replies, math.inf if self.config.dp else participation.NORM_FACTOR
+            )
+            accepted, capped = participation.cap_weights(accepted, self.config.max_client_weight)
+        if sampled:
+            why = [f"client {k}: {reason}" for k, reason in failed.items()] + [r.reason for r in rejected]
+            needed = participation.required_replies(self.config.min_replies, len(sampled))
+            if self.rule.trim and 2 * self.rule.trim + 1 > needed:  # it drops 2F values of each coordinate
+                needed = 2 * self.rule.trim + 1
+                what = f"--aggregation {self.rule} needs {needed}"
+            else:
+                what = f"--min-replies {needed}"
+            participation.check_enough(len(accepted), needed, rnd, why, what)
+        state: Tensors | None = None
+        record: dict[str, Any] = {}
+        if summed is not None:
+            state, record = self.combine_sum(rnd, sent, summed.total, summed.count, summed.weight)
+        elif accepted:
+            state, record = self.combine(rnd, sent, [u for _, u in accepted])
+        return RoundAggregate(state, accepted, rejected, capped, record)
 
     def combine(self, rnd: int, sent: Tensors, updates: Sequence[ClientUpdate]) -> tuple[Tensors, dict]:
         """The aggregate of the round's accepted ``updates``, and what metrics.jsonl records of it."""

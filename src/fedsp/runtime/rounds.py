@@ -7,10 +7,12 @@ Server side, round ``r`` (:class:`RoundDriver`), in the six steps every docstrin
      client; the audit records it;
   2. clients train: the engine delivers one :class:`Order` per sampled partition; the client model
      goes along the first time (or again, once, to a client that says it lost it);
-  3. updates back: the engine returns their :class:`Reply`; the driver checks the updates (NaN/Inf,
-     names, shapes, dtypes, outlier norm) and counts the bytes that came up; fewer accepted than
-     ``--min-replies`` stops the run;
-  4. aggregate, 5. server tunes, 6. validate: ``Session.finish_round``, which then evaluates,
+  3. updates back: the engine returns their :class:`Reply`; the driver counts the bytes that came up;
+  4. aggregate: the run's :class:`~fedsp.runtime.privacy.Aggregator`, called once
+     (``aggregate_train``): it checks the updates (NaN/Inf, names, shapes, dtypes, outlier norm), caps
+     their weights, stops the run when fewer than ``--min-replies`` count, and combines them by the
+     aggregation rule or DP;
+  5. server tunes, 6. validate: ``Session.finish_round``, which takes the aggregate, then evaluates,
      checkpoints and writes the round's metrics.
 Which partitions hold the client model and a trained state (``shipped``,
 ``trained``) is checkpointed with the server, so a resumed run knows it too.
@@ -29,7 +31,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
 import sys
 import threading
 import time
@@ -46,7 +47,6 @@ from fedsp import wire
 from fedsp.errors import FedSPError
 from fedsp.files import WriteError
 from fedsp.methods.base import ClientUpdate, Request, SplitServer
-from fedsp.protection import parse_rule
 from fedsp.runtime import participation
 from fedsp.runtime.attacks import attack_for
 from fedsp.runtime.checkpoint import ClientStore
@@ -97,7 +97,7 @@ class RoundDriver:
             self.play(rnd)
 
     def play(self, rnd: int) -> dict[str, Any]:
-        """One round, steps 1-6 (4-6 in ``Session.finish_round``); the record appended to metrics.jsonl."""
+        """One round, steps 1-6 (5-6 in ``Session.finish_round``); the record appended to metrics.jsonl."""
         t0 = time.perf_counter()
         self.ignored_replies = self.bytes_shipped = self.split_bytes = 0
         session, config = self.session, self.session.config
@@ -111,32 +111,17 @@ class RoundDriver:
         # 3) the exchange
         replies, failed, bytes_up = self.exchange(rnd, sampled, down, sent)
         summed, self.summed = self.summed, None
-        # 4) which updates count, and with what weight (under secure aggregation the server sees no
-        # update, so it can check none: it gets their sum)
-        rejected: list[participation.Rejection] = []
-        capped: list[dict[str, int]] = []
-        accepted = replies
-        if summed is None:
-            # under DP every update is clipped: none is too long, and dropping one by the others' norms
-            # would make who counts depend on the other clients' data
-            accepted, rejected = participation.check_updates(
-                sent, replies, math.inf if config.dp else participation.NORM_FACTOR
-            )
-            accepted, capped = participation.cap_weights(accepted, config.max_client_weight)
-        if sampled:
-            why = [f"client {k}: {reason}" for k, reason in failed.items()] + [r.reason for r in rejected]
-            needed = participation.required_replies(config.min_replies, len(sampled))
-            rule = parse_rule(config.aggregation)
-            if rule.trim and 2 * rule.trim + 1 > needed:  # it drops 2F values of each coordinate
-                needed, what = 2 * rule.trim + 1, f"--aggregation {rule} needs {2 * rule.trim + 1}"
-            else:
-                what = f"--min-replies {needed}"
-            participation.check_enough(len(accepted), needed, rnd, why, what)
+        # 4) the aggregation: which updates count, with what weight, combined (under secure aggregation
+        # the server sees no update, so it can check none: it gets their sum)
+        assert session.aggregator is not None
+        aggregated = session.aggregator.aggregate_train(rnd, sent, sampled, replies, failed, summed)
         # 5) the server's half
         session.runtime_state = {"shipped": sorted(self.shipped), "trained": sorted(self.trained)}
-        extra = round_extra(sampled, sorted(failed), rejected)
+        extra = round_extra(sampled, sorted(failed), aggregated.rejected)
         extra.update(
-            capped_weights=capped, ignored_replies=self.ignored_replies, bytes_shipped=self.bytes_shipped
+            capped_weights=aggregated.capped,
+            ignored_replies=self.ignored_replies,
+            bytes_shipped=self.bytes_shipped,
         )
         if self.split_bytes:  # every split message of the round, dropped clients' included
             extra["split_bytes"] = self.split_bytes
@@ -149,17 +134,8 @@ class RoundDriver:
             # (the client model, when shipped, travelled in them and is counted in bytes_shipped)
             bytes_down, up = max(0, summed.bytes_down - self.bytes_shipped), [summed.bytes_up]
         else:
-            bytes_down, up = len(down) * len(sampled), [bytes_up[k] for k, _ in accepted]
-        return session.finish_round(
-            rnd,
-            sent,
-            bytes_down,
-            up,
-            [u for _, u in accepted],
-            time.perf_counter() - t0,
-            extra=extra,
-            summed=summed,
-        )
+            bytes_down, up = len(down) * len(sampled), [bytes_up[k] for k, _ in aggregated.accepted]
+        return session.finish_round(rnd, sent, bytes_down, up, aggregated, time.perf_counter() - t0, extra)
 
     def deliver(self, orders: list[Order], down: bytes) -> list[Reply]:
         """The engine's exchange; under secure aggregation its summed one (the sum kept in ``summed``)."""

@@ -38,7 +38,7 @@ from fedsp.errors import RunFinished, RunInterrupted
 from fedsp.evaluation import EvalResult, describe, evaluate_examples, headline, metric_figures
 from fedsp.evaluation.multiple_choice import MCResult
 from fedsp.files import atomic_write, remove_stale_temporaries
-from fedsp.methods.base import ClientUpdate, Course, Emulated, ManyPrefixes
+from fedsp.methods.base import Course, Emulated, ManyPrefixes
 from fedsp.methods.fidelity import FIDELITY, describe_fidelity
 from fedsp.methods.table import MethodSpec, build_course, spec_for
 from fedsp.models.adapters import check_lengths
@@ -49,7 +49,7 @@ from fedsp.runtime import checkpoint, outputs, results
 from fedsp.runtime.audit import Audit, private_weights
 from fedsp.runtime.messages import STATE_BYTES
 from fedsp.runtime.outputs import NOTHING_TRAINED, QUESTIONS_FILE
-from fedsp.runtime.privacy import Aggregator, Summed
+from fedsp.runtime.privacy import Aggregator, RoundAggregate
 
 
 class _RoundLines:
@@ -283,31 +283,23 @@ class Session:
         sent: dict[str, torch.Tensor],
         bytes_down: int,
         bytes_up: Sequence[int],
-        updates: Sequence[ClientUpdate],
+        aggregated: RoundAggregate,
         seconds_before: float,
         extra: dict[str, Any] | None = None,
-        summed: Summed | None = None,
     ) -> dict[str, Any]:
-        """Aggregate ``updates``, tune on the server, validate, evaluate; append the round to metrics.jsonl.
+        """Steps 5-6 on the server: take the round's aggregate, tune, validate, evaluate; append the round
+        to metrics.jsonl.
 
         ``bytes_down`` is the total sent to all the round's clients, ``bytes_up`` one entry per update.
-        Under secure aggregation the updates carry only their metrics and example counts, and
-        ``summed`` is the sum the server may see.
+        Under secure aggregation the updates carry only their metrics and example counts.
         """
-        assert self.course is not None and self.aggregator is not None
+        assert self.course is not None
         t0 = time.perf_counter()
         server = self.course.server
         # what the round started from: the broadcast state, the server's after the previous round
         loss_sent = self._loss_sent(rnd) if self.spec.federated else None
-        aggregate: dict[str, torch.Tensor] | None = None
-        protection: dict[str, Any] = {}
-        if summed is not None:
-            aggregate, protection = self.aggregator.combine_sum(
-                rnd, sent, summed.total, summed.count, summed.weight
-            )
-        elif updates:
-            aggregate, protection = self.aggregator.combine(rnd, sent, updates)
-        server.aggregate(aggregate, updates)
+        updates, protection = aggregated.updates, aggregated.record
+        server.aggregate(aggregated.state, updates)
         # the clients' aggregate alone, before the server's own step: a measurement, never the best state
         loss_aggregate = server.validation_loss(track=False) if loss_sent is not None else None
         server_loss = server.tune()
