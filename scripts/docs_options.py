@@ -2,7 +2,8 @@
 
 Every :class:`fedsp.config.RunConfig` field becomes one row: its configuration key, its command-line flag,
 its default and its help text. The help text is the field's ``metadata["help"]`` where the field has one,
-else the CLI's (``fedsp.cli._HELP``), so ``fedsp run --help`` and this page say the same thing. Used as an
+else the CLI's (``fedsp.cli._HELP``), so ``fedsp run --help`` and this page say the same thing, in the
+same sections (``fedsp.config.SECTIONS``). Used as an
 MkDocs hook (``mkdocs.yml``: ``hooks``): the marker ``<!-- options-table -->`` in ``docs/options.md`` is
 replaced at every build, so the page cannot fall behind the code.
 """
@@ -47,11 +48,22 @@ def option_rows() -> list[tuple[str, str, str, str]]:
 
 
 def options_markdown() -> str:
-    """The options table in Markdown."""
-    lines = ["| key | command line | default | meaning |", "|---|---|---|---|"]
-    for key, flag, default, text in option_rows():
-        lines.append(f"| `{key}` | `{flag}` | `{_cell(default)}` | {_cell(text)} |")
-    return "\n".join(lines) + "\n"
+    """The options tables in Markdown, one per section of the configuration (``fedsp.config.SECTIONS``)."""
+    from fedsp.config import SECTIONS
+
+    rows = {row[0]: row for row in option_rows()}
+    lines: list[str] = []
+    for title, names in SECTIONS.items():
+        lines += [
+            f"### {title.capitalize()}",
+            "",
+            "| key | command line | default | meaning |",
+            "|---|---|---|---|",
+        ]
+        for key, flag, default, text in (rows[name] for name in names):
+            lines.append(f"| `{key}` | `{flag}` | `{_cell(default)}` | {_cell(text)} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def templates() -> dict[str, str]:

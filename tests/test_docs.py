@@ -30,10 +30,17 @@ def test_the_options_page_lists_every_configuration_key_with_its_default():
     options = _options_module()
     table = options.options_markdown()
     page = options.on_page_markdown((ROOT / "docs" / "options.md").read_text(), page=None)
-    # Assert: one row per field, in order, each with its flag, its default and a help text
-    rows = [line for line in table.splitlines()[2:]]
-    fields = dataclasses.fields(RunConfig)
-    assert len(rows) == len(fields)
+    # Assert: one row per field, section by section (fedsp.config.SECTIONS, each under its heading),
+    # each with its flag, its default and a help text
+    from fedsp.config import SECTIONS
+
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    by_name = {f.name: f for f in dataclasses.fields(RunConfig)}
+    fields = [by_name[name] for names in SECTIONS.values() for name in names]
+    assert len(rows) == len(fields) == len(by_name)
+    assert [line[4:] for line in table.splitlines() if line.startswith("### ")] == [
+        title.capitalize() for title in SECTIONS
+    ]
     defaults = RunConfig()
     for row, f in zip(rows, fields, strict=True):
         cells = [c.strip() for c in re.split(r"(?<!\\)\|", row)[1:-1]]

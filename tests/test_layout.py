@@ -129,7 +129,11 @@ def test_the_round_loop_is_written_once():
         for marker in ("for rnd in", "check_updates(", "sample_clients(", "finish_round("):
             assert marker not in text, f"{path.name} has {marker!r}"
     driver = (PACKAGE / "runtime" / "rounds.py").read_text()
-    assert all(m in driver for m in ("check_updates(", "sample_clients(", "finish_round("))
+    assert all(m in driver for m in ("aggregate_train(", "sample_clients(", "finish_round("))
+    # the round's aggregation (check, cap, combine) is one object, which the driver calls once
+    assert driver.count("aggregate_train(") == 1 and "check_updates(" not in driver
+    aggregation = (PACKAGE / "runtime" / "privacy.py").read_text()
+    assert all(m in aggregation for m in ("check_updates(", "cap_weights(", "check_enough("))
 
 
 def test_every_engine_declares_what_the_round_driver_calls():
@@ -313,3 +317,22 @@ def test_shared_top_level_modules_import_only_leaves():
         runtime = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
         modules = {n.module for n in runtime if isinstance(n, ast.ImportFrom) and n.module}
         assert not {m for m in modules if m.startswith("fedsp") and m != "fedsp.errors"}, leaf
+
+
+def test_every_option_is_in_one_section_and_the_help_shows_the_sections(capsys):
+    from fedsp.cli import build_parser
+    from fedsp.config import SECTIONS
+
+    # Prepare
+    listed = [name for names in SECTIONS.values() for name in names]
+    # Assert: each field once, no name that is not a field
+    assert sorted(listed) == sorted(f.name for f in fields(RunConfig))
+    # Execute: fedsp run --help
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--help"])
+    text = capsys.readouterr().out
+    # Assert: every section a group of its own, its flags under it, in the sections' order
+    starts = [text.index(f"\n{title} options:") for title in SECTIONS]
+    assert starts == sorted(starts)
+    federation = text[starts[1] : starts[2]]
+    assert "--clients" in federation and "--kd-steps" not in federation

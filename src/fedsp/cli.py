@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedsp.config import OPTIONS, RunConfig, load_config_file
+from fedsp.config import OPTIONS, SECTIONS, RunConfig, load_config_file
 from fedsp.data.tasks import TASKS
 from fedsp.errors import FedSPError, RunFinished, RunInterrupted, cli_wording
 from fedsp.evaluation import METRIC_COLUMNS
@@ -47,11 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--config", help="TOML or YAML file of the same keys (options on the command line win)")
     defaults = RunConfig()
-    for name, help_text in option_help().items():
-        default = getattr(defaults, name)
-        run.add_argument(
-            "--" + name.replace("_", "-"), default=argparse.SUPPRESS, help=f"{help_text} (default: {default})"
-        )
+    texts = option_help()
+    for title, names in SECTIONS.items():
+        group = run.add_argument_group(f"{title} options")
+        for name in (n for n in names if n in texts):
+            group.add_argument(
+                "--" + name.replace("_", "-"),
+                default=argparse.SUPPRESS,
+                help=f"{texts[name]} (default: {getattr(defaults, name)})",
+            )
     run.add_argument("--quiet", action="store_true", help="no progress bars: one line a round")
     run.add_argument(
         "--verbose",

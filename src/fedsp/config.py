@@ -395,7 +395,32 @@ class RunConfig:
             if spec.metadata.get("zero_unsets") and value == 0 and not isinstance(value, bool):
                 object.__setattr__(self, spec.name, None)
         check_bounds(self)  # every numeric field against the range it declares (fedsp.options)
+        # then each section checks its own choices, and how they fit together (SECTIONS, below)
+        self._check_run()
+        self._check_federation()
+        self._check_prefix()
+        self._check_auxiliary()
+        self._check_evaluation()
+        self._check_wire()
+        self._check_protection()
+
+    def _check_run(self) -> None:
+        """The run section: the method, the engine that runs it, the device and the dtype."""
         _check_choice("method", self.method, METHODS)
+        _check_choice("dtype", self.dtype, DTYPE_CHOICES)
+        _check_choice("device", self.device, ("auto", "cpu", "cuda"))
+        # a run records the dtype it computed in (config.json, --resume, grid cells), never "auto"
+        object.__setattr__(self, "dtype", resolve_dtype(self.dtype, self.device))
+        _check_choice("engine", self.engine, ENGINES)
+        engines = spec_for(self.method).engines
+        if self.engine not in engines:
+            raise FedSPError(
+                f"--method {self.method} runs with --engine {' or '.join(engines)} only for now, "
+                f"got --engine {self.engine}"
+            )
+
+    def _check_federation(self) -> None:
+        """The federation section: the partition, and how many replies a round can have."""
         if not (isinstance(self.partition, str) and self.partition.startswith("by:")):
             _check_choice("partition", self.partition, PARTITIONS)
         elif not self.partition[3:] or self.partition[3:] != self.partition[3:].strip():
@@ -403,12 +428,20 @@ class RunConfig:
                 f"--partition {self.partition!r} needs a field name after by: (no spaces around it), "
                 "like by:activity_label"
             )
+        if self.min_replies > self.clients_per_round:  # refused, not capped: the run would stop anyway
+            raise FedSPError(
+                f"--min-replies {self.min_replies} is more than the {self.clients_per_round} clients sampled "
+                f"a round (--clients {self.clients}, --fraction-fit {self.fraction_fit:g}); a round can "
+                f"accept at most {self.clients_per_round} updates"
+            )
+
+    def _check_prefix(self) -> None:
         _check_choice("prefix-init", self.prefix_init, PREFIX_INITS)
-        _check_choice("dtype", self.dtype, DTYPE_CHOICES)
+
+    def _check_auxiliary(self) -> None:
+        """The auxiliary model and KD section, and that the method's clients hold such a model."""
         _check_choice("aux-layer-order", self.aux_layer_order, LAYER_ORDERS)
         _check_choice("kd-objective", self.kd_objective, KD_OBJECTIVES)
-        _check_choice("wire-dtype", self.wire_dtype, WIRE_DTYPES)
-        _check_choice("state-moments", self.state_moments, STATE_MOMENTS)
         if (
             parse_embedding(self.aux_embedding) is not None
             and "aux_embedding" not in spec_for(self.method).reads
@@ -417,9 +450,11 @@ class RunConfig:
                 f"--aux-embedding {self.aux_embedding} shrinks a distilled auxiliary model; the clients of "
                 f"--method {self.method} hold none (use fedsp or its ablations, or --aux-embedding full)"
             )
-        _check_choice("device", self.device, ("auto", "cpu", "cuda"))
-        # a run records the dtype it computed in (config.json, --resume, grid cells), never "auto"
-        object.__setattr__(self, "dtype", resolve_dtype(self.dtype, self.device))
+        if isinstance(self.aux_layer_choice, list):
+            object.__setattr__(self, "aux_layer_choice", tuple(self.aux_layer_choice))
+
+    def _check_evaluation(self) -> None:
+        """The evaluation section: room for a context and its answer, and for generated tokens."""
         if self.max_length < 2:  # one context token and one answer token at the least
             raise FedSPError(f"--max-length {self.max_length} is too short for a context plus its answer")
         if self.max_new_tokens >= self.max_length:
@@ -427,22 +462,10 @@ class RunConfig:
                 f"--max-new-tokens {self.max_new_tokens} leaves no room for a prompt in --max-length "
                 f"{self.max_length}; generation keeps prompt + new tokens within it"
             )
-        _check_choice("engine", self.engine, ENGINES)
-        engines = spec_for(self.method).engines
-        if self.engine not in engines:
-            raise FedSPError(
-                f"--method {self.method} runs with --engine {' or '.join(engines)} only for now, "
-                f"got --engine {self.engine}"
-            )
-        if self.min_replies > self.clients_per_round:  # refused, not capped: the run would stop anyway
-            raise FedSPError(
-                f"--min-replies {self.min_replies} is more than the {self.clients_per_round} clients sampled "
-                f"a round (--clients {self.clients}, --fraction-fit {self.fraction_fit:g}); a round can "
-                f"accept at most {self.clients_per_round} updates"
-            )
-        if isinstance(self.aux_layer_choice, list):
-            object.__setattr__(self, "aux_layer_choice", tuple(self.aux_layer_choice))
-        self._check_protection()
+
+    def _check_wire(self) -> None:
+        _check_choice("wire-dtype", self.wire_dtype, WIRE_DTYPES)
+        _check_choice("state-moments", self.state_moments, STATE_MOMENTS)
 
     @property
     def dp(self) -> bool:
@@ -608,6 +631,81 @@ class RunConfig:
 
 
 declare_fields(f.name for f in dataclasses.fields(RunConfig))  # errors name these fields, not their flags
+
+
+# The options in sections, in the order the command line's help and the options page show them: each
+# field in exactly one (tests/test_layout.py). RunConfig stays flat, so flat flags, flat TOML/YAML keys
+# and every config.json written so far keep working.
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "run": ("method", "model", "task", "data_dir", "dtype", "device", "seed", "out", "progress"),
+    "federation": (
+        "clients",
+        "rounds",
+        "partition",
+        "alpha",
+        "data_seed",
+        "server_rows",
+        "engine",
+        "fraction_fit",
+        "min_replies",
+        "max_client_weight",
+        "client_timeout",
+        "audit",
+    ),
+    "training": (
+        "local_steps",
+        "server_steps",
+        "batch_size",
+        "lr",
+        "align_lr",
+        "weight_decay",
+        "warmup_ratio",
+        "max_grad_norm",
+    ),
+    "prefix": ("prefix_len", "prefix_projection", "prefix_dropout", "prefix_init"),
+    "auxiliary model and KD": (
+        "aux_layers",
+        "aux_layer_choice",
+        "aux_layer_order",
+        "aux_embedding",
+        "kd_steps",
+        "kd_lr",
+        "kd_batch_size",
+        "kd_projection",
+        "kd_objective",
+    ),
+    "split learning (sfprompt)": ("split_layer", "prune_gamma", "local_loss_steps"),
+    "offsite-tuning": ("ot_adapter_layers", "ot_keep_ratio", "ot_distill", "ot_lora_rank"),
+    "evaluation": (
+        "eval_limit",
+        "val_limit",
+        "eval_every_round",
+        "zero_shot_eval",
+        "eval_batch_size",
+        "max_length",
+        "max_new_tokens",
+        "stop",
+    ),
+    "wire": ("wire_dtype", "state_moments"),
+    "protection": (
+        "aggregation",
+        "dp_noise_multiplier",
+        "dp_clip",
+        "dp_epsilon",
+        "dp_delta",
+        "dp_clip_quantile",
+        "dp_clip_lr",
+        "dp_noise_seed",
+        "secure_aggregation",
+        "attack",
+        "attackers",
+    ),
+}
+
+
+def section_of(name: str) -> str:
+    """The section a field is shown in."""
+    return next(title for title, names in SECTIONS.items() if name in names)
 
 
 def parse_embedding(text: str) -> tuple[str, int] | None:

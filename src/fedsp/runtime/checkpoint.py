@@ -15,9 +15,12 @@ to its parameters' dtype.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import re
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,10 @@ from fedsp import wire
 from fedsp.config import SPEED_ONLY, STATE_MOMENTS, RunConfig
 from fedsp.errors import FedSPError
 from fedsp.files import atomic_write
+from fedsp.methods.table import build_course
+from fedsp.runtime import results
+from fedsp.runtime.privacy import Aggregator
+from fedsp.runtime.run_state import RunState
 
 CHECKPOINT = "checkpoint.pt"
 # Where a checkpoint's prefix puts the input: "peft" (P..P+T-1). Checkpoints without the key were written
@@ -214,3 +221,57 @@ class ClientStore:
                 "client state %s cannot be read (%s); treated as lost", path, str(err).splitlines()[0]
             )
             return None
+
+
+def save_run(run: RunState, rnd: int) -> None:
+    """The run's checkpoint after round ``rnd`` (called by ``Session.finish_round``; runtimes add
+    ``runtime_state``)."""
+    assert run.course is not None
+    save_checkpoint(
+        run.out_dir,
+        {
+            "round": rnd,
+            "config": run.config.to_dict(),
+            "server": run.course.server.state_dict(),
+            "history": run.history,
+            "zero_shot": run.zero_shot,
+            "last_eval": run.last_eval,
+            "audit": run.audit.state_dict() if run.audit else None,
+            "runtime": run.runtime_state,
+            "aggregator": run.aggregator.state_dict() if run.aggregator else None,
+            "wall_seconds": time.perf_counter() - run.started,
+        },
+    )
+
+
+def restore_run(run: RunState, saved: dict[str, Any]) -> None:
+    """Continue after the checkpointed round: server state, metrics, RNG states, runtime state."""
+    run.zero_shot, run.last_eval, run.history = (
+        saved["zero_shot"],
+        saved["last_eval"],
+        saved["history"],
+    )
+    if saved["server"] is not None:
+        run.course = run.course or build_course(run.config, run.loaded, run.data)
+        run.once_bytes = wire.num_bytes(run.course.shipped_once)
+        run.course.server.load_state_dict(saved["server"])
+        run.aggregator = Aggregator(run.config, run.course.num_clients)
+        if saved.get("aggregator") is not None:  # absent in checkpoints of older versions
+            run.aggregator.load_state_dict(saved["aggregator"])
+    if run.audit is not None and saved.get("audit") is not None:
+        run.audit.load_state_dict(saved["audit"])
+    run.runtime_state = saved.get("runtime", {})
+    run.first_round = saved["round"] + 1
+    # wall_seconds counts every process's time on the run (not the pause between them); absent in
+    # checkpoints of older versions: only this process's time is counted
+    run.started -= saved.get("wall_seconds", 0.0)
+    # metrics.jsonl may hold a round that finished after the checkpoint was written: keep the checkpoint's
+    lines = "".join(json.dumps(results._clean(h)) + "\n" for h in run.history)
+    atomic_write(run.out_dir / "metrics.jsonl", lines.encode())
+    set_rng_states(saved["rng"])
+    # said whatever --quiet: the user asked for a new run or a continued one, and should know which
+    print(
+        f"fedsp: resuming {run.out_dir} after round {saved['round']} of {run.config.rounds}",
+        file=sys.stderr,
+        flush=True,
+    )
