@@ -675,7 +675,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "kd_objective",
     ),
     "split learning (sfprompt)": ("split_layer", "prune_gamma", "local_loss_steps"),
-    "offsite-tuning": ("ot_adapter_layers", "ot_keep_ratio", "ot_distill", "ot_lora_rank"),
+    "emulator (offsite-tuning)": ("ot_adapter_layers", "ot_keep_ratio", "ot_distill", "ot_lora_rank"),
     "evaluation": (
         "eval_limit",
         "val_limit",
