@@ -22,7 +22,17 @@ from typing import Any
 
 from fedsp.config_input import OPTIONS, coerce_value, load_config_file, parse_layer_choice  # noqa: F401
 from fedsp.errors import FedSPError, declare_fields
-from fedsp.methods.table import ENGINES, METHODS, spec_for
+from fedsp.methods.table import (
+    AUX_OPTIONS,
+    ENGINES,
+    KD_OPTIONS,
+    METHODS,
+    OFFSITE_OPTIONS,
+    PROTECTION_OPTIONS,
+    SPLIT_OPTIONS,
+    WIRE_OPTIONS,
+    spec_for,
+)
 from fedsp.models.precision import DTYPE_CHOICES, resolve_dtype
 from fedsp.options import (
     MAX_BATCH,
@@ -663,19 +673,9 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "max_grad_norm",
     ),
     "prefix": ("prefix_len", "prefix_projection", "prefix_dropout", "prefix_init"),
-    "auxiliary model and KD": (
-        "aux_layers",
-        "aux_layer_choice",
-        "aux_layer_order",
-        "aux_embedding",
-        "kd_steps",
-        "kd_lr",
-        "kd_batch_size",
-        "kd_projection",
-        "kd_objective",
-    ),
-    "split learning (sfprompt)": ("split_layer", "prune_gamma", "local_loss_steps"),
-    "emulator (offsite-tuning)": ("ot_adapter_layers", "ot_keep_ratio", "ot_distill", "ot_lora_rank"),
+    "auxiliary model and KD": AUX_OPTIONS + KD_OPTIONS,
+    "split learning (sfprompt)": SPLIT_OPTIONS,
+    "emulator (offsite-tuning)": OFFSITE_OPTIONS,
     "evaluation": (
         "eval_limit",
         "val_limit",
@@ -686,20 +686,8 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "max_new_tokens",
         "stop",
     ),
-    "wire": ("wire_dtype", "state_moments"),
-    "protection": (
-        "aggregation",
-        "dp_noise_multiplier",
-        "dp_clip",
-        "dp_epsilon",
-        "dp_delta",
-        "dp_clip_quantile",
-        "dp_clip_lr",
-        "dp_noise_seed",
-        "secure_aggregation",
-        "attack",
-        "attackers",
-    ),
+    "wire": WIRE_OPTIONS,
+    "protection": PROTECTION_OPTIONS,
 }
 
 

@@ -50,30 +50,29 @@ TRAINING = frozenset(
 FEDERATION = frozenset({"partition", "alpha", "server_steps"})
 PREFIX = frozenset({"lr", "prefix_len", "prefix_projection", "prefix_dropout", "prefix_init"})
 MODEL_LR = frozenset({"align_lr"})
-AUX = frozenset({"aux_layers", "aux_layer_choice", "aux_layer_order", "aux_embedding"})
-KD = frozenset({"kd_steps", "kd_lr", "kd_batch_size", "kd_projection", "kd_objective"})
-SPLIT = frozenset({"split_layer", "prune_gamma", "local_loss_steps"})  # SFPrompt
-OFFSITE = frozenset(
-    {"ot_adapter_layers", "ot_keep_ratio", "ot_distill", "ot_lora_rank"}
-)  # Offsite-Tuning's emulator
+# The groups below are also sections of the options (fedsp.config.SECTIONS), in this order.
+AUX_OPTIONS = ("aux_layers", "aux_layer_choice", "aux_layer_order", "aux_embedding")
+KD_OPTIONS = ("kd_steps", "kd_lr", "kd_batch_size", "kd_projection", "kd_objective")
+SPLIT_OPTIONS = ("split_layer", "prune_gamma", "local_loss_steps")  # SFPrompt
+OFFSITE_OPTIONS = ("ot_adapter_layers", "ot_keep_ratio", "ot_distill", "ot_lora_rank")  # its emulator
 # how clients' updates are combined and protected (fedsp.protection): every federated method reads these
-PROTECTION = frozenset(
-    {
-        "aggregation",
-        "dp_noise_multiplier",
-        "dp_clip",
-        "dp_epsilon",
-        "dp_delta",
-        "dp_clip_quantile",
-        "dp_clip_lr",
-        "dp_noise_seed",
-        "secure_aggregation",
-        "attack",
-        "attackers",
-    }
+PROTECTION_OPTIONS = (
+    "aggregation",
+    "dp_noise_multiplier",
+    "dp_clip",
+    "dp_epsilon",
+    "dp_delta",
+    "dp_clip_quantile",
+    "dp_clip_lr",
+    "dp_noise_seed",
+    "secure_aggregation",
+    "attack",
+    "attackers",
 )
 # how each round's messages are encoded (fedsp.wire) and how a client keeps its state between rounds
-WIRE = frozenset({"wire_dtype", "state_moments"})
+WIRE_OPTIONS = ("wire_dtype", "state_moments")
+AUX, KD, SPLIT = frozenset(AUX_OPTIONS), frozenset(KD_OPTIONS), frozenset(SPLIT_OPTIONS)
+OFFSITE, PROTECTION, WIRE = frozenset(OFFSITE_OPTIONS), frozenset(PROTECTION_OPTIONS), frozenset(WIRE_OPTIONS)
 GROUPS = (TRAINING, FEDERATION, PREFIX, MODEL_LR, AUX, KD, SPLIT, OFFSITE, PROTECTION, WIRE)
 SPECIFIC = frozenset().union(*GROUPS)
 
