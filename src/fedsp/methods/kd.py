@@ -161,7 +161,7 @@ def distill(
     teacher_states = _TeacherStates(teacher, rows)
     w_s = (
         nn.Linear(teacher.config.hidden_size, teacher.config.hidden_size, bias=False)
-        if config.projection
+        if config.projection and config.objective != LOGITS  # W_S maps states for the hidden-state loss only
         else None
     )
     if w_s is not None:
