@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -42,6 +43,36 @@ def test_quiet_prints_one_line_a_round_and_no_other_librarys_bars(tmp_path, caps
     assert all(line.endswith(" s)") and "val_loss" in line for line in rounds)
     for noise in ("Loading weights", "Writing model shards", "it/s]", "FutureWarning"):
         assert noise not in captured.err, captured.err
+
+
+@pytest.mark.parametrize("kind", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_while_a_round_is_recorded_waits_until_the_round_is_whole(tmp_path, capsys, monkeypatch, kind):
+    # Prepare: the stop arrives after round 1's checkpoint, just before its metrics line is written
+    from fedsp.runtime import results
+
+    write = results.append_metrics
+
+    def stopped_midway(path, record):
+        if record["round"] == 1:
+            signal.raise_signal(kind)
+        write(path, record)
+
+    monkeypatch.setattr(results, "append_metrics", stopped_midway)
+    out = tmp_path / "cut"
+    # Act
+    code = main(["run", *TINY, "--rounds", "3", "--out", str(out), "--quiet"])
+    # Assert: round 1 is in metrics.jsonl and printed, and the stop names it as the last completed round
+    printed = capsys.readouterr()
+    assert code == (143 if kind == signal.SIGTERM else 130)
+    assert _rounds_done(out) == 1
+    assert [line.split(":")[0] for line in printed.out.splitlines() if line.startswith("round ")] == [
+        "round 1"
+    ]
+    how = "stopped (SIGTERM)" if kind == signal.SIGTERM else "interrupted"
+    assert (
+        printed.err.strip().splitlines()[-1]
+        == f"fedsp: {how} after round 1; fedsp run --resume {out} continues"
+    )
 
 
 def test_sigterm_keeps_the_completed_rounds_and_resume_ends_as_an_uninterrupted_run(tmp_path, capsys):

@@ -23,10 +23,12 @@ against the global model's private weights at the end (``audit.json``).
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,27 @@ class _RoundLines:
 
 
 ROUND_LINES = _RoundLines()
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block ends, then act as they would have: a round is recorded
+    whole (history, checkpoint, metrics.jsonl, its line) or not at all. Outside the main thread, where
+    handlers cannot be set, the block runs as it is."""
+    held: list[int] = []
+    kinds = (signal.SIGINT, signal.SIGTERM)
+    try:
+        before = {kind: signal.signal(kind, lambda signum, frame: held.append(signum)) for kind in kinds}
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        for kind, handler in before.items():
+            signal.signal(kind, handler)
+        if held:  # delivered again, now to the handler it was meant for
+            signal.raise_signal(held[0])
 
 
 @dataclass
@@ -247,10 +270,6 @@ class Session(RunState):
             self.last_eval = self.evaluate(*server.evaluation_target(), f"round {rnd} eval")
             record.update(metric_figures(self.last_eval.summary()))
         record["seconds"] = seconds_before + time.perf_counter() - t0
-        self.history.append(record)
-        # the checkpoint first: metrics.jsonl never holds a round that a resume could not continue from
-        self.save_checkpoint(rnd)
-        results.append_metrics(self.out_dir / "metrics.jsonl", record)
         gains = (
             f" (clients {record['clients_gain']:+.4f}, server {record['server_gain']:+.4f})"
             if "clients_gain" in record
@@ -259,8 +278,17 @@ class Session(RunState):
         line = f"round {rnd}: val_loss {val_loss:.4f}{gains}  server_loss {server_loss:.4f}"
         if self.last_eval and self.config.eval_every_round:
             line += f"  {describe(self.last_eval.summary())}"
-        if self.config.progress or ROUND_LINES.on:  # --quiet: no bars, but still one line a round
-            print(line if self.config.progress else f"{line}  ({record['seconds']:.0f} s)", flush=True)
+        with signals_held():  # a stop during the round's record waits for it
+            self.history.append(record)
+            # the checkpoint first: metrics.jsonl never holds a round that a resume could not continue from
+            try:
+                self.save_checkpoint(rnd)
+            except BaseException:
+                self.history.pop()  # not kept: the run's last completed round is the one before
+                raise
+            results.append_metrics(self.out_dir / "metrics.jsonl", record)
+            if self.config.progress or ROUND_LINES.on:  # --quiet: no bars, but still one line a round
+                print(line if self.config.progress else f"{line}  ({record['seconds']:.0f} s)", flush=True)
         return record
 
     def _loss_sent(self, rnd: int) -> float:
