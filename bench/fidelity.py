@@ -26,8 +26,8 @@ from pathlib import Path
 from fedsp.config import RunConfig
 from fedsp.data.shards import prepare_data
 from fedsp.experiments.compare import parse_settings
+from fedsp.methods.builders import build_course
 from fedsp.methods.fidelity import FIDELITY
-from fedsp.methods.table import build_course
 from fedsp.models.loading import load_global_model
 
 

@@ -13,7 +13,8 @@ from fedsp.config import METHODS, MIN_SERVER_STEPS, RunConfig
 from fedsp.data.shards import prepare_data
 from fedsp.errors import FedSPError
 from fedsp.methods.aggregation import weighted_average
-from fedsp.methods.table import METHOD_SPECS, build_course
+from fedsp.methods.builders import PARTS, build_course, parts_for
+from fedsp.methods.table import METHOD_SPECS
 from fedsp.models.adapters import decoder_layers
 from fedsp.models.loading import load_global_model
 from fedsp.models.prefix import collapse_layers, expand_layers
@@ -72,11 +73,15 @@ def test_every_table_entry_is_buildable_and_reads_real_options():
     for spec in METHOD_SPECS.values():
         assert spec.reads <= options, spec.name
         assert set(spec.engines) <= {"inprocess", "flower"} and "inprocess" in spec.engines
+        # every method that trains has real callables; a Flower client exactly when it has clients
         if spec.trains:
-            assert callable(spec.builder()), spec.name
+            parts = parts_for(spec.name)
+            assert callable(parts.course) and callable(parts.promise), spec.name
+            assert (parts.node_client is not None) == spec.federated, spec.name
         else:
             with pytest.raises(RuntimeError, match="trains nothing"):
-                spec.builder()
+                parts_for(spec.name)
+    assert set(PARTS) == {spec.name for spec in METHOD_SPECS.values() if spec.trains}
     # the grid's lists come from the table: zero-shot is a main row, SFPrompt runs only when named
     assert METHOD_SPECS["zero-shot"].grid == "main" and METHOD_SPECS["sfprompt"].grid == "opt-in"
 

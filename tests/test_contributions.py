@@ -16,8 +16,8 @@ from fedsp.data.shards import prepare_data
 from fedsp.errors import FedSPError
 from fedsp.experiments.compare import parse_settings, plan, reference_method
 from fedsp.experiments.stats import paired_difference, seed_means
+from fedsp.methods.builders import build_course
 from fedsp.methods.fidelity import emulator_fidelity
-from fedsp.methods.table import build_course
 from fedsp.models.loading import load_global_model
 from fedsp.models.prefix import initial_prefix
 from fedsp.runtime import inprocess

@@ -165,13 +165,14 @@ def test_every_engine_declares_what_the_round_driver_calls():
 
 
 def test_no_module_tests_a_method_by_name_outside_the_table():
-    # Which methods exist and what they do is the method table's; other modules read its fields
+    # Which methods exist and what they do is the method table's (its data in table.py, its functions bound
+    # to the same names in builders.py); other modules read its fields
     names = [
         f'"{name}"' for name in ("fedsp-no-kd", "fedsp-no-cs", "fedprompt-single", "zero-shot", "sfprompt")
     ]
     offenders = []
     for path in sorted(PACKAGE.rglob("*.py")):
-        if path.name == "table.py":
+        if path.parent.name == "methods" and path.name in ("table.py", "builders.py"):
             continue
         offenders += [f"{path.name}: {n}" for n in names if n in path.read_text()]
     assert offenders == []

@@ -14,8 +14,9 @@ from fedsp.cli import main
 from fedsp.config import RunConfig
 from fedsp.data.shards import prepare_data
 from fedsp.errors import FedSPError
+from fedsp.methods.builders import build_course
 from fedsp.methods.offsite import emulator_plan
-from fedsp.methods.table import METHOD_SPECS, build_course
+from fedsp.methods.table import METHOD_SPECS
 from fedsp.models.adapters import decoder_layers
 from fedsp.models.loading import load_global_model
 from fedsp.models.prefix import collapse_layers

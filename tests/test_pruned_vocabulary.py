@@ -16,7 +16,7 @@ from fedsp.config import RunConfig, parse_embedding
 from fedsp.data.batching import Encoded
 from fedsp.data.shards import prepare_data
 from fedsp.errors import FedSPError
-from fedsp.methods.table import build_course
+from fedsp.methods.builders import build_course
 from fedsp.models.auxiliary import build_auxiliary_model
 from fedsp.models.loading import LoadedModel, byte_tokenizer, load_global_model
 from fedsp.models.vocabulary import PrunedVocabulary, choose_vocabulary, prune_embedding

@@ -1,16 +1,13 @@
 """The table of methods: one entry per method, as data, read by everything that needs to know a method.
 
 An entry (:class:`MethodSpec`) says:
-  - how its parties are built: ``build``, the ``module:function`` that turns
-    ``(config, loaded model, run data)`` into a :class:`~fedsp.methods.base.Course`
-    (``None``: the method trains nothing);
+  - whether it trains anything (``trains``; zero-shot does not);
   - what its clients hold (:class:`ClientShape`; ``None``: no clients, a
     centralised method): the auxiliary model and how it is trained, the whole
     global model, SFPrompt's split head, or Offsite-Tuning's emulator. Only the
     methods' own modules read it;
-  - how a Flower node makes its client (``node_client``), which global layers
-    its clients may hold (``promise``, for the model-privacy audit), and whether
-    client-level DP covers all a client sends (``client_dp``);
+  - whether client-level DP covers all a client sends (``client_dp``) and
+    whether SecAgg+ can sum its updates;
   - the options it reads (the others are reported as ignored), the engines it
     runs on, and where the experiment grid lists it.
 
@@ -18,20 +15,18 @@ An entry (:class:`MethodSpec`) says:
 (which layers a client may hold), ``experiments/grid.py`` (default method lists),
 ``cli.py`` and ``runtime/flower/client_side.py`` read this table; no module outside
 ``methods/`` tests a method's name or a client's shape (tests/test_layout.py). The
-table imports nothing of the package (functions are named ``"module:function"``,
-imported when a run needs them), so the configuration can read it without a circle
-of imports.
+table is plain data and imports nothing of the package, so the configuration can
+read it; the functions that build each method's parties (which import the
+configuration) are bound to its name in :mod:`fedsp.methods.builders`.
 
 Adding a method: one module under ``methods/`` with its server, client and
-builder, plus one entry below.
+builder, one entry below, and its functions in ``builders.PARTS``.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 # Options by what reads them; an option in no group is read by every method.
 TRAINING = frozenset(
@@ -92,10 +87,6 @@ ENGINES = ("inprocess", "flower")
 # ("all"), or only when named ("opt-in").
 GRID_LISTS = ("main", "all", "opt-in")
 
-# (config: RunConfig, loaded: LoadedModel, data: RunData) -> Course: the table names these types and
-# imports none of them (they all import the configuration, which reads this table)
-Builder = Callable[[Any, Any, Any], Any]
-
 
 @dataclass(frozen=True)
 class ClientShape:
@@ -126,7 +117,7 @@ class MethodSpec:
     name: str
     summary: str
     reads: frozenset[str]  # method-specific options it uses (see the groups above)
-    build: str | None  # "module:function" of its builder; None: nothing is trained
+    trains: bool  # False: nothing is trained (zero-shot)
     client: ClientShape | None  # None: no clients (centralised or untrained)
     engines: tuple[str, ...] = ENGINES
     grid: str = "all"
@@ -136,13 +127,6 @@ class MethodSpec:
     # unless --server-steps says otherwise (0: FedAvg of the clients' prefixes alone); False: a method
     # whose server has no step of its own
     server_tunes: bool = True
-    # "module:function" making a client on a Flower node from the global architecture (uninitialised), the
-    # client's layers and the shipped weights: (config, skeleton, layers, shipped, rows, partition, pad_id,
-    # tokenizer) -> Client; None: no clients
-    node_client: str | None = None
-    # "module:function" giving the global layers its clients may hold: (config, number of layers) -> set;
-    # the model-privacy audit checks that no other layer crosses the wire
-    promise: str = "fedsp.methods.fedsp:promised_layers"
     # a client sends nothing but its update (client-level DP of the aggregate covers what it sends);
     # False: split learning, whose activations and gradients cross the wire outside the aggregate
     client_dp: bool = True
@@ -150,24 +134,6 @@ class MethodSpec:
     @property
     def federated(self) -> bool:
         return self.client is not None
-
-    @property
-    def trains(self) -> bool:
-        return self.build is not None
-
-    def builder(self) -> Builder:
-        """The function that builds this method's course (imported now, not when the table is read)."""
-        if self.build is None:
-            raise RuntimeError(f"method {self.name!r} trains nothing")
-        return cast(Builder, _named(self.build))
-
-    def node_builder(self) -> Callable[..., Any] | None:
-        """The function a Flower node makes this method's client with (None: it has no clients)."""
-        return None if self.node_client is None else _named(self.node_client)
-
-    def promised_layers(self, config: Any, num_layers: int) -> set[int]:
-        """The global layers (of ``num_layers``) that this method's clients may hold under ``config``."""
-        return cast(set[int], _named(self.promise)(config, num_layers))
 
     def ignored_options(self, config: Any) -> dict[str, Any]:
         """Options of ``config`` (a :class:`~fedsp.config.RunConfig`) set away from their defaults that
@@ -180,25 +146,16 @@ class MethodSpec:
         }
 
 
-def _named(where: str) -> Callable[..., Any]:
-    """The function ``"module:function"`` names, imported now (not when the table is read)."""
-    module, _, function = where.partition(":")
-    return cast(Callable[..., Any], getattr(importlib.import_module(module), function))
-
-
 _ALL = TRAINING | FEDERATION | PREFIX | MODEL_LR | AUX | KD | PROTECTION | WIRE
 _PROMPT_ONLY = TRAINING | FEDERATION | PREFIX | PROTECTION | WIRE
-_FEDSP = "fedsp.methods.fedsp:fedsp_course"
-_FEDSP_NODE = "fedsp.methods.fedsp:node_client"
 _TABLE = [
-    MethodSpec("zero-shot", "the global model as it is, no training", frozenset(), None, None, grid="main"),
+    MethodSpec("zero-shot", "the global model as it is, no training", frozenset(), False, None, grid="main"),
     MethodSpec(
         "fedsp",
         "FedSP: distilled auxiliary model shared across depth, alternating training",
         _ALL,
-        _FEDSP,
+        True,
         ClientShape(AUXILIARY),
-        node_client=_FEDSP_NODE,
         grid="main",
     ),
     MethodSpec(
@@ -206,9 +163,8 @@ _TABLE = [
         "FedPrompt: clients hold the full global model (no model privacy), tune the prefix; the server "
         "tunes the average on its shard (--server-steps 0: it only averages)",
         _PROMPT_ONLY,
-        _FEDSP,
+        True,
         ClientShape(GLOBAL, PROMPT_ONLY),
-        node_client=_FEDSP_NODE,
         grid="main",
     ),
     MethodSpec(
@@ -216,9 +172,8 @@ _TABLE = [
         "FedPrompt-Single: clients hold layer 0 alone (no sharing, no KD), tune the prefix; the server "
         "tunes the average on its shard (--server-steps 0: it only averages)",
         _PROMPT_ONLY,
-        _FEDSP,
+        True,
         ClientShape(AUXILIARY, PROMPT_ONLY, share=False, kd=False, layers=(0,)),
-        node_client=_FEDSP_NODE,
         grid="main",
     ),
     MethodSpec(
@@ -226,7 +181,7 @@ _TABLE = [
         "server-only: the model owner tunes the prefix on its own shard alone, the same server steps a "
         "round and rounds as FedSP, no clients (the control every federated result is read against)",
         TRAINING | PREFIX | FEDERATION,
-        "fedsp.methods.centralised:server_only_course",
+        True,
         None,
         engines=("inprocess",),  # no clients: nothing to federate
         grid="main",
@@ -235,31 +190,28 @@ _TABLE = [
         "fedsp-no-kd",
         "FedSP without knowledge distillation (auxiliary model from the raw layers)",
         _ALL - KD,
-        _FEDSP,
+        True,
         ClientShape(AUXILIARY, kd=False),
-        node_client=_FEDSP_NODE,
     ),
     MethodSpec(
         "fedsp-no-cs",
         "FedSP without cross-layer sharing (the selected layers, each applied once)",
         _ALL,
-        _FEDSP,
+        True,
         ClientShape(AUXILIARY, share=False),
-        node_client=_FEDSP_NODE,
     ),
     MethodSpec(
         "fedsp-no-at",
         "FedSP without alternating training (model and prefix trained in one phase)",
         _ALL,
-        _FEDSP,
+        True,
         ClientShape(AUXILIARY, JOINT),
-        node_client=_FEDSP_NODE,
     ),
     MethodSpec(
         "prefix-tuning",
         "centralised prefix-tuning of the frozen global model on all shards",
         TRAINING | PREFIX,
-        "fedsp.methods.centralised:prefix_tuning_course",
+        True,
         None,
         engines=("inprocess",),  # no clients: nothing to federate
     ),
@@ -268,7 +220,7 @@ _TABLE = [
         "local-only: each data owner tunes a prefix of the global model on its own shard alone (no "
         "averaging); the mean and spread over owners",
         TRAINING | PREFIX | frozenset({"partition", "alpha"}),
-        "fedsp.methods.local_only:local_only_course",
+        True,
         None,
         engines=("inprocess",),  # nothing crosses a wire
         grid="main",
@@ -277,7 +229,7 @@ _TABLE = [
         "finetune",
         "centralised full fine-tuning of the global model on all shards (lr: --align-lr)",
         TRAINING | MODEL_LR,
-        "fedsp.methods.centralised:finetune_course",
+        True,
         None,
         engines=("inprocess",),
     ),
@@ -292,12 +244,10 @@ _TABLE = [
         | PROTECTION
         | WIRE
         | frozenset({"partition", "alpha", "lr", "prefix_len", "prefix_init"}),
-        "fedsp.methods.sfprompt:sfprompt_course",
+        True,
         ClientShape(SPLIT_HEAD),
         grid="opt-in",
         secure_aggregation=False,  # the update is the last of a round's split messages
-        node_client="fedsp.methods.sfprompt:node_client",
-        promise="fedsp.methods.sfprompt:promised_layers",
         client_dp=False,
     ),
     MethodSpec(
@@ -305,12 +255,10 @@ _TABLE = [
         "Offsite-Tuning: clients tune the bottom and top adapter layers on a layer-dropped emulator; the "
         "server plugs the averaged adapters into the global model (lr: --align-lr)",
         TRAINING | FEDERATION | MODEL_LR | KD | OFFSITE | PROTECTION | WIRE,
-        "fedsp.methods.offsite:offsite_course",
+        True,
         ClientShape(EMULATOR, ADAPTER),
         grid="opt-in",
         server_tunes=False,  # the paper's owner only plugs the adapters in; --server-steps N tunes them
-        node_client="fedsp.methods.offsite:node_client",
-        promise="fedsp.methods.offsite:promised_layers",
     ),
 ]
 METHOD_SPECS: dict[str, MethodSpec] = {spec.name: spec for spec in _TABLE}
@@ -331,10 +279,3 @@ def spec_for(method: str) -> MethodSpec:
 def grid_methods(*lists: str) -> tuple[str, ...]:
     """The methods the experiment grid lists in ``lists`` (of :data:`GRID_LISTS`), in table order."""
     return tuple(spec.name for spec in _TABLE if spec.grid in lists)
-
-
-def build_course(config: Any, loaded: Any, data: Any) -> Any:
-    """The parties (a :class:`~fedsp.methods.base.Course`) of a run of ``config.method`` (a
-    :class:`~fedsp.config.RunConfig`), built by the method's own builder from the loaded model
-    (:class:`~fedsp.models.loading.LoadedModel`) and the run's data (:class:`~fedsp.data.shards.RunData`)."""
-    return spec_for(config.method).builder()(config, loaded, data)

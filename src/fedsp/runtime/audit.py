@@ -32,7 +32,7 @@ from transformers import PreTrainedModel
 
 from fedsp import wire
 from fedsp.config import RunConfig
-from fedsp.methods.table import spec_for
+from fedsp.methods import builders
 from fedsp.models.adapters import decoder_layers
 from fedsp.runtime import results
 
@@ -51,7 +51,7 @@ def promised_layers(config: RunConfig, num_layers: int) -> set[int]:
     held to FedSP's promise, the layers ``--aux-layers`` / ``--aux-layer-choice`` select (FedPrompt, whose
     clients get the whole model, fails it, as it should).
     """
-    return spec_for(config.method).promised_layers(config, num_layers)
+    return builders.promised_layers(config, num_layers)
 
 
 def private_weights(model: PreTrainedModel, config: RunConfig) -> dict[str, str]:

@@ -31,7 +31,7 @@ from fedsp import wire
 from fedsp.config import SPEED_ONLY, STATE_MOMENTS, RunConfig
 from fedsp.errors import FedSPError
 from fedsp.files import atomic_write
-from fedsp.methods.table import build_course
+from fedsp.methods.builders import build_course
 from fedsp.runtime import results
 from fedsp.runtime.privacy import Aggregator
 from fedsp.runtime.run_state import RunState

@@ -41,8 +41,9 @@ from fedsp.data.shards import prepare_data
 from fedsp.errors import RunFinished, RunInterrupted
 from fedsp.evaluation import describe, metric_figures
 from fedsp.files import remove_stale_temporaries
+from fedsp.methods.builders import build_course
 from fedsp.methods.fidelity import FIDELITY, describe_fidelity
-from fedsp.methods.table import build_course, spec_for
+from fedsp.methods.table import spec_for
 from fedsp.models.adapters import check_lengths
 from fedsp.models.loading import load_global_model
 from fedsp.runtime import checkpoint, report, results

@@ -34,7 +34,7 @@ from fedsp.data.sources import local_file
 from fedsp.data.tasks import load_task
 from fedsp.errors import FedSPError
 from fedsp.methods.base import Client
-from fedsp.methods.table import spec_for
+from fedsp.methods.builders import node_client_for
 from fedsp.models.loading import (
     DTYPES,
     TINY_MODELS,
@@ -58,9 +58,9 @@ def build_client(
     tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> Client:
     """The method's client for ``partition``, holding the ``shipped`` weights (``tokenizer``: the global
-    model's, for a pruned vocabulary): made by the method's own ``node_client`` (its table entry) from the
-    global architecture, uninitialised."""
-    node_client = spec_for(config.method).node_builder()
+    model's, for a pruned vocabulary): made by the method's own ``node_client``
+    (:data:`fedsp.methods.builders.PARTS`) from the global architecture, uninitialised."""
+    node_client = node_client_for(config.method)
     if node_client is None:
         raise FedSPError(f"method {config.method!r} has no clients this node can build")
     client: Client = node_client(
