@@ -177,6 +177,28 @@ def test_fedsp_reports_its_emulator_fidelity_and_one_layer_clients_say_why_not(f
     assert "fewer layers" in single.results["emulator_fidelity"]["why"]
 
 
+@pytest.mark.parametrize("method", ["fedsp", "fedprompt-single"])
+def test_the_round_0_validation_runs_once_whether_or_not_fidelity_is_measured(tmp_path, monkeypatch, method):
+    # Prepare: count the server's validations on the global model
+    from fedsp.methods.fedsp import FedSPServer
+    from fedsp.runtime.session import Session
+
+    calls: list[bool] = []
+    measure = FedSPServer.validation_loss
+
+    def counted(self, track=True):
+        calls.append(track)
+        return measure(self, track)
+
+    monkeypatch.setattr(FedSPServer, "validation_loss", counted)
+    # Execute: everything before round 1
+    session = Session.start(RunConfig(**{**TINY, "method": method}, out=str(tmp_path / "run")))
+    session.release()
+    # Assert: one validation, kept as the best state so far, and recorded as round 0
+    assert calls == [True]
+    assert session.history[0]["val_loss"] == session.course.server.best.loss
+
+
 def test_questions_file_scores_each_evaluated_question(fedsp_run):
     saved = json.loads((fedsp_run.out_dir / "questions.json").read_text())
     assert len(saved["ids"]) == len(saved["final"]) == len(saved["zero_shot"]) == 8

@@ -495,6 +495,7 @@ def fedsp_course(config: RunConfig, loaded: LoadedModel, data: RunData) -> Cours
             server.val_batches,
             config.batch_size,
             loaded.tokenizer.pad_token_id,
+            global_loss=server.validation_loss,  # the round-0 validation, kept as the best state so far
         )
     pad = loaded.tokenizer.pad_token_id
 

@@ -20,7 +20,7 @@ not measured, with the reason.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -44,8 +44,11 @@ def emulator_fidelity(
     batch_size: int,
     pad_id: int,
     batches: int = FIDELITY_BATCHES,
+    global_loss: Callable[[], float] | None = None,
 ) -> dict[str, Any]:
-    """The fidelity figures of the module docstring (``rows``: the server's shard)."""
+    """The fidelity figures of the module docstring (``rows``: the server's shard). ``global_loss``: how
+    the server measures the prefix's validation loss on the global model (its round-0 validation, which
+    the run then records rather than measuring again); None: measured here."""
     if pruned_embedding(aux_model) is not None:
         return {
             "measured": False,
@@ -73,7 +76,9 @@ def emulator_fidelity(
                     float(torch.nn.functional.cosine_similarity(through_global, through_aux, dim=0))
                 )
             with torch.no_grad():
-                loss_global = mean_answer_loss(global_model, val_batches, prefix)
+                loss_global = (
+                    global_loss() if global_loss else mean_answer_loss(global_model, val_batches, prefix)
+                )
                 loss_aux = mean_answer_loss(aux_model, val_batches, prefix)
     finally:
         for p, flag in zip(params, was, strict=True):

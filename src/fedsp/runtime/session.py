@@ -175,7 +175,10 @@ class Session(RunState):
             fidelity = session.course.notes.get(FIDELITY)
             if fidelity is not None:
                 session.say(f"fedsp: {describe_fidelity(fidelity)}")
-            record0 = {"round": 0, "val_loss": session.course.server.validation_loss()}
+            # the round-0 validation; the fidelity measurement already made it (and offered the state)
+            measured = fidelity["val_loss_global"] if fidelity and fidelity.get("measured") else None
+            loss0 = session.course.server.validation_loss() if measured is None else measured
+            record0 = {"round": 0, "val_loss": loss0}
             kd_losses = session.course.notes.get("kd_losses")
             if kd_losses:
                 record0.update(kd_first_loss=kd_losses[0], kd_last_loss=kd_losses[-1])
