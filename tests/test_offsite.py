@@ -298,3 +298,72 @@ def test_lora_factors_travel_instead_of_the_layers_and_nodes_compute_what_in_pro
     assert summary["comm"]["params_down_per_round"] == lora_params == full["adapter_params"] < 10_000
     assert summary["comm"] == here.results["comm"] and summary["audit"]["passed"]
     assert "LoRA factors of rank 2" in full["trained"]
+
+
+def _eval_line(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_the_tuned_layers_are_written_under_the_models_own_names_and_fedsp_eval_reproduces_the_run(
+    reference, tmp_path, capsys
+):
+    # Prepare
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out = reference.out_dir
+    exported = reference.results["export"]
+    best = torch.load(out / CHECKPOINT, weights_only=False)["server"]["best_state"]
+    # Assert: the best adapter layers (0 and 3), under the global model's parameter names
+    assert exported["prefix"] is None and exported["layers"] == "adapter_layers.safetensors"
+    weights = load_file(out / exported["layers"])
+    assert {k.removeprefix("model.") for k in weights} == set(best)
+    assert all(torch.equal(weights[k], best[k.removeprefix("model.")]) for k in weights)
+    # ... which plain transformers puts into the saved base model with load_state_dict(strict=False)
+    base = AutoModelForCausalLM.from_pretrained(exported["base_model"])
+    built = load_global_model("tiny-llama", seed=0).model.state_dict()  # the base is the model as built
+    assert all(torch.equal(v, built[k]) for k, v in base.state_dict().items())
+    missing, unexpected = base.load_state_dict(weights, strict=False)
+    assert unexpected == [] and all(torch.equal(base.state_dict()[k], v) for k, v in weights.items())
+    # Execute + Assert: fedsp eval scores the run's own examples as the run's final block did
+    assert main(["eval", str(out), "--quiet"]) == 0
+    final = reference.results["final"]
+    assert {k: v for k, v in _eval_line(capsys).items() if k in final} == final
+    # Execute + Assert: export copies the file; a PEFT folder is refused, naming the format that works
+    assert main(["export", str(out), "--format", "peft", "--out", str(tmp_path / "x")]) == 2
+    assert "export them with --format safetensors" in capsys.readouterr().err
+    assert main(["export", str(out), "--format", "safetensors", "--out", str(tmp_path / "l.st")]) == 0
+    assert (tmp_path / "l.st").read_bytes() == (out / exported["layers"]).read_bytes()
+
+
+def test_lora_factors_are_written_as_a_peft_lora_adapter_that_peft_loads(tmp_path, capsys):
+    # Prepare: a LoRA run
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from fedsp.models.layer_export import load_peft_lora
+
+    run = inprocess.run(replace(TINY, ot_lora_rank=2, rounds=1, out=str(tmp_path / "lora")))
+    exported = run.results["export"]
+    assert exported["prefix"] is None and exported["adapter"] == "adapter"
+    # Execute: PEFT's own loader, and fedsp's
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(exported["base_model"]), str(run.out_dir / "adapter")
+    ).eval()
+    ours = AutoModelForCausalLM.from_pretrained(exported["base_model"]).eval()
+    plain = ours(ids).logits
+    load_peft_lora(run.out_dir / "adapter", ours)
+    # Assert: the same tuned model either way, and not the base model (B is no longer zero)
+    with torch.no_grad():
+        theirs, mine = peft_model(ids).logits, ours(ids).logits
+    assert torch.allclose(theirs, mine, atol=1e-6) and not torch.allclose(mine, plain, atol=1e-4)
+    # Execute + Assert: fedsp eval reproduces the run's final block; export copies the adapter folder
+    capsys.readouterr()
+    assert main(["eval", str(run.out_dir), "--quiet"]) == 0
+    final = run.results["final"]
+    assert {k: v for k, v in _eval_line(capsys).items() if k in final} == final
+    assert main(["export", str(run.out_dir), "--out", str(tmp_path / "copy")]) == 0
+    assert (tmp_path / "copy" / "adapter_model.safetensors").read_bytes() == (
+        run.out_dir / "adapter" / "adapter_model.safetensors"
+    ).read_bytes()

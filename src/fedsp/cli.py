@@ -329,10 +329,14 @@ def format_summary(res: dict, out_dir: str) -> str:
         attackers = ",".join(map(str, protection["attackers"]))
         lines.append(f"  SIMULATED ATTACK: partitions {attackers} sent {protection['attack']}")
     exported = res.get("export") or {}
-    if exported.get("adapter"):
+    if exported.get("prefix") and exported.get("adapter"):
         lines.append(
             f"  best prefix: {out_dir}/{exported['prefix']}; PEFT adapter: {out_dir}/{exported['adapter']}"
         )
+    elif exported.get("layers"):  # a method that tunes the global model's own layers
+        lines.append(f"  tuned layers (best round): {out_dir}/{exported['layers']}")
+    elif exported.get("adapter"):
+        lines.append(f"  tuned layers (best round), as a PEFT LoRA adapter: {out_dir}/{exported['adapter']}")
     if res.get("ignored_options"):
         lines.append(f"  ignored options: {res['ignored_options']}")
     lines.append(f"  wall time {res['wall_seconds']:.0f} s; results in {out_dir}")

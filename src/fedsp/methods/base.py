@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -146,6 +147,17 @@ class Emulated(Server, Protocol):
     def emulator_target(self) -> tuple[PreTrainedModel, Prefix | None] | None:
         """The clients' model with the server's current prompt or adapter, as ``evaluation_target`` gives
         the global one; None: the clients hold the global model itself, or nothing to score."""
+        ...
+
+
+@runtime_checkable
+class TunesModelWeights(Server, Protocol):
+    """A server whose result is a change of the global model's own weights (Offsite-Tuning's adapter
+    layers), not a prefix: it writes that change into a results folder for use outside fedsp."""
+
+    def write_weights(self, out_dir: Path, base_model: str, metadata: dict[str, str]) -> dict[str, str]:
+        """Write the current (best) weights into ``out_dir``; what ``results.json``'s ``export`` records:
+        ``layers`` (a safetensors file of whole layers) or ``adapter`` (a PEFT LoRA adapter folder)."""
         ...
 
 

@@ -73,7 +73,9 @@ from fedsp.models.emulator import (
     emulator_plan,
     frozen_named,
 )
+from fedsp.models.export import ADAPTER_DIR
 from fedsp.models.forward import answer_loss, mean_answer_loss
+from fedsp.models.layer_export import LAYERS_FILE, write_layer_weights, write_peft_lora
 from fedsp.models.loading import LoadedModel, cache_dir
 from fedsp.models.prefix import Prefix
 
@@ -216,7 +218,8 @@ class OffsiteServer:
         pad_id: int,
     ) -> None:
         self.global_model, self.emulator, self.plan, self.steps = global_model, emulator, plan, steps
-        self.adapter = adapter_named(global_model, range(plan.num_layers), plan.adapters, lora(config))
+        self.lora = lora(config)
+        self.adapter = adapter_named(global_model, range(plan.num_layers), plan.adapters, self.lora)
         self.emulator_adapter = adapter_named(emulator, plan.layers, plan.adapters, lora(config))
         total = config.rounds * steps
         self.phase = Phase([p for _, p in self.adapter], local_config(config).align, total) if steps else None
@@ -269,6 +272,19 @@ class OffsiteServer:
         """The emulator with the plug-in's current adapter: what a client alone holds after the course."""
         wire.load_snapshot(self.emulator_adapter, self.broadcast(), "adapter")
         return self.emulator, None
+
+    def write_weights(self, out_dir: Path, base_model: str, metadata: dict[str, str]) -> dict[str, str]:
+        """The plug-in's adapter for use outside fedsp: with LoRA, a PEFT LoRA adapter folder
+        (``adapter/``); else the adapter layers' weights under the global model's parameter names
+        (``adapter_layers.safetensors``, for ``load_state_dict(..., strict=False)``)."""
+        if self.lora:
+            write_peft_lora(out_dir / ADAPTER_DIR, self.global_model, base_model, overwrite=True)
+            return {"adapter": ADAPTER_DIR}
+        trained = {id(p) for _, p in self.adapter}
+        names = [name for name, p in self.global_model.named_parameters() if id(p) in trained]
+        layers = ",".join(str(g) for g in self.plan.adapters)
+        write_layer_weights(out_dir / LAYERS_FILE, self.global_model, names, {**metadata, "layers": layers})
+        return {"layers": LAYERS_FILE}
 
     def state_dict(self) -> dict[str, Any]:
         return {

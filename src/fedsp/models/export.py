@@ -52,6 +52,7 @@ POSITIONS = "peft"  # real tokens at P..P+T-1, after the prefix's P positions
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_TABLE_KEY = "prompt_embeddings"
+ADAPTER_DIR = "adapter"  # a PEFT adapter folder in a results folder (a prefix, or LoRA factors)
 _GEOMETRY_FIELDS = ("num_layers", "num_kv_heads", "head_dim", "hidden_size")
 
 
@@ -241,13 +242,13 @@ def write_peft_adapter(
     try:
         atomic_write(staging / PEFT_CONFIG_FILE, config_json.encode())
         atomic_write(staging / PEFT_WEIGHTS_FILE, weights)
-        _replace_folder(staging, folder)
+        replace_folder(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
-def _replace_folder(staging: Path, folder: Path) -> None:
+def replace_folder(staging: Path, folder: Path) -> None:
     """Rename ``staging`` to ``folder``; an existing ``folder`` is moved aside first, removed after."""
     if not folder.exists() or not any(folder.iterdir()):
         os.replace(staging, folder)  # rename(2) replaces an empty folder in one step

@@ -12,7 +12,9 @@ before every run wrote them). Nothing is written on an error.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,8 @@ from fedsp.runtime.outputs import (
     open_run,
     prefix_metadata,
     run_prefix,
+    run_weights,
+    run_weights_kind,
     save_tiny_base,
 )
 
@@ -94,6 +98,19 @@ def _prefix(run: FinishedRun, loaded: LoadedModel, needed: bool = True, say: boo
     return prefix
 
 
+def _tuned(run: FinishedRun, loaded: LoadedModel, needed: bool = True, say: bool = True) -> tuple[Any, Any]:
+    """The model and prefix the run's result is used with: the global model and the best prefix, or, for
+    a run that tuned the global model's own layers, a copy of the model holding them and no prefix (the
+    model given is left as it is, so a caller may reuse it)."""
+    if run_weights_kind(run) is None:
+        return loaded.model, _prefix(run, loaded, needed=needed, say=say)
+    model = copy.deepcopy(loaded.model)
+    where = run_weights(run, model)
+    if say:
+        print(f"fedsp: tuned layers: {where}", file=sys.stderr)
+    return model, None
+
+
 def evaluate_run(
     run: FinishedRun,
     *,
@@ -123,9 +140,9 @@ def evaluate_run(
     examples = load_task(config.task, split, config.data_dir, loaded.tokenizer)
     examples = examples[: config.eval_limit] if config.eval_limit else examples
     untrained = (run.results.get("export") or {}).get("why") == NOTHING_TRAINED
-    prefix = _prefix(run, loaded, needed=not untrained, say=say)
+    model, prefix = _tuned(run, loaded, needed=not untrained, say=say)
     result = evaluate_examples(
-        loaded.model,
+        model,
         loaded.tokenizer,
         examples,
         prefix,
@@ -197,8 +214,8 @@ def generate_texts(
                 file=sys.stderr,
             )
     prompts = [ids[-(window - max_new) :] for ids in prompts]
-    prefix = None if no_prefix else _prefix(run, loaded, say=say)
-    out = generate(loaded.model, loaded.tokenizer, prompts, prefix, max_new_tokens=max_new, stop=stops)
+    model, prefix = (loaded.model, None) if no_prefix else _tuned(run, loaded, say=say)
+    out = generate(model, loaded.tokenizer, prompts, prefix, max_new_tokens=max_new, stop=stops)
     return [(text, generation.text) for text, generation in zip(texts, out, strict=True)]
 
 
@@ -240,6 +257,9 @@ def export_run(
         raise FedSPError(f"--format {format!r} is not valid; choose one of: {', '.join(FORMATS)}")
     if out.exists():
         raise FedSPError(f"--out {str(out)!r} exists already; choose a new path")
+    kind = run_weights_kind(run)
+    if kind is not None:  # tuned layers: the run's own file or adapter, copied
+        return _copy_weights(run, kind, out, format)
     loaded = loaded or load_model(run)
     prefix = _prefix(run, loaded, say=say)
     if format == "safetensors":
@@ -249,6 +269,27 @@ def export_run(
         if run.config.model in TINY_MODELS:  # saved in the run's folder (where it is now), named by path
             base = str(save_tiny_base(run.folder, loaded))
         export.write_peft_adapter(out, prefix, loaded.model.config, base)
+    return out
+
+
+def _copy_weights(run: FinishedRun, kind: str, out: Path, format: str) -> Path:
+    """A run that tuned the global model's own layers: its layers file (``safetensors``) or its PEFT
+    LoRA adapter (``peft``), copied to ``out``."""
+    exported = run.results["export"]
+    wanted = {"layers": "safetensors", "adapter": "peft"}[kind]
+    if format != wanted:
+        raise FedSPError(
+            f"{run.folder} tuned the global model's layers ({exported[kind]}): export them with "
+            f"--format {wanted}"
+        )
+    source = run.folder / exported[kind]
+    if not source.exists():
+        raise FedSPError(f"{source} is missing: the run's tuned layers cannot be exported")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        shutil.copytree(source, out)
+    else:
+        shutil.copyfile(source, out)
     return out
 
 

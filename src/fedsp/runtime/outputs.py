@@ -31,14 +31,16 @@ from transformers import PreTrainedModel
 
 from fedsp.config import RunConfig, load_config_file
 from fedsp.errors import FedSPError
+from fedsp.methods.base import TunesModelWeights
 from fedsp.models import export
 from fedsp.models.adapters import adapter_for, kv_geometry, model_device
-from fedsp.models.loading import TINY_MODELS, LoadedModel
+from fedsp.models.export import ADAPTER_DIR
+from fedsp.models.layer_export import load_layer_weights, load_peft_lora
+from fedsp.models.loading import TINY_MODELS, LoadedModel, load_global_model
 from fedsp.models.prefix import Prefix, prefix_for
 from fedsp.runtime.checkpoint import CHECKPOINT, POSITIONS
 
 PREFIX_FILE = "prefix.safetensors"
-ADAPTER_DIR = "adapter"
 BASE_DIR = "base-model"  # a tiny model saved for PEFT (it cannot be downloaded)
 # the Hugging Face id of a bundled model, written into the adapter's base_model_name_or_path
 HUB_IDS = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
@@ -73,6 +75,44 @@ def write_run_outputs(
     export.write_prefix_file(out_dir / PREFIX_FILE, prefix, prefix_metadata(config, best_round))
     export.write_peft_adapter(out_dir / ADAPTER_DIR, prefix, model.config, base, overwrite=True)
     return {"prefix": PREFIX_FILE, "adapter": ADAPTER_DIR, "base_model": base, "best_round": best_round}
+
+
+def write_run_weights(
+    out_dir: Path, server: TunesModelWeights, loaded: LoadedModel, config: RunConfig, best_round: int
+) -> dict[str, Any]:
+    """Write the best tuned weights of a method that tunes the global model's own layers (no prefix) into
+    a results folder; what results.json records."""
+    base = base_model_id(config.model)
+    if config.model in TINY_MODELS:  # the model as built, not the run's (which holds the tuned layers)
+        base = str(save_tiny_base(out_dir, load_global_model(config.model, config.dtype, config.seed, "cpu")))
+    written = server.write_weights(out_dir, base, prefix_metadata(config, best_round))
+    why = f"--method {config.method} tunes the global model's own layers, not a prefix"
+    return {"prefix": None, "why": why, **written, "base_model": base, "best_round": best_round}
+
+
+def run_weights_kind(run: FinishedRun) -> str | None:
+    """``layers`` or ``adapter`` (LoRA) when the run tuned the global model's own layers; None when it
+    tuned a prefix or nothing."""
+    exported = run.results.get("export") or {}
+    if exported.get("layers"):
+        return "layers"
+    if exported.get("adapter") and exported.get("prefix") is None:
+        return "adapter"
+    return None
+
+
+def run_weights(run: FinishedRun, model: PreTrainedModel) -> str | None:
+    """Put the run's tuned weights into ``model`` (in place) when the run tuned the global model's own
+    layers: the layers file, or the LoRA adapter; where they came from, for the user (None: the run tuned
+    a prefix, or nothing)."""
+    kind, exported = run_weights_kind(run), run.results.get("export") or {}
+    if kind is None:
+        return None
+    path = run.folder / exported[kind]
+    (load_layer_weights if kind == "layers" else load_peft_lora)(path, model)
+    return (
+        f"{path} ({'whole layers' if kind == 'layers' else 'LoRA'}, best round {exported.get('best_round')})"
+    )
 
 
 def prefix_metadata(config: RunConfig, best_round: int) -> dict[str, str]:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fedsp.evaluation import headline
-from fedsp.methods.base import Emulated, ManyPrefixes
+from fedsp.methods.base import Emulated, ManyPrefixes, TunesModelWeights
 from fedsp.methods.fidelity import FIDELITY
 from fedsp.models.auxiliary import unique_parameter_count
 from fedsp.plotting import chance, setting_line
@@ -108,6 +108,8 @@ def _export(run: RunState, best_round: int) -> dict[str, Any]:
             "prefix": None,
             "why": "every data owner keeps its own prefix (local-only): no shared one",
         }
+    if run.course is not None and isinstance(run.course.server, TunesModelWeights):
+        return outputs.write_run_weights(run.out_dir, run.course.server, run.loaded, run.config, best_round)
     prefix = run.course.server.evaluation_target()[1] if run.course is not None else None
     if prefix is None:
         why = NOTHING_TRAINED if run.course is None else f"--method {run.config.method} trains no prefix"
