@@ -337,3 +337,40 @@ def test_every_option_is_in_one_section_and_the_help_shows_the_sections(capsys):
     assert starts == sorted(starts)
     federation = text[starts[1] : starts[2]]
     assert "--clients" in federation and "--kd-steps" not in federation
+
+
+def test_each_section_is_a_typed_class_that_checks_its_own_values():
+    from fedsp import config as cfg
+    from fedsp.errors import FedSPError
+    from fedsp.methods import table
+
+    # Assert: RunConfig is every section's fields, flat; a function may ask for one section's type
+    assert all(issubclass(RunConfig, section) for section in cfg.SECTION_TYPES)
+    assert [s.TITLE for s in cfg.SECTION_TYPES] == list(cfg.SECTIONS)
+    assert isinstance(RunConfig(), cfg.PrefixOptions) and RunConfig().prefix_len == 40
+    # the method table's option groups (plain data: it cannot import this module) are the same lists
+    groups = {
+        "auxiliary model and KD": table.AUX_OPTIONS + table.KD_OPTIONS,
+        "split learning (sfprompt)": table.SPLIT_OPTIONS,
+        "emulator (offsite-tuning)": table.OFFSITE_OPTIONS,
+        "wire": table.WIRE_OPTIONS,
+        "protection": table.PROTECTION_OPTIONS,
+    }
+    assert all(cfg.SECTIONS[title] == names for title, names in groups.items())
+    # Execute + Assert: a section's own check sees its own fields only; one across sections is RunConfig's
+    with pytest.raises(FedSPError, match="'zeros' is not valid; choose one of: tokens, random"):
+        cfg.PrefixOptions.check_section(replace_unchecked(RunConfig(), prefix_init="zeros"))
+    with pytest.raises(FedSPError, match="go together: an attack and the partitions"):
+        cfg.ProtectionOptions.check_section(replace_unchecked(RunConfig(), attack="scale:0"))
+    across = replace_unchecked(RunConfig(), attackers=(12,), attack="scale:0")
+    cfg.ProtectionOptions.check_section(across)  # within the section, partition 12 is fine
+    with pytest.raises(FedSPError, match="are not partitions of this run"):
+        across._check_across()  # ... but not with 10 clients
+
+
+def replace_unchecked(config: RunConfig, **changes) -> RunConfig:
+    """A copy of ``config`` with ``changes`` set and no checks run (to call one section's check alone)."""
+    copy = object.__new__(RunConfig)
+    for f in fields(RunConfig):
+        object.__setattr__(copy, f.name, changes.get(f.name, getattr(config, f.name)))
+    return copy
