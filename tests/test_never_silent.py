@@ -75,6 +75,63 @@ def test_a_stop_while_a_round_is_recorded_waits_until_the_round_is_whole(tmp_pat
     )
 
 
+def test_a_disk_error_while_a_stop_is_held_is_said_as_the_disk_error(tmp_path, capsys, monkeypatch):
+    # Prepare: SIGTERM arrives while round 1 is recorded, then metrics.jsonl cannot be written
+    import errno
+
+    from fedsp.runtime import results
+
+    write = results.append_metrics
+
+    def full_disk(path, record):
+        if record["round"] == 0:  # round 0 (before any round) is written as usual
+            return write(path, record)
+        signal.raise_signal(signal.SIGTERM)
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(results, "append_metrics", full_disk)
+    # Act
+    code = main(["run", *TINY, "--rounds", "2", "--out", str(tmp_path / "full"), "--quiet"])
+    # Assert: the error that stopped the run is named (exit 2), not taken for the held stop (143)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "no space left on the device" in last.lower(), last
+
+
+def test_the_clean_up_of_a_stopped_run_waits_for_a_round_another_thread_is_recording(tmp_path):
+    # Prepare: an engine's thread recording round 1 (it holds the session's lock) when the main thread stops
+    import threading
+
+    from fedsp.config import RunConfig
+    from fedsp.errors import RunInterrupted
+    from fedsp.runtime.session import run_course
+
+    given = {flag.lstrip("-"): value for flag, value in zip(TINY[::2], TINY[1::2], strict=True)}
+    config = RunConfig.from_dict({**given, "rounds": 3, "progress": False, "out": str(tmp_path / "t")})
+    holding, seen = threading.Event(), {}
+
+    def record_round_one(session):
+        with session.recording:
+            holding.set()
+            time.sleep(0.5)
+            session.history.append({"round": 1, "val_loss": 1.0})
+
+    def drive(session):
+        seen["session"] = session
+        thread = threading.Thread(target=record_round_one, args=(session,))
+        thread.start()
+        holding.wait()
+        seen["thread"] = thread
+        raise KeyboardInterrupt
+
+    # Act
+    with pytest.raises(RunInterrupted) as stopped:
+        run_course(config, None, drive)
+    seen["thread"].join()
+    # Assert: the round the thread was recording counts as completed, and the session is closed, so an
+    # engine's thread that finishes a later round does not record it (Session.finish_round)
+    assert stopped.value.completed == 1 and seen["session"].closed
+
+
 def test_sigterm_keeps_the_completed_rounds_and_resume_ends_as_an_uninterrupted_run(tmp_path, capsys):
     # Prepare: the uninterrupted run
     rounds = ["--rounds", "8"]

@@ -11,9 +11,10 @@ An entry (:class:`MethodSpec`) says:
   - the options it reads (the others are reported as ignored), the engines it
     runs on, and where the experiment grid lists it.
 
-``config.py`` (which methods exist, which engines each allows), ``runtime/audit.py``
-(which layers a client may hold), ``experiments/grid.py`` (default method lists),
-``cli.py`` and ``runtime/flower/client_side.py`` read this table; no module outside
+``config.py`` (which methods exist, which engines each allows, what each reads),
+``experiments/grid.py`` (default method lists), ``cli.py`` and the runtime read
+this table; the runtime reads :mod:`fedsp.methods.builders` for each method's
+functions (its builder, its Flower client, the layers the audit allows); no module outside
 ``methods/`` tests a method's name or a client's shape (tests/test_layout.py). The
 table is plain data and imports nothing of the package, so the configuration can
 read it; the functions that build each method's parties (which import the

@@ -5,6 +5,7 @@ writer (:mod:`fedsp.runtime.report`); and how the run scores a model on its eval
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,9 @@ class RunState:
     lock: results.RunLock | None = None  # held while this process runs in out_dir
     created: bool = False  # out_dir was made by this session (removed if the run fails before round 1)
     aggregator: Aggregator | None = None  # the round's aggregate: rule or DP, adaptive clip, accountant
+    # held while a round is recorded; a stopped run's clean-up takes it, then sets ``closed``
+    recording: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    closed: bool = False
     final_scores: list[float] | None = None  # per evaluated question, the final result's (questions.json)
 
     def say(self, text: str) -> None:

@@ -63,25 +63,44 @@ class _RoundLines:
 ROUND_LINES = _RoundLines()
 
 
+class RunClosed(RuntimeError):
+    """A round that an engine's thread finished after the run was stopped and its folder let go."""
+
+
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
-    """Ctrl-C and SIGTERM wait until the block ends, then act as they would have: a round is recorded
-    whole (history, checkpoint, metrics.jsonl, its line) or not at all. Outside the main thread, where
-    handlers cannot be set, the block runs as it is."""
+    """Ctrl-C and SIGTERM wait until the block ends, then act as they would have (SIGTERM first when both
+    came). An error inside the block is raised as it is, the held signal dropped: the error says more.
+    Outside the main thread, where handlers cannot be set, the block runs as it is (a session's
+    ``recording`` lock covers that case: :func:`run_course`)."""
     held: list[int] = []
-    kinds = (signal.SIGINT, signal.SIGTERM)
+    before: dict[int, Any] = {}
     try:
-        before = {kind: signal.signal(kind, lambda signum, frame: held.append(signum)) for kind in kinds}
-    except ValueError:  # not the main thread
+        for kind in (signal.SIGTERM, signal.SIGINT):
+            before[kind] = signal.signal(kind, lambda signum, frame: held.append(signum))
+    except ValueError:  # not the main thread (any handler already set is put back)
+        _restore_handlers(before)
+    if not before:
         yield
         return
     try:
         yield
-    finally:
+    except BaseException:
+        _restore_handlers(before)
+        raise
+    _restore_handlers(before)
+    for kind in (signal.SIGTERM, signal.SIGINT):
+        if kind in held:  # delivered again, now to the handler it was meant for
+            signal.raise_signal(kind)
+
+
+def _restore_handlers(before: dict[int, Any]) -> None:
+    """Put back each handler ``before`` holds, each whatever happens to the others."""
+    try:
         for kind, handler in before.items():
             signal.signal(kind, handler)
-        if held:  # delivered again, now to the handler it was meant for
-            signal.raise_signal(held[0])
+    finally:
+        before.clear()
 
 
 @dataclass
@@ -282,7 +301,11 @@ class Session(RunState):
         line = f"round {rnd}: val_loss {val_loss:.4f}{gains}  server_loss {server_loss:.4f}"
         if self.last_eval and self.config.eval_every_round:
             line += f"  {describe(self.last_eval.summary())}"
-        with signals_held():  # a stop during the round's record waits for it
+        # a stop during the round's record waits for it: a signal in this thread, or the main thread's
+        # clean-up (run_course) while an engine records rounds in a thread of its own
+        with self.recording, signals_held():
+            if self.closed:  # the run was stopped meanwhile and its folder let go: nothing more is written
+                raise RunClosed(f"round {rnd} ended after the run was stopped; it is not recorded")
             self.history.append(record)
             # the checkpoint first: metrics.jsonl never holds a round that a resume could not continue from
             try:
@@ -317,9 +340,11 @@ def run_course(config: RunConfig, resume: Path | None, drive: Callable[[Session]
             drive(session)
         summary = session.finish()
     except BaseException as err:
+        with session.recording:  # a round an engine's thread is recording now completes first
+            session.closed = True
+            completed = max((h["round"] for h in session.history), default=0)
         session.abandon()
         kept = str(session.out_dir) if session.out_dir.is_dir() else None
-        completed = max((h["round"] for h in session.history), default=0)
         if isinstance(err, KeyboardInterrupt):  # say what is left: the folder (if kept) and its last round
             raise RunInterrupted(kept, completed) from err
         if isinstance(err, OSError):  # a full disk, a folder made read-only...: the run's, said in one line

@@ -3,17 +3,16 @@
 The in-process engine gets clients from ``course.make_client(k)``, which holds
 the global model. A Flower client must not: it builds the *skeleton* of the
 global architecture (uninitialised weights, from the architecture JSON the server
-sends), derives the client model's structure from it
-(:func:`~fedsp.methods.fedsp.client_model_from`), loads the weights the server
-shipped (the distilled auxiliary model), and makes the client with the same
-:func:`~fedsp.methods.fedsp.make_client` as the method's course, from the
-method's client shape in the method table. An SFPrompt client loads the shipped
-head and tail into the skeleton and is made by the method's own
-:func:`~fedsp.methods.sfprompt.split_client`; a method whose table entry names a
-``node_client`` (Offsite-Tuning: :func:`~fedsp.methods.offsite.node_client`, the
-emulator's frozen part loaded into its structure) makes it from the skeleton
-itself. Its rows come from its own data folder (deployment) or from the same
-partition of the task as the in-process engine (simulation).
+sends) and hands it, with the weights the server shipped, to the method's own
+``node_client`` (:data:`fedsp.methods.builders.PARTS`). FedSP and its relatives
+derive the client model's structure from the skeleton
+(:func:`~fedsp.methods.fedsp.client_model_from`), load the distilled auxiliary
+model and make the client with the same :func:`~fedsp.methods.fedsp.make_client`
+as the method's course; SFPrompt loads the head and tail
+(:func:`~fedsp.methods.sfprompt.node_client`); Offsite-Tuning the emulator's
+frozen part (:func:`~fedsp.methods.offsite.node_client`). Its rows come from its
+own data folder (deployment) or from the same partition of the task as the
+in-process engine (simulation).
 """
 
 from __future__ import annotations
