@@ -174,12 +174,15 @@ def test_kill_9_at_random_points_then_resume_gives_the_uninterrupted_prefix(tmp_
         proc = subprocess.Popen(
             [sys.executable, "-c", child, keys], env={**os.environ, "PYTHONHASHSEED": "0"}
         )
-        # the kill at a random point of the run itself, timed from its folder's first file: a child's
-        # imports take 3-10 s depending on the machine and its load
+        # the kill at a random point of the run itself, timed from its folder's first file (a child's
+        # imports take 3-10 s depending on the machine and its load); in half the trials from its first
+        # checkpoint, so that some kills land between rounds however loaded the machine is (under load,
+        # the start before round 1 can take most of the span)
+        first = "config.json" if trial % 2 == 0 else CHECKPOINT
         deadline = time.monotonic() + 120
-        while not (out / "config.json").is_file() and proc.poll() is None and time.monotonic() < deadline:
+        while not (out / first).is_file() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 1.2 * span))
+        time.sleep(rng.uniform(0.0, (1.2 if trial % 2 == 0 else 0.3) * span))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         finished = (out / "results.json").is_file()
