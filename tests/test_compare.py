@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import pytest
 
@@ -165,6 +166,17 @@ def test_grid_reuses_cells_across_speed_only_settings_and_refuses_others(tiny_gr
     assert reused == json.loads((grid.cell_dir(cell) / "results.json").read_text())
     with pytest.raises(FedSPError, match=r"other settings \(kd_steps\)"):
         other.reusable(cell)
+
+
+def test_a_grid_folder_moved_elsewhere_is_reused(tiny_grid, tmp_path):
+    # Prepare: the finished grid's folder copied to another path (its cells' config.json name the old one)
+    grid, _ = tiny_grid
+    cell = Cell("fedsp", "arc_easy", 0)
+    moved = tmp_path / "moved"
+    shutil.copytree(grid.out, moved)
+    # Execute + Assert: the same results, not "run with other settings (out)"
+    again = Grid([cell], grid.base, moved)
+    assert again.reusable(cell) == json.loads((grid.cell_dir(cell) / "results.json").read_text())
 
 
 def test_resume_compares_every_setting_but_the_speed_only_ones():

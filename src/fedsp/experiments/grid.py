@@ -154,7 +154,9 @@ class Grid:
         wanted = config.to_dict()
         # server steps: compared as the count the run took (results.json), not as the option written
         steps = "server_steps"
-        differs = sorted(k for k in wanted if k not in (*SPEED_ONLY, steps) and saved.get(k) != wanted[k])
+        # where the cell lives is not what it computes: a grid folder moved or copied elsewhere is reused
+        ignored = (*SPEED_ONLY, steps, "out")
+        differs = sorted(k for k in wanted if k not in ignored and saved.get(k) != wanted[k])
         if differs:
             raise FedSPError(
                 f"grid cell {folder} was run with other settings ({', '.join(differs)}); "
