@@ -59,8 +59,12 @@ def test_a_stop_while_a_round_is_recorded_waits_until_the_round_is_whole(tmp_pat
 
     monkeypatch.setattr(results, "append_metrics", stopped_midway)
     out = tmp_path / "cut"
-    # Act
-    code = main(["run", *TINY, "--rounds", "3", "--out", str(out), "--quiet"])
+    # Act (Ctrl-C as Python takes it by default: a suite started in the background inherits it ignored)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code = main(["run", *TINY, "--rounds", "3", "--out", str(out), "--quiet"])
+    finally:
+        signal.signal(signal.SIGINT, before)
     # Assert: round 1 is in metrics.jsonl and printed, and the stop names it as the last completed round
     printed = capsys.readouterr()
     assert code == (143 if kind == signal.SIGTERM else 130)
