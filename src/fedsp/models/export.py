@@ -215,12 +215,7 @@ def write_peft_adapter(
             f"the prefix is shaped for {geometry}, the model config {kv_geometry(model_config)}: "
             "export the prefix with the model it was trained for"
         )
-    if folder.exists() and not folder.is_dir():
-        raise FedSPError(f"cannot export a PEFT adapter to {str(folder)!r}: it is a file")
-    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
-        raise FedSPError(
-            f"PEFT adapter folder {str(folder)!r} is not empty; pass overwrite=True to replace it"
-        )
+    check_adapter_folder(folder, overwrite)
     from peft import PrefixTuningConfig  # 1.8 s to import: only an export pays it
 
     config = PrefixTuningConfig(
@@ -237,18 +232,35 @@ def write_peft_adapter(
     )
     config_json = json.dumps(config.to_dict(), indent=2, sort_keys=True)
     weights = canonical_safetensors(st_save({PEFT_TABLE_KEY: peft_table(prefix)}, metadata={"format": "pt"}))
+    write_adapter_folder(folder, config_json, weights)
+
+
+def check_adapter_folder(folder: Path, overwrite: bool) -> None:
+    """Refuse ``folder`` as a PEFT adapter's destination when it is a file, or a non-empty folder without
+    ``overwrite``."""
+    if folder.exists() and not folder.is_dir():
+        raise FedSPError(f"cannot export a PEFT adapter to {str(folder)!r}: it is a file")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise FedSPError(
+            f"PEFT adapter folder {str(folder)!r} is not empty; pass overwrite=True to replace it"
+        )
+
+
+def write_adapter_folder(folder: Path, config_json: str, weights: bytes) -> None:
+    """A PEFT adapter folder (``adapter_config.json``, ``adapter_model.safetensors``) written to a temporary
+    folder beside ``folder``, then renamed into place: a failure leaves ``folder`` as it was."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
         atomic_write(staging / PEFT_CONFIG_FILE, config_json.encode())
         atomic_write(staging / PEFT_WEIGHTS_FILE, weights)
-        replace_folder(staging, folder)
+        _replace_folder(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
-def replace_folder(staging: Path, folder: Path) -> None:
+def _replace_folder(staging: Path, folder: Path) -> None:
     """Rename ``staging`` to ``folder``; an existing ``folder`` is moved aside first, removed after."""
     if not folder.exists() or not any(folder.iterdir()):
         os.replace(staging, folder)  # rename(2) replaces an empty folder in one step

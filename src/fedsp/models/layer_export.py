@@ -24,8 +24,6 @@ model (``fedsp eval`` and ``fedsp generate`` on such a run).
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +36,11 @@ from transformers import PreTrainedModel
 from fedsp.errors import FedSPError
 from fedsp.files import atomic_write
 from fedsp.models.export import (
-    PEFT_CONFIG_FILE,
     PEFT_WEIGHTS_FILE,
     canonical_safetensors,
+    check_adapter_folder,
     fedsp_version,
-    replace_folder,
+    write_adapter_folder,
 )
 
 LAYERS_FILE = "adapter_layers.safetensors"  # whole tuned layers in a results folder
@@ -100,12 +98,7 @@ def write_peft_lora(folder: Path, model: PreTrainedModel, base_model: str, overw
     modules = _lora_modules(model)
     if not modules:
         raise FedSPError("the model carries no LoRA factors to export")
-    if folder.exists() and not folder.is_dir():
-        raise FedSPError(f"cannot export a PEFT adapter to {str(folder)!r}: it is a file")
-    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
-        raise FedSPError(
-            f"PEFT adapter folder {str(folder)!r} is not empty; pass overwrite=True to replace it"
-        )
+    check_adapter_folder(folder, overwrite)
     first: Any = next(iter(modules.values()))  # a PEFT LoRA layer: r and lora_alpha by adapter name
     config = LoraConfig(
         task_type="CAUSAL_LM",
@@ -121,15 +114,7 @@ def write_peft_lora(folder: Path, model: PreTrainedModel, base_model: str, overw
     tensors = {PEFT_PREFIX + name: t.detach().to("cpu", copy=True).contiguous() for name, t in state.items()}
     config_json = json.dumps(config.to_dict(), indent=2, sort_keys=True, default=sorted)
     weights = canonical_safetensors(st_save(tensors, metadata={"format": "pt"}))
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
-        atomic_write(staging / PEFT_CONFIG_FILE, config_json.encode())
-        atomic_write(staging / PEFT_WEIGHTS_FILE, weights)
-        replace_folder(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    write_adapter_folder(folder, config_json, weights)
 
 
 def load_peft_lora(folder: Path, model: PreTrainedModel) -> None:
