@@ -29,17 +29,16 @@ from fedsp.errors import FedSPError
 from fedsp.evaluation import describe, evaluate_examples
 from fedsp.evaluation.generative import generate
 from fedsp.models import export
-from fedsp.models.loading import TINY_MODELS, LoadedModel, load_global_model
+from fedsp.models.loading import LoadedModel, load_global_model
 from fedsp.runtime.outputs import (
     NOTHING_TRAINED,
     FinishedRun,
-    base_model_id,
+    adapter_base,
     open_run,
     prefix_metadata,
     run_prefix,
     run_weights,
     run_weights_kind,
-    save_tiny_base,
 )
 
 FORMATS = ("peft", "safetensors")
@@ -98,13 +97,15 @@ def _prefix(run: FinishedRun, loaded: LoadedModel, needed: bool = True, say: boo
     return prefix
 
 
-def _tuned(run: FinishedRun, loaded: LoadedModel, needed: bool = True, say: bool = True) -> tuple[Any, Any]:
+def _tuned(
+    run: FinishedRun, loaded: LoadedModel, shared: bool, needed: bool = True, say: bool = True
+) -> tuple[Any, Any]:
     """The model and prefix the run's result is used with: the global model and the best prefix, or, for
-    a run that tuned the global model's own layers, a copy of the model holding them and no prefix (the
-    model given is left as it is, so a caller may reuse it)."""
+    a run that tuned the global model's own layers, the model holding them and no prefix. ``shared``: the
+    caller reuses ``loaded`` (the Python API), so the layers go into a copy and it is left as it is."""
     if run_weights_kind(run) is None:
         return loaded.model, _prefix(run, loaded, needed=needed, say=say)
-    model = copy.deepcopy(loaded.model)
+    model = copy.deepcopy(loaded.model) if shared else loaded.model
     where = run_weights(run, model)
     if say:
         print(f"fedsp: tuned layers: {where}", file=sys.stderr)
@@ -136,11 +137,11 @@ def evaluate_run(
         values["eval_limit"] = eval_limit or None
     config = RunConfig.from_dict(values, strict=False)
     split = split or eval_split(config.task, config.data_dir)
-    loaded = loaded or load_model(run)
+    shared, loaded = loaded is not None, loaded or load_model(run)
     examples = load_task(config.task, split, config.data_dir, loaded.tokenizer)
     examples = examples[: config.eval_limit] if config.eval_limit else examples
     untrained = (run.results.get("export") or {}).get("why") == NOTHING_TRAINED
-    model, prefix = _tuned(run, loaded, needed=not untrained, say=say)
+    model, prefix = _tuned(run, loaded, shared, needed=not untrained, say=say)
     result = evaluate_examples(
         model,
         loaded.tokenizer,
@@ -200,7 +201,7 @@ def generate_texts(
         )
     given = {"stop": stop} if stop is not None else {}
     stops = generation_stop(RunConfig.from_dict({**run.config.to_dict(), **given}, strict=False))
-    loaded = loaded or load_model(run)
+    shared, loaded = loaded is not None, loaded or load_model(run)
     kind = "messages" if chat else (None if raw else run.results.get("data_format"))
     texts = [generation_prompt(row, where, loaded.tokenizer, kind) for where, row in rows]
     prompts = [text_ids(loaded.tokenizer, t) for t in texts]
@@ -214,7 +215,7 @@ def generate_texts(
                 file=sys.stderr,
             )
     prompts = [ids[-(window - max_new) :] for ids in prompts]
-    model, prefix = (loaded.model, None) if no_prefix else _tuned(run, loaded, say=say)
+    model, prefix = (loaded.model, None) if no_prefix else _tuned(run, loaded, shared, say=say)
     out = generate(model, loaded.tokenizer, prompts, prefix, max_new_tokens=max_new, stop=stops)
     return [(text, generation.text) for text, generation in zip(texts, out, strict=True)]
 
@@ -265,9 +266,7 @@ def export_run(
     if format == "safetensors":
         export.write_prefix_file(out, prefix, prefix_metadata(run.config, run.results.get("best_round", 0)))
     else:
-        base = base_model_id(run.config.model)
-        if run.config.model in TINY_MODELS:  # saved in the run's folder (where it is now), named by path
-            base = str(save_tiny_base(run.folder, loaded))
+        base = adapter_base(run.folder, run.config, loaded)  # a tiny model: saved in the run's folder
         export.write_peft_adapter(out, prefix, loaded.model.config, base)
     return out
 

@@ -52,14 +52,19 @@ def base_model_id(model: str) -> str:
     return HUB_IDS.get(model, model)
 
 
-def save_tiny_base(out_dir: Path, loaded: LoadedModel) -> Path:
-    """A tiny model (built from a config, no one can download it) saved as ``base-model/`` in the results
-    folder, once; its absolute path is what an adapter names as its base, so PEFT can load it offline."""
+def adapter_base(out_dir: Path, config: RunConfig, loaded: LoadedModel, as_built: bool = False) -> str:
+    """The base model an adapter of this run names: the model's Hugging Face id; for a tiny model (built
+    from a config, no one can download it) the absolute path of ``base-model/`` in ``out_dir``, where it
+    is saved once so that PEFT can load it offline. ``as_built``: save the model as built from the run's
+    seed, not ``loaded`` (whose layers a run may have tuned in place)."""
+    if config.model not in TINY_MODELS:
+        return base_model_id(config.model)
     folder = (Path(out_dir) / BASE_DIR).resolve()
     if not (folder / "config.json").is_file():
-        loaded.model.save_pretrained(folder)
-        loaded.tokenizer.save_pretrained(folder)
-    return folder
+        model = load_global_model(config.model, config.dtype, config.seed, "cpu") if as_built else loaded
+        model.model.save_pretrained(folder)
+        model.tokenizer.save_pretrained(folder)
+    return str(folder)
 
 
 def write_run_outputs(
@@ -68,12 +73,9 @@ def write_run_outputs(
     """Write ``prefix.safetensors`` and ``adapter/`` into a results folder; what results.json records.
 
     A tiny model's adapter names the model saved beside it (``base-model/``) as its base."""
-    model = loaded.model
-    base = base_model_id(config.model)
-    if config.model in TINY_MODELS:
-        base = str(save_tiny_base(out_dir, loaded))
+    base = adapter_base(out_dir, config, loaded)
     export.write_prefix_file(out_dir / PREFIX_FILE, prefix, prefix_metadata(config, best_round))
-    export.write_peft_adapter(out_dir / ADAPTER_DIR, prefix, model.config, base, overwrite=True)
+    export.write_peft_adapter(out_dir / ADAPTER_DIR, prefix, loaded.model.config, base, overwrite=True)
     return {"prefix": PREFIX_FILE, "adapter": ADAPTER_DIR, "base_model": base, "best_round": best_round}
 
 
@@ -82,9 +84,7 @@ def write_run_weights(
 ) -> dict[str, Any]:
     """Write the best tuned weights of a method that tunes the global model's own layers (no prefix) into
     a results folder; what results.json records."""
-    base = base_model_id(config.model)
-    if config.model in TINY_MODELS:  # the model as built, not the run's (which holds the tuned layers)
-        base = str(save_tiny_base(out_dir, load_global_model(config.model, config.dtype, config.seed, "cpu")))
+    base = adapter_base(out_dir, config, loaded, as_built=True)  # the run's model holds the tuned layers
     written = server.write_weights(out_dir, base, prefix_metadata(config, best_round))
     why = f"--method {config.method} tunes the global model's own layers, not a prefix"
     return {"prefix": None, "why": why, **written, "base_model": base, "best_round": best_round}
