@@ -220,7 +220,7 @@ class OffsiteServer:
         self.global_model, self.emulator, self.plan, self.steps = global_model, emulator, plan, steps
         self.lora = lora(config)
         self.adapter = adapter_named(global_model, range(plan.num_layers), plan.adapters, self.lora)
-        self.emulator_adapter = adapter_named(emulator, plan.layers, plan.adapters, lora(config))
+        self.emulator_adapter = adapter_named(emulator, plan.layers, plan.adapters, self.lora)
         total = config.rounds * steps
         self.phase = Phase([p for _, p in self.adapter], local_config(config).align, total) if steps else None
         self.stream = BatchStream(rows, config.batch_size, pad_id, config.seed) if rows and steps else None
