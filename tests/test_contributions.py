@@ -18,6 +18,7 @@ from fedsp.experiments.compare import parse_settings, plan, reference_method
 from fedsp.experiments.stats import paired_difference, seed_means
 from fedsp.methods.builders import build_course
 from fedsp.methods.fidelity import emulator_fidelity
+from fedsp.methods.table import spec_for
 from fedsp.models.loading import load_global_model
 from fedsp.models.prefix import initial_prefix
 from fedsp.runtime import inprocess
@@ -108,6 +109,29 @@ def test_server_only_tunes_its_own_shard_with_fedsps_server_steps():
     fedsp = RunConfig(**TINY)
     assert course.server.config.steps == fedsp.effective_server_steps == config.effective_server_steps == 4
     assert len(course.server.stream.rows) == len(data.server_rows)
+
+
+def test_client_lr_sets_the_clients_prefix_rate_and_leaves_the_servers(tmp_path, monkeypatch):
+    # Prepare
+    monkeypatch.setenv("FEDSP_CACHE_DIR", str(tmp_path))
+    config = RunConfig(**TINY, client_lr=3e-3)
+    loaded = load_global_model(config.model, seed=0)
+    data = prepare_data(config, loaded.tokenizer)
+    # Execute
+    course = build_course(config, loaded, data)
+    client = course.make_client(0)
+    # Assert: the client's prefix optimiser runs at --client-lr, the server's own steps at --lr
+    assert client.config.prompt.lr == 3e-3
+    assert [g["initial_lr"] for g in client.prompt.optimizer.param_groups] == [3e-3]
+    assert course.server.config.prompt.lr == config.lr == 1e-2
+    # Assert: unset, the clients take --lr; a method with no FedSP-shaped clients reports it as ignored
+    plain = build_course(RunConfig(**TINY), loaded, data).make_client(0)
+    assert plain.config.prompt.lr == RunConfig().lr
+    server_only = RunConfig(**{**TINY, "method": "server-only"}, client_lr=3e-3)
+    assert spec_for("server-only").ignored_options(server_only)["client_lr"] == 3e-3
+    assert "client_lr" not in spec_for("fedprompt").ignored_options(RunConfig(**TINY, client_lr=3e-3))
+    with pytest.raises(FedSPError, match=r"client_lr|--client-lr"):
+        RunConfig(**TINY, client_lr=0.0)
 
 
 def test_server_rows_cuts_only_the_servers_shard():

@@ -244,6 +244,15 @@ class TrainingOptions:
     batch_size: int = count(8, "training batch size", 1, MAX_BATCH)
     # prefix phases (clients' knowledge capturing, server tuning); see docs/results.md
     lr: float = real(1e-2, "learning rate of the prefix phases", 0, MAX_LR, low_open=True)
+    # a lever of issue 38: the clients' prefix steps at their own rate, the server's at --lr
+    client_lr: float | None = real(
+        None,
+        "learning rate of the clients' prefix phases (fedsp, its ablations, fedprompt, fedprompt-single); "
+        "unset: --lr; the server's own steps and local-only's owners keep --lr",
+        0,
+        MAX_LR,
+        low_open=True,
+    )
     align_lr: float = real(  # clients' auxiliary-model phase
         1e-4,
         "learning rate of model weights (clients' auxiliary-model phase; finetune; offsite-tuning's adapter)",

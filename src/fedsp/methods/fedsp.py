@@ -298,8 +298,10 @@ def _joint_phase(model: PreTrainedModel, prompt_params: list, config: LocalConfi
 # -- building the parties (one client factory for every engine)
 
 
-def local_config(config: RunConfig, steps: int | None = None) -> LocalConfig:
-    """A party's per-round training, from the run configuration (``steps``: T unless given)."""
+def local_config(config: RunConfig, steps: int | None = None, client: bool = False) -> LocalConfig:
+    """A party's per-round training, from the run configuration (``steps``: T unless given; ``client``:
+    a federation's client, whose prefix steps take ``--client-lr`` where it is set)."""
+    prompt_lr = config.client_lr if client and config.client_lr is not None else config.lr
     return LocalConfig(
         steps=config.local_steps if steps is None else steps,
         batch_size=config.batch_size,
@@ -307,7 +309,7 @@ def local_config(config: RunConfig, steps: int | None = None) -> LocalConfig:
             config.align_lr, config.weight_decay, config.warmup_ratio, grad_clip=config.max_grad_norm
         ),
         prompt=OptimConfig(
-            config.lr, config.weight_decay, config.warmup_ratio, grad_clip=config.max_grad_norm
+            prompt_lr, config.weight_decay, config.warmup_ratio, grad_clip=config.max_grad_norm
         ),
     )
 
@@ -419,7 +421,7 @@ def make_client(
         model,
         prefix_config,
         rows,
-        local_config(config),
+        local_config(config, client=True),
         config.rounds,
         pad_id,
         seed=client_seed(config, partition),

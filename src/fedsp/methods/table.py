@@ -46,6 +46,7 @@ TRAINING = frozenset(
 FEDERATION = frozenset({"partition", "alpha", "server_steps"})
 PREFIX = frozenset({"lr", "prefix_len", "prefix_projection", "prefix_dropout", "prefix_init"})
 MODEL_LR = frozenset({"align_lr"})
+CLIENT_PREFIX = frozenset({"client_lr"})  # the clients' own prefix learning rate (FedSP-shaped clients)
 # The groups below are also sections of the options (fedsp.config.SECTIONS), in this order.
 AUX_OPTIONS = ("aux_layers", "aux_layer_choice", "aux_layer_order", "aux_embedding")
 KD_OPTIONS = ("kd_steps", "kd_lr", "kd_batch_size", "kd_projection", "kd_objective")
@@ -69,7 +70,7 @@ PROTECTION_OPTIONS = (
 WIRE_OPTIONS = ("wire_dtype", "state_moments")
 AUX, KD, SPLIT = frozenset(AUX_OPTIONS), frozenset(KD_OPTIONS), frozenset(SPLIT_OPTIONS)
 OFFSITE, PROTECTION, WIRE = frozenset(OFFSITE_OPTIONS), frozenset(PROTECTION_OPTIONS), frozenset(WIRE_OPTIONS)
-GROUPS = (TRAINING, FEDERATION, PREFIX, MODEL_LR, AUX, KD, SPLIT, OFFSITE, PROTECTION, WIRE)
+GROUPS = (TRAINING, FEDERATION, PREFIX, CLIENT_PREFIX, MODEL_LR, AUX, KD, SPLIT, OFFSITE, PROTECTION, WIRE)
 SPECIFIC = frozenset().union(*GROUPS)
 
 # What a client holds of the global model.
@@ -147,8 +148,8 @@ class MethodSpec:
         }
 
 
-_ALL = TRAINING | FEDERATION | PREFIX | MODEL_LR | AUX | KD | PROTECTION | WIRE
-_PROMPT_ONLY = TRAINING | FEDERATION | PREFIX | PROTECTION | WIRE
+_ALL = TRAINING | FEDERATION | PREFIX | CLIENT_PREFIX | MODEL_LR | AUX | KD | PROTECTION | WIRE
+_PROMPT_ONLY = TRAINING | FEDERATION | PREFIX | CLIENT_PREFIX | PROTECTION | WIRE
 _TABLE = [
     MethodSpec("zero-shot", "the global model as it is, no training", frozenset(), False, None, grid="main"),
     MethodSpec(
