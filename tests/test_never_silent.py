@@ -26,6 +26,22 @@ TINY = [
 ]
 
 
+# `fedsp run` whose rounds from the second on are followed by a pause of up to a minute (a stop ends it)
+SLOW_ROUNDS = """
+import sys, time
+from fedsp.runtime.session import Session
+record_round = Session.finish_round
+def finish_round(self, *args, **kwargs):
+    record = record_round(self, *args, **kwargs)
+    if record["round"] >= 2:
+        time.sleep(60)
+    return record
+Session.finish_round = finish_round
+from fedsp.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def _rounds_done(out: Path) -> int:
     path = out / "metrics.jsonl"
     if not path.is_file():
@@ -141,14 +157,17 @@ def test_sigterm_keeps_the_completed_rounds_and_resume_ends_as_an_uninterrupted_
     rounds = ["--rounds", "8"]
     assert main(["run", *TINY, *rounds, "--out", str(tmp_path / "whole"), "--quiet"]) == 0
     capsys.readouterr()
-    # Execute: the same run in a process stopped with SIGTERM once two rounds completed
+    # Execute: the same run in a process stopped with SIGTERM once two rounds completed. The child waits
+    # after each round from the second on, outside the round's record, so the stop cannot come after the
+    # last round however slowly this machine runs the test (a tiny round takes a fraction of a second)
     out = tmp_path / "stopped"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    command = [sys.executable, "-m", "fedsp.cli", "run", *TINY, *rounds, "--out", str(out), "--quiet"]
+    command = [sys.executable, "-c", SLOW_ROUNDS, "run", *TINY, *rounds, "--out", str(out), "--quiet"]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while proc.poll() is None and _rounds_done(out) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     kept = _rounds_done(out)
